@@ -1,0 +1,368 @@
+"""Tests for advflow.trainers.dit_checkpoint.
+
+State dicts are synthesised from a hand-written list of DiT names and shapes (not from the models'
+own state_dict), loaded, and the models' outputs compared with a plain functional DiT forward pass
+written here from the architecture description (explicit softmax attention, explicit patch loops).
+"""
+
+import argparse
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from advflow.trainers.dit_checkpoint import (
+    CheckpointError,
+    build_from_checkpoint,
+    infer_options,
+    infer_role,
+    load_dit_state_dict,
+    read_state_dict,
+)
+from advflow.trainers.models import build_classifier, build_discriminator, build_generator
+
+C, HW, CLASSES = 3, 8, 10
+DEPTH, WIDTH, HEADS, PATCH = 2, 64, 4, 2  # the "tiny" size
+SMALL = dict(in_channels=C, input_size=HW, num_classes=CLASSES)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Synthetic DiT-layout state dicts
+# ---------------------------------------------------------------------------------------------------
+
+
+def dit_shapes(role="generator", t_src=False, t_tgt=False, depth=DEPTH, width=WIDTH, patch=PATCH, ch=C, hw=HW, classes=CLASSES):
+    d, tokens = width, (hw // patch) ** 2
+    shapes = {
+        "x_embedder.proj.weight": (d, ch, patch, patch),
+        "x_embedder.proj.bias": (d,),
+        "pos_embed": (1, tokens, d),
+    }
+    if role != "classifier":
+        shapes["y_embedder.embedding_table.weight"] = (classes, d)
+    for prefix, on in (("t_embedder", t_src or role == "classifier"), ("t_tgt_embedder", t_tgt)):
+        if on:
+            shapes.update({f"{prefix}.mlp.0.weight": (d, 256), f"{prefix}.mlp.0.bias": (d,),
+                           f"{prefix}.mlp.2.weight": (d, d), f"{prefix}.mlp.2.bias": (d,)})
+    for i in range(depth):
+        b = f"blocks.{i}."
+        shapes.update({
+            b + "attn.qkv.weight": (3 * d, d), b + "attn.qkv.bias": (3 * d,),
+            b + "attn.proj.weight": (d, d), b + "attn.proj.bias": (d,),
+            b + "mlp.fc1.weight": (4 * d, d), b + "mlp.fc1.bias": (4 * d,),
+            b + "mlp.fc2.weight": (d, 4 * d), b + "mlp.fc2.bias": (d,),
+            b + "adaLN_modulation.1.weight": (6 * d, d), b + "adaLN_modulation.1.bias": (6 * d,),
+        })
+    if role == "generator":
+        shapes.update({
+            "final_layer.linear.weight": (patch * patch * ch, d), "final_layer.linear.bias": (patch * patch * ch,),
+            "final_layer.adaLN_modulation.1.weight": (2 * d, d), "final_layer.adaLN_modulation.1.bias": (2 * d,),
+        })
+    elif role == "discriminator":
+        shapes.update({"dis_embed": (d,), "final_layer.1.weight": (1, d)})
+    else:
+        shapes.update({"cls_embed": (d,), "final_layer.1.weight": (classes, d), "final_layer.1.bias": (classes,)})
+    return shapes
+
+
+def synth(seed=0, **kw):
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(v, generator=g) * 0.1 for k, v in dit_shapes(**kw).items()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Independent functional reference
+# ---------------------------------------------------------------------------------------------------
+
+
+def lin(sd, name, x):
+    out = x @ sd[name + ".weight"].T
+    return out + sd[name + ".bias"] if name + ".bias" in sd else out
+
+
+def ln(x):
+    mu = x.mean(-1, keepdim=True)
+    var = ((x - mu) ** 2).mean(-1, keepdim=True)
+    return (x - mu) / torch.sqrt(var + 1e-6)
+
+
+def t_embed(sd, prefix, t):
+    k = torch.arange(128, dtype=torch.float64)
+    args = (1000.0 * t.double())[:, None] * torch.exp(-math.log(10000.0) * k / 128)[None]
+    feats = torch.cat([torch.cos(args), torch.sin(args)], -1).float()
+    return lin(sd, prefix + ".mlp.2", F.silu(lin(sd, prefix + ".mlp.0", feats)))
+
+
+def block(sd, i, h, c):
+    n, tokens, d = h.shape
+    p = f"blocks.{i}."
+    m = lin(sd, p + "adaLN_modulation.1", F.silu(c))
+    sh1, sc1, g1, sh2, sc2, g2 = (m[:, j * d:(j + 1) * d, None].transpose(1, 2) for j in range(6))
+    a = ln(h) * (1 + sc1) + sh1
+    qkv = lin(sd, p + "attn.qkv", a)
+    q, k, v = (qkv[..., j * d:(j + 1) * d].reshape(n, tokens, HEADS, d // HEADS).transpose(1, 2) for j in range(3))
+    att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d // HEADS), dim=-1) @ v  # (N, H, T, hd)
+    h = h + g1 * lin(sd, p + "attn.proj", att.transpose(1, 2).reshape(n, tokens, d))
+    a = ln(h) * (1 + sc2) + sh2
+    return h + g2 * lin(sd, p + "mlp.fc2", F.gelu(lin(sd, p + "mlp.fc1", a), approximate="tanh"))
+
+
+def patch_tokens(sd, x):
+    n, ch, hw, _ = x.shape
+    w = sd["x_embedder.proj.weight"].reshape(WIDTH, -1)  # (D, C*p*p), flattened like the patch below
+    grid = hw // PATCH
+    toks = [x[:, :, r * PATCH:(r + 1) * PATCH, c * PATCH:(c + 1) * PATCH].reshape(n, -1) @ w.T
+            for r in range(grid) for c in range(grid)]  # row-major patch order
+    return torch.stack(toks, 1) + sd["x_embedder.proj.bias"] + sd["pos_embed"].reshape(1, grid * grid, WIDTH)
+
+
+def ref_generator(sd, x, y, s=None, t=None, repeats=1):
+    n, ch, hw, _ = x.shape
+    h = patch_tokens(sd, x)
+    c = sd["y_embedder.embedding_table.weight"][y]
+    if "t_tgt_embedder.mlp.0.weight" in sd:
+        c = c + t_embed(sd, "t_embedder", s) + t_embed(sd, "t_tgt_embedder", t)
+    elif s is not None:
+        c = c + t_embed(sd, "t_embedder", s)
+    for r in range(repeats):
+        c_r = c + t_embed(sd, "t_embedder", torch.full((n,), 1 - r / repeats)) if repeats > 1 else c
+        for i in range(DEPTH):
+            h = block(sd, i, h, c_r)
+    m = lin(sd, "final_layer.adaLN_modulation.1", F.silu(c))
+    out = lin(sd, "final_layer.linear", ln(h) * (1 + m[:, None, WIDTH:]) + m[:, None, :WIDTH])  # (N, T, p*p*C)
+    img = torch.zeros_like(x)
+    grid = hw // PATCH
+    for tok in range(grid * grid):
+        r, col = divmod(tok, grid)
+        img[:, :, r * PATCH:(r + 1) * PATCH, col * PATCH:(col + 1) * PATCH] = \
+            out[:, tok].reshape(n, PATCH, PATCH, ch).permute(0, 3, 1, 2)  # per-token layout (p, p, C)
+    if s is None:
+        return img
+    return x - (s - t)[:, None, None, None] * img
+
+
+def ref_token_head(sd, x, c, token):
+    h = patch_tokens(sd, x)
+    h = torch.cat([sd[token].reshape(1, 1, WIDTH).expand(len(x), 1, WIDTH), h], 1)
+    for i in range(DEPTH):
+        h = block(sd, i, h, c)
+    return lin(sd, "final_layer.1", ln(h[:, 0]))
+
+
+def _inputs(n=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, C, HW, HW, generator=g)
+    y = torch.randint(0, CLASSES, (n,), generator=g)
+    s = torch.rand(n, generator=g) * 0.5 + 0.5
+    return x, y, s, s - 0.25
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading synthesised DiT checkpoints matches the reference forward
+# ---------------------------------------------------------------------------------------------------
+
+TOL = dict(rtol=1e-3, atol=1e-4)  # float32 vs a differently-ordered float32 reference; layout bugs give O(0.1) errors
+
+
+@pytest.mark.parametrize("kind", ["1nfe", "multistep", "anystep"])
+def test_generator_matches_reference(kind):
+    sd = synth(t_src=kind != "1nfe", t_tgt=kind == "anystep")
+    g = load_dit_state_dict(build_generator("tiny", kind=kind, **SMALL), sd)
+    x, y, s, t = _inputs()
+    with torch.no_grad():
+        if kind == "1nfe":
+            torch.testing.assert_close(g(x, y), ref_generator(sd, x, y), **TOL)
+        else:
+            torch.testing.assert_close(g(x, y, s, t), ref_generator(sd, x, y, s, t), **TOL)
+
+
+def test_depth_repeated_generator_matches_reference():
+    sd = synth(t_src=True)
+    g = load_dit_state_dict(build_generator("tiny", repeats=2, **SMALL), sd)
+    x, y, _, _ = _inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(g(x, y), ref_generator(sd, x, y, repeats=2), **TOL)
+
+
+@pytest.mark.parametrize("time_cond", [False, True])
+def test_discriminator_matches_reference(time_cond):
+    sd = synth(role="discriminator", t_src=time_cond)
+    d = load_dit_state_dict(build_discriminator("tiny", time_cond=time_cond, **SMALL), sd)
+    x, y, _, t = _inputs()
+    c = sd["y_embedder.embedding_table.weight"][y] + (t_embed(sd, "t_embedder", t) if time_cond else 0)
+    with torch.no_grad():
+        torch.testing.assert_close(d(x, y, t), ref_token_head(sd, x, c, "dis_embed")[:, 0], **TOL)
+
+
+def test_classifier_matches_reference():
+    sd = synth(role="classifier")
+    clf = load_dit_state_dict(build_classifier("tiny", **SMALL), sd)
+    x, _, _, t = _inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(clf(x, t), ref_token_head(sd, x, t_embed(sd, "t_embedder", t), "cls_embed"), **TOL)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Files, wrappers, prefixes
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_file_round_trip(tmp_path, suffix):
+    src = load_dit_state_dict(build_generator("tiny", kind="anystep", **SMALL), synth(t_src=True, t_tgt=True))
+    path = tmp_path / f"g{suffix}"
+    sd = {k: v.contiguous() for k, v in src.state_dict().items()}
+    torch.save(sd, path) if suffix == ".pt" else save_file(sd, str(path))
+    dst = load_dit_state_dict(build_generator("tiny", kind="anystep", **SMALL), str(path))
+    x, y, s, t = _inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(dst(x, y, s, t), src(x, y, s, t), rtol=0, atol=0)
+    assert not dst.pos_embed.requires_grad
+
+
+def test_wrapper_prefers_ema_and_strips_module_prefix(tmp_path):
+    ema, model = synth(seed=1), synth(seed=2)
+    wrapped = {"model": {"module." + k: v for k, v in model.items()}, "ema": ema, "step": 7}
+    path = tmp_path / "ckpt.pth"
+    torch.save(wrapped, path)
+    g = build_generator("tiny", **SMALL)
+    load_dit_state_dict(g, path)  # a PathLike works too
+    torch.testing.assert_close(g.final_layer.linear.weight, ema["final_layer.linear.weight"], rtol=0, atol=0)
+    load_dit_state_dict(g, wrapped, key="model")
+    torch.testing.assert_close(g.final_layer.linear.weight, model["final_layer.linear.weight"], rtol=0, atol=0)
+    with pytest.raises(CheckpointError, match="key='opt' not found"):
+        read_state_dict(wrapped, key="opt")
+    with pytest.raises(CheckpointError, match="pass key="):
+        read_state_dict({"weights": ema, "step": 1})
+
+
+def test_flat_fixed_tables_are_reshaped():
+    sd = synth(role="discriminator")
+    sd["pos_embed"] = sd["pos_embed"].reshape(16, WIDTH)
+    sd["dis_embed"] = sd["dis_embed"].reshape(1, 1, WIDTH)
+    d = load_dit_state_dict(build_discriminator("tiny", **SMALL), sd)
+    torch.testing.assert_close(d.pos_embed[0], sd["pos_embed"], rtol=0, atol=0)
+
+
+class Arbitrary:  # any non-allowlisted class makes the pickle unsafe to load
+    def __init__(self):
+        self.payload = "not a tensor"
+
+
+@pytest.mark.parametrize("extra", [Arbitrary(), argparse.Namespace(lr=1e-4)])
+def test_pickle_with_arbitrary_objects_is_refused(tmp_path, extra):
+    path = tmp_path / "unsafe.pt"
+    torch.save({"ema": synth(), "args": extra}, path)
+    with pytest.raises(CheckpointError, match="weights_only"):
+        load_dit_state_dict(build_generator("tiny", **SMALL), str(path))
+
+
+def test_bad_paths(tmp_path):
+    with pytest.raises(CheckpointError, match="no such file"):
+        read_state_dict(str(tmp_path / "missing.pt"))
+    (tmp_path / "w.npz").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="safetensors"):
+        read_state_dict(str(tmp_path / "w.npz"))
+    (tmp_path / "junk.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(CheckpointError, match="safetensors"):
+        read_state_dict(str(tmp_path / "junk.safetensors"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Mismatches give one clear error
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_other_size_gives_clear_error():
+    # An S/2 checkpoint (12 x 384) into a tiny model; shapes only matter, so empty tensors suffice.
+    sd = {k: torch.empty(v) for k, v in dit_shapes(depth=12, width=384).items()}
+    with pytest.raises(CheckpointError) as err:
+        load_dit_state_dict(build_generator("tiny", **SMALL), sd)
+    msg = str(err.value)
+    assert "unexpected in the checkpoint" in msg and "blocks.11.attn.qkv.weight" in msg
+    assert "x_embedder.proj.weight: expected (64, 3, 2, 2), got (384, 3, 2, 2)" in msg
+    assert "name='S/2'" in msg and "name='tiny'" in msg
+    assert "more" in msg  # long lists are truncated
+
+
+def test_other_kind_gives_clear_error():
+    sd = synth(t_src=True)  # multistep weights
+    with pytest.raises(CheckpointError) as err:
+        load_dit_state_dict(build_generator("tiny", **SMALL), sd)
+    msg = str(err.value)
+    assert "unexpected" in msg and "t_embedder.mlp.0.weight" in msg
+    assert "kind='multistep'" in msg and "kind='1nfe'" in msg
+    assert "or kind='1nfe' with repeats>1" in msg  # the weight-tied alternative is named
+    with pytest.raises(CheckpointError, match="(?s)missing from the checkpoint.*t_tgt_embedder.mlp.0.weight"):
+        load_dit_state_dict(build_generator("tiny", kind="anystep", **SMALL), sd)
+
+
+def test_discriminator_checkpoint_into_generator():
+    with pytest.raises(CheckpointError, match="looks like: discriminator"):
+        load_dit_state_dict(build_generator("tiny", **SMALL), synth(role="discriminator"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# infer_options / build_from_checkpoint
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kw,role,expect",
+    [
+        (dict(), "generator", dict(kind="1nfe", repeats=1)),
+        (dict(t_src=True), "generator", dict(kind="multistep", repeats=1)),
+        (dict(t_src=True, t_tgt=True), "generator", dict(kind="anystep", repeats=1)),
+        (dict(role="discriminator"), "discriminator", dict(time_cond=False)),
+        (dict(role="discriminator", t_src=True), "discriminator", dict(time_cond=True)),
+        (dict(role="classifier"), "classifier", dict()),
+    ],
+)
+def test_infer_options(kw, role, expect):
+    sd = {k: torch.empty(v) for k, v in dit_shapes(**kw).items()}
+    assert infer_role(sd) == role
+    assert infer_options(sd) == dict(name="tiny", **SMALL, **expect)
+
+
+def test_infer_options_xl_shapes():
+    sd = {k: torch.empty(v) for k, v in dit_shapes(depth=28, width=1152, ch=4, hw=32, classes=1000).items()}
+    sd = {k: v for k, v in sd.items() if not k.startswith("blocks.") or k.startswith("blocks.27.")}  # depth from index
+    assert infer_options(sd)["name"] == "XL/2"
+    assert infer_options(sd)["input_size"] == 32 and infer_options(sd)["num_classes"] == 1000
+
+
+def test_infer_options_depth_repetition_hints():
+    sd = {k: torch.empty(v) for k, v in dit_shapes(t_src=True).items()}
+    assert infer_options(sd, repeats=2)["kind"] == "1nfe"
+    assert infer_options(sd, kind="1nfe", repeats=4)["repeats"] == 4
+    with pytest.raises(CheckpointError, match="repeats>1"):
+        infer_options(sd, kind="1nfe")  # 1NFE without repetition has no t_embedder
+
+
+def test_infer_options_errors():
+    sd = {k: torch.empty(v) for k, v in dit_shapes().items()}
+    sigma = dict(sd, **{"final_layer.linear.weight": torch.empty(4 * 2 * C, WIDTH)})
+    with pytest.raises(CheckpointError, match="learn_sigma"):
+        infer_options(sigma)
+    odd = {k: v for k, v in sd.items() if not k.startswith("blocks.1.")}
+    with pytest.raises(CheckpointError, match="depth=1"):
+        infer_options(odd)
+
+
+def test_build_from_checkpoint(tmp_path):
+    sd = synth(t_src=True)
+    path = tmp_path / "deep.safetensors"
+    save_file(sd, str(path))
+    g = build_from_checkpoint(str(path), kind="1nfe", repeats=2)
+    assert (g.kind, g.repeats) == ("1nfe", 2)
+    x, y, _, _ = _inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(g(x, y), ref_generator(sd, x, y, repeats=2), **TOL)
+    ms = build_from_checkpoint(sd, nfe=4)
+    assert (ms.kind, ms.nfe) == ("multistep", 4)
+    d = build_from_checkpoint(synth(role="discriminator"))
+    assert d.config == dict(name="tiny", time_cond=False, **SMALL)
+    with pytest.raises(CheckpointError, match="only apply to generators"):
+        build_from_checkpoint(synth(role="discriminator"), kind="1nfe")

@@ -1,0 +1,357 @@
+"""Tests for advflow.trainers.models: sizes, interfaces, adaLN-Zero init, depth repetition, validation."""
+
+import pytest
+import torch
+
+from advflow.trainers.models import (
+    SIZES,
+    build_classifier,
+    build_discriminator,
+    build_generator,
+    parameter_count,
+    sincos_pos_embed_2d,
+    timestep_features,
+)
+
+SMALL = dict(in_channels=3, input_size=8, num_classes=10)  # tiny: 4x4 = 16 tokens
+
+
+def _inputs(n=3, c=3, hw=8, classes=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, hw, hw, generator=g)
+    y = torch.randint(0, classes, (n,), generator=g)
+    s = torch.rand(n, generator=g) * 0.5 + 0.5
+    t = s - torch.rand(n, generator=g) * 0.5
+    return x, y, s, t
+
+
+@torch.no_grad()
+def _randomize(model, seed=1, std=0.05):
+    """Give every trainable weight non-zero values so no path is masked by the zero init."""
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------
+# Parameter counts (Table 10 of the paper)
+# ---------------------------------------------------------------------------------------------------
+
+
+def _hand_count(depth, width, patch, role, t_embedders, in_ch=4, grid=16, classes=1000):
+    """Closed-form DiT parameter count, written from the architecture description."""
+    d = width
+    block = (3 * d * d + 3 * d) + (d * d + d) + (4 * d * d + 4 * d) + (4 * d * d + d) + (6 * d * d + 6 * d)
+    n = depth * block
+    n += in_ch * patch * patch * d + d  # patch embedding conv
+    n += grid * grid * d  # frozen pos_embed (counted, as DiT does)
+    n += t_embedders * (256 * d + d + d * d + d)
+    n += classes * d  # class table
+    if role == "G":
+        n += d * patch * patch * in_ch + patch * patch * in_ch + 2 * d * d + 2 * d  # final adaLN layer
+    else:
+        n += d + d  # [CLS] token + bias-free logit linear
+    return n
+
+
+# (role, size, kind) -> paper Table 10 (millions)
+PAPER = {
+    ("G", "B/2", "1nfe"): 130, ("G", "M/2", "1nfe"): 306, ("G", "L/2", "1nfe"): 457, ("G", "XL/2", "1nfe"): 673,
+    ("D", "B/2", None): 129, ("D", "M/2", None): 304, ("D", "L/2", None): 455, ("D", "XL/2", None): 671,
+    ("G", "XL/2", "multistep"): 675,
+}
+
+
+@pytest.mark.parametrize("role,name,kind", list(PAPER))
+def test_parameter_counts_match_paper(role, name, kind):
+    with torch.device("meta"):
+        model = build_generator(name, kind=kind) if role == "G" else build_discriminator(name)
+    count = parameter_count(model)
+    size = SIZES[name]
+    assert count == _hand_count(size.depth, size.width, size.patch, role, int(kind == "multistep"))
+    paper = PAPER[(role, name, kind)] * 1e6
+    assert abs(count - paper) / paper < 0.01, f"{role} {name}: {count / 1e6:.2f}M vs paper {paper / 1e6:.0f}M"
+
+
+def test_deep_generator_count_matches_paper_675m():
+    with torch.device("meta"):
+        deep = build_generator("XL/2", repeats=4)
+    assert abs(parameter_count(deep) - 675e6) / 675e6 < 0.01
+
+
+def test_trainable_count_excludes_frozen_pos_embed():
+    g = build_generator("tiny", **SMALL)
+    assert not g.pos_embed.requires_grad
+    assert parameter_count(g) - parameter_count(g, trainable_only=True) == g.pos_embed.numel()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Interfaces and shapes
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind,nfe,repeats", [("1nfe", 1, 1), ("1nfe", 1, 2), ("multistep", 4, 1), ("anystep", 2, 1)])
+def test_generator_shapes_and_attributes(kind, nfe, repeats):
+    g = build_generator("tiny", kind=kind, nfe=nfe, repeats=repeats, **SMALL)
+    assert (g.kind, g.nfe, g.repeats, g.lr_scale) == (kind, nfe, repeats, 1.0 / repeats)
+    x, y, s, t = _inputs()
+    out = g(x, y, s, t) if kind != "1nfe" else g(x, y)
+    assert out.shape == x.shape
+    if kind != "1nfe":
+        assert g.velocity(x, y, s, t).shape == x.shape
+
+
+def test_discriminator_and_classifier_shapes():
+    x, y, s, t = _inputs()
+    assert build_discriminator("tiny", **SMALL)(x, y).shape == (3,)
+    assert build_discriminator("tiny", time_cond=True, **SMALL)(x, y, t).shape == (3,)
+    assert build_classifier("tiny", **SMALL)(x, t).shape == (3, 10)
+
+
+def test_config_round_trips():
+    g = build_generator("tiny", kind="multistep", nfe=4, **SMALL)
+    g2 = build_generator(**g.config)
+    assert g2.config == g.config == dict(name="tiny", kind="multistep", nfe=4, repeats=1, **SMALL)
+    d = build_discriminator("tiny", time_cond=True, **SMALL)
+    assert build_discriminator(**d.config).config == d.config
+    c = build_classifier("tiny", **SMALL)
+    assert build_classifier(**c.config).config == c.config
+    assert {k: v.shape for k, v in g2.state_dict().items()} == {k: v.shape for k, v in g.state_dict().items()}
+
+
+def test_defaults_are_imagenet_latents():
+    with torch.device("meta"):
+        g = build_generator("B/2")
+    assert g.config == dict(name="B/2", in_channels=4, input_size=32, num_classes=1000, kind="1nfe", nfe=1, repeats=1)
+
+
+def test_determinism():
+    torch.manual_seed(0)
+    a = _randomize(build_generator("tiny", kind="anystep", **SMALL))
+    torch.manual_seed(0)
+    b = build_generator("tiny", kind="anystep", **SMALL)
+    _randomize(b)
+    x, y, s, t = _inputs()
+    torch.testing.assert_close(a(x, y, s, t), b(x, y, s, t), rtol=0, atol=0)
+    torch.testing.assert_close(a(x, y, s, t), a(x, y, s, t), rtol=0, atol=0)
+
+
+def test_velocity_form_of_step_generators():
+    x, y, s, t = _inputs()
+    for kind in ("multistep", "anystep"):
+        g = _randomize(build_generator("tiny", kind=kind, **SMALL))
+        v = g.velocity(x, y, s, t)
+        torch.testing.assert_close(g(x, y, s, t), x - (s - t)[:, None, None, None] * v)
+    # multistep embeds s only; anystep also embeds t (t=None means t=s).
+    ms = _randomize(build_generator("tiny", kind="multistep", **SMALL))
+    torch.testing.assert_close(ms.velocity(x, y, s, t), ms.velocity(x, y, s, t * 0.5))
+    anys = _randomize(build_generator("tiny", kind="anystep", **SMALL))
+    assert not torch.allclose(anys.velocity(x, y, s, t), anys.velocity(x, y, s, t * 0.5))
+    torch.testing.assert_close(anys.velocity(x, y, s), anys.velocity(x, y, s, s))
+
+
+def test_scalar_time_broadcasts():
+    g = _randomize(build_generator("tiny", kind="multistep", nfe=2, **SMALL))
+    x, y, _, _ = _inputs()
+    torch.testing.assert_close(g(x, y, torch.tensor(1.0), torch.tensor(0.5)), g(x, y, torch.ones(3), torch.full((3,), 0.5)))
+
+
+def test_gradients_reach_trainable_weights_only():
+    g = build_generator("tiny", **SMALL)
+    x, y, _, _ = _inputs()
+    g(x, y).square().sum().backward()
+    assert g.pos_embed.grad is None
+    assert g.final_layer.linear.weight.grad is not None
+
+
+# ---------------------------------------------------------------------------------------------------
+# adaLN-Zero init
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_blocks_are_identity_at_init():
+    g = build_generator("tiny", kind="multistep", **SMALL)
+    h = torch.randn(2, 16, 64)
+    c = torch.randn(2, 64)
+    for block in g.blocks:
+        torch.testing.assert_close(block(h, c), h, rtol=0, atol=0)
+
+
+def test_generator_output_at_init():
+    x, y, s, t = _inputs()
+    assert torch.count_nonzero(build_generator("tiny", **SMALL)(x, y)) == 0  # zero final layer
+    assert torch.count_nonzero(build_generator("tiny", repeats=2, **SMALL)(x, y)) == 0
+    ms = build_generator("tiny", kind="multistep", **SMALL)
+    torch.testing.assert_close(ms(x, y, s, t), x)  # zero velocity: the step is the identity
+
+
+def test_embeddings_are_initialised_nonzero():
+    g = build_generator("tiny", kind="anystep", **SMALL)
+    for p in (g.y_embedder.embedding_table.weight, g.t_embedder.mlp[0].weight, g.t_tgt_embedder.mlp[2].weight, g.pos_embed):
+        assert p.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Depth repetition
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_depth_repetition_reuses_weights():
+    r2 = build_generator("tiny", repeats=2, **SMALL)
+    r4 = build_generator("tiny", repeats=4, **SMALL)
+    r1 = build_generator("tiny", **SMALL)
+    assert parameter_count(r2) == parameter_count(r4)
+    t_emb = sum(p.numel() for p in r2.t_embedder.parameters())
+    assert parameter_count(r2) == parameter_count(r1) + t_emb  # only the pass-time embedder is added
+    assert len(r4.blocks) == SIZES["tiny"].depth
+
+    _randomize(r2)
+    r4.load_state_dict(r2.state_dict())
+    calls = []
+    hooks = [b.register_forward_hook(lambda *a: calls.append(1)) for b in r4.blocks]
+    x, y, _, _ = _inputs()
+    out4 = r4(x, y)
+    for h in hooks:
+        h.remove()
+    assert len(calls) == 4 * len(r4.blocks)  # the same blocks run R times
+    assert not torch.allclose(out4, r2(x, y))  # output depends on R
+
+
+def test_depth_repetition_pass_times():
+    """Pass i adds the embedding of t_i = 1 - i/R: replacing it by a constant changes the output."""
+    g = _randomize(build_generator("tiny", repeats=2, **SMALL))
+    x, y, _, _ = _inputs()
+    seen = []
+    g.t_embedder.register_forward_hook(lambda m, inp, out: seen.append(inp[0].tolist()))
+    g(x, y)
+    assert seen == [[1.0], [0.5]]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Discriminator / classifier use their inputs
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_discriminator_depends_on_x_y_and_t():
+    x, y, s, t = _inputs()
+    d = _randomize(build_discriminator("tiny", time_cond=True, **SMALL))
+    base = d(x, y, t)
+    assert not torch.allclose(base, d(x, (y + 1) % 10, t))
+    assert not torch.allclose(base, d(x + 0.5 * torch.randn_like(x), y, t))
+    assert not torch.allclose(base, d(x, y, t * 0.3))
+    d0 = _randomize(build_discriminator("tiny", **SMALL))
+    torch.testing.assert_close(d0(x, y), d0(x, y, t))  # no time conditioning: t is ignored
+    assert not hasattr(d0, "t_embedder")
+
+
+def test_discriminator_is_constant_in_x_at_init():
+    """adaLN-Zero blocks are identities, so the [CLS] readout ignores the image until trained."""
+    d = build_discriminator("tiny", **SMALL)
+    x, y, _, _ = _inputs()
+    out = d(x, y)
+    torch.testing.assert_close(out, out[:1].expand(3))
+    assert out.abs().sum() > 0
+
+
+def test_classifier_depends_on_x_and_t():
+    x, _, _, t = _inputs()
+    c = _randomize(build_classifier("tiny", **SMALL))
+    base = c(x, t)
+    assert not torch.allclose(base, c(x, t * 0.3))
+    assert not torch.allclose(base, c(x * 0.5, t))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fixed embeddings vs hand formulas
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_timestep_features_formula():
+    t = torch.tensor([0.0, 3.0, 250.0])
+    f = timestep_features(t, dim=8)
+    for i, tv in enumerate(t.tolist()):
+        for k in range(4):
+            freq = 10000.0 ** (-k / 4)
+            assert f[i, k].item() == pytest.approx(torch.cos(torch.tensor(tv * freq, dtype=torch.float64)).item(), abs=1e-5)
+            assert f[i, 4 + k].item() == pytest.approx(torch.sin(torch.tensor(tv * freq, dtype=torch.float64)).item(), abs=1e-5)
+
+
+def test_sincos_pos_embed_formula():
+    grid, width = 3, 8
+    table = sincos_pos_embed_2d(width, grid)
+    assert table.shape == (9, 8)
+    import math
+
+    for row in range(grid):
+        for col in range(grid):
+            tok = table[row * grid + col]
+            for half, pos in ((0, col), (4, row)):
+                for k in range(2):
+                    omega = 1.0 / 10000 ** (k / 2)
+                    assert tok[half + k].item() == pytest.approx(math.sin(pos * omega), abs=1e-6)
+                    assert tok[half + 2 + k].item() == pytest.approx(math.cos(pos * omega), abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        (dict(name="XXL/2"), "XL/2"),  # the error lists valid names
+        (dict(name="tiny", repeats=0), "repeats"),
+        (dict(name="tiny", kind="multistep", nfe=0), "nfe"),
+        (dict(name="tiny", input_size=7), "input_size"),
+        (dict(name="tiny", kind="diffusion"), "kind"),
+        (dict(name="tiny", nfe=2), "nfe"),
+        (dict(name="tiny", kind="multistep", repeats=2), "repeats"),
+        (dict(name="tiny", in_channels=0), "in_channels"),
+        (dict(name="tiny", num_classes=2.5), "num_classes"),
+        (dict(name="tiny", nfe=True), "nfe"),
+        (dict(name="tiny", time_cond=True), "time_cond"),  # a discriminator option, not a generator one
+    ],
+)
+def test_generator_option_errors(kwargs, field):
+    with pytest.raises(ValueError, match=field.replace("/", ".")):
+        build_generator(**kwargs)
+
+
+def test_discriminator_and_classifier_option_errors():
+    with pytest.raises(ValueError, match="repeats"):
+        build_discriminator("tiny", repeats=2)
+    with pytest.raises(ValueError, match="time_cond"):
+        build_discriminator("tiny", time_cond=1)
+    with pytest.raises(ValueError, match="input_size"):
+        build_classifier("tiny", input_size=9)
+
+
+def test_forward_input_errors():
+    x, y, s, t = _inputs()
+    g = build_generator("tiny", **SMALL)
+    with pytest.raises(ValueError, match=r"\(N, 3, 8, 8\)"):
+        g(x[:, :2], y)
+    with pytest.raises(ValueError, match=r"\(N, 3, 8, 8\)"):
+        g(x[..., :4], y)
+    with pytest.raises(ValueError, match="y"):
+        g(x, y[:2])
+    with pytest.raises(ValueError, match="integer"):
+        g(x, y.float())
+    with pytest.raises(ValueError, match=r"\[0, 10\)"):
+        g(x, torch.tensor([0, 1, 10]))
+    with pytest.raises(ValueError, match="velocity"):
+        g.velocity(x, y, s)
+    ms = build_generator("tiny", kind="multistep", **SMALL)
+    with pytest.raises(ValueError, match="s: required"):
+        ms(x, y)
+    with pytest.raises(ValueError, match="t: required"):
+        ms(x, y, s)
+    with pytest.raises(ValueError, match="shape"):
+        ms(x, y, s[:2], t)
+    with pytest.raises(ValueError, match="t: required"):
+        build_discriminator("tiny", time_cond=True, **SMALL)(x, y)
+    with pytest.raises(ValueError, match="t: required"):
+        build_classifier("tiny", **SMALL)(x, None)
