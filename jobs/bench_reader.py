@@ -1,0 +1,203 @@
+"""Reader throughput against raw boto3 GETs, same endpoint, same data, one run.
+
+    # self-contained: starts a local S3-compatible server (moto, a test dependency) in a separate
+    # process on 127.0.0.1 and writes a synthetic SD-VAE-shaped dataset (4x32x32 fp16) to it
+    python jobs/bench_reader.py --local-server            # 256 MiB in 16 MiB shards
+
+    # an existing dataset on any endpoint (AWS_ENDPOINT_URL / credentials from the environment)
+    python jobs/bench_reader.py --prefix s3://bucket/latents
+
+Prints raw boto3 MB/s (whole-shard GETs, one at a time: the issue's baseline; and range GETs of
+chunk size with the reader's concurrency, for reference), the reader's records/s and MB/s over
+--epochs epochs with its background prefetch, the ratio reader / raw (goal >= 0.9), and the CPU
+this process spends per MB on each path (on a CPU-starved host that, not I/O, sets the ratio).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from advflow.platform.reader import LatentStream
+from advflow.platform.shards import (
+    Manifest, RecordSpec, default_chunk_records, encode_shard, read_manifest, shard_name, write_manifest,
+)
+from advflow.platform.storage import Storage
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_local_server() -> tuple[subprocess.Popen, str]:
+    """moto's S3 server in its own process (so it does not share this process's GIL)."""
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return proc, url
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("local S3 server did not start within 60 s")
+
+
+def write_synthetic(prefix: str, size_mb: float, shard_mb: float, shape: tuple[int, int, int]) -> Manifest:
+    spec = RecordSpec(shape, "float16")
+    per_shard = max(1, int(shard_mb * 2**20) // spec.record_bytes)
+    total = max(per_shard, int(size_mb * 2**20) // spec.record_bytes)
+    chunk = default_chunk_records(spec, per_shard)
+    st = Storage(prefix)
+    rng = np.random.default_rng(0)
+    shards = []
+    for k, a in enumerate(range(0, total, per_shard)):
+        n = min(per_shard, total - a)
+        x = rng.standard_normal((n, *shape), dtype=np.float32)
+        y = rng.integers(0, 1000, n)
+        data, info = encode_shard(x, y, spec, chunk, shard_name(k))
+        st.write_atomic(info.name, data)
+        shards.append(info)
+    m = Manifest(record=spec, chunk_records=chunk, shards=shards, num_classes=1000,
+                 encoder={"name": "synthetic", "scaling_factor": 1.0}, channel_mean=[0.0] * shape[0],
+                 channel_std=[1.0] * shape[0], params={"synthetic": True})
+    write_manifest(st, m)
+    return m
+
+
+def _client():
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL"),
+                        config=Config(max_pool_connections=64))
+
+
+def raw_sequential(prefix: str, m: Manifest) -> tuple[float, float]:
+    """(MB/s, client CPU ms per MB) of whole-shard GETs, one after another."""
+    bucket, _, key = prefix[len("s3://"):].partition("/")
+    c = _client()
+    t0, c0 = time.perf_counter(), time.process_time()
+    n = 0
+    for s in m.shards:
+        n += len(c.get_object(Bucket=bucket, Key=f"{key}/{s.name}")["Body"].read())
+    return n / 2**20 / (time.perf_counter() - t0), 1e3 * (time.process_time() - c0) / (n / 2**20)
+
+
+def raw_concurrent(prefix: str, m: Manifest, threads: int) -> float:
+    """MB/s of chunk-sized range GETs with `threads` in flight (the reader's request pattern)."""
+    bucket, _, key = prefix[len("s3://"):].partition("/")
+    c = _client()
+    rb = m.record.record_bytes
+    jobs = [(s.name, a * rb, b * rb - 1) for s in m.shards for a, b in m.chunk_bounds(s)]
+
+    def get(j):
+        name, a, b = j
+        return len(c.get_object(Bucket=bucket, Key=f"{key}/{name}", Range=f"bytes={a}-{b}")["Body"].read())
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        n = sum(pool.map(get, jobs))
+    return n / 2**20 / (time.perf_counter() - t0)
+
+
+def reader_epoch(prefix: str, m: Manifest, batch_size: int, prefetch: int, shuffle_buffer: int,
+                 out_dtype: str, epochs: float) -> tuple[float, float, float]:
+    """(records/s, MB/s of stored bytes, client CPU ms per MB) over `epochs` epochs, timed from
+    iter() (start-up counts)."""
+    ds = LatentStream(prefix, batch_size, prefetch=prefetch, shuffle_buffer=shuffle_buffer, seed=0,
+                      out_dtype=out_dtype)
+    batches = int(m.num_records * epochs) // batch_size
+    t0, c0 = time.perf_counter(), time.process_time()
+    it = iter(ds)
+    for _ in range(batches):
+        x, _ = next(it)
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    ds.close()
+    recs = batches * batch_size
+    mb = recs * m.record.record_bytes / 2**20
+    return recs / dt, mb / dt, 1e3 * cpu / mb
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prefix", help="existing dataset (s3://...)")
+    p.add_argument("--local-server", action="store_true", help="start a local S3 server and write synthetic data")
+    p.add_argument("--size-mb", type=float, default=256)
+    p.add_argument("--shard-mb", type=float, default=16)
+    p.add_argument("--shape", default="4,32,32")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--prefetch", type=int, default=4)
+    p.add_argument("--shuffle-buffer", type=int, default=4096)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--epochs", type=float, default=3.0,
+                   help="reader epochs per measurement (amortises start-up and the read-ahead left at the end)")
+    p.add_argument("--out-dtype", default="float32", choices=["float32", "stored"],
+                   help="reader output dtype (float32 casts on the CPU; stored leaves fp16 for the GPU)")
+    args = p.parse_args(argv)
+    if not args.prefix and not args.local_server:
+        p.error("pass --prefix s3://... or --local-server")
+
+    server = None
+    try:
+        if args.local_server:
+            server, url = start_local_server()
+            os.environ["AWS_ENDPOINT_URL"] = url
+            for k, v in {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+                         "AWS_DEFAULT_REGION": "us-east-1"}.items():
+                os.environ.setdefault(k, v)
+            _client().create_bucket(Bucket="advflow-bench")
+            prefix = "s3://advflow-bench/latents"
+            shape = tuple(int(v) for v in args.shape.split(","))
+            m = write_synthetic(prefix, args.size_mb, args.shard_mb, shape)  # type: ignore[arg-type]
+        else:
+            prefix = args.prefix.rstrip("/")
+            m = read_manifest(prefix)
+        print(f"endpoint {os.environ.get('AWS_ENDPOINT_URL', 'AWS')}  data {prefix}: {m.num_records} records "
+              f"x {m.record.record_bytes} B = {m.total_bytes / 2**20:.1f} MiB in {len(m.shards)} shards "
+              f"({m.shards[0].bytes / 2**20:.1f} MiB), chunks of {m.chunk_records} records")
+        raw_sequential(prefix, m)  # warm-up pass, untimed: first reads of fresh objects cost the server more
+        seq, seq_cpu, conc, rps, mbs, rd_cpu = [], [], [], [], [], []
+        for r in range(args.repeats):  # interleaved so drift in machine load hits all three alike
+            a, b = raw_sequential(prefix, m)
+            seq.append(a)
+            seq_cpu.append(b)
+            conc.append(raw_concurrent(prefix, m, args.prefetch))
+            a, b, c = reader_epoch(prefix, m, args.batch_size, args.prefetch, args.shuffle_buffer,
+                                   args.out_dtype, args.epochs)
+            rps.append(a)
+            mbs.append(b)
+            rd_cpu.append(c)
+            print(f"  run {r}: raw seq {seq[-1]:.1f} MB/s ({seq_cpu[-1]:.2f} cpu-ms/MB)  raw x{args.prefetch} "
+                  f"{conc[-1]:.1f} MB/s  reader {a:,.0f} rec/s {b:.1f} MB/s ({c:.2f} cpu-ms/MB)")
+        med = statistics.median
+        print(f"raw boto3 GET, whole shards, sequential : {med(seq):8.1f} MB/s")
+        print(f"raw boto3 GET, chunk ranges, {args.prefetch} threads  : {med(conc):8.1f} MB/s")
+        print(f"reader (prefetch={args.prefetch}, batch={args.batch_size}, out {args.out_dtype}) : "
+              f"{med(rps):8,.0f} records/s  {med(mbs):8.1f} MB/s")
+        print(f"ratio reader / raw sequential           : {med(mbs) / med(seq):8.2f}x  (goal >= 0.9)")
+        print(f"ratio reader / raw concurrent           : {med(mbs) / med(conc):8.2f}x")
+        print(f"client CPU per MB: raw {med(seq_cpu):.2f} ms, reader {med(rd_cpu):.2f} ms "
+              f"(this process only; the server's CPU is not counted)")
+        return 0
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=10)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

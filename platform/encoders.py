@@ -1,0 +1,173 @@
+"""Image -> latent encoders for the prepare job, and the matching decoders for sample grids.
+
+Images come in as float tensors (N, C, H, W) in [-1, 1] at the target resolution (see
+`center_crop_resize` for how files get there). Two encoders:
+- "pixel": identity; the "latent" is the image itself (scaling factor 1).
+- "sd-vae": Stable Diffusion's AutoencoderKL (diffusers) loaded from a local path; latents are the
+  posterior sample (or mean) times 0.18215, as in LDM/DiT. Decode divides by it again.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+SD_VAE_SCALE = 0.18215
+
+
+def center_crop_resize(img: Image.Image, size: int) -> np.ndarray:
+    """ADM-style preprocessing -> uint8 (size, size, C).
+
+    Halve with a box filter while the short side is at least 2 * size (cheap anti-aliasing before
+    the final resample), bicubic-resize so the short side is `size`, then take the centre square."""
+    while min(img.size) >= 2 * size:
+        img = img.resize((img.size[0] // 2, img.size[1] // 2), resample=Image.BOX)
+    scale = size / min(img.size)
+    img = img.resize((max(size, round(img.size[0] * scale)), max(size, round(img.size[1] * scale))),
+                     resample=Image.BICUBIC)
+    arr = np.asarray(img)
+    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return arr[top:top + size, left:left + size]
+
+
+class PixelEncoder:
+    """Identity encoder: the stored record is the [-1, 1] image itself."""
+
+    name = "pixel"
+    scaling_factor = 1.0
+
+    def latent_shape(self, image_shape: tuple[int, int, int]) -> tuple[int, int, int]:
+        return tuple(image_shape)  # type: ignore[return-value]
+
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return images.float()  # (N, C, H, W)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents.float().clamp(-1, 1)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "scaling_factor": self.scaling_factor}
+
+
+def _resolve_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_vae(path: str, device: str | None = None, dtype: torch.dtype = torch.float32):
+    """AutoencoderKL from a local diffusers folder (config.json + weights), a pipeline folder with a
+    vae/ subfolder, or a single .safetensors/.ckpt file. Never downloads."""
+    from diffusers import AutoencoderKL
+
+    if not path:
+        raise ValueError("--vae-path is required for the sd-vae encoder (a local AutoencoderKL folder)")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--vae-path {path}: no such file or directory")
+    try:
+        if os.path.isdir(path):
+            sub = "vae" if not os.path.exists(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, "vae")) else None
+            vae = AutoencoderKL.from_pretrained(path, subfolder=sub, local_files_only=True, torch_dtype=dtype)
+        else:
+            vae = AutoencoderKL.from_single_file(path, local_files_only=True, torch_dtype=dtype)
+    except Exception as exc:  # noqa: BLE001 - rewrapped with the path and the fix
+        raise ValueError(
+            f"--vae-path {path}: could not load an AutoencoderKL ({type(exc).__name__}: {exc}). Pass a "
+            "folder saved with AutoencoderKL.save_pretrained (config.json + diffusion_pytorch_model.safetensors)"
+        ) from exc
+    return vae.to(_resolve_device(device)).eval().requires_grad_(False)
+
+
+class SDVAEEncoder:
+    """SD-VAE latents: (N, 3, H, W) in [-1, 1] -> (N, 4, H/8, W/8) * 0.18215.
+
+    vae_path: local weights (see load_vae). sample: "sample" draws from the posterior (as DiT's
+    feature extraction does; seeded by the caller's generator so re-runs are identical) or "mean".
+    """
+
+    name = "sd-vae"
+
+    def __init__(self, vae_path: str, *, device: str | None = None, sample: str = "sample",
+                 scaling_factor: float = SD_VAE_SCALE, vae: Any = None) -> None:
+        if sample not in ("sample", "mean"):
+            raise ValueError(f"vae sample mode must be 'sample' or 'mean', got {sample!r}")
+        self.vae_path, self.sample_mode, self.scaling_factor = vae_path, sample, float(scaling_factor)
+        self.vae = vae if vae is not None else load_vae(vae_path, device)
+        self.device = next(self.vae.parameters()).device
+        cfg = self.vae.config
+        self.latent_channels = int(cfg.latent_channels)
+        self.factor = 2 ** (len(cfg.block_out_channels) - 1)
+
+    def latent_shape(self, image_shape: tuple[int, int, int]) -> tuple[int, int, int]:
+        _, h, w = image_shape
+        if h % self.factor or w % self.factor:
+            raise ValueError(f"resolution {h}x{w} is not a multiple of the VAE's downsampling factor {self.factor}")
+        return (self.latent_channels, h // self.factor, w // self.factor)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        x = images.to(self.device, torch.float32)  # (N, C, H, W)
+        if x.shape[1] == 1:  # grayscale sources (digits): the VAE wants RGB
+            x = x.expand(-1, 3, -1, -1)
+        dist = self.vae.encode(x).latent_dist
+        z = dist.sample(generator=generator) if self.sample_mode == "sample" else dist.mean
+        return (z * self.scaling_factor).float().cpu()  # (N, 4, H/8, W/8)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        z = latents.to(self.device, torch.float32) / self.scaling_factor
+        return self.vae.decode(z).sample.float().clamp(-1, 1).cpu()  # (N, 3, H, W)
+
+    def make_generator(self, seed: int) -> torch.Generator:
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "scaling_factor": self.scaling_factor, "vae_path": self.vae_path,
+                "sample": self.sample_mode, "latent_channels": self.latent_channels,
+                "downsample": self.factor}
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """What to build: name in {"pixel", "sd-vae"}; vae_path/device/sample only for sd-vae."""
+
+    name: str = "pixel"
+    vae_path: str | None = None
+    device: str | None = None
+    sample: str = "sample"
+
+    def __post_init__(self) -> None:
+        if self.name not in ("pixel", "sd-vae"):
+            raise ValueError(f"encoder {self.name!r} unknown; use 'pixel' or 'sd-vae'")
+        if self.name == "sd-vae" and not self.vae_path:
+            raise ValueError("encoder 'sd-vae' needs vae_path (--vae-path): a local AutoencoderKL folder")
+
+
+_CACHE: dict[EncoderSpec, Any] = {}
+
+
+def build_encoder(spec: EncoderSpec):
+    """Build (once per process: Ray workers reuse it across tasks) the encoder `spec` names."""
+    if spec not in _CACHE:
+        if spec.name == "pixel":
+            _CACHE[spec] = PixelEncoder()
+        else:
+            _CACHE[spec] = SDVAEEncoder(spec.vae_path or "", device=spec.device, sample=spec.sample)
+    return _CACHE[spec]
+
+
+def decode_latents(latents: torch.Tensor, encoder: dict[str, Any], device: str | None = None) -> torch.Tensor:
+    """Latents from a dataset (manifest['encoder'] describes how they were made) -> images in [-1, 1].
+    Used by sample grids."""
+    name = encoder.get("name")
+    if name == "pixel":
+        return PixelEncoder().decode(latents)
+    if name == "sd-vae":
+        enc = build_encoder(EncoderSpec("sd-vae", encoder.get("vae_path"), device))
+        return enc.decode(latents)
+    raise ValueError(f"manifest encoder name {name!r} unknown; expected 'pixel' or 'sd-vae'")

@@ -1,0 +1,372 @@
+"""Byte-level access to a dataset prefix on S3 (or any S3-compatible endpoint) or a local directory.
+
+One class, `Storage`, rooted at a prefix (`s3://bucket/path` or `/local/dir`). Everything above it
+(shards, manifest, reader, prepare) talks bytes and object names relative to that prefix, so the same
+code runs against AWS S3, MinIO, a test endpoint on 127.0.0.1, or a local disk.
+
+Failure policy (why it is here and not in botocore/s3fs):
+- botocore and s3fs each have their own retry loops; stacked, they multiply the time a dead endpoint
+  takes to fail. Both are switched off (one attempt each) and this module runs the only retry loop,
+  so the worst case is bounded and computable: `RetryPolicy.worst_case_seconds()`.
+- Transient errors (timeouts, connection resets/refusals, HTTP 5xx, throttling) are retried with
+  exponential backoff and jitter, then raise `StorageUnavailableError` naming the URI and endpoint.
+- Rejected credentials raise `StorageAuthError` at once (retrying cannot fix them); a missing object
+  raises `FileNotFoundError` naming the URI.
+
+Endpoint override: `endpoint_url=` or the standard `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL`
+variables, exactly as the AWS SDKs read them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import socket
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, TypeVar
+
+import fsspec
+
+T = TypeVar("T")
+
+
+class StorageError(OSError):
+    """Base class for storage failures; the message always names the URI."""
+
+
+class StorageUnavailableError(StorageError):
+    """The endpoint stayed unreachable / kept failing after every retry."""
+
+
+class StorageAuthError(StorageError):
+    """The endpoint rejected the credentials or denied access."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How hard to try before declaring the store down.
+
+    attempts: total tries per operation (1 = no retry).
+    backoff_initial / backoff_max: seconds; the wait before retry k is
+        min(backoff_max, backoff_initial * 2**k) scaled by a jitter in [0.5, 1].
+    connect_timeout / read_timeout: seconds, handed to botocore for each HTTP request.
+    """
+
+    attempts: int = 5
+    backoff_initial: float = 0.25
+    backoff_max: float = 8.0
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ValueError(f"RetryPolicy.attempts must be >= 1, got {self.attempts}")
+        for name in ("backoff_initial", "backoff_max", "connect_timeout", "read_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"RetryPolicy.{name} must be > 0, got {getattr(self, name)}")
+
+    def delay(self, attempt: int) -> float:
+        """Wait in seconds after failed try number `attempt` (0-based)."""
+        base = min(self.backoff_max, self.backoff_initial * (2 ** attempt))
+        return base * random.uniform(0.5, 1.0)
+
+    def worst_case_seconds(self) -> float:
+        """Upper bound on the time one operation can take before it fails (per-request timeouts
+        plus all backoff waits); what 'bounded failure' means in numbers."""
+        per_try = self.connect_timeout + self.read_timeout
+        waits = sum(min(self.backoff_max, self.backoff_initial * 2 ** k) for k in range(self.attempts - 1))
+        return self.attempts * per_try + waits
+
+
+# Error codes S3 (and compatible stores) use for throttling or server-side trouble.
+_TRANSIENT_CODES = {
+    "SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
+    "InternalError", "ServiceUnavailable", "RequestLimitExceeded", "TooManyRequests",
+    "BandwidthLimitExceeded", "EC2ThrottledException", "PriorRequestNotComplete",
+}
+_AUTH_CODES = {
+    "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
+    "InvalidToken", "TokenRefreshRequired", "AccountProblem", "AllAccessDisabled",
+    "InvalidClientTokenId", "UnrecognizedClientException", "AuthFailure",
+}
+_MISSING_CODES = {"NoSuchKey", "NoSuchBucket", "404", "NotFound"}
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """The exception and its causes/contexts (s3fs re-raises botocore errors as OSError)."""
+    out: list[BaseException] = []
+    cur: BaseException | None = exc
+    while cur is not None and cur not in out and len(out) < 10:
+        out.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    return out
+
+
+def classify_error(exc: BaseException) -> str:
+    """Map an exception from fsspec/s3fs/botocore to 'transient', 'auth', 'missing' or 'fatal'."""
+    try:
+        from botocore import exceptions as bexc
+    except ImportError:  # local-only installs
+        bexc = None
+    for e in _chain(exc):
+        if bexc is not None and isinstance(e, bexc.ClientError):
+            err = e.response.get("Error", {}) if isinstance(e.response, dict) else {}
+            code = str(err.get("Code", ""))
+            status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+            if code in _AUTH_CODES or status in (401, 403):
+                return "auth"
+            if code in _MISSING_CODES or status == 404:
+                return "missing"
+            if code in _TRANSIENT_CODES or status == 429 or status >= 500:
+                return "transient"
+            return "fatal"
+        if bexc is not None and isinstance(
+            e, (bexc.NoCredentialsError, bexc.PartialCredentialsError)
+        ):
+            return "auth"
+        if bexc is not None and isinstance(
+            e,
+            (
+                bexc.ConnectTimeoutError, bexc.ReadTimeoutError, bexc.EndpointConnectionError,
+                bexc.ConnectionClosedError, bexc.HTTPClientError, bexc.ResponseStreamingError,
+                bexc.IncompleteReadError,
+            ),
+        ):
+            return "transient"
+        if isinstance(e, (socket.timeout, TimeoutError, asyncio.TimeoutError, ConnectionError)):
+            return "transient"
+        name = type(e).__name__
+        # aiohttp / fsspec types matched by name so this module does not import aiohttp.
+        if name in {"FSTimeoutError", "ClientPayloadError", "ServerDisconnectedError",
+                    "ClientConnectorError", "ClientOSError", "ServerTimeoutError"}:
+            return "transient"
+    for e in _chain(exc):
+        if isinstance(e, PermissionError):
+            return "auth"
+        if isinstance(e, FileNotFoundError):
+            return "missing"
+    return "fatal"
+
+
+_SESSIONS: dict[int, Any] = {}
+
+
+def _shared_session() -> Any:
+    """One aiobotocore session per process: building a session reloads botocore's service models
+    (~0.3 s), which would otherwise be paid by every Storage / DataLoader worker / test."""
+    pid = os.getpid()
+    if pid not in _SESSIONS:
+        from aiobotocore.session import AioSession
+
+        _SESSIONS.clear()
+        _SESSIONS[pid] = AioSession()
+    return _SESSIONS[pid]
+
+
+def resolve_endpoint(endpoint_url: str | None) -> str | None:
+    """Explicit endpoint, else the standard AWS environment overrides, else None (AWS S3)."""
+    return endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+class Storage:
+    """Named objects under one prefix. Names are relative ('shard-00000.bin', 'manifest.json').
+
+    uri: `s3://bucket/prefix` or a local directory (created on first write).
+    endpoint_url: S3 endpoint override (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL / AWS).
+    retry: the retry / timeout policy for every operation.
+    storage_options: extra keyword arguments for the fsspec filesystem (e.g. key/secret, anon).
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        *,
+        endpoint_url: str | None = None,
+        retry: RetryPolicy | None = None,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
+        if not uri:
+            raise ValueError("storage uri is empty: pass s3://bucket/prefix or a local directory")
+        self.retry = retry or RetryPolicy()
+        self.storage_options = dict(storage_options or {})
+        protocol, _, rest = uri.partition("://")
+        if not rest:
+            protocol, rest = "file", uri
+        if protocol in ("s3", "s3a"):
+            self.protocol = "s3"
+            self.root = rest.strip("/")
+            if not self.root:
+                raise ValueError(f"storage uri {uri!r} has no bucket: use s3://bucket/prefix")
+            self.endpoint_url = resolve_endpoint(endpoint_url)
+        elif protocol == "file":
+            self.protocol = "file"
+            self.root = os.path.abspath(os.path.expanduser(rest)).rstrip("/") or "/"
+            self.endpoint_url = None
+        else:
+            raise ValueError(f"storage uri {uri!r}: unsupported scheme {protocol!r} (use s3:// or a local path)")
+        self.uri = f"s3://{self.root}" if self.protocol == "s3" else self.root
+        self._fs: fsspec.AbstractFileSystem | None = None
+        self._pid = -1
+
+    # -- plumbing -------------------------------------------------------------------------------
+    @property
+    def is_remote(self) -> bool:
+        return self.protocol == "s3"
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        # s3fs instances are not fork-safe (its event loop belongs to the parent), so every process
+        # (e.g. a DataLoader worker) builds its own.
+        if self._fs is None or self._pid != os.getpid():
+            self._fs = self._make_fs()
+            self._pid = os.getpid()
+        return self._fs
+
+    def _make_fs(self) -> fsspec.AbstractFileSystem:
+        if self.protocol == "file":
+            return fsspec.filesystem("file")
+        import s3fs  # imported lazily: local-only use needs no AWS stack
+
+        opts = dict(self.storage_options)
+        config = dict(opts.pop("config_kwargs", {}))
+        config.setdefault("connect_timeout", self.retry.connect_timeout)
+        config.setdefault("read_timeout", self.retry.read_timeout)
+        # One attempt inside botocore: our loop is the only retry layer (bounded, see module doc).
+        config.setdefault("retries", {"total_max_attempts": 1, "mode": "standard"})
+        # botocore >= 1.36 validates a CRC32 of every GET body by default, on s3fs's single event
+        # loop thread, where it became the reader's bottleneck. Every byte the reader uses is
+        # already checked against the manifest's sha256, so response validation is left to that.
+        config.setdefault("response_checksum_validation", "when_required")
+        opts.setdefault("session", _shared_session())
+        fs = s3fs.S3FileSystem(
+            endpoint_url=self.endpoint_url,
+            config_kwargs=config,
+            skip_instance_cache=True,
+            use_listings_cache=False,
+            **opts,
+        )
+        fs.retries = 1  # s3fs's own retry loop off, same reason
+        return fs
+
+    def path(self, name: str) -> str:
+        """Filesystem path of `name` (no scheme) for fsspec calls."""
+        return f"{self.root}/{name}" if name else self.root
+
+    def url(self, name: str = "") -> str:
+        """Full URI of `name`, for messages and for users."""
+        return f"{self.uri}/{name}" if name else self.uri
+
+    def _where(self) -> str:
+        return f" (endpoint {self.endpoint_url})" if self.endpoint_url else ""
+
+    def call(self, what: str, name: str, fn: Callable[[], T]) -> T:
+        """Run `fn` with the retry policy; `what`/`name` only label the error message."""
+        uri = self.url(name)
+        last: BaseException | None = None
+        for attempt in range(self.retry.attempts):
+            try:
+                return fn()
+            except Exception as exc:  # noqa: BLE001 - classified below, never swallowed
+                kind = classify_error(exc)
+                if kind == "missing":
+                    raise FileNotFoundError(f"{uri}: not found ({what}){self._where()}") from exc
+                if kind == "auth":
+                    raise StorageAuthError(
+                        f"{uri}: access denied or credentials rejected during {what}{self._where()}: "
+                        f"{exc}. Check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the profile) "
+                        "and the bucket policy."
+                    ) from exc
+                if kind != "transient":
+                    raise
+                last = exc
+                if attempt + 1 < self.retry.attempts:
+                    time.sleep(self.retry.delay(attempt))
+        raise StorageUnavailableError(
+            f"{uri}: {what} failed after {self.retry.attempts} attempts{self._where()}; the store "
+            f"looks unreachable or overloaded. Last error: {type(last).__name__}: {last}"
+        ) from last
+
+    # -- operations -----------------------------------------------------------------------------
+    def read(self, name: str, start: int | None = None, end: int | None = None) -> bytes:
+        """Bytes [start, end) of object `name` (whole object when both are None). May return fewer
+        bytes than asked for when the object is shorter; callers check lengths."""
+        p = self.path(name)
+        return self.call("read", name, lambda: self.fs.cat_file(p, start=start, end=end))
+
+    def write_atomic(self, name: str, data: bytes) -> None:
+        """Write `data` so that readers see either the old object or the complete new one, never a
+        prefix of it: local files go to a temp file in the same directory and are os.replace'd;
+        S3 objects appear only when their (single or multipart) PUT completes."""
+        if self.protocol == "file":
+            self.call("write", name, lambda: self._write_local(name, data))
+        else:
+            p = self.path(name)
+            self.call("write", name, lambda: self.fs.pipe_file(p, data))
+
+    def _write_local(self, name: str, data: bytes) -> None:
+        target = self.path(name)
+        folder = os.path.dirname(target)
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+        try:
+            os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the dataset from other users
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    def size(self, name: str) -> int:
+        p = self.path(name)
+        return int(self.call("stat", name, lambda: self.fs.size(p)))
+
+    def exists(self, name: str) -> bool:
+        p = self.path(name)
+        return bool(self.call("stat", name, lambda: self.fs.exists(p)))
+
+    def list_sizes(self, subdir: str = "") -> dict[str, int]:
+        """{relative name: size} of the plain objects directly under the prefix (or `subdir`)."""
+        p = self.path(subdir)
+
+        def _ls() -> list[dict[str, Any]]:
+            if self.protocol == "file" and not os.path.isdir(p):
+                return []
+            try:
+                return self.fs.ls(p, detail=True, refresh=True) if self.is_remote else self.fs.ls(p, detail=True)
+            except FileNotFoundError:
+                return []
+
+        entries = self.call("list", subdir, _ls)
+        out: dict[str, int] = {}
+        for e in entries:
+            if e.get("type") != "file":
+                continue
+            base = e["name"].rstrip("/").rsplit("/", 1)[-1]
+            out[base] = int(e.get("size") or 0)
+        return out
+
+    def remove(self, name: str) -> None:
+        p = self.path(name)
+
+        def _rm() -> None:
+            try:
+                self.fs.rm_file(p)
+            except FileNotFoundError:
+                pass
+
+        self.call("delete", name, _rm)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_fs"], state["_pid"] = None, -1  # rebuilt in the receiving process
+        return state
+
+    def __repr__(self) -> str:
+        return f"Storage({self.uri!r}{self._where()})"

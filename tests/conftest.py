@@ -1,0 +1,61 @@
+"""Shared fixtures: a real S3 API endpoint (moto in server mode) on 127.0.0.1, and a storage root
+parametrised over that endpoint and a local directory, so data tests run against both.
+
+Platform code reaches the endpoint only through the standard AWS_ENDPOINT_URL override, exactly as
+it would reach AWS S3 or MinIO.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+BUCKET = "advflow-test"
+FAKE_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint():
+    """Start moto's S3-compatible server on a free loopback port; yield its URL."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    url = f"http://{host}:{port}"
+    import boto3
+
+    boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="testing",
+                 aws_secret_access_key="testing").create_bucket(Bucket=BUCKET)
+    yield url
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(moto_endpoint, monkeypatch):
+    """Point the standard AWS variables at the test endpoint with fake credentials."""
+    for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
+    for key, value in FAKE_ENV.items():
+        monkeypatch.setenv(key, value)
+    return moto_endpoint
+
+
+@pytest.fixture
+def s3_prefix(s3_env):
+    """A fresh, empty s3:// prefix on the test endpoint."""
+    return f"s3://{BUCKET}/{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(params=["local", "s3"])
+def storage_root(request, tmp_path):
+    """A fresh dataset prefix: a local directory, then an s3:// prefix on the test endpoint."""
+    if request.param == "local":
+        return str(tmp_path / "dataset")
+    return request.getfixturevalue("s3_prefix")
