@@ -1,0 +1,92 @@
+"""Run the worker loop without Ray: N processes on this machine, gloo, checkpoints in a local folder.
+
+For debugging on a laptop and for tests that compare ZeRO stages (the Ray path adds nothing to the
+numerics; `advflow.platform.ray_train` runs the same `AFMTrainer`). The checkpoint protocol mirrors
+Ray Train's: every rank stages its files, they are merged into `checkpoint_{step:06d}/`, and the
+checkpoint counts only once rank 0 has written `COMPLETE` after a barrier.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from advflow.platform.config import RunSpec
+
+COMPLETE = "COMPLETE"
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    run_dir = Path(run_dir)
+    done = sorted(p for p in run_dir.glob("checkpoint_*") if (p / COMPLETE).is_file())
+    return done[-1] if done else None
+
+
+class LocalContext:
+    def __init__(self, rank: int, world_size: int, run_dir: Path, keep: int):
+        self.rank, self.world_size, self.run_dir, self.keep = rank, world_size, run_dir, keep
+        self.reports: list[dict] = []
+
+    def _barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+        self.reports.append(metrics)
+        if checkpoint_dir is None:
+            return
+        dest = self.run_dir / f"checkpoint_{int(metrics['step']):06d}"
+        shutil.copytree(checkpoint_dir, dest, dirs_exist_ok=True)
+        self._barrier()  # every rank's files are in place
+        if self.rank == 0:
+            (dest / COMPLETE).write_text(json.dumps({"step": metrics["step"]}))
+            done = sorted(p for p in self.run_dir.glob("checkpoint_*") if (p / COMPLETE).is_file())
+            for old in done[: -self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        self._barrier()
+
+    def restore_dir(self) -> str | None:
+        latest = latest_checkpoint(self.run_dir)
+        return str(latest) if latest else None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, spec_dict: dict, run_dir: str, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        from advflow.platform.loop import AFMTrainer
+
+        spec = RunSpec.from_dict(spec_dict)
+        torch.set_num_threads(max(1, spec.distributed.cpus_per_worker))
+        ctx = LocalContext(rank, world_size, Path(run_dir), spec.run.keep_checkpoints)
+        state = AFMTrainer(spec, ctx).train()
+        if rank == 0:
+            Path(out_dir, "history.json").write_text(json.dumps(state.history))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_local(spec: RunSpec, run_dir: str | Path) -> list[dict]:
+    """Train with `spec.distributed.workers` local processes; returns the per-step history."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    out = run_dir / "_out"
+    out.mkdir(exist_ok=True)
+    world = spec.distributed.workers
+    mp.start_processes(_worker, args=(world, _free_port(), spec.to_dict(), str(run_dir), str(out)),
+                       nprocs=world, join=True, start_method="spawn")
+    return json.loads((out / "history.json").read_text())

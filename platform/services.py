@@ -1,0 +1,464 @@
+"""Start, health-check and stop single local services: an S3 endpoint, MLflow, a Ray head.
+
+Each ``start_*`` function launches one service detached (its own session, so it outlives the caller
+and one signal stops its whole process tree), bound to 127.0.0.1, with its log and files in a given
+directory, and returns a ``ServiceHandle``. Tests of other issues reuse these directly::
+
+    from advflow.platform import services
+    with services.start_moto(tmp_path / "s3") as s3:           # free port when port=None
+        services.ensure_bucket(s3, "advflow")
+        with services.start_mlflow(tmp_path / "mlflow", s3=s3, bucket="advflow") as mlflow_srv, \\
+             services.start_ray_head(tmp_path / "ray", job_env={**s3.env, **mlflow_srv.env}) as ray:
+            env = {**s3.env, **mlflow_srv.env, **ray.env}         # what a client exports
+            ...
+
+``advflow.platform.stack`` composes them into ``advflow stack up | down | status | env``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from advflow.platform.proc import (
+    LOCALHOST,
+    ServiceError,
+    free_port,
+    free_ports,
+    session_alive,
+    http_get,
+    spawn_detached,
+    stop_session,
+    wait_healthy,
+)
+
+# moto accepts any credentials; fixed ones keep `stack env` output stable across restarts.
+MOTO_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+# Ray puts AF_UNIX sockets under <temp-dir>/session_<date>_<pid>/sockets/plasma_store; Linux caps a
+# socket path at 107 bytes, and the part after <temp-dir> takes about 63 of them.
+_RAY_TEMP_DIR_MAX_LEN = 40
+
+# Keeps Ray on the loopback interface, in the head and in every client that talks to it.
+_LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+@dataclass
+class ServiceHandle:
+    """One running local service, or an external endpoint that is only health-checked.
+
+    ``env`` holds the variables a client exports to use the service; ``info`` holds facts such as
+    ports and file paths. ``to_record``/``from_record`` round-trip it through the stack's JSON
+    state, so a later CLI call can check or stop what an earlier one started.
+    """
+
+    name: str  # "s3", "mlflow" or "ray"
+    kind: str  # "moto", "external-s3", "mlflow" or "ray-head"
+    url: str
+    pid: int | None  # session leader (the service's whole process tree); None for an external endpoint
+    log_path: Path | None
+    env: dict[str, str] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+    _popen: subprocess.Popen | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def external(self) -> bool:
+        return self.pid is None
+
+    def alive(self) -> bool:
+        """True while the process tree runs (an external endpoint counts as alive)."""
+        return self.pid is None or session_alive(self.pid)
+
+    def health(self, timeout_s: float = 3.0) -> str | None:
+        """None when healthy, else a short reason."""
+        if not self.alive():
+            return "not running"
+        return _PROBES[self.kind](self, timeout_s)
+
+    def wait_healthy(self, timeout_s: float) -> ServiceHandle:
+        """Block until healthy; on failure raise ServiceError with the log's tail."""
+        wait_healthy(self.name, lambda: self.health(), timeout_s, self.log_path or Path("-"), self.pid)
+        return self
+
+    def stop(self, grace_s: float = 20.0) -> bool:
+        """Stop the whole process tree (no-op for external endpoints). True if it was running."""
+        if self.pid is None:
+            return False
+        # `ray start --block` tears its node down in order when it alone gets SIGTERM.
+        leader_first = self.kind == "ray-head"
+        was_running = stop_session(self.pid, grace_s, leader_first=leader_first)
+        if self._popen is not None:
+            self._popen.wait(timeout=5)  # reap our own child so no zombie stays behind
+        return was_running
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "url": self.url,
+            "pid": self.pid,
+            "log_path": str(self.log_path) if self.log_path else None,
+            "env": self.env,
+            "info": self.info,
+        }
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> ServiceHandle:
+        return cls(
+            name=record["name"],
+            kind=record["kind"],
+            url=record["url"],
+            pid=record["pid"],
+            log_path=Path(record["log_path"]) if record.get("log_path") else None,
+            env=dict(record.get("env", {})),
+            info=dict(record.get("info", {})),
+        )
+
+    def __enter__(self) -> ServiceHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# ----------------------------------------------------------------------------------------- S3
+
+
+def s3_client(s3: ServiceHandle, timeout_s: float = 5.0):
+    """A boto3 S3 client for the endpoint; credentials from the handle, else the environment."""
+    import boto3
+    from botocore.config import Config
+
+    env = {**os.environ, **s3.env}
+    return boto3.client(
+        "s3",
+        endpoint_url=s3.url,
+        aws_access_key_id=env.get("AWS_ACCESS_KEY_ID"),
+        aws_secret_access_key=env.get("AWS_SECRET_ACCESS_KEY"),
+        aws_session_token=env.get("AWS_SESSION_TOKEN"),
+        region_name=env.get("AWS_DEFAULT_REGION") or env.get("AWS_REGION") or "us-east-1",
+        config=Config(
+            connect_timeout=timeout_s, read_timeout=timeout_s, retries={"max_attempts": 1}
+        ),
+    )
+
+
+def _probe_s3(s3: ServiceHandle, timeout_s: float) -> str | None:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        s3_client(s3, timeout_s).list_buckets()
+    except (BotoCoreError, ClientError) as exc:
+        return f"S3 list_buckets at {s3.url} failed: {exc}"
+    return None
+
+
+def ensure_bucket(s3: ServiceHandle, bucket: str) -> None:
+    """Create ``bucket`` on the endpoint unless it exists already (ours or not)."""
+    from botocore.exceptions import ClientError
+
+    client = s3_client(s3)
+    region = client.meta.region_name
+    kwargs: dict[str, Any] = {"Bucket": bucket}
+    if region and region != "us-east-1":  # S3 rejects a LocationConstraint of us-east-1
+        kwargs["CreateBucketConfiguration"] = {"LocationConstraint": region}
+    try:
+        client.create_bucket(**kwargs)
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") not in (
+            "BucketAlreadyOwnedByYou",
+            "BucketAlreadyExists",
+        ):
+            raise ServiceError(f"cannot create bucket {bucket!r} at {s3.url}: {exc}") from exc
+
+
+def start_moto(
+    state_dir: Path, port: int | None = None, *, timeout_s: float = 60.0, wait: bool = True
+) -> ServiceHandle:
+    """Start an in-memory moto S3 server on 127.0.0.1 (``port=None``: a free port).
+
+    Data lives only as long as the process: stopping it drops every bucket.
+    """
+    state_dir = Path(state_dir).resolve()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    url = f"http://{LOCALHOST}:{port}"
+    log_path = state_dir / "s3.log"
+    argv = [sys.executable, "-m", "moto.server", "-H", LOCALHOST, "-p", str(port)]
+    popen = spawn_detached(argv, log_path, os.environ, state_dir)
+    handle = ServiceHandle(
+        name="s3",
+        kind="moto",
+        url=url,
+        pid=popen.pid,
+        log_path=log_path,
+        env={"AWS_ENDPOINT_URL": url, "MLFLOW_S3_ENDPOINT_URL": url, **MOTO_CREDENTIALS},
+        info={"port": port},
+        _popen=popen,
+    )
+    return _finish_start(handle, timeout_s, wait)
+
+
+def external_s3(url: str, *, timeout_s: float = 30.0) -> ServiceHandle:
+    """Handle for an S3/MinIO endpoint someone else runs; credentials stay in the environment."""
+    handle = ServiceHandle(
+        name="s3",
+        kind="external-s3",
+        url=url.rstrip("/"),
+        pid=None,
+        log_path=None,
+        env={"AWS_ENDPOINT_URL": url.rstrip("/"), "MLFLOW_S3_ENDPOINT_URL": url.rstrip("/")},
+    )
+    deadline = time.monotonic() + timeout_s
+    while (reason := handle.health()) and time.monotonic() < deadline:
+        time.sleep(1.0)
+    if reason:
+        raise ServiceError(
+            f"the S3 endpoint from AWS_ENDPOINT_URL ({url}) is not usable: {reason}. Check the "
+            "endpoint and AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, or unset AWS_ENDPOINT_URL to "
+            "let the stack start its own moto server."
+        )
+    return handle
+
+
+# ------------------------------------------------------------------------------------- MLflow
+
+
+def _probe_mlflow(handle: ServiceHandle, timeout_s: float) -> str | None:
+    status, body = http_get(f"{handle.url}/health", timeout=timeout_s)
+    return None if status == 200 else f"GET {handle.url}/health -> {status or body}"
+
+
+def start_mlflow(
+    state_dir: Path,
+    port: int | None = None,
+    *,
+    s3: ServiceHandle,
+    bucket: str,
+    prefix: str = "mlflow",
+    workers: int = 1,
+    timeout_s: float = 120.0,
+    wait: bool = True,
+) -> ServiceHandle:
+    """Start an MLflow tracking server: SQLite in ``state_dir``, artifacts proxied to S3.
+
+    Clients log artifacts through the server (``mlflow-artifacts:/``), which writes them to
+    ``s3://<bucket>/<prefix>`` on ``s3``'s endpoint, so clients need no S3 credentials.
+    The bucket must exist (``ensure_bucket``) before the first artifact is logged.
+    """
+    state_dir = Path(state_dir).resolve()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    url = f"http://{LOCALHOST}:{port}"
+    log_path = state_dir / "mlflow.log"
+    db_path = state_dir / "mlflow.db"
+    argv = [
+        sys.executable, "-m", "mlflow", "server",
+        "--host", LOCALHOST,
+        "--port", str(port),
+        "--backend-store-uri", f"sqlite:///{db_path}",
+        "--artifacts-destination", f"s3://{bucket}/{prefix}",
+        "--workers", str(workers),
+    ]  # fmt: skip
+    # The server process writes the artifacts, so it needs the endpoint and credentials.
+    env = {**os.environ, **s3.env}
+    popen = spawn_detached(argv, log_path, env, state_dir)
+    handle = ServiceHandle(
+        name="mlflow",
+        kind="mlflow",
+        url=url,
+        pid=popen.pid,
+        log_path=log_path,
+        env={"MLFLOW_TRACKING_URI": url},
+        info={"port": port, "db": str(db_path), "artifacts": f"s3://{bucket}/{prefix}"},
+        _popen=popen,
+    )
+    return _finish_start(handle, timeout_s, wait)
+
+
+# ---------------------------------------------------------------------------------------- Ray
+
+
+def write_token_file(path: Path) -> str:
+    """Write a fresh 256-bit hex token to ``path`` (mode 0600, atomically) and return it."""
+    token = secrets.token_hex(32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(token)
+    os.replace(tmp, path)
+    return token
+
+
+def ray_temp_dir(state_dir: Path) -> Path:
+    """Ray's --temp-dir: inside ``state_dir`` when short enough for AF_UNIX sockets, else /tmp."""
+    inside = state_dir / "ray"
+    if len(str(inside)) <= _RAY_TEMP_DIR_MAX_LEN:
+        return inside
+    digest = hashlib.sha1(str(state_dir).encode()).hexdigest()[:10]
+    return Path("/tmp") / f"advflow-ray-{digest}"
+
+
+def _ray_executable() -> str:
+    beside = Path(sys.executable).parent / "ray"
+    found = str(beside) if beside.exists() else shutil.which("ray")
+    if not found:
+        raise ServiceError("the `ray` command was not found; install advflow's dependencies")
+    return found
+
+
+def _probe_ray(handle: ServiceHandle, timeout_s: float) -> str | None:
+    url = handle.url
+    status, body = http_get(f"{url}/api/gcs_healthz", timeout=timeout_s)
+    if status != 200:
+        return f"GET {url}/api/gcs_healthz -> {status or body}"
+    try:
+        token = Path(handle.info["token_path"]).read_text().strip()
+    except OSError as exc:
+        return f"cannot read the Ray token file: {exc}"
+    status, body = http_get(
+        f"{url}/api/jobs/", {"Authorization": f"Bearer {token}"}, timeout=timeout_s
+    )
+    if status != 200:
+        return f"job API with the token -> {status}: {body[:200]}"
+    # Token auth must stay on: a request without the token has to be refused.
+    status, _ = http_get(f"{url}/api/jobs/", timeout=timeout_s)
+    if status not in (401, 403):
+        return f"token auth is NOT enforced: a request without a token got HTTP {status}"
+    return None
+
+
+def start_ray_head(
+    state_dir: Path,
+    gcs_port: int | None = None,
+    dashboard_port: int | None = None,
+    client_port: int | None = None,
+    agent_port: int | None = None,
+    *,
+    num_cpus: int = 2,
+    object_store_mb: int = 512,
+    job_env: dict[str, str] | None = None,
+    timeout_s: float = 180.0,
+    wait: bool = True,
+) -> ServiceHandle:
+    """Start a single-node Ray head with token authentication, bound to 127.0.0.1.
+
+    A fresh token goes to ``<state_dir>/ray_auth_token`` (0600). The head runs with
+    RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH pointing at that file; a client (``ray job
+    submit``, ``ray.init``, the job SDK) must export the same two variables, which ``handle.env``
+    holds together with RAY_API_SERVER_ADDRESS (dashboard URL, for job submission), RAY_ADDRESS
+    (GCS address, for ray.init) and RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (keeps Ray on loopback).
+    ``job_env`` is added to the head's environment, so every job driver and worker inherits it
+    (S3 endpoint, credentials, MLflow URI). Ports left None are picked free.
+    """
+    state_dir = Path(state_dir).resolve()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    picked = iter(free_ports(4))
+    gcs_port = gcs_port or next(picked)
+    dashboard_port = dashboard_port or next(picked)
+    client_port = client_port or next(picked)
+    agent_port = agent_port or next(picked)
+    token_path = state_dir / "ray_auth_token"
+    write_token_file(token_path)
+    temp_dir = ray_temp_dir(state_dir)
+    temp_dir.mkdir(parents=True, exist_ok=True)
+    if temp_dir.parent != state_dir:  # keep Ray's logs findable from the state dir
+        link = state_dir / "ray"
+        if link.is_symlink() or not link.exists():
+            link.unlink(missing_ok=True)
+            link.symlink_to(temp_dir, target_is_directory=True)
+    log_path = state_dir / "ray.log"
+    argv = [
+        _ray_executable(), "start", "--head", "--block",
+        "--node-ip-address", LOCALHOST,
+        "--port", str(gcs_port),
+        "--dashboard-host", LOCALHOST,
+        "--dashboard-port", str(dashboard_port),
+        "--ray-client-server-port", str(client_port),
+        "--dashboard-agent-listen-port", str(agent_port),
+        "--num-cpus", str(num_cpus),
+        "--object-store-memory", str(object_store_mb * 1024 * 1024),
+        "--temp-dir", str(temp_dir),
+        "--include-dashboard", "true",
+        "--disable-usage-stats",
+    ]  # fmt: skip
+    env = {**os.environ, **(job_env or {})}
+    # RAY_AUTH_TOKEN would beat RAY_AUTH_TOKEN_PATH; RAY_ADDRESS (say, from an earlier
+    # `eval "$(advflow stack env)"`) would point `ray start` and the jobs at another cluster.
+    for stale in ("RAY_AUTH_TOKEN", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+        env.pop(stale, None)
+    auth_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path)}
+    env.update(auth_env)
+    # Job entrypoints say `python ...`: make that the interpreter the stack runs on (the venv's),
+    # even when the user called the console script without activating the venv.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    # Ray swaps a --node-ip-address of 127.0.0.1 for the host's routable IP and then binds GCS and
+    # raylet on every interface, unless it runs as a "local-only" cluster (its macOS/Windows mode).
+    env.update(_LOOPBACK_ENV)
+    # On SIGTERM `ray start --block` would first drain the node (meant for Serve replicas in
+    # Kubernetes); a local single-node head has nothing to drain, so shut down at once.
+    env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
+    popen = spawn_detached(argv, log_path, env, state_dir)
+    url = f"http://{LOCALHOST}:{dashboard_port}"
+    handle = ServiceHandle(
+        name="ray",
+        kind="ray-head",
+        url=url,
+        pid=popen.pid,
+        log_path=log_path,
+        env={
+            # `ray job submit` and the job SDK read RAY_API_SERVER_ADDRESS before RAY_ADDRESS;
+            # ray.init() reads RAY_ADDRESS and rejects an http:// URL there. With both set, job
+            # submission and a plain ray.init() from the same shell reach this head.
+            "RAY_API_SERVER_ADDRESS": url,
+            "RAY_ADDRESS": f"{LOCALHOST}:{gcs_port}",
+            **auth_env,
+            **_LOOPBACK_ENV,
+        },
+        info={
+            "gcs_port": gcs_port,
+            "dashboard_port": dashboard_port,
+            "client_port": client_port,
+            "agent_port": agent_port,
+            "token_path": str(token_path),
+            "temp_dir": str(temp_dir),
+            "num_cpus": num_cpus,
+        },
+        _popen=popen,
+    )
+    return _finish_start(handle, timeout_s, wait)
+
+
+# ------------------------------------------------------------------------------------- common
+
+_PROBES = {
+    "moto": _probe_s3,
+    "external-s3": _probe_s3,
+    "mlflow": _probe_mlflow,
+    "ray-head": _probe_ray,
+}
+
+
+def _finish_start(handle: ServiceHandle, timeout_s: float, wait: bool) -> ServiceHandle:
+    """Wait for health if asked; on failure stop what was started so nothing is left behind."""
+    if not wait:
+        return handle
+    try:
+        return handle.wait_healthy(timeout_s)
+    except BaseException:
+        handle.stop(grace_s=5.0)
+        raise

@@ -1,0 +1,462 @@
+"""The local stack behind ``advflow stack up | down | status | env``.
+
+Three services, all bound to 127.0.0.1, started detached so they outlive the CLI:
+
+- ``s3``: an in-memory moto S3 server, or the S3/MinIO endpoint already named by AWS_ENDPOINT_URL
+  (then it is only health-checked and the bucket is created);
+- ``ray``: a single-node Ray head with token authentication (RAY_AUTH_MODE=token);
+- ``mlflow``: an MLflow tracking server, SQLite backend, artifacts proxied to ``s3://BUCKET/mlflow``.
+
+State (``stack.json`` with pids, ports and URLs), logs, the Ray token and the SQLite db live in one
+project-local directory (``./.advflow/stack``, or ``--state-dir`` / ADVFLOW_STACK_DIR). Every
+command is idempotent: ``up`` keeps healthy services and starts only the missing ones, ``down`` on a
+stopped stack only says so. The single services come from ``advflow.platform.services``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import shlex
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from advflow.platform import services
+from advflow.platform.proc import LOCALHOST, ServiceError, require_free_port
+from advflow.platform.services import ServiceHandle
+
+STATE_DIR_ENV = "ADVFLOW_STACK_DIR"
+DEFAULT_STATE_DIR = Path(".advflow") / "stack"
+STATE_FILE = "stack.json"
+SERVICE_ORDER = ("s3", "ray", "mlflow")  # start order; stop runs in reverse
+
+
+@dataclass(frozen=True)
+class PortOption:
+    """One port the stack binds: which config field, which service, how a user changes it."""
+
+    field: str
+    service: str
+    flag: str
+    env_var: str
+    default: int
+
+
+# Defaults are the usual ports + 20000 (the dashboard agent's 52365 - 20000), so a developer's own
+# Ray (6379/8265/10001/52365), MinIO (9000) or MLflow (5000) keeps running beside the stack. All
+# stay outside Ray's worker port range (10002-19999) and Linux's ephemeral range (32768+).
+PORT_OPTIONS: tuple[PortOption, ...] = (
+    PortOption("ray_gcs_port", "the Ray head (GCS)", "--ray-gcs-port", "ADVFLOW_RAY_GCS_PORT", 26379),
+    PortOption(
+        "ray_dashboard_port",
+        "the Ray dashboard / job API",
+        "--ray-dashboard-port",
+        "ADVFLOW_RAY_DASHBOARD_PORT",
+        28265,
+    ),
+    PortOption(
+        "ray_client_port", "the Ray client server", "--ray-client-port", "ADVFLOW_RAY_CLIENT_PORT", 30001
+    ),
+    PortOption(
+        "ray_agent_port", "the Ray dashboard agent", "--ray-agent-port", "ADVFLOW_RAY_AGENT_PORT", 32365
+    ),
+    PortOption("s3_port", "the S3 endpoint (moto)", "--s3-port", "ADVFLOW_S3_PORT", 29000),
+    PortOption("mlflow_port", "the MLflow tracking server", "--mlflow-port", "ADVFLOW_MLFLOW_PORT", 25000),
+)
+_PORTS_OF = {
+    "s3": ("s3_port",),
+    "ray": ("ray_gcs_port", "ray_dashboard_port", "ray_client_port", "ray_agent_port"),
+    "mlflow": ("mlflow_port",),
+}
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+
+@dataclass
+class StackConfig:
+    """Settings of one local stack. Build it with ``StackConfig.resolve`` (flags > env > defaults)."""
+
+    state_dir: Path
+    """Where state, logs, the Ray token and the MLflow SQLite db live (absolute after resolve)."""
+    ray_gcs_port: int = 26379
+    ray_dashboard_port: int = 28265
+    """RAY_ADDRESS for `ray job submit` is http://127.0.0.1:<this port>."""
+    ray_client_port: int = 30001
+    ray_agent_port: int = 32365
+    s3_port: int = 29000
+    """Port of the moto server; unused when ``s3_endpoint`` is set."""
+    mlflow_port: int = 25000
+    s3_endpoint: str | None = None
+    """An existing S3/MinIO endpoint to use instead of moto (default: AWS_ENDPOINT_URL)."""
+    bucket: str = "advflow"
+    """Bucket for data, checkpoints and MLflow artifacts (exported as ADVFLOW_BUCKET)."""
+    num_cpus: int = 2
+    """CPUs the Ray head advertises."""
+    object_store_mb: int = 512
+    """Ray object store size in MiB."""
+    timeout_s: float = 240.0
+    """Start-up health-check budget per `up`, seconds."""
+
+    def validate(self) -> StackConfig:
+        """Raise ValueError naming the field and the fix; return self."""
+        for option in PORT_OPTIONS:
+            port = getattr(self, option.field)
+            if not isinstance(port, int) or not 1024 <= port <= 65535:
+                raise ValueError(
+                    f"{option.field}={port!r} is not a usable port; pass an integer in 1024-65535 "
+                    f"with {option.flag} or {option.env_var}"
+                )
+        used: dict[int, str] = {}
+        for option in PORT_OPTIONS:
+            port = getattr(self, option.field)
+            if option.field == "s3_port" and self.s3_endpoint:
+                continue
+            if port in used:
+                raise ValueError(
+                    f"{option.field} and {used[port]} are both {port}; give {option.flag} "
+                    "a different port"
+                )
+            used[port] = option.field
+        if not _BUCKET_RE.match(self.bucket):
+            raise ValueError(
+                f"bucket={self.bucket!r} is not a valid S3 bucket name; use 3-63 lowercase "
+                "letters, digits, '.' or '-' (--bucket or ADVFLOW_BUCKET)"
+            )
+        if self.num_cpus < 1:
+            raise ValueError(f"num_cpus={self.num_cpus} must be >= 1 (--num-cpus)")
+        if self.object_store_mb < 80:
+            raise ValueError(
+                f"object_store_mb={self.object_store_mb} is below Ray's minimum; use >= 80 "
+                "(--object-store-mb)"
+            )
+        if self.timeout_s <= 0:
+            raise ValueError(f"timeout_s={self.timeout_s} must be > 0 (--timeout)")
+        if self.s3_endpoint and not self.s3_endpoint.startswith(("http://", "https://")):
+            raise ValueError(
+                f"s3_endpoint={self.s3_endpoint!r} must be an http(s):// URL (--s3-endpoint or "
+                "AWS_ENDPOINT_URL)"
+            )
+        return self
+
+    @classmethod
+    def resolve(
+        cls, overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+    ) -> StackConfig:
+        """Config from explicit ``overrides`` (CLI flags; None = unset), then env vars, then defaults.
+
+        AWS_ENDPOINT_URL selects an external S3 endpoint unless it is this stack's own moto URL
+        (left in the shell by an earlier ``eval "$(advflow stack env)"``).
+        """
+        overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {"state_dir": resolve_state_dir(overrides.get("state_dir"), environ)}
+        for option in PORT_OPTIONS:
+            if option.field in overrides:
+                values[option.field] = overrides[option.field]
+            elif environ.get(option.env_var):
+                raw = environ[option.env_var]
+                try:
+                    values[option.field] = int(raw)
+                except ValueError:
+                    raise ValueError(
+                        f"{option.env_var}={raw!r} is not a port number; set an integer"
+                    ) from None
+        if "bucket" in overrides or environ.get("ADVFLOW_BUCKET"):
+            values["bucket"] = overrides.get("bucket") or environ["ADVFLOW_BUCKET"]
+        for name in ("num_cpus", "object_store_mb", "timeout_s"):
+            if name in overrides:
+                values[name] = overrides[name]
+        endpoint = overrides.get("s3_endpoint") or environ.get("AWS_ENDPOINT_URL") or None
+        own_moto = f"http://{LOCALHOST}:{values.get('s3_port', cls.s3_port)}"
+        if endpoint and "s3_endpoint" not in overrides and endpoint.rstrip("/") == own_moto:
+            endpoint = None
+        values["s3_endpoint"] = endpoint.rstrip("/") if endpoint else None
+        return cls(**values).validate()
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["state_dir"] = str(self.state_dir)
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> StackConfig:
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values["state_dir"] = Path(values["state_dir"])
+        return cls(**values)
+
+
+def resolve_state_dir(
+    explicit: str | os.PathLike | None = None, environ: Mapping[str, str] | None = None
+) -> Path:
+    """--state-dir, else ADVFLOW_STACK_DIR, else ./.advflow/stack; always absolute."""
+    environ = os.environ if environ is None else environ
+    chosen = explicit or environ.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR
+    return Path(chosen).expanduser().resolve()
+
+
+# ------------------------------------------------------------------------------------ state
+
+
+@dataclass
+class StackState:
+    """What ``stack.json`` holds: the config the stack was started with and its services."""
+
+    config: StackConfig
+    services: dict[str, ServiceHandle] = field(default_factory=dict)
+
+
+def load_state(state_dir: Path) -> StackState | None:
+    path = Path(state_dir) / STATE_FILE
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError as exc:
+        raise ServiceError(
+            f"{path} is not valid JSON ({exc}); stop leftover services by hand and delete it"
+        ) from exc
+    return StackState(
+        config=StackConfig.from_json(data["config"]),
+        services={name: ServiceHandle.from_record(rec) for name, rec in data["services"].items()},
+    )
+
+
+def save_state(state: StackState) -> None:
+    """Write stack.json atomically (temp file + os.replace)."""
+    path = state.config.state_dir / STATE_FILE
+    payload = {
+        "version": 1,
+        "config": state.config.to_json(),
+        "services": {name: handle.to_record() for name, handle in state.services.items()},
+    }
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+@contextmanager
+def _locked(state_dir: Path) -> Iterator[None]:
+    """Serialise up/down on one state dir, so two shells cannot start the stack twice."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    with open(state_dir / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+# ------------------------------------------------------------------------------- up / down
+
+
+def _job_env(config: StackConfig) -> dict[str, str]:
+    """What every Ray job inherits through the head's environment (S3, MLflow, bucket)."""
+    if config.s3_endpoint:
+        s3_env = {"AWS_ENDPOINT_URL": config.s3_endpoint, "MLFLOW_S3_ENDPOINT_URL": config.s3_endpoint}
+    else:
+        url = f"http://{LOCALHOST}:{config.s3_port}"
+        s3_env = {"AWS_ENDPOINT_URL": url, "MLFLOW_S3_ENDPOINT_URL": url, **services.MOTO_CREDENTIALS}
+    return {
+        **s3_env,
+        "MLFLOW_TRACKING_URI": f"http://{LOCALHOST}:{config.mlflow_port}",
+        "ADVFLOW_BUCKET": config.bucket,
+    }
+
+
+def _how_to_change(option: PortOption) -> str:
+    return f"`advflow stack up {option.flag} PORT` (or {option.env_var})"
+
+
+def _check_ports(config: StackConfig, names: list[str]) -> None:
+    """Fail before anything starts when a port of a service about to start is taken."""
+    by_field = {option.field: option for option in PORT_OPTIONS}
+    for name in names:
+        if name == "s3" and config.s3_endpoint:
+            continue
+        for port_field in _PORTS_OF[name]:
+            option = by_field[port_field]
+            require_free_port(getattr(config, port_field), option.service, _how_to_change(option))
+
+
+def _spawn(name: str, config: StackConfig, s3: ServiceHandle | None) -> ServiceHandle:
+    state_dir = config.state_dir
+    if name == "s3":
+        if config.s3_endpoint:
+            return services.external_s3(config.s3_endpoint, timeout_s=min(config.timeout_s, 30.0))
+        return services.start_moto(state_dir, config.s3_port, wait=False)
+    if name == "ray":
+        return services.start_ray_head(
+            state_dir,
+            config.ray_gcs_port,
+            config.ray_dashboard_port,
+            config.ray_client_port,
+            config.ray_agent_port,
+            num_cpus=config.num_cpus,
+            object_store_mb=config.object_store_mb,
+            job_env=_job_env(config),
+            wait=False,
+        )
+    assert name == "mlflow" and s3 is not None, name
+    return services.start_mlflow(state_dir, config.mlflow_port, s3=s3, bucket=config.bucket, wait=False)
+
+
+def _differences(requested: StackConfig, running: StackConfig) -> list[str]:
+    keys = [o.field for o in PORT_OPTIONS] + ["bucket", "s3_endpoint", "num_cpus"]
+    return [
+        f"{k}={getattr(running, k)!r} (asked {getattr(requested, k)!r})"
+        for k in keys
+        if getattr(requested, k) != getattr(running, k)
+    ]
+
+
+def up(config: StackConfig, echo: Callable[[str], None] = print) -> StackState:
+    """Start whatever part of the stack is not running and healthy; no-op when all of it is."""
+    config.validate()
+    started_at = time.monotonic()
+    with _locked(config.state_dir):
+        state = load_state(config.state_dir)
+        healthy: dict[str, ServiceHandle] = {}
+        if state is not None:
+            for name, handle in state.services.items():
+                reason = handle.health()
+                if reason is None:
+                    healthy[name] = handle
+                elif handle.alive():
+                    echo(f"{name} is running but unhealthy ({reason}); restarting it")
+                    handle.stop()
+            if healthy:
+                # Live services keep their ports; the config they were started with stays in force.
+                diff = _differences(config, state.config)
+                if diff:
+                    echo(
+                        "note: the stack is already running with "
+                        + ", ".join(diff)
+                        + "; run `advflow stack down` first to change them"
+                    )
+                config = state.config
+        if all(name in healthy for name in SERVICE_ORDER):
+            echo(f"advflow stack is already running (state: {config.state_dir})")
+            return StackState(config, healthy)
+
+        missing = [name for name in SERVICE_ORDER if name not in healthy]
+        _check_ports(config, missing)
+        state = StackState(config, dict(healthy))
+        started: list[ServiceHandle] = []
+        deadline = started_at + config.timeout_s
+        try:
+            for name in missing:
+                handle = _spawn(name, config, state.services.get("s3"))
+                echo(f"starting {name:<6} {handle.url}")
+                state.services[name] = handle
+                if not handle.external:
+                    started.append(handle)
+                save_state(state)  # record pids at once, so `down` can clean up a failed `up`
+            for name in missing:
+                handle = state.services[name]
+                handle.wait_healthy(max(5.0, deadline - time.monotonic()))
+                if name == "s3":
+                    services.ensure_bucket(handle, config.bucket)
+                echo(f"{name:<6} healthy after {time.monotonic() - started_at:.1f}s")
+        except BaseException:
+            for handle in reversed(started):
+                handle.stop(grace_s=5.0)
+                state.services.pop(handle.name, None)
+            save_state(state)
+            raise
+        save_state(state)
+    elapsed = time.monotonic() - started_at
+    echo(f"advflow stack is up ({elapsed:.1f}s); state and logs in {config.state_dir}")
+    return state
+
+
+def down(state_dir: Path, echo: Callable[[str], None] = print) -> bool:
+    """Stop every service of the stack in ``state_dir``; False when nothing was recorded."""
+    state_dir = Path(state_dir)
+    with _locked(state_dir):
+        state = load_state(state_dir)
+        if state is None:
+            echo(f"advflow stack is not running (no {STATE_FILE} in {state_dir})")
+            return False
+        for name in reversed(SERVICE_ORDER):
+            handle = state.services.get(name)
+            if handle is None or handle.external:
+                continue
+            was_running = handle.stop()
+            echo(f"{name:<6} {'stopped' if was_running else 'was not running'}")
+        (state_dir / STATE_FILE).unlink(missing_ok=True)
+        # The token only guards the head that just stopped; the next `up` writes a new one.
+        (state_dir / "ray_auth_token").unlink(missing_ok=True)
+    echo("advflow stack is down")
+    return True
+
+
+# ---------------------------------------------------------------------------- status / env
+
+
+@dataclass
+class ServiceStatus:
+    name: str
+    healthy: bool
+    url: str
+    detail: str
+
+
+def status(state_dir: Path) -> list[ServiceStatus]:
+    """Health of each service; all "down" when the stack has no state."""
+    state = load_state(Path(state_dir))
+    if state is None:
+        return [ServiceStatus(name, False, "-", "not running") for name in SERVICE_ORDER]
+    rows = []
+    for name in SERVICE_ORDER:
+        handle = state.services.get(name)
+        if handle is None:
+            rows.append(ServiceStatus(name, False, "-", "not running"))
+            continue
+        reason = handle.health()
+        rows.append(ServiceStatus(name, reason is None, handle.url, reason or _detail(handle)))
+        if reason and handle.log_path:
+            rows[-1].detail += f" (log: {handle.log_path})"
+    return rows
+
+
+def _detail(handle: ServiceHandle) -> str:
+    if handle.kind == "moto":
+        return "moto (in-memory)"
+    if handle.kind == "external-s3":
+        return "external endpoint (AWS_ENDPOINT_URL)"
+    if handle.kind == "mlflow":
+        return f"artifacts {handle.info['artifacts']}"
+    return f"GCS {LOCALHOST}:{handle.info['gcs_port']}, token auth on"
+
+
+def env_exports(state_dir: Path) -> dict[str, str]:
+    """Variables a shell needs to use the running stack (for ``eval "$(advflow stack env)"``)."""
+    state = load_state(Path(state_dir))
+    if state is None:
+        raise ServiceError(
+            f"the stack is not running (no {STATE_FILE} in {state_dir}); start it with "
+            "`advflow stack up`"
+        )
+    exports: dict[str, str] = {}
+    for name in SERVICE_ORDER:
+        handle = state.services.get(name)
+        if handle is None or not handle.alive():
+            raise ServiceError(
+                f"{name} of the stack in {state_dir} is not running; `advflow stack status` "
+                "shows why, `advflow stack up` restarts it"
+            )
+        exports.update(handle.env)
+    exports["ADVFLOW_BUCKET"] = state.config.bucket
+    exports[STATE_DIR_ENV] = str(state.config.state_dir)
+    return exports
+
+
+def format_exports(exports: Mapping[str, str]) -> str:
+    """``export K=V`` lines, values shell-quoted."""
+    return "".join(f"export {key}={shlex.quote(value)}\n" for key, value in exports.items())

@@ -1,0 +1,437 @@
+"""`advflow stack up | down | status | env` and the single-service helpers behind it.
+
+The end-to-end tests drive the real console script against real services (moto, MLflow, a Ray head
+with token auth) on free ports in a temporary state dir, so a developer's running stack is never
+touched. They run in file order on one module-scoped stack: up -> status -> env -> S3 -> MLflow ->
+Ray jobs (with and without the token) -> up again -> down.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from advflow.platform import services
+from advflow.platform.proc import ServiceError, free_port, free_ports, port_in_use, session_alive
+from advflow.platform.stack import PORT_OPTIONS, StackConfig, format_exports
+
+BIN = Path(sys.executable).parent
+# Prefer the installed console script (what users run); fall back to the module.
+ADVFLOW = (
+    [str(BIN / "advflow")]
+    if (BIN / "advflow").exists()
+    else [sys.executable, "-m", "advflow.platform.cli"]
+)
+RAY = str(BIN / "ray")
+
+# Keep a developer's shell (an earlier `eval "$(advflow stack env)"`, own Ray token) out of the tests.
+_LEAKY_PREFIXES = ("RAY_", "AWS_", "MLFLOW_", "ADVFLOW_")
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_LEAKY_PREFIXES)}
+    env.update(extra)
+    return env
+
+
+def _advflow(*args: str, cwd: Path, timeout: float = 400, env: dict | None = None):
+    return subprocess.run(
+        [*ADVFLOW, *args],
+        cwd=cwd,
+        env=env or _clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _port_flags(ports: list[int]) -> list[str]:
+    flags = []
+    for option, port in zip(PORT_OPTIONS, ports, strict=True):
+        flags += [option.flag, str(port)]
+    return flags
+
+
+# --------------------------------------------------------------------------- fast unit tests
+
+
+def test_config_precedence_flag_over_env_over_default(tmp_path):
+    environ = {"ADVFLOW_MLFLOW_PORT": "25100", "ADVFLOW_S3_PORT": "25200", "ADVFLOW_BUCKET": "envbucket"}
+    config = StackConfig.resolve({"state_dir": tmp_path, "s3_port": 25300}, environ)
+    assert config.s3_port == 25300  # flag beats env
+    assert config.mlflow_port == 25100  # env beats default
+    assert config.ray_dashboard_port == StackConfig.ray_dashboard_port  # default
+    assert config.bucket == "envbucket"
+    assert config.s3_endpoint is None
+    assert config.state_dir == tmp_path.resolve()
+
+
+def test_config_external_s3_unless_it_is_our_own_moto(tmp_path):
+    external = StackConfig.resolve({"state_dir": tmp_path}, {"AWS_ENDPOINT_URL": "http://minio:9000/"})
+    assert external.s3_endpoint == "http://minio:9000"
+    # An `eval "$(advflow stack env)"` leaves our moto URL behind; `up` must not treat it as external.
+    ours = StackConfig.resolve(
+        {"state_dir": tmp_path}, {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{StackConfig.s3_port}"}
+    )
+    assert ours.s3_endpoint is None
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        ({"mlflow_port": 80}, ["mlflow_port", "--mlflow-port", "ADVFLOW_MLFLOW_PORT"]),
+        ({"mlflow_port": 26000, "s3_port": 26000}, ["mlflow_port", "s3_port", "26000"]),
+        ({"bucket": "Bad_Bucket"}, ["bucket", "--bucket"]),
+        ({"num_cpus": 0}, ["num_cpus", "--num-cpus"]),
+    ],
+)
+def test_config_validation_names_field_and_fix(tmp_path, overrides, words):
+    with pytest.raises(ValueError) as info:
+        StackConfig.resolve({"state_dir": tmp_path, **overrides}, {})
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_config_bad_env_port_names_the_variable(tmp_path):
+    with pytest.raises(ValueError, match="ADVFLOW_S3_PORT"):
+        StackConfig.resolve({"state_dir": tmp_path}, {"ADVFLOW_S3_PORT": "nine"})
+
+
+def test_format_exports_survives_the_shell(tmp_path):
+    values = {"A_PLAIN": "x", "A_SPACE": "a b", "A_QUOTE": "it's $HOME"}
+    script = format_exports(values) + 'printf "%s|%s|%s" "$A_PLAIN" "$A_SPACE" "$A_QUOTE"'
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True).stdout
+    assert out == "x|a b|it's $HOME"
+
+
+def test_ray_temp_dir_stays_short_enough_for_unix_sockets(tmp_path):
+    short = Path("/p/.advflow/stack")
+    assert services.ray_temp_dir(short) == short / "ray"
+    deep = tmp_path / ("d" * 60)
+    chosen = services.ray_temp_dir(deep)
+    assert len(str(chosen)) <= 40
+    assert chosen == services.ray_temp_dir(deep)  # stable: the same state dir, the same temp dir
+
+
+def test_port_taken_error_names_port_service_and_flag(tmp_path):
+    ports = free_ports(len(PORT_OPTIONS))
+    mlflow_port = ports[[o.field for o in PORT_OPTIONS].index("mlflow_port")]
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", mlflow_port))
+        blocker.listen()
+        result = _advflow(
+            "stack", "up", "--state-dir", str(tmp_path / "st"), *_port_flags(ports),
+            cwd=tmp_path, timeout=60,
+        )  # fmt: skip
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert str(mlflow_port) in result.stderr
+    assert "MLflow" in result.stderr and "--mlflow-port" in result.stderr
+    assert "ADVFLOW_MLFLOW_PORT" in result.stderr
+    # Ports are checked before anything starts: nothing was launched, nothing recorded.
+    assert not (tmp_path / "st" / "stack.json").exists()
+    assert not port_in_use(ports[0]) and not port_in_use(ports[1])
+
+
+def test_start_moto_handle_serves_s3_and_stops(tmp_path):
+    port = free_port()
+    with services.start_moto(tmp_path / "moto", port) as s3:
+        assert s3.url == f"http://127.0.0.1:{port}"
+        services.ensure_bucket(s3, "unit-bucket")
+        services.ensure_bucket(s3, "unit-bucket")  # idempotent
+        names = [b["Name"] for b in services.s3_client(s3).list_buckets()["Buckets"]]
+        assert names == ["unit-bucket"]
+        pid = s3.pid
+    assert not session_alive(pid)
+    assert not port_in_use(port)
+    assert s3.health() == "not running"
+
+
+def test_external_s3_is_checked_and_used_as_is(tmp_path):
+    with services.start_moto(tmp_path / "moto") as s3, pytest.MonkeyPatch.context() as mp:
+        for key, value in services.MOTO_CREDENTIALS.items():
+            mp.setenv(key, value)
+        external = services.external_s3(s3.url + "/", timeout_s=10)
+        assert external.external and external.url == s3.url and external.pid is None
+        assert "AWS_ACCESS_KEY_ID" not in external.env  # credentials stay the user's own
+        services.ensure_bucket(external, "ext-bucket")
+        assert "ext-bucket" in [b["Name"] for b in services.s3_client(s3).list_buckets()["Buckets"]]
+        assert external.stop() is False and s3.alive()  # never stops what it did not start
+    with pytest.raises(ServiceError, match="AWS_ENDPOINT_URL"):
+        services.external_s3(f"http://127.0.0.1:{free_port()}", timeout_s=1)
+
+
+# ------------------------------------------------------------------------ the whole stack
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """A stack started with the CLI on free ports; always taken down at the end."""
+    root = tmp_path_factory.mktemp("stack")
+    state_dir = root / "state"
+    ports = dict(zip([o.field for o in PORT_OPTIONS], free_ports(len(PORT_OPTIONS)), strict=True))
+    started = time.monotonic()
+    result = _advflow(
+        "stack", "up", "--state-dir", str(state_dir), *_port_flags(list(ports.values())),
+        "--num-cpus", "1", "--object-store-mb", "100", "--bucket", "advflow-test",
+        cwd=root,
+    )  # fmt: skip
+    up_seconds = time.monotonic() - started
+    info = {"root": root, "state_dir": state_dir, "ports": ports, "up": result, "up_seconds": up_seconds}
+    try:
+        assert result.returncode == 0, f"stack up failed:\n{result.stdout}\n{result.stderr}"
+        print(f"\n`advflow stack up` took {up_seconds:.1f}s")
+        yield info
+    finally:
+        _advflow("stack", "down", "--state-dir", str(state_dir), cwd=root, timeout=120)
+        temp_dir = services.ray_temp_dir(state_dir.resolve())
+        if temp_dir.parent != state_dir.resolve():
+            shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def stack_env(stack):
+    """The variables a shell gets from `eval "$(advflow stack env)"`, read back from a real bash."""
+    command = (
+        f'eval "$({" ".join(ADVFLOW)} stack env --state-dir {stack["state_dir"]})" && '
+        f'{sys.executable} -c "import json, os; print(json.dumps(dict(os.environ)))"'
+    )
+    result = subprocess.run(
+        ["bash", "-c", command],
+        cwd=stack["root"],
+        env=_clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+@pytest.mark.slow
+def test_up_starts_all_services_healthy(stack):
+    out = stack["up"].stdout
+    for name in ("s3", "ray", "mlflow"):
+        assert f"{name:<6} healthy after" in out
+    status = _advflow(
+        "stack", "status", "--state-dir", str(stack["state_dir"]), cwd=stack["root"], timeout=60
+    )
+    assert status.returncode == 0, status.stdout + status.stderr
+    lines = [line.split() for line in status.stdout.splitlines()[1:]]
+    assert [(cols[0], cols[1]) for cols in lines] == [
+        ("s3", "healthy"),
+        ("ray", "healthy"),
+        ("mlflow", "healthy"),
+    ]
+    ports = stack["ports"]
+    assert f"http://127.0.0.1:{ports['ray_dashboard_port']}" in status.stdout
+    assert f"http://127.0.0.1:{ports['mlflow_port']}" in status.stdout
+
+
+@pytest.mark.slow
+def test_env_exports_point_at_the_stack(stack, stack_env):
+    ports = stack["ports"]
+    assert stack_env["RAY_API_SERVER_ADDRESS"] == f"http://127.0.0.1:{ports['ray_dashboard_port']}"
+    assert stack_env["RAY_ADDRESS"] == f"127.0.0.1:{ports['ray_gcs_port']}"
+    assert stack_env["RAY_AUTH_MODE"] == "token"
+    assert stack_env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
+    assert stack_env["AWS_ENDPOINT_URL"] == f"http://127.0.0.1:{ports['s3_port']}"
+    assert stack_env["MLFLOW_S3_ENDPOINT_URL"] == stack_env["AWS_ENDPOINT_URL"]
+    assert stack_env["MLFLOW_TRACKING_URI"] == f"http://127.0.0.1:{ports['mlflow_port']}"
+    assert stack_env["ADVFLOW_BUCKET"] == "advflow-test"
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+        assert stack_env[key]
+    token_file = Path(stack_env["RAY_AUTH_TOKEN_PATH"])
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600  # a secret: owner-only
+    assert len(token_file.read_text().strip()) == 64
+
+
+@pytest.mark.slow
+def test_s3_endpoint_from_env_creates_and_lists_buckets(stack_env, monkeypatch):
+    import boto3
+
+    for key in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+        monkeypatch.setenv(key, stack_env[key])
+    client = boto3.client("s3")  # endpoint and credentials from the exported variables only
+    client.create_bucket(Bucket="probe-bucket")
+    client.put_object(Bucket="probe-bucket", Key="k.txt", Body=b"payload")
+    names = {b["Name"] for b in client.list_buckets()["Buckets"]}
+    assert {"advflow-test", "probe-bucket"} <= names  # `up` created the stack's bucket
+    assert client.get_object(Bucket="probe-bucket", Key="k.txt")["Body"].read() == b"payload"
+
+
+@pytest.mark.slow
+def test_mlflow_artifact_lands_in_the_s3_bucket(stack_env, tmp_path, monkeypatch):
+    import boto3
+    from mlflow.tracking import MlflowClient
+
+    for key, value in stack_env.items():
+        if key.startswith(("AWS_", "MLFLOW_")):
+            monkeypatch.setenv(key, value)
+    client = MlflowClient(tracking_uri=stack_env["MLFLOW_TRACKING_URI"])
+    experiment_id = client.create_experiment(f"stack-test-{uuid.uuid4().hex[:8]}")
+    run = client.create_run(experiment_id)
+    artifact = tmp_path / "note.txt"
+    artifact.write_text("artifact body")
+    client.log_artifact(run.info.run_id, str(artifact))
+    client.set_terminated(run.info.run_id)
+
+    s3 = boto3.client("s3")
+    listed = s3.list_objects_v2(Bucket="advflow-test", Prefix="mlflow/")
+    keys = [obj["Key"] for obj in listed.get("Contents", [])]
+    matching = [key for key in keys if run.info.run_id in key and key.endswith("note.txt")]
+    assert matching, f"artifact not in s3://advflow-test/mlflow/: {keys}"
+    assert s3.get_object(Bucket="advflow-test", Key=matching[0])["Body"].read() == b"artifact body"
+
+
+def _submit(env: dict[str, str], workdir: Path, *entrypoint: str):
+    return subprocess.run(
+        [RAY, "job", "submit", "--working-dir", str(workdir), "--", *entrypoint],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.fixture()
+def job_dir(tmp_path):
+    workdir = tmp_path / "job"
+    workdir.mkdir()
+    # The job prints what it inherited from the head: the stack's S3 endpoint and bucket.
+    (workdir / "probe.py").write_text(
+        "import os\nprint('PROBE', os.environ.get('AWS_ENDPOINT_URL'), os.environ.get('ADVFLOW_BUCKET'))\n"
+    )
+    return workdir
+
+
+@pytest.mark.slow
+def test_ray_job_submit_with_the_token_succeeds(stack_env, job_dir, tmp_path):
+    env = {**stack_env, "HOME": str(tmp_path)}  # HOME: no ~/.ray/auth_token to fall back on
+    result = _submit(env, job_dir, "python", "probe.py")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"PROBE {stack_env['AWS_ENDPOINT_URL']} advflow-test" in result.stdout
+    assert "succeeded" in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_ray_job_submit_without_the_token_is_rejected(stack_env, job_dir, tmp_path):
+    # No auth variables and an empty HOME: the client sends no token at all.
+    no_token = _clean_env(HOME=str(tmp_path), RAY_API_SERVER_ADDRESS=stack_env["RAY_API_SERVER_ADDRESS"])
+    result = _submit(no_token, job_dir, "python", "probe.py")
+    assert result.returncode != 0
+    rejected = "Unauthorized" in result.stderr or "Authentication required" in result.stderr
+    assert rejected, result.stderr[-2000:]
+    assert "PROBE" not in result.stdout
+
+    # A wrong token is refused as well.
+    wrong = _clean_env(
+        HOME=str(tmp_path),
+        RAY_API_SERVER_ADDRESS=stack_env["RAY_API_SERVER_ADDRESS"],
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN="0" * 64,
+    )
+    result = _submit(wrong, job_dir, "python", "probe.py")
+    assert result.returncode != 0
+    refused = "Forbidden" in result.stderr or "Authentication failed" in result.stderr
+    assert refused, result.stderr[-2000:]
+    assert "PROBE" not in result.stdout
+
+
+@pytest.mark.slow
+def test_plain_ray_init_from_the_exported_shell_connects(stack_env, tmp_path):
+    # Scripts run directly (not through `ray job submit`) call ray.init() with no address.
+    script = (
+        "import os, ray\n"
+        "ray.init()\n"
+        "print('TASK', ray.get(ray.remote(lambda: os.environ.get('ADVFLOW_BUCKET')).remote()))\n"
+    )
+    env = {**stack_env, "HOME": str(tmp_path)}
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "TASK advflow-test" in result.stdout
+
+
+_LOOPBACK_HEX = {"0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F"}
+
+
+def _listening_addresses(pids: list[int]) -> set[str]:
+    """Hex local addresses of the TCP sockets in LISTEN state that ``pids`` hold (from /proc)."""
+    inodes = set()
+    for pid in pids:
+        fd_dir = Path(f"/proc/{pid}/fd")
+        try:
+            links = [os.readlink(fd) for fd in fd_dir.iterdir()]
+        except (FileNotFoundError, PermissionError, ProcessLookupError):
+            continue
+        inodes.update(link[8:-1] for link in links if link.startswith("socket:["))
+    addresses = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            cols = line.split()
+            if cols[3] == "0A" and cols[9] in inodes:  # 0A = LISTEN
+                addresses.add(cols[1])
+    return addresses
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc")
+def test_every_service_listens_on_loopback_only(stack):
+    from advflow.platform.proc import session_members
+
+    records = json.loads((stack["state_dir"] / "stack.json").read_text())["services"]
+    pids = [pid for rec in records.values() for pid in session_members(rec["pid"])]
+    addresses = _listening_addresses(pids)
+    assert addresses, "found no listening sockets at all"
+    exposed = sorted(a for a in addresses if a.split(":")[0] not in _LOOPBACK_HEX)
+    assert not exposed, f"sockets bound beyond 127.0.0.1: {exposed}"
+
+
+@pytest.mark.slow
+def test_up_again_is_a_no_op(stack):
+    state_file = stack["state_dir"] / "stack.json"
+    pids_before = {k: v["pid"] for k, v in json.loads(state_file.read_text())["services"].items()}
+    result = _advflow(
+        "stack", "up", "--state-dir", str(stack["state_dir"]), *_port_flags(list(stack["ports"].values())),
+        cwd=stack["root"], timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "already running" in result.stdout
+    assert "starting" not in result.stdout
+    pids_after = {k: v["pid"] for k, v in json.loads(state_file.read_text())["services"].items()}
+    assert pids_after == pids_before
+
+
+@pytest.mark.slow
+def test_down_stops_everything_and_is_idempotent(stack):
+    state_dir, root = stack["state_dir"], stack["root"]
+    pids = [v["pid"] for v in json.loads((state_dir / "stack.json").read_text())["services"].values()]
+    result = _advflow("stack", "down", "--state-dir", str(state_dir), cwd=root, timeout=120)
+    assert result.returncode == 0, result.stderr
+    for name in ("mlflow", "ray", "s3"):
+        assert f"{name:<6} stopped" in result.stdout
+    assert not any(session_alive(pid) for pid in pids)
+    assert not any(port_in_use(port) for port in stack["ports"].values())
+
+    status = _advflow("stack", "status", "--state-dir", str(state_dir), cwd=root, timeout=60)
+    assert status.returncode == 1
+    assert "healthy" not in status.stdout and status.stdout.count("down") == 3
+
+    again = _advflow("stack", "down", "--state-dir", str(state_dir), cwd=root, timeout=60)
+    assert again.returncode == 0 and "not running" in again.stdout
+
+    env = _advflow("stack", "env", "--state-dir", str(state_dir), cwd=root, timeout=60)
+    assert env.returncode == 1 and env.stdout == ""
+    assert "advflow stack up" in env.stderr
