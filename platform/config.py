@@ -211,6 +211,13 @@ class RunSpec:
             _fail("optim.ema_decay", f"{o.ema_decay} is outside [0, 1)", "use e.g. 0.9999")
         if self.run.max_failures < 0 or self.run.keep_checkpoints < 1:
             _fail("run.max_failures/keep_checkpoints", "out of range", "use max_failures >= 0, keep >= 1")
+        for i, phase in enumerate(self.phases):
+            if isinstance(phase, dict) and isinstance(phase.get("d_reload_from"), int):
+                _fail(f"phases[{i}].d_reload_from", "a step number is not supported",
+                      "name a phase-end snapshot instead, e.g. d_reload_from: decay_end")
+            if isinstance(phase, dict) and phase.get("guidance"):
+                _fail(f"phases[{i}].guidance", "classifier guidance needs a trained flow classifier, which "
+                      "the training job cannot load yet", "leave guidance off (see the recipe comments)")
         # Schedules and phases are validated by their own types; re-raise with the field path.
         try:
             self.phase_plan()
@@ -242,21 +249,36 @@ class RunSpec:
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunSpec:
     """Read a YAML config, apply `key.sub=value` overrides (values parsed as YAML), validate."""
-    raw: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist; pass an existing YAML file "
-                              f"(recipes live in jobs/configs/)")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    raw: dict = _read_yaml(Path(path)) if path is not None else {}
     for item in overrides:
         apply_override(raw, item)
     return RunSpec.from_dict(raw)
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """Read one recipe; `base: other.yaml` (relative to this file) is read first and overlaid."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass an existing YAML file "
+                          f"(recipes live in jobs/configs/)")
+    if path.resolve() in seen:
+        raise ConfigError(f"config file {path}: `base` chain loops back to itself; remove the cycle")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    return _merge(_read_yaml(path.parent / base, seen + (path.resolve(),)), raw)
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def apply_override(raw: dict, item: str) -> None:

@@ -91,6 +91,7 @@ class AFMTrainer:
         self.stream_factory = stream_factory
         self.state = LoopState()
         self.times = StepTimes()
+        self.d_tags: dict[str, dict[str, torch.Tensor]] = {}
         self._pending: list[dict[str, torch.Tensor]] = []
 
     # ------------------------------------------------------------------ building
@@ -183,14 +184,26 @@ class AFMTrainer:
         return self.afm_cfg.with_phase(params)
 
     def handle_event(self, event) -> None:
+        """Phase events (Table 11): EMA reload, and D snapshots at phase ends for a later D reload.
+
+        D snapshots hold D's weights only (replicated under ZeRO 0-2, so every rank keeps its own
+        copy); a reload restores the weights and keeps the optimizer's moments, and the snapshots
+        travel in every checkpoint so a restarted run can still reload."""
         if event.kind == "ema_reload":
             with torch.no_grad():
                 self.ema.copy_to(self.G)
+        elif event.kind == "save_tag":
+            self.d_tags[event.tag] = {k: v.detach().to("cpu", copy=True) for k, v in self.D.state_dict().items()}
         elif event.kind == "d_reload":
-            raise NotImplementedError(
-                f"phase {event.phase_index}: d_reload_from={event.source!r} needs tagged D checkpoints, "
-                "which this trainer does not keep yet; remove d_reload_from from the phase")
-        # save_tag / phase_enter: recorded in the history via the phase index; nothing to do here.
+            source = event.source if isinstance(event.source, str) else None
+            if source not in self.d_tags:
+                raise ValueError(
+                    f"phase {event.phase_index}: d_reload_from={event.source!r} is not a saved D snapshot; "
+                    f"available: {sorted(self.d_tags)} (snapshots are taken at phase ends, named "
+                    "'<phase>_end'; reloading from a step number is not supported)")
+            with torch.no_grad():
+                self.D.load_state_dict(self.d_tags[source])
+        # phase_enter: recorded in the history via the phase index.
 
     # ------------------------------------------------------------------ bookkeeping
 

@@ -9,6 +9,7 @@ after every rank has uploaded, so a checkpoint becomes visible only when complet
     d/ds/...                the same for D
     ema.safetensors         EMA(G) weights                      (rank 0)
     gradnorm.safetensors    GradNormalizer buffers              (rank 0)
+    dtag-<tag>.safetensors  D snapshots taken at phase ends     (rank 0; for Table 11's D reload)
     reader-rank{r}.json     data-stream states of rank r        (every rank)
     trainer.json            step, world size, history, version  (rank 0, written last)
 
@@ -63,6 +64,8 @@ def save(directory: str, trainer: "AFMTrainer", step: int) -> None:
                   str(root / "ema.safetensors"))
         save_file({k: v.contiguous() for k, v in trainer.gradnorm.state_dict().items()},
                   str(root / "gradnorm.safetensors"))
+        for tag, weights in trainer.d_tags.items():
+            save_file({k: v.contiguous() for k, v in weights.items()}, str(root / f"dtag-{tag}.safetensors"))
         ema = trainer.ema.state_dict()
         _write_json(root / "trainer.json", {
             "format": FORMAT_VERSION,
@@ -106,6 +109,8 @@ def load(directory: str, trainer: "AFMTrainer") -> None:
     ema_state = {**meta["ema"], "shadow": load_file(str(root / "ema.safetensors"))}
     trainer.ema.load_state_dict(ema_state)
     trainer.gradnorm.load_state_dict(load_file(str(root / "gradnorm.safetensors")))
+    trainer.d_tags = {p.name[len("dtag-"):-len(".safetensors")]: load_file(str(p))
+                      for p in root.glob("dtag-*.safetensors")}
     readers = json.loads((root / f"reader-rank{trainer.ctx.rank}.json").read_text())
     for name, stream in trainer.streams.items():
         stream.load_state_dict(readers[name])

@@ -191,3 +191,34 @@ def test_steps_touch_only_their_own_network(digits, stage, single_process_group)
                 assert after == d_opt_steps, "a G step advanced D's optimizer"
     finally:
         trainer.close()
+
+
+def test_phase_events_reload_d_and_ema(digits, single_process_group, tmp_path):
+    """Table 11's D reload restores the snapshot taken at a phase end; EMA reload copies EMA into G."""
+    from advflow.platform import run_checkpoint
+    from advflow.platform.loop import AFMTrainer
+    from advflow.trainers.schedules import Event
+
+    trainer = AFMTrainer(spec_for(digits, 2, workers=1), _OneProcess())
+    trainer.setup()
+    try:
+        cfg = trainer.apply_phase(0)
+        trainer.handle_event(Event("save_tag", 0, tag="decay_end"))
+        snapshot = [p.detach().clone() for p in trainer.D.parameters()]
+        trainer.d_step(0, cfg)
+        trainer.g_step(0, cfg)
+        assert not all(torch.equal(a, b) for a, b in zip(snapshot, trainer.D.parameters()))
+        # The snapshot survives a checkpoint round trip (a restarted run can still reload).
+        run_checkpoint.save(str(tmp_path), trainer, 1)
+        trainer.d_tags = {}
+        run_checkpoint.load(str(tmp_path), trainer)
+        trainer.handle_event(Event("d_reload", 1, source="decay_end"))
+        assert all(torch.equal(a, b) for a, b in zip(snapshot, trainer.D.parameters()))
+        with pytest.raises(ValueError, match="available: \\['decay_end'\\]"):
+            trainer.handle_event(Event("d_reload", 1, source="nope_end"))
+        trainer.handle_event(Event("ema_reload", 1))
+        for name, p in trainer.G.named_parameters():
+            if name in trainer.ema.shadow:
+                assert torch.equal(p.detach(), trainer.ema.shadow[name].to(p.dtype))
+    finally:
+        trainer.close()
