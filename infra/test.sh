@@ -8,4 +8,6 @@ cd "$repo"
 # Tests use tiny models: one intra-op thread per process avoids oversubscribing the cores when
 # several worker processes (gloo ranks, Ray workers) run at once.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+# Run every test, the slow Ray-task prepare test too (set ADVFLOW_TEST_RAY= to skip it locally).
+export ADVFLOW_TEST_RAY="${ADVFLOW_TEST_RAY-1}"
 exec python -m pytest "$@"
