@@ -59,11 +59,14 @@ def main(argv=None) -> int:
         print(f"[advflow] training failed: {result.error}", file=sys.stderr)
         return 1
     ckpt = result.checkpoint
+    where = ckpt.path if ckpt else None
+    if where and spec.run.storage_path.startswith("s3://") and not where.startswith("s3://"):
+        where = "s3://" + where  # Ray reports the path inside its pyarrow S3 filesystem
     print(f"[advflow] done: final metrics D {result.metrics.get('d_loss', float('nan')):.4f} "
           f"G {result.metrics.get('g_loss', float('nan')):.4f}")
-    print(f"[advflow] checkpoint: {ckpt.path if ckpt else None}")
-    if ckpt:
-        print(f"[advflow] samples:    {ckpt.path.rstrip('/')}/samples.png")
+    print(f"[advflow] checkpoint: {where}")
+    if where:
+        print(f"[advflow] samples:    {where.rstrip('/')}/samples.png")
     return 0
 
 
