@@ -43,7 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--map-samples", type=int, default=d.map_samples)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (1 is fastest for these tiny MLPs on a busy machine)")
+                   help="torch CPU threads: 1 is safest on a shared machine (more threads spin-wait "
+                   "badly under load); 2 on an idle 2-core machine halves the wall time")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
