@@ -13,9 +13,6 @@ own state, so a restored run replays the same numbers without saving RNG states 
 from __future__ import annotations
 
 import copy
-import json
-import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
