@@ -18,9 +18,8 @@ def grid_array(x: torch.Tensor, nrow: int, pad: int = 1, upscale: int | None = N
         raise ValueError(f"grid_array: expected (N, C, H, W), got shape {tuple(x.shape)}")
     n, c, h, w = x.shape
     if c not in (1, 3):
-        # Latents (4 channels) must be decoded first; show the first three channels rather than fail.
-        x = x[:, :3] if c > 3 else x[:, :1]
-        c = x.shape[1]
+        raise ValueError(f"grid_array: {c} channels; decode latents to images first "
+                         "(advflow.platform.encoders.decode_latents)")
     img = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # (N, H, W, C)
     if c == 1:
         img = np.repeat(img, 3, axis=-1)

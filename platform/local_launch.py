@@ -32,14 +32,12 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 class LocalContext:
     def __init__(self, rank: int, world_size: int, run_dir: Path, keep: int):
         self.rank, self.world_size, self.run_dir, self.keep = rank, world_size, run_dir, keep
-        self.reports: list[dict] = []
 
     def _barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()
 
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
-        self.reports.append(metrics)
         if checkpoint_dir is None:
             return
         dest = self.run_dir / f"checkpoint_{int(metrics['step']):06d}"

@@ -227,6 +227,7 @@ class AFMTrainer:
         return rows
 
     def sample_grid(self, out_path: Path, per_class: int = 8) -> None:
+        from advflow.platform.encoders import decode_latents
         from advflow.platform.images import save_grid
 
         model = copy.deepcopy(self.G).eval()
@@ -237,7 +238,9 @@ class AFMTrainer:
             gen = torch.Generator(device=self.device).manual_seed(1234)
             z = torch.randn((len(y), *self.data_shape), generator=gen, device=self.device)
             x = generate(model, z, y)
-        save_grid(x.cpu(), out_path, nrow=per_class)
+        # Latents go back to pixels the way the dataset says they were made (VAE for sd-vae).
+        images = decode_latents(x.cpu(), self.streams["d"].manifest.encoder)
+        save_grid(images, out_path, nrow=per_class)
 
     def save_checkpoint(self, step: int, final: bool) -> None:
         t0 = time.perf_counter()
