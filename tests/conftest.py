@@ -59,3 +59,38 @@ def storage_root(request, tmp_path):
     if request.param == "local":
         return str(tmp_path / "dataset")
     return request.getfixturevalue("s3_prefix")
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(moto_endpoint, tmp_path_factory):
+    """A real MLflow tracking server on 127.0.0.1: SQLite backend, artifacts proxied to the moto
+    endpoint under s3://advflow-test/mlflow (the same endpoint the data tests use)."""
+    import os
+
+    from advflow.platform import services
+
+    saved = {k: os.environ.get(k) for k in FAKE_ENV}
+    os.environ.update(FAKE_ENV)  # the server process inherits the fake credentials
+    try:
+        s3 = services.external_s3(moto_endpoint)
+        handle = services.start_mlflow(tmp_path_factory.mktemp("mlflow"), s3=s3, bucket=BUCKET)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    yield handle
+    handle.stop()
+
+
+@pytest.fixture
+def mlflow_env(mlflow_server, s3_env, monkeypatch):
+    """MLFLOW_TRACKING_URI pointing at the test server (and the S3 variables of `s3_env`)."""
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    mlflow.set_tracking_uri(mlflow_server.url)
+    yield mlflow_server.url
+    if mlflow.active_run():
+        mlflow.end_run()
