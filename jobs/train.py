@@ -37,6 +37,30 @@ def main(argv=None) -> int:
     if args.print_config:
         print(json.dumps(spec.to_dict(), indent=2))
         return 0
+    from advflow.platform import tracking
+
+    run_id = tracking.open_run(spec, config_yaml=config_yaml(spec))
+    url = tracking.run_url(spec, run_id)
+    if url:
+        print(f"[advflow] MLflow run: {url}", flush=True)
+    try:
+        ok = _train(spec, args, run_id)
+    except BaseException:
+        tracking.close_run(spec, run_id, ok=False)
+        raise
+    tracking.close_run(spec, run_id, ok=ok)
+    if url:
+        print(f"[advflow] MLflow run: {url}")
+    return 0 if ok else 1
+
+
+def config_yaml(spec) -> str:
+    import yaml
+
+    return yaml.safe_dump(json.loads(json.dumps(spec.to_dict())), sort_keys=False)
+
+
+def _train(spec, args, run_id) -> bool:
     d, t = spec.distributed, spec.train
     print(f"[advflow] {spec.run.name}: G {spec.model.size} ({spec.model.kind}, K={spec.model.nfe}, "
           f"R={spec.model.repeats}), {t.steps} steps x global batch {t.global_batch} on {d.workers} "
@@ -45,19 +69,19 @@ def main(argv=None) -> int:
         from advflow.platform.local_launch import latest_checkpoint, run_local
 
         run_dir = Path(spec.run.storage_path) / spec.run.name
-        history = run_local(spec, run_dir)
+        history = run_local(spec, run_dir, run_id=run_id)
         last = latest_checkpoint(run_dir)
         print(f"[advflow] done: {len(history)} steps; final D {history[-1]['d_loss']:.4f} "
               f"G {history[-1]['g_loss']:.4f}; checkpoint {last}; samples {last / 'samples.png'}")
-        return 0
+        return True
 
     from advflow.platform.ray_train import build_trainer, ensure_ray
 
     ensure_ray()
-    result = build_trainer(spec).fit()
+    result = build_trainer(spec, run_id=run_id).fit()
     if result.error:
         print(f"[advflow] training failed: {result.error}", file=sys.stderr)
-        return 1
+        return False
     ckpt = result.checkpoint
     where = ckpt.path if ckpt else None
     if where and spec.run.storage_path.startswith("s3://") and not where.startswith("s3://"):
@@ -67,7 +91,7 @@ def main(argv=None) -> int:
     print(f"[advflow] checkpoint: {where}")
     if where:
         print(f"[advflow] samples:    {where.rstrip('/')}/samples.png")
-    return 0
+    return True
 
 
 if __name__ == "__main__":

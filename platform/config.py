@@ -129,6 +129,53 @@ class RunConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """MLflow tracking and model registry (only global rank 0 talks to MLflow).
+
+    Tracking is on when a tracking server is known: `uri`, else the MLFLOW_TRACKING_URI environment
+    variable (`advflow stack env` exports it). Without either the run is trained untracked, with a
+    warning."""
+
+    enabled: bool = True
+    uri: str | None = None
+    """Tracking URI; None = MLFLOW_TRACKING_URI from the environment."""
+    experiment: str = "advflow"
+    """MLflow experiment the run is logged under (created if missing)."""
+    image_every: int = 0
+    """Log a fixed-seed EMA sample grid every M iterations (0: at each checkpoint and the end)."""
+    register_name: str | None = None
+    """Registered-model name for the EMA generator (None: log nothing to the registry)."""
+    register_every: int = 0
+    """Also register at every multiple of this many iterations (0: only at the end); must be a
+    multiple of train.checkpoint_every, where the model state is consistent."""
+    system_metrics: bool = True
+    """MLflow system metrics (CPU, memory, disk, network; GPU when pynvml is installed)."""
+    system_metrics_interval: float = 10.0
+    """Seconds between system-metric samples."""
+
+
+@dataclass
+class EvalConfig:
+    """Periodic sample quality, reported with checkpoints (the metric sweeps and ASHA use).
+
+    kind `digits`: Fréchet distance in the feature space of the project's digit classifier against
+    the held-out digits (plus its floor and class-conditional accuracy). kind `fid`: FID with Inception
+    weights and reference statistics the user provides by path."""
+
+    kind: str = "none"
+    """`none`, `digits` or `fid`."""
+    every: int = 0
+    """Evaluate every N iterations (a multiple of train.checkpoint_every); 0: only at the end."""
+    num_samples: int = 1000
+    """Generated samples per evaluation (class-balanced, fixed seeds)."""
+    batch_size: int = 250
+    inception_path: str | None = None
+    """kind `fid`: path to the FID Inception weights (pt_inception-2015-12-05 state dict)."""
+    reference_stats: str | None = None
+    """kind `fid`: .npz with `mu` and `sigma` of the reference set."""
+
+
+@dataclass
 class RunSpec:
     """A whole training run. Load with `load_config(path, overrides)`."""
 
@@ -139,6 +186,8 @@ class RunSpec:
     train: TrainConfig = field(default_factory=TrainConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     phases: list[dict] = field(default_factory=list)
     """Table-11-style phases (see `advflow.trainers.schedules.PhasePlan`); empty = one phase."""
 
@@ -211,6 +260,24 @@ class RunSpec:
             _fail("optim.ema_decay", f"{o.ema_decay} is outside [0, 1)", "use e.g. 0.9999")
         if self.run.max_failures < 0 or self.run.keep_checkpoints < 1:
             _fail("run.max_failures/keep_checkpoints", "out of range", "use max_failures >= 0, keep >= 1")
+        tr, ev = self.tracking, self.eval
+        if tr.image_every < 0 or tr.register_every < 0:
+            _fail("tracking.image_every/register_every", "is negative", "use 0 or a positive cadence")
+        if tr.register_every and tr.register_every % t.checkpoint_every:
+            _fail("tracking.register_every", f"{tr.register_every} is not a multiple of train.checkpoint_every="
+                  f"{t.checkpoint_every}", "register at checkpoint steps, e.g. a multiple of checkpoint_every")
+        if tr.system_metrics_interval <= 0:
+            _fail("tracking.system_metrics_interval", "must be > 0", "use e.g. 10 (seconds)")
+        if ev.kind not in ("none", "digits", "fid"):
+            _fail("eval.kind", f"{ev.kind!r} is unknown", "use none, digits or fid")
+        if ev.every < 0 or (ev.every and ev.every % t.checkpoint_every):
+            _fail("eval.every", f"{ev.every} is not 0 or a multiple of train.checkpoint_every={t.checkpoint_every}",
+                  "evaluate at checkpoint steps (metrics reach Ray/Tune with checkpoints)")
+        if ev.num_samples < 2 or ev.batch_size < 1:
+            _fail("eval.num_samples/batch_size", "too small", "use num_samples >= 2 and batch_size >= 1")
+        if ev.kind == "fid" and not (ev.inception_path and ev.reference_stats):
+            _fail("eval.inception_path/reference_stats", "kind fid needs both",
+                  "set them to the Inception weights (.pth/.safetensors) and the reference .npz (mu, sigma)")
         for i, phase in enumerate(self.phases):
             if isinstance(phase, dict) and isinstance(phase.get("d_reload_from"), int):
                 _fail(f"phases[{i}].d_reload_from", "a step number is not supported",

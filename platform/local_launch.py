@@ -61,7 +61,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, spec_dict: dict, run_dir: str, out_dir: str) -> None:
+def _worker(rank: int, world_size: int, port: int, spec_dict: dict, run_dir: str, out_dir: str,
+            run_id: str | None = None) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
@@ -71,20 +72,21 @@ def _worker(rank: int, world_size: int, port: int, spec_dict: dict, run_dir: str
         spec = RunSpec.from_dict(spec_dict)
         torch.set_num_threads(max(1, spec.distributed.cpus_per_worker))
         ctx = LocalContext(rank, world_size, Path(run_dir), spec.run.keep_checkpoints)
-        state = AFMTrainer(spec, ctx).train()
+        state = AFMTrainer(spec, ctx, run_id=run_id).train()
         if rank == 0:
             Path(out_dir, "history.json").write_text(json.dumps(state.history))
     finally:
         dist.destroy_process_group()
 
 
-def run_local(spec: RunSpec, run_dir: str | Path) -> list[dict]:
-    """Train with `spec.distributed.workers` local processes; returns the per-step history."""
+def run_local(spec: RunSpec, run_dir: str | Path, run_id: str | None = None) -> list[dict]:
+    """Train with `spec.distributed.workers` local processes; returns the per-step history.
+    `run_id`: the MLflow run rank 0 logs to (`tracking.open_run`), None for untracked."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     out = run_dir / "_out"
     out.mkdir(exist_ok=True)
     world = spec.distributed.workers
-    mp.start_processes(_worker, args=(world, _free_port(), spec.to_dict(), str(run_dir), str(out)),
+    mp.start_processes(_worker, args=(world, _free_port(), spec.to_dict(), str(run_dir), str(out), run_id),
                        nprocs=world, join=True, start_method="spawn")
     return json.loads((out / "history.json").read_text())

@@ -78,8 +78,12 @@ class AFMTrainer:
     """One worker's share of an AFM run. Construct, then call `train()`."""
 
     def __init__(self, spec: RunSpec, ctx: WorkerContext, *, device: torch.device | None = None,
-                 stream_factory: Callable[..., Any] | None = None):
+                 stream_factory: Callable[..., Any] | None = None, run_id: str | None = None):
         self.spec, self.ctx = spec, ctx
+        self.run_id = run_id  # MLflow run opened by the driver; only rank 0 logs to it
+        self.logger = None
+        self._evaluator = None
+        self.registered: list[dict] = []
         self.device = device or torch.device("cpu")
         self.plan = spec.phase_plan()
         self.afm_cfg = afm.AFMConfig(
@@ -153,6 +157,7 @@ class AFMTrainer:
             loss, metrics = afm.d_loss(self.G, self.d_engine, x, y, z, cfg, generator=gen)
             self.d_engine.backward(loss)
             self.d_engine.step()
+        _add_grad_norm(metrics, "d_grad_norm", self.d_engine, self.device)
         self.times.d_step += time.perf_counter() - t0
         return metrics
 
@@ -167,6 +172,7 @@ class AFMTrainer:
             loss, metrics = afm.g_loss(self.g_engine, self.D, self.gradnorm, x, y, z, cfg, generator=gen)
             self.g_engine.backward(loss)
             self.g_engine.step()
+        _add_grad_norm(metrics, "g_grad_norm", self.g_engine, self.device)
         self.ema.update(self.G)
         self.times.g_step += time.perf_counter() - t0
         return metrics
@@ -207,8 +213,10 @@ class AFMTrainer:
     def record(self, step: int, d_metrics: dict, g_metrics: dict) -> None:
         """Keep this step's metrics on-device; they are averaged over ranks in `flush_metrics`."""
         merged = {**d_metrics, **g_metrics}
-        for key, value in (("lambda_ot", self._phase.lambda_ot), ("lr", self._phase.lr),
-                           ("phase", float(self._phase.phase_index))):
+        p = self._phase
+        for key, value in (("lambda_ot", p.lambda_ot), ("lambda_gp", p.lambda_gp), ("lambda_cp", p.lambda_cp),
+                           ("lr", p.lr), ("lr_g", p.lr * self.G.lr_scale), ("lr_d", p.lr_d),
+                           ("phase", float(p.phase_index))):
             merged[key] = torch.tensor(value, device=self.device)
         self._pending.append({k: v.detach().float().reshape(()) for k, v in merged.items()})
 
@@ -216,8 +224,9 @@ class AFMTrainer:
         """All-reduce the pending per-step metrics in ONE collective (no per-step host sync)."""
         if not self._pending:
             return []
-        keys = sorted(self._pending[0])
-        table = torch.stack([torch.stack([m[k] for k in keys]) for m in self._pending])  # (S, K)
+        keys = sorted(set().union(*self._pending))
+        nan = torch.tensor(float("nan"), device=self.device)
+        table = torch.stack([torch.stack([m.get(k, nan) for k in keys]) for m in self._pending])  # (S, K)
         if dist.is_available() and dist.is_initialized() and self.ctx.world_size > 1:
             dist.all_reduce(table)
             table /= self.ctx.world_size
@@ -226,13 +235,19 @@ class AFMTrainer:
         self.state.history.extend(rows)
         return rows
 
+    def ema_model(self) -> torch.nn.Module:
+        """A detached copy of G holding the EMA weights (the model that is sampled and shipped)."""
+        model = copy.deepcopy(self.G).eval()
+        with torch.no_grad():
+            self.ema.copy_to(model)
+        return model
+
     def sample_grid(self, out_path: Path, per_class: int = 8) -> None:
         from advflow.platform.encoders import decode_latents
         from advflow.platform.images import save_grid
 
-        model = copy.deepcopy(self.G).eval()
+        model = self.ema_model()
         with torch.no_grad():
-            self.ema.copy_to(model)
             n_cls = min(self.num_classes, 10)
             y = torch.arange(n_cls, device=self.device).repeat_interleave(per_class)
             gen = torch.Generator(device=self.device).manual_seed(1234)
@@ -242,16 +257,97 @@ class AFMTrainer:
         images = decode_latents(x.cpu(), self.streams["d"].manifest.encoder)
         save_grid(images, out_path, nrow=per_class)
 
+    def evaluate(self, step: int, final: bool) -> dict[str, float]:
+        """Sample quality (eval.kind) on rank 0 from the EMA generator with fixed seeds and labels."""
+        ev = self.spec.eval
+        if ev.kind == "none" or not (final or (ev.every and step % ev.every == 0)):
+            return {}
+        from advflow.platform.encoders import decode_latents
+        from advflow.platform.quality import build_evaluator
+
+        t0 = time.perf_counter()
+        encoder = self.streams["d"].manifest.encoder
+        if self._evaluator is None:
+            self._evaluator = build_evaluator(
+                ev.kind, manifest_encoder=encoder, data_shape=self.data_shape, num_classes=self.num_classes,
+                options={"inception_path": ev.inception_path, "reference_stats": ev.reference_stats,
+                         "batch_size": ev.batch_size})
+        model = self.ema_model()
+        labels = torch.arange(ev.num_samples) % self.num_classes  # class-balanced
+        gen = torch.Generator(device=self.device).manual_seed(4321)  # the same noise at every evaluation
+        images = []
+        with torch.no_grad():
+            for i in range(0, ev.num_samples, ev.batch_size):
+                y = labels[i:i + ev.batch_size].to(self.device)
+                z = torch.randn((len(y), *self.data_shape), generator=gen, device=self.device)
+                images.append(decode_latents(generate(model, z, y).cpu(), encoder))
+        out = dict(self._evaluator.evaluate(torch.cat(images), labels))
+        out["eval/seconds"] = time.perf_counter() - t0
+        return out
+
+    def register_model(self, step: int, final: bool, eval_metrics: dict[str, float]) -> None:
+        """Log + register the EMA generator (rank 0) at tracking.register_every steps and at the end."""
+        tr = self.spec.tracking
+        if self.logger is None or not tr.register_name:
+            return
+        if not (final or (tr.register_every and step % tr.register_every == 0)):
+            return
+        from advflow.platform.registry import log_generator
+        from advflow.platform.tracking import manifest_facts
+
+        tags = {"run_id": self.logger.run_id, "step": str(step), "data.prefix": self.spec.data.prefix}
+        try:
+            tags.update(manifest_facts(self.spec.data.prefix))
+        except Exception:  # noqa: BLE001 - the tag is informative; the stream already read the data
+            pass
+        primary = getattr(self._evaluator, "primary", None)
+        metrics = {k: v for k, v in eval_metrics.items() if k != "eval/seconds"}
+        if primary in metrics:
+            tags.update({"eval_metric": primary, "eval_value": repr(metrics[primary])})
+        reg = log_generator(self.ema_model(), decoder=self.streams["d"].manifest.encoder,
+                            data_shape=self.data_shape, num_classes=self.num_classes,
+                            registered_name=tr.register_name, tags=tags, step=step,
+                            run_id=self.logger.run_id, metrics=metrics)
+        self.registered.append({"step": step, "model_uri": reg.model_uri, "version": reg.version})
+        print(f"[advflow] registered {tr.register_name} version {reg.version} (step {step})", flush=True)
+
     def save_checkpoint(self, step: int, final: bool) -> None:
         t0 = time.perf_counter()
+        t, tr = self.spec.train, self.spec.tracking
         with ckpt.staging_dir() as tmp:
             ckpt.save(tmp, self, step)
-            if self.ctx.rank == 0 and (final or self.spec.train.sample_every and step % self.spec.train.sample_every == 0):
-                self.sample_grid(Path(tmp) / "samples.png")
+            extra: dict[str, float] = {}
+            if self.ctx.rank == 0:
+                grid = Path(tmp) / "samples.png"
+                if final or (t.sample_every and step % t.sample_every == 0) or \
+                        (self.logger is not None and not tr.image_every):
+                    self.sample_grid(grid)
+                    if self.logger is not None:
+                        self.logger.log_grid(grid, step)
+                extra = self.evaluate(step, final)
+                if self.logger is not None and extra:
+                    self.logger.log_metrics(extra, step)
+                self.register_model(step, final, extra)
             self.times.checkpoint += time.perf_counter() - t0
             metrics = {**(self.state.history[-1] if self.state.history else {}),
-                       **self.times.as_metrics(), "step": step}
+                       **self.times.as_metrics(), **extra, "step": step}
+            self.last_report = metrics
             self.ctx.report(metrics, tmp)
+
+    def log_window(self, rows: list[dict], window_s: float) -> None:
+        """Rank 0: the window's metric rows to MLflow, with throughput and data-wait fraction."""
+        if self.logger is None or not rows:
+            return
+        t = self.spec.train
+        extra = {"samples_per_s": len(rows) * t.global_batch / max(window_s, 1e-9),
+                 "data_wait_frac": self.times.as_metrics()["time/data_wait_frac"]}
+        self.logger.log_rows(rows, extra)
+        step = int(rows[-1]["step"])
+        if self.spec.tracking.image_every and step % self.spec.tracking.image_every == 0 and \
+                step % t.checkpoint_every and step != t.steps:  # checkpoints log their own grid
+            with ckpt.staging_dir() as tmp:
+                self.sample_grid(Path(tmp) / "samples.png")
+                self.logger.log_grid(Path(tmp) / "samples.png", step)
 
     def report_progress(self, rows: list[dict]) -> None:
         """Progress between checkpoints: a line from rank 0 (Ray forwards it to the driver's log).
@@ -273,6 +369,10 @@ class AFMTrainer:
     # ------------------------------------------------------------------ the loop
 
     def setup(self) -> None:
+        if self.run_id and self.ctx.rank == 0:
+            from advflow.platform.tracking import RunLogger
+
+            self.logger = RunLogger(self.spec, self.run_id)
         self.build_data()
         self.build_models()
         self.build_engines()
@@ -299,6 +399,7 @@ class AFMTrainer:
                 first_pending = self.state.step
                 # The window's wall time includes the metric all-reduce and any checkpoint.
                 self.times.total = time.perf_counter() - window_start
+                self.log_window(rows, self.times.total)
                 if self.state.step % t.checkpoint_every == 0 or done:
                     self.save_checkpoint(self.state.step, final=done)
                 else:
@@ -311,3 +412,15 @@ class AFMTrainer:
     def close(self) -> None:
         for s in getattr(self, "streams", {}).values():
             s.close()
+        if self.logger is not None:
+            self.logger.log_final({"step": self.state.step, **getattr(self, "last_report", {}),
+                                   "registered": self.registered, "resumed_from": self.state.resumes})
+            self.logger.close()
+            self.logger = None
+
+
+def _add_grad_norm(metrics: dict, key: str, engine, device) -> None:
+    """DeepSpeed's global gradient norm of the last step (computed when clipping or ZeRO needs it)."""
+    norm = engine.get_global_grad_norm()
+    if norm is not None:  # a tensor under ZeRO 1/2: kept on device, no per-step host sync
+        metrics[key] = torch.as_tensor(norm).detach().float().to(device)

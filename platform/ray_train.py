@@ -19,6 +19,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from advflow.platform.config import RunSpec
+from advflow.platform.tracking import tracking_uri
 
 # Environment a worker needs to reach S3/MLflow; copied from the driver into the workers' runtime
 # env when set, so `ray job submit` works with the exports of `advflow stack env`.
@@ -55,7 +56,9 @@ def train_func(config: dict) -> None:
     torch.set_num_threads(max(1, spec.distributed.cpus_per_worker))
     device = torch.device("cuda", ray.train.torch.get_device().index or 0) if spec.distributed.use_gpu \
         else torch.device("cpu")
-    AFMTrainer(spec, RayContext(), device=device).train()
+    if config.get("mlflow_uri"):  # resolved by the driver, so workers need no environment of their own
+        os.environ["MLFLOW_TRACKING_URI"] = config["mlflow_uri"]
+    AFMTrainer(spec, RayContext(), device=device, run_id=config.get("mlflow_run_id")).train()
 
 
 class ProgressCallback(UserCallback):
@@ -100,13 +103,16 @@ def storage(spec: RunSpec) -> tuple[str, object | None]:
     return path[len("s3://"):], pyarrow.fs.S3FileSystem(**kw)
 
 
-def build_trainer(spec: RunSpec, callbacks: list | None = None) -> TorchTrainer:
+def build_trainer(spec: RunSpec, callbacks: list | None = None, run_id: str | None = None,
+                  progress: bool = True) -> TorchTrainer:
+    """The TorchTrainer for `spec`; `run_id` is the MLflow run rank 0 logs to (`tracking.open_run`)."""
     d = spec.distributed
     storage_path, fs = storage(spec)
     resources = {"CPU": d.cpus_per_worker}
     return TorchTrainer(
         train_func,
-        train_loop_config={"spec": spec.to_dict()},
+        train_loop_config={"spec": spec.to_dict(), "mlflow_run_id": run_id,
+                           "mlflow_uri": tracking_uri(spec) if run_id else None},
         torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=d.workers, use_gpu=d.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
@@ -115,7 +121,8 @@ def build_trainer(spec: RunSpec, callbacks: list | None = None) -> TorchTrainer:
             storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=spec.run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=spec.run.keep_checkpoints),
-            callbacks=[ProgressCallback(spec.train.steps, spec.train.global_batch), *(callbacks or [])],
+            callbacks=[*([ProgressCallback(spec.train.steps, spec.train.global_batch)] if progress else []),
+                       *(callbacks or [])],
         ),
     )
 

@@ -69,10 +69,14 @@ def local_ray():
 
 
 @pytest.mark.timeout(900)
-def test_sigkilled_worker_is_restarted_and_resumes_exactly(digits, tmp_path, local_ray):
+def test_sigkilled_worker_is_restarted_and_resumes_exactly(digits, tmp_path, local_ray, mlflow_env):
+    from mlflow.tracking import MlflowClient
+
+    from advflow.platform import tracking
     from advflow.platform.ray_train import build_trainer
 
     spec = kill_spec(digits, str(tmp_path / "ray"))
+    run_id = tracking.open_run(spec)
     run_dir = tmp_path / "ray" / "killed"
     killed: list[int] = []
 
@@ -91,7 +95,8 @@ def test_sigkilled_worker_is_restarted_and_resumes_exactly(digits, tmp_path, loc
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
-    result = build_trainer(spec).fit()
+    result = build_trainer(spec, run_id=run_id).fit()
+    tracking.close_run(spec, run_id, ok=result.error is None)
     thread.join(timeout=5)
     assert killed, "the test never saw a checkpoint, so no worker was killed"
     assert result.error is None, f"Ray Train did not recover: {result.error}"
@@ -106,6 +111,17 @@ def test_sigkilled_worker_is_restarted_and_resumes_exactly(digits, tmp_path, loc
         for key in ("d_loss", "g_loss"):
             assert math.isclose(got[key], want[key], rel_tol=1e-5, abs_tol=1e-7), (
                 f"step {got['step']} {key}: {got[key]} after restore vs {want[key]} uninterrupted")
+
+    # The restarted worker group continued the driver's MLflow run: one run, every step logged once,
+    # with the values of the uninterrupted reference.
+    client = MlflowClient()
+    exp_id = client.get_run(run_id).info.experiment_id
+    runs = client.search_runs([exp_id], filter_string=f"tags.`advflow.run_key` = '{tracking.run_key(spec)}'")
+    assert [r.info.run_id for r in runs] == [run_id]
+    logged = client.get_metric_history(run_id, "d_loss")
+    assert sorted(m.step for m in logged) == list(range(1, STEPS + 1))
+    for m in logged:
+        assert math.isclose(m.value, reference[m.step - 1]["d_loss"], rel_tol=1e-5, abs_tol=1e-7)
 
 
 # ----------------------------------------------------------------------------- ray job submit

@@ -1,0 +1,163 @@
+"""MLflow run tracking (issue 5 §1 and §5) against a real tracking server (SQLite + S3 artifacts).
+
+A tiny 2-worker job runs with the same loop as production (plain processes, no Ray: the Ray
+restart path is covered in test_ray_train.py) and the run is then read back from the server.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+
+import pytest
+
+from advflow.platform.config import RunSpec, flatten
+from advflow.platform.local_launch import run_local
+from advflow.platform.prepare import PrepareConfig, prepare
+from advflow.platform import tracking
+
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    out = tmp_path_factory.mktemp("digits")
+    prepare(PrepareConfig(source="digits", out=str(out), encoder="pixel", shard_records=512))
+    return str(out)
+
+
+def tiny_spec(prefix: str, storage: str, **tracking_kw) -> RunSpec:
+    return RunSpec.from_dict({
+        "run": {"name": "tracked", "storage_path": storage},
+        "data": {"prefix": prefix, "shuffle_buffer": 64, "prefetch": 2},
+        "model": {"size": "tiny"},
+        "optim": {"lr": 1e-4, "grad_clip": 1.0, "ema_decay": 0.9},
+        "train": {"steps": STEPS, "global_batch": 16, "log_every": 4, "checkpoint_every": 6},
+        "distributed": {"workers": 2},
+        "tracking": {"experiment": "test-tracking", "system_metrics_interval": 0.5, **tracking_kw},
+    })
+
+
+# ----------------------------------------------------------------------------------------- secrets
+
+
+def test_scrub_masks_secret_env_values_and_url_credentials():
+    secret = "s3cr3t-" + secrets.token_hex(8)
+    env = {"AWS_SECRET_ACCESS_KEY": secret, "MY_API_TOKEN": "tok-" + secrets.token_hex(6), "HOME": "/root",
+           "PATH": "/usr/bin"}
+    found = tracking.secret_values(env)
+    assert secret in found and env["MY_API_TOKEN"] in found
+    assert "/root" not in found and "/usr/bin" not in found  # not secret-named
+    value = {"a": f"prefix-{secret}-suffix", "b": [f"http://alice:{secret}@host:9000/x", 3],
+             "c": "https://user:pw@mlflow.example/path", "d": "s3://bucket/plain"}
+    out = tracking.scrub(value, found)
+    text = json.dumps(out)
+    assert secret not in text and "pw@" not in text and "alice" not in text
+    assert out["d"] == "s3://bucket/plain" and out["b"][1] == 3
+    assert out["a"] == "prefix-***-suffix"
+
+
+def test_ray_token_file_content_is_a_secret(tmp_path):
+    token = secrets.token_hex(32)
+    (tmp_path / "token").write_text(token + "\n")
+    assert token in tracking.secret_values({"RAY_AUTH_TOKEN_PATH": str(tmp_path / "token")})
+
+
+# ----------------------------------------------------------------------------------------- a tracked job
+
+
+@pytest.fixture(scope="module")
+def sentinels():
+    return {"AWS_SECRET_ACCESS_KEY": "sentinel-aws-" + secrets.token_hex(8),
+            "RAY_AUTH_TOKEN": "sentinel-ray-" + secrets.token_hex(8)}
+
+
+@pytest.fixture
+def tracked_run(digits, tmp_path, mlflow_env, monkeypatch, sentinels):
+    # moto accepts any credentials: real-looking secret values that must never reach MLflow.
+    for k, v in sentinels.items():
+        monkeypatch.setenv(k, v)
+    spec = tiny_spec(digits, str(tmp_path / "runs"))
+    run_id = tracking.open_run(spec, config_yaml="run:\n  name: tracked\n")
+    history = run_local(spec, tmp_path / "runs" / "tracked", run_id=run_id)
+    tracking.close_run(spec, run_id, ok=True)
+    return spec, run_id, history
+
+
+@pytest.mark.timeout(600)
+def test_tracked_job_logs_params_tags_metrics_images_artifacts(tracked_run, tmp_path, sentinels):
+    from mlflow.tracking import MlflowClient
+
+    spec, run_id, history = tracked_run
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+
+    # One run per job: no worker created its own.
+    exp = client.get_experiment_by_name("test-tracking")
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`advflow.run_key` = '{tracking.run_key(spec)}'")
+    assert [r.info.run_id for r in runs] == [run_id]
+
+    # params: the flattened validated config
+    want = {k: (json.dumps(v) if isinstance(v, (list, tuple, dict)) else str(v))
+            for k, v in flatten(spec.to_dict()).items()}
+    assert run.data.params == want
+
+    tags = run.data.tags
+    assert tags["git.commit"] and tags["git.commit"] != "unknown"
+    assert tags["data.manifest_uri"].endswith("manifest.json")
+    assert len(tags["data.manifest_sha256"]) == 64
+    assert tags["advflow.version"] == tracking.advflow_version()
+
+    # metrics every log_every steps, equal to the workers' history
+    d_loss = client.get_metric_history(run_id, "d_loss")
+    assert sorted(m.step for m in d_loss) == list(range(1, STEPS + 1))
+    by_step = {m.step: m.value for m in d_loss}
+    for row in history:
+        assert by_step[row["step"]] == pytest.approx(row["d_loss"], rel=1e-6)
+    for key in ("g_loss", "r1", "r2", "cp", "ot", "d_logit_real", "d_logit_fake", "gn_scale", "lambda_ot",
+                "lambda_gp", "lr_g", "lr_d", "phase", "samples_per_s", "data_wait_frac",
+                "d_grad_norm", "g_grad_norm"):
+        assert client.get_metric_history(run_id, key), f"metric {key} was not logged"
+    windows = sorted({s for s in range(1, STEPS + 1) if s % 4 == 0 or s % 6 == 0})  # log or checkpoint
+    assert sorted(m.step for m in client.get_metric_history(run_id, "samples_per_s")) == windows
+    system = [k for k in run.data.metrics if k.startswith("system/")]
+    assert system, f"no MLflow system metrics in {sorted(run.data.metrics)}"
+
+    # artifacts: config, final metrics, a sample grid image per checkpoint (steps 6 and 12)
+    root = client.download_artifacts(run_id, "", str(tmp_path / "art"))
+    from pathlib import Path
+
+    files = sorted(str(p.relative_to(root)) for p in Path(root).rglob("*") if p.is_file())
+    assert "config/config.yaml" in files and "final_metrics.json" in files, files
+    assert "samples/samples.png" in files, files
+    image_files = [f for f in files if f.startswith("images/") and f.endswith(".png")]
+    assert {s for s in (6, 12) if any(f"+step+{s}+" in f for f in image_files)} == {6, 12}, image_files
+    final = json.loads((Path(root) / "final_metrics.json").read_text())
+    assert final["step"] == STEPS
+
+    # secrets from the environment appear nowhere: params, tags, artifacts
+    blob = json.dumps(run.data.params) + json.dumps(tags)
+    for path in Path(root).rglob("*"):
+        if path.is_file():
+            blob += path.read_bytes().decode("latin-1")
+    for value in sentinels.values():
+        assert value not in blob
+
+
+def test_resubmitted_job_continues_the_same_run(digits, tmp_path, mlflow_env):
+    spec = tiny_spec(digits, str(tmp_path / "runs"))
+    first = tracking.open_run(spec)
+    again = tracking.open_run(tiny_spec(digits, str(tmp_path / "runs")))
+    assert first == again
+    from mlflow.tracking import MlflowClient
+
+    assert MlflowClient().get_run(first).data.tags["advflow.resubmissions"] == "1"
+    other = tracking.open_run(tiny_spec(digits, str(tmp_path / "elsewhere")))
+    assert other != first
+
+
+def test_untracked_without_uri(digits, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.open_run(tiny_spec(digits, str(tmp_path))) is None
+    assert "NOT tracked" in capsys.readouterr().err
