@@ -5,6 +5,28 @@ set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$repo/infra/venv.sh"
 cd "$repo"
+# The dashboard tests render reports in headless Chromium (tests/chromium.py); install Debian's
+# `chromium` package when no browser is found. Needs root or passwordless sudo; otherwise say so.
+if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1 \
+    && [[ -z "${CHROMIUM:-}" ]]; then
+  apt_get=()
+  if [[ "$(id -u)" -eq 0 ]]; then
+    apt_get=(env DEBIAN_FRONTEND=noninteractive apt-get)
+  elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+    apt_get=(sudo -n env DEBIAN_FRONTEND=noninteractive apt-get)
+  fi
+  if ((${#apt_get[@]})); then
+    echo "test.sh: installing chromium (headless browser for the dashboard tests) via apt-get ..." >&2
+    # Try the cached package lists first; refresh them only when that fails (fresh or stale image).
+    if ! "${apt_get[@]}" install -y -qq chromium >/dev/null 2>&1; then
+      "${apt_get[@]}" update -qq >/dev/null && "${apt_get[@]}" install -y -qq chromium >/dev/null \
+        || echo "test.sh: apt-get could not install chromium; the dashboard tests will fail until it is installed" >&2
+    fi
+  else
+    echo "test.sh: chromium is not installed and this user cannot run apt-get (not root, no passwordless" \
+         "sudo): install the 'chromium' package or set CHROMIUM=/path/to/browser; the dashboard tests need it" >&2
+  fi
+fi
 # Tests use tiny models: one intra-op thread per process avoids oversubscribing the cores when
 # several worker processes (gloo ranks, Ray workers) run at once.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
