@@ -30,9 +30,9 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
+from .digit_eval import digits_split, resize_digits
 from .encoders import EncoderSpec, build_encoder, center_crop_resize
 from .shards import (
     DTYPES, MANIFEST_NAME, PARTS_DIR, Manifest, ManifestError, RecordSpec, ShardInfo, check_records,
@@ -57,7 +57,11 @@ class PrepareConfig:
     shard_records: records per shard. chunk_records: records per checksummed read unit
         (None = shards split evenly into chunks of at most ~16 MiB). dtype: "float16" or "float32" storage.
     seed: record order and VAE posterior sampling. limit: keep only the first N items after the
-        seeded permutation (quick runs). batch_size: images per encoder call. device: encoder device.
+        seeded permutation (quick runs).
+    digits_holdout / digits_holdout_seed: digits only. The stratified held-out split
+        (digit_eval.digits_split) is the reference of the digits quality metric, so only the train
+        split is written; recorded in the manifest (params and encoder["holdout"]). 0 writes all 1797.
+    batch_size: images per encoder call. device: encoder device.
     ray_address: Ray cluster address ("auto", "ray://host:10001", or "local" for a local test
         cluster); None = RAY_ADDRESS if set, else in-process. ray_gpus: GPUs per Ray task.
     overwrite: replace a dataset made with different parameters. endpoint_url: S3 endpoint override.
@@ -82,6 +86,8 @@ class PrepareConfig:
     overwrite: bool = False
     endpoint_url: str | None = None
     progress: bool = True
+    digits_holdout: float = 0.2
+    digits_holdout_seed: int = 0
 
     def __post_init__(self) -> None:
         if not self.source:
@@ -105,6 +111,17 @@ class PrepareConfig:
             raise ValueError(f"limit must be >= 1, got {self.limit}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if not 0.0 <= self.digits_holdout < 1.0:
+            raise ValueError(f"digits_holdout must be in [0, 1) (0 = no held-out split), got {self.digits_holdout}")
+        if self.digits_holdout_seed < 0:
+            raise ValueError(f"digits_holdout_seed must be >= 0, got {self.digits_holdout_seed}")
+
+    @property
+    def holdout(self) -> dict[str, Any] | None:
+        """The digits hold-out as the manifest records it (count filled in by prepare), or None."""
+        if self.source != "digits" or self.digits_holdout == 0:
+            return None
+        return {"fraction": self.digits_holdout, "seed": self.digits_holdout_seed}
 
     @property
     def image_resolution(self) -> int:
@@ -144,10 +161,7 @@ def load_images(refs: list[Any], source: str, resolution: int) -> torch.Tensor:
     if source == "digits":
         images, _ = _digits()
         x = torch.from_numpy(images[np.asarray(refs, dtype=np.int64)])[:, None] / 8.0 - 1.0  # [0,16] -> [-1,1]
-        if resolution != x.shape[-1]:
-            x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", antialias=True,
-                              align_corners=False).clamp(-1, 1)
-        return x
+        return resize_digits(x, resolution)  # the digits evaluator replays this exact resize
     from PIL import Image
 
     arrs = []
@@ -238,11 +252,15 @@ def _latent_shape(spec: EncoderSpec, image_shape: tuple[int, int, int]) -> tuple
     return (int(cfg["latent_channels"]), h // f, w // f)
 
 
-def _params(cfg: PrepareConfig, refs: list[Any], shape: tuple[int, int, int], chunk_records: int) -> dict[str, Any]:
+def _params(cfg: PrepareConfig, refs: list[Any], shape: tuple[int, int, int], chunk_records: int,
+            holdout: dict[str, Any] | None) -> dict[str, Any]:
     """What determines the bytes of the dataset; stored in the manifest and compared on re-runs."""
     src = "digits" if cfg.source == "digits" else os.path.abspath(cfg.source)
     listing = hashlib.sha256("\n".join(map(str, refs)).encode()).hexdigest()[:16]
+    # Only digits datasets carry the hold-out key, so ImageFolder datasets made before it existed still match.
+    extra = {"digits_holdout": holdout} if cfg.source == "digits" else {}
     return {
+        **extra,
         "source": src, "source_items": len(refs), "source_listing_sha256": listing,
         "encoder": cfg.encoder, "vae_path": os.path.abspath(cfg.vae_path) if cfg.vae_path else None,
         "vae_sample": cfg.vae_sample if cfg.encoder == "sd-vae" else None,
@@ -260,6 +278,11 @@ def prepare(cfg: PrepareConfig) -> Manifest:
     """Build (or confirm) the dataset described by `cfg`; returns its manifest."""
     storage = Storage(cfg.out, endpoint_url=cfg.endpoint_url)
     refs, labels, class_names, channels = scan_source(cfg.source)
+    holdout = cfg.holdout
+    if holdout is not None:  # digits: keep the train split only; the held-out split is the eval reference
+        train_idx, held_idx = digits_split(holdout["seed"], holdout["fraction"])
+        refs, labels = [refs[i] for i in train_idx], [labels[i] for i in train_idx]
+        holdout = {**holdout, "count": int(len(held_idx))}
     res = cfg.image_resolution
     enc_spec = EncoderSpec(cfg.encoder, os.path.abspath(cfg.vae_path) if cfg.vae_path else None,
                            cfg.device, cfg.vae_sample)
@@ -267,7 +290,7 @@ def prepare(cfg: PrepareConfig) -> Manifest:
     shape = _latent_shape(enc_spec, (img_channels, res, res))
     spec = RecordSpec(shape, cfg.dtype)
     chunk_records = min(cfg.chunk_records or default_chunk_records(spec, cfg.shard_records), cfg.shard_records)
-    params = _params(cfg, refs, shape, chunk_records)
+    params = _params(cfg, refs, shape, chunk_records, holdout)
     params_id = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
 
     if storage.exists(MANIFEST_NAME):
@@ -354,6 +377,9 @@ def _assemble(receipts: dict[int, dict[str, Any]], n_shards: int, spec: RecordSp
     else:
         encoder = {"name": "sd-vae", "scaling_factor": 0.18215, "vae_path": enc_spec.vae_path,
                    "sample": enc_spec.sample}
+    if params.get("digits_holdout"):
+        # Read by the digits evaluator (quality.build_evaluator gets manifest.encoder) to pick its reference.
+        encoder["holdout"] = params["digits_holdout"]
     shards = [ShardInfo(**receipts[k]["shard"]) for k in range(n_shards)]
     return Manifest(
         record=spec, chunk_records=chunk_records, shards=shards, num_classes=len(class_names),

@@ -40,10 +40,17 @@ def _sorted_pairs(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def _digits_reference():
+    """The digits prepare writes by default: the train split only (the held-out split is the eval reference)."""
     from sklearn.datasets import load_digits
 
+    from advflow.platform.digit_eval import digits_split
+
     d = load_digits()
-    return (d.images / 8.0 - 1.0)[:, None].astype(np.float32), d.target  # [0, 16] -> [-1, 1]
+    train_idx, _ = digits_split(seed=0, holdout_fraction=0.2)
+    return (d.images[train_idx] / 8.0 - 1.0)[:, None].astype(np.float32), d.target[train_idx]  # [0, 16] -> [-1, 1]
+
+
+N_DIGITS = len(_digits_reference()[1])  # records of a default digits dataset
 
 
 def test_digits_pixel_cli(storage_root):
@@ -51,8 +58,10 @@ def test_digits_pixel_cli(storage_root):
                       "--shard-records", "500", "--chunk-records", "128"])
     assert rc == 0
     m, x, y = _all_records(storage_root)
-    assert (m.num_records, m.shape, m.num_classes, len(m.shards)) == (1797, (1, 8, 8), 10, 4)
-    assert m.encoder == {"name": "pixel", "scaling_factor": 1.0} and m.record.dtype == "float16"
+    assert (m.num_records, m.shape, m.num_classes, len(m.shards)) == (N_DIGITS, (1, 8, 8), 10, -(-N_DIGITS // 500))
+    holdout = {"fraction": 0.2, "seed": 0, "count": 1797 - N_DIGITS}
+    assert m.encoder == {"name": "pixel", "scaling_factor": 1.0, "holdout": holdout} and m.record.dtype == "float16"
+    assert m.params["digits_holdout"] == holdout
     ref_x, ref_y = _digits_reference()
     np.testing.assert_array_equal(_sorted_pairs(x, y), _sorted_pairs(ref_x, ref_y))
     assert y[:20].tolist() != ref_y[:20].tolist(), "records should be shuffled before sharding"
@@ -101,8 +110,8 @@ def test_interrupted_run_leaves_no_manifest_and_resumes(storage_root, monkeypatc
 
     monkeypatch.setattr(prep, "run_shard", counting)
     m = prepare(cfg)
-    assert calls == [3, 4], "only the unfinished shards are encoded again"
-    assert m.num_records == 1797 and verify_dataset(storage_root) == []
+    assert calls == list(range(3, -(-N_DIGITS // 400))), "only the unfinished shards are encoded again"
+    assert m.num_records == N_DIGITS and verify_dataset(storage_root) == []
 
     calls.clear()
     again = prepare(cfg)
@@ -227,7 +236,7 @@ def test_sd_vae_encoder(tmp_path, sd_vae_dir):
 
 def test_overwrite_with_fewer_shards_removes_orphans(tmp_path):
     out = str(tmp_path / "d")
-    prepare(PrepareConfig(source="digits", out=out, shard_records=400, progress=False))  # 5 shards
+    prepare(PrepareConfig(source="digits", out=out, shard_records=400, progress=False))  # 4 shards
     m = prepare(PrepareConfig(source="digits", out=out, shard_records=1000, overwrite=True, progress=False))
     names = sorted(n for n in Storage(out).list_sizes() if n.endswith(".bin"))
     assert names == [s.name for s in m.shards] == ["shard-00000.bin", "shard-00001.bin"]

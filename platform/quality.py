@@ -1,0 +1,266 @@
+"""Sample-quality metrics for sweeps: Fréchet distance, feature statistics and the evaluator API.
+
+A trial generates images (decoded to pixels in [-1, 1]) with the labels they were conditioned on and
+hands them to an `Evaluator`; it returns `eval/...` metrics, one of which (`evaluator.primary`, lower
+is better) is what a sweep optimises. Two kinds exist (`build_evaluator`):
+
+- "digits": Fréchet distance in the feature space of a small classifier trained on the train split of
+  scikit-learn's digits, against the held-out split (see digit_eval.py). Cheap (CPU, < 1 s per call).
+- "fid": FID with the FID Inception-v3 network against reference statistics from an .npz (fid.py).
+
+The Fréchet distance between N(mu1, S1) and N(mu2, S2) is
+    ||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^{1/2}).
+S1 S2 is not symmetric, so its square root is computed through the symmetric PSD matrix
+A = S1^{1/2} S2 S1^{1/2}, which has the same eigenvalues as S1 S2: tr((S1 S2)^{1/2}) = sum sqrt(eig(A)).
+Both steps use `eigh`, which is stable for rank-deficient covariances (fewer samples than feature
+dimensions, the usual case for 2048-d Inception features) and never produces imaginary parts;
+eigenvalues below eigh's resolution are treated as 0. `FrechetReference` keeps the reference's square
+root, so each evaluation costs one eigvalsh (an (N, N) one when N < D generated samples).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+EVAL_KINDS = ("digits", "fid")
+
+# Eigenvalues below -tol * max|eig| mean the matrix is not a covariance (not a rounding error).
+_PSD_TOL = 1e-6
+
+
+@runtime_checkable
+class Evaluator(Protocol):
+    """What the training loop calls. `primary` is the key sweeps optimise (lower is better);
+    `required_samples` is the recommended number of generated images per call."""
+
+    primary: str
+    required_samples: int
+
+    def evaluate(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        """images: generated, decoded pixels (N, C, H, W) in [-1, 1]; labels: (N,) the classes
+        they were conditioned on. Returns metrics keyed `eval/...`."""
+        ...
+
+
+# -- statistics ----------------------------------------------------------------------------------------
+def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(N, D) features -> (mu (D,), sigma (D, D)) in float64; sigma is the unbiased covariance."""
+    f = np.asarray(features, dtype=np.float64)
+    if f.ndim != 2 or f.shape[0] < 2:
+        raise ValueError(f"features must be (N, D) with N >= 2 samples, got shape {f.shape}; "
+                         "evaluate more images")
+    if not np.isfinite(f).all():
+        raise ValueError("features contain NaN/Inf: the images fed to the feature network are not finite")
+    mu = f.mean(axis=0)
+    centred = f - mu
+    sigma = centred.T @ centred / (f.shape[0] - 1)  # (D, D)
+    return mu, sigma
+
+
+def _psd_sqrt(s: np.ndarray, name: str) -> np.ndarray:
+    """Symmetric square root of a PSD matrix via eigh; tiny negative eigenvalues (rounding) -> 0."""
+    w, v = np.linalg.eigh(s)
+    scale = max(float(np.abs(w).max(initial=0.0)), 1e-300)
+    if w.min(initial=0.0) < -_PSD_TOL * scale:
+        raise ValueError(f"{name} is not positive semi-definite (smallest eigenvalue {w.min():.3g}, "
+                         f"largest {scale:.3g}): pass a covariance matrix, e.g. from feature_stats")
+    return (v * np.sqrt(_resolvable(w))) @ v.T
+
+
+def _resolvable(w: np.ndarray) -> np.ndarray:
+    """Eigenvalues below eigh's resolution (~ D * eps * max) are rounding noise: set them to 0.
+    Their square roots (~1e-8 each) would otherwise add up to a visible error on rank-deficient
+    covariances."""
+    tol = len(w) * np.finfo(np.float64).eps * max(float(np.abs(w).max(initial=0.0)), 0.0)
+    return np.where(w > tol, w, 0.0)
+
+
+def _check_stats(mu: np.ndarray, sigma: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
+    mu = np.atleast_1d(np.asarray(mu, dtype=np.float64))
+    sigma = np.atleast_2d(np.asarray(sigma, dtype=np.float64))
+    d = mu.shape[0]
+    if mu.ndim != 1 or sigma.shape != (d, d):
+        raise ValueError(f"{name}: mu must be (D,) and sigma (D, D), got {mu.shape} and {sigma.shape}")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise ValueError(f"{name}: statistics contain NaN/Inf")
+    asym = float(np.abs(sigma - sigma.T).max(initial=0.0))
+    if asym > 1e-6 * max(float(np.abs(sigma).max(initial=0.0)), 1e-300):
+        raise ValueError(f"{name}: sigma is not symmetric (max |S - S^T| = {asym:.3g}); pass a covariance matrix")
+    return mu, (sigma + sigma.T) / 2  # exact symmetry for eigh
+
+
+class FrechetReference:
+    """Fixed reference statistics (mu, sigma) whose square root is computed once, so each
+    distance to it costs one (D, D) product chain and one `eigvalsh` (for D = 2048 the eigh of the
+    reference would otherwise dominate every evaluation)."""
+
+    def __init__(self, mu: np.ndarray, sigma: np.ndarray, name: str = "reference stats") -> None:
+        self.mu, self.sigma = _check_stats(mu, sigma, name)
+        self.root = _psd_sqrt(self.sigma, f"{name} sigma")
+        self.trace = float(np.trace(self.sigma))
+
+    def distance(self, mu: np.ndarray, sigma: np.ndarray, name: str = "stats") -> float:
+        mu, sigma = _check_stats(mu, sigma, name)
+        if mu.shape != self.mu.shape:
+            raise ValueError(f"feature dimensions differ: {mu.shape[0]} vs {self.mu.shape[0]} (stats from "
+                             "different feature networks?)")
+        a = self.root @ sigma @ self.root
+        w = np.linalg.eigvalsh((a + a.T) / 2)
+        # a has the inertia of sigma when the reference is full rank: negative eigenvalues beyond
+        # rounding mean sigma is not a covariance.
+        if w.min(initial=0.0) < -_PSD_TOL * max(float(np.abs(w).max(initial=0.0)), 1e-300):
+            raise ValueError(f"{name}: sigma is not positive semi-definite; pass a covariance matrix, "
+                             "e.g. from feature_stats")
+        tr_covmean = float(np.sqrt(_resolvable(w)).sum())
+        diff = mu - self.mu
+        fd = float(diff @ diff + self.trace + np.trace(sigma) - 2.0 * tr_covmean)
+        # Rounding can leave a tiny negative number for identical statistics; a distance is >= 0.
+        return max(fd, 0.0)
+
+    def distance_to_features(self, features: np.ndarray, name: str = "features") -> float:
+        """Distance from the Gaussian fitted to `features` (N, D) (as feature_stats fits it).
+
+        With fewer samples than dimensions (N - 1 < D, e.g. a few thousand 2048-d Inception features)
+        sigma = X^T X with X = centred / sqrt(N - 1), and root sigma root = B^T B with B = X root, whose
+        nonzero eigenvalues are those of the small (N, N) matrix B B^T: exact, and no (D, D) eigh."""
+        f = np.asarray(features, dtype=np.float64)
+        if f.ndim != 2 or f.shape[0] < 2 or f.shape[0] - 1 >= f.shape[1] or not np.isfinite(f).all():
+            return self.distance(*feature_stats(f), name)  # (feature_stats raises on bad input)
+        mu = f.mean(axis=0)
+        if mu.shape != self.mu.shape:
+            raise ValueError(f"feature dimensions differ: {mu.shape[0]} vs {self.mu.shape[0]} (stats from "
+                             "different feature networks?)")
+        x = (f - mu) / np.sqrt(f.shape[0] - 1)  # (N, D)
+        b = x @ self.root  # (N, D)
+        w = np.linalg.eigvalsh(b @ b.T)  # (N,) the nonzero spectrum of root sigma root
+        tr_covmean = float(np.sqrt(_resolvable(w)).sum())
+        diff = mu - self.mu
+        return max(float(diff @ diff + self.trace + (x * x).sum() - 2.0 * tr_covmean), 0.0)
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """Fréchet distance between the Gaussians N(mu1, sigma1) and N(mu2, sigma2) (see module doc)."""
+    return FrechetReference(mu1, sigma1, "stats 1").distance(mu2, sigma2, "stats 2")
+
+
+# -- .npz statistics files (ADM / pytorch-fid convention: arrays `mu` and `sigma`) ---------------------
+def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray, **extra: Any) -> None:
+    """Write `mu`, `sigma` (and any `extra` arrays) to an .npz atomically (temp file + os.replace)."""
+    buf = io.BytesIO()
+    np.savez(buf, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64),
+             **{k: np.asarray(v) for k, v in extra.items()})
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(buf.getvalue())
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_stats(path: str, dim: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Read (mu, sigma) from an .npz; clear errors for a missing, unreadable or malformed file."""
+    fix = "create it with advflow.platform.fid.write_reference_stats (arrays `mu` (D,) and `sigma` (D, D))"
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"reference stats {path}: no such file; {fix}")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files if k in ("mu", "sigma")}
+            names = sorted(z.files)
+    except Exception as exc:
+        raise ValueError(f"reference stats {path}: not a readable .npz ({type(exc).__name__}: {exc}); {fix}") from exc
+    missing = [k for k in ("mu", "sigma") if k not in arrays]
+    if missing:
+        raise ValueError(f"reference stats {path}: missing array(s) {missing} (has {names}); {fix}")
+    mu, sigma = arrays["mu"], arrays["sigma"]
+    try:
+        mu, sigma = _check_stats(mu, sigma, f"reference stats {path}")
+    except ValueError as exc:
+        raise ValueError(f"{exc}; {fix}") from exc
+    if dim is not None and mu.shape[0] != dim:
+        raise ValueError(f"reference stats {path}: {mu.shape[0]}-d, expected {dim}-d features; {fix}")
+    return mu, sigma
+
+
+# -- building an evaluator from the run config ----------------------------------------------------------
+def _take(options: dict[str, Any], allowed: dict[str, Any], kind: str) -> dict[str, Any]:
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"eval.options {unknown} not understood for eval.kind {kind!r}; "
+                         f"allowed: {sorted(allowed)}")
+    return {**allowed, **options}
+
+
+def build_evaluator(kind: str, *, manifest_encoder: dict[str, Any], data_shape: tuple[int, ...],
+                    num_classes: int, options: dict[str, Any] | None = None) -> Evaluator:
+    """The evaluator for `eval.kind`.
+
+    Options whose value is None count as unset; other unknown options raise.
+    digits: options {seed, holdout_fraction (both default to the manifest's `holdout` record),
+        device ("cpu"), cache_dir ($ADVFLOW_CACHE), batch_size}. data_shape is the dataset's latent
+        (C, H, W); the decoded side is H (pixel) or 8 H (sd-vae). Needs a digits dataset (10 classes). Recommended samples:
+        `evaluator.required_samples` = size of the train split (~1438), so `eval/fd` is comparable to
+        `eval/fd_floor`.
+    fid: options {inception_path, reference_stats (required), batch_size (64), device}. Recommended
+        samples: 50_000 for numbers comparable with papers; >= 5_000 for a sweep signal (FID is biased
+        upwards at small N, so only compare runs evaluated with the same N).
+    """
+    # None means "not set" (the training loop passes every eval option for every kind).
+    options = {k: v for k, v in (options or {}).items() if v is not None}
+    if kind == "digits":
+        from .digit_eval import DigitsEvalConfig, DigitsEvaluator
+
+        if num_classes != 10:
+            raise ValueError(f"eval.kind 'digits' needs the 10-class digits dataset, the data has {num_classes} "
+                             "classes; use eval.kind 'fid' for other data")
+        if len(data_shape) != 3:
+            raise ValueError(f"data_shape must be (C, H, W), got {tuple(data_shape)}")
+        opts = _take(options, {"seed": None, "holdout_fraction": None, "device": "cpu", "cache_dir": None,
+                               "batch_size": 2048}, kind)
+        holdout = (manifest_encoder or {}).get("holdout")
+        seed, fraction = opts["seed"], opts["holdout_fraction"]
+        if holdout:
+            for key, given, recorded in (("seed", seed, holdout["seed"]),
+                                         ("holdout_fraction", fraction, holdout["fraction"])):
+                if given is not None and given != recorded:
+                    raise ValueError(f"eval.options.{key}={given} but the dataset was prepared holding out "
+                                     f"{key}={recorded}; drop the option (the manifest's value is used)")
+            seed, fraction = holdout["seed"], holdout["fraction"]
+        else:
+            import warnings
+
+            warnings.warn("the dataset's manifest records no digits hold-out (prepared before hold-outs existed, "
+                          "or with digits_holdout=0): the held-out reference digits were probably trained on, so "
+                          "eval/fd is optimistic; re-run prepare_latents.py --source digits", stacklevel=2)
+        cfg = DigitsEvalConfig(split_seed=0 if seed is None else int(seed),
+                               holdout_fraction=0.2 if fraction is None else float(fraction))
+        if data_shape[-1] != data_shape[-2]:
+            raise ValueError(f"digits data must be square, data_shape is {tuple(data_shape)}")
+        # data_shape is the latent shape; SD-VAE latents are 8x smaller than the decoded images.
+        side = int(data_shape[-1]) * (8 if (manifest_encoder or {}).get("name") == "sd-vae" else 1)
+        return DigitsEvaluator(cfg, data_side=side, device=opts["device"], cache_dir=opts["cache_dir"],
+                               batch_size=int(opts["batch_size"]))
+    if kind == "fid":
+        from .fid import FIDEvaluator
+
+        opts = _take(options, {"inception_path": None, "reference_stats": None, "batch_size": 64,
+                               "device": None}, kind)
+        for key in ("inception_path", "reference_stats"):
+            if not opts[key]:
+                raise ValueError(f"eval.options.{key} is required for eval.kind 'fid' (a local "
+                                 f"{'pt_inception-2015-12-05-*.pth' if key == 'inception_path' else '.npz with mu/sigma'} path)")
+        return FIDEvaluator(opts["inception_path"], opts["reference_stats"], int(opts["batch_size"]),
+                            device=opts["device"])
+    raise ValueError(f"eval.kind {kind!r} unknown; use one of {list(EVAL_KINDS)}")
