@@ -29,6 +29,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vae-path", help="local AutoencoderKL folder (sd-vae)")
     p.add_argument("--vae-sample", default="sample", choices=["sample", "mean"])
     p.add_argument("--resolution", type=int, help="image side (default: 8 for digits, 256 for folders)")
+    p.add_argument("--digits-holdout", type=float, default=0.2,
+                   help="digits: fraction held out (stratified) as the quality metric's reference; 0 keeps all")
+    p.add_argument("--digits-holdout-seed", type=int, default=0, help="digits: seed of the held-out split")
     p.add_argument("--flips", action="store_true", help="also store horizontally flipped copies")
     p.add_argument("--shard-records", type=int, default=8192)
     p.add_argument("--chunk-records", type=int, help="records per checksummed read unit (default: shards split evenly into <= ~16 MiB)")
@@ -64,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed, limit=args.limit, batch_size=args.batch_size, device=args.device,
             ray_address=args.ray_address, ray_gpus=args.ray_gpus, overwrite=args.overwrite,
             endpoint_url=args.endpoint_url, progress=not args.no_progress,
+            digits_holdout=args.digits_holdout, digits_holdout_seed=args.digits_holdout_seed,
         )
         m = prepare(cfg)
         print(f"{cfg.out}: {m.num_records} records of {list(m.shape)} {m.record.dtype} in {len(m.shards)} "

@@ -1,0 +1,101 @@
+"""Register an externally trained generator checkpoint as a new model version.
+
+  python jobs/register_checkpoint.py --checkpoint afm_xl2_1nfe.pt --name afm-xl2 \
+      --decoder sd-vae --vae-path /models/sd-vae-ft-ema
+  python jobs/register_checkpoint.py --checkpoint g.safetensors --name digits --kind multistep --nfe 4
+
+The file (.safetensors, or .pt/.pth/.ckpt/.bin read with torch.load(weights_only=True) only; the
+official DiT-layout AFM releases included) is read by advflow.trainers.dit_checkpoint, which infers
+size, kind and classes from the tensors; --kind/--nfe/--repeats/--key resolve what the weights do not
+record. A run in --experiment (default "imports") records the source path and sha256 (tags
+source_path, source_sha256, also set on the version); the generator is logged with
+registry.log_generator(source="import"). Only the safetensors export is uploaded, never the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+
+from advflow.platform.encoders import SD_VAE_SCALE
+
+
+def sha256_file(path: str, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def decoder_dict(decoder: str, vae_path: str | None) -> dict:
+    """The manifest-style encoder dict for --decoder/--vae-path."""
+    if decoder == "pixel":
+        if vae_path:
+            raise ValueError("--vae-path: only used with --decoder sd-vae; drop it or pass --decoder sd-vae")
+        return {"name": "pixel", "scaling_factor": 1.0}
+    if not vae_path:
+        raise ValueError("--vae-path: required with --decoder sd-vae (a local AutoencoderKL folder on the "
+                         "machines that will load the model; ADVFLOW_VAE_PATH overrides it there)")
+    return {"name": "sd-vae", "vae_path": os.path.abspath(vae_path), "scaling_factor": SD_VAE_SCALE}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help=".safetensors or .pt/.pth/.ckpt/.bin state dict")
+    p.add_argument("--name", required=True, help="registered model name (created if new)")
+    p.add_argument("--key", default=None, help="wrapper entry holding the weights (default: ema, model, state_dict)")
+    p.add_argument("--kind", choices=["1nfe", "multistep", "anystep"], default=None,
+                   help="generator kind when the weights are ambiguous (multistep vs depth-repeated 1nfe)")
+    p.add_argument("--nfe", type=int, default=None, help="K steps of a multistep/anystep generator")
+    p.add_argument("--repeats", type=int, default=None, help="depth repetition R of a 1nfe generator")
+    p.add_argument("--decoder", choices=["pixel", "sd-vae"], default="sd-vae",
+                   help="how samples become images (default sd-vae: the released ImageNet latents)")
+    p.add_argument("--vae-path", default=None, help="local AutoencoderKL folder for --decoder sd-vae")
+    p.add_argument("--experiment", default="imports", help="MLflow experiment of the import run")
+    p.add_argument("--alias", default=None, help="also point this alias at the new version")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    import mlflow
+
+    from advflow.platform.registry import log_generator
+    from advflow.trainers.dit_checkpoint import CheckpointError, build_from_checkpoint, infer_role, read_state_dict
+
+    try:
+        decoder = decoder_dict(a.decoder, a.vae_path)
+        path = os.path.abspath(a.checkpoint)
+        sd = read_state_dict(path, key=a.key)
+        role = infer_role(sd)
+        if role != "generator":
+            raise CheckpointError(f"--checkpoint {path}: holds a {role}, not a generator; pass the generator file")
+        extra = {"nfe": a.nfe} if a.nfe is not None else {}
+        G = build_from_checkpoint(sd, kind=a.kind, repeats=a.repeats, **extra).eval()
+    except (ValueError, CheckpointError) as e:  # CheckpointError is a ValueError; listed for readers
+        print(f"register_checkpoint: {e}", file=sys.stderr)
+        return 2
+    cfg = G.config
+    digest = sha256_file(path)
+    source_tags = {"source_path": path, "source_sha256": digest}
+    mlflow.set_experiment(a.experiment)
+    with mlflow.start_run(run_name=f"import-{os.path.basename(path)}") as run:
+        mlflow.set_tags(source_tags)
+        mlflow.log_params({f"generator.{k}": v for k, v in cfg.items()})
+        done = log_generator(
+            G, decoder=decoder, data_shape=(cfg["in_channels"], cfg["input_size"], cfg["input_size"]),
+            num_classes=cfg["num_classes"], registered_name=a.name, tags=source_tags, source="import",
+        )
+    if a.alias:
+        mlflow.MlflowClient().set_registered_model_alias(a.name, a.alias, done.version)
+    print(f"registered {path} (sha256 {digest[:12]}...) as {done.registry_uri} "
+          f"[{cfg['name']} kind={cfg['kind']} nfe={cfg['nfe']} repeats={cfg['repeats']}], run {run.info.run_id}"
+          + (f", alias {a.alias}" if a.alias else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

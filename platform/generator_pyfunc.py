@@ -1,0 +1,270 @@
+"""The advflow generator model format and its MLflow pyfunc loader module (no pickle anywhere).
+
+A logged generator is a folder with two files, written by `write_model_data`:
+- weights.safetensors: the generator's state dict (the EMA weights the trainer passes);
+- generator.json: `GeneratorSpec` (builder config = G.config, sampler settings, decoder, data_shape,
+  num_classes).
+MLflow stores the folder under the model's data/ and names this module as the pyfunc loader
+(`loader_module`), so `mlflow.pyfunc.load_model` and `mlflow models serve` call `_load_pyfunc`, which
+first scans the WHOLE model directory for pickle data (artifact_scan) and only then reads the two files.
+
+Prediction: a DataFrame with integer columns `label` and `seed`, one image per row; row i's noise is
+`torch.randn(data_shape, generator=torch.Generator().manual_seed(seed_i))` drawn on the CPU, so an
+image depends only on its (label, seed) (and the device), never on the rest of the batch. Output:
+uint8 images (N, H, W, C).
+
+Decoder: the dataset manifest's `encoder` entry. "pixel" is the identity. "sd-vae" loads a diffusers
+AutoencoderKL from the LOCAL path recorded at logging time (`vae_path`); that path must exist on the
+machine that loads the model, or be overridden: `load_generator(uri, vae_path=...)`,
+`mlflow.pyfunc.load_model(uri, model_config={"vae_path": ...})` or the environment variable
+ADVFLOW_VAE_PATH (argument > model_config > env var > recorded path). The device is chosen the same
+way ("device" / ADVFLOW_DEVICE; default: cuda if available, else cpu).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from advflow.platform.artifact_scan import scan_model_dir
+
+WEIGHTS_FILE = "weights.safetensors"
+SPEC_FILE = "generator.json"
+FORMAT = "advflow-generator"
+FORMAT_VERSION = 1
+VAE_PATH_ENV = "ADVFLOW_VAE_PATH"
+DEVICE_ENV = "ADVFLOW_DEVICE"
+MAX_BATCH = 64  # rows generated together; bounds memory for large requests
+DECODERS = ("pixel", "sd-vae")
+
+
+class ModelFormatError(ValueError):
+    """A model folder's generator.json / weights do not form a valid advflow generator."""
+
+
+@dataclass(frozen=True)
+class GeneratorSpec:
+    """Everything besides the weights needed to rebuild and sample a generator (generator.json).
+
+    generator: G.config; `build_generator(**generator)` rebuilds the network. Sampler settings
+        (kind, nfe = K, repeats = R) are part of it and repeated under "sampler" for readers.
+    decoder: the dataset manifest's encoder dict ({"name": "pixel"} or {"name": "sd-vae",
+        "vae_path": ..., "scaling_factor": ...}).
+    data_shape: (C, H, W) of the generator's samples (latents for sd-vae).
+    num_classes: labels lie in [0, num_classes).
+    """
+
+    generator: dict[str, Any]
+    decoder: dict[str, Any]
+    data_shape: tuple[int, int, int]
+    num_classes: int
+    sampler: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        shape = tuple(int(s) for s in self.data_shape)
+        if len(shape) != 3 or min(shape) < 1:
+            raise ModelFormatError(f"data_shape: expected (C, H, W) of positive ints, got {self.data_shape!r}")
+        object.__setattr__(self, "data_shape", shape)
+        g = self.generator
+        want = (g.get("in_channels"), g.get("input_size"), g.get("input_size"))
+        if shape != want:
+            raise ModelFormatError(
+                f"data_shape: {shape} does not match the generator's (in_channels, input_size, input_size) = "
+                f"{want}; pass the shape of the dataset's latents the generator was trained on"
+            )
+        if int(self.num_classes) != g.get("num_classes"):
+            raise ModelFormatError(
+                f"num_classes: {self.num_classes} but the generator has {g.get('num_classes')} classes; "
+                "pass the generator's num_classes"
+            )
+        name = self.decoder.get("name") if isinstance(self.decoder, dict) else None
+        if name not in DECODERS:
+            raise ModelFormatError(f"decoder: name {name!r} unknown; pass the manifest's encoder dict "
+                                   f"with name in {list(DECODERS)}")
+        if name == "pixel" and shape[0] not in (1, 3):
+            raise ModelFormatError(f"decoder: 'pixel' needs 1 or 3 channels, the data has {shape[0]}; "
+                                   "pass the dataset's latent decoder (e.g. sd-vae)")
+        sampler = {k: g.get(k) for k in ("kind", "nfe", "repeats")}
+        object.__setattr__(self, "sampler", sampler)
+
+    def image_shape(self) -> tuple[int, int, int]:
+        """(H, W, C) of the decoded uint8 images."""
+        c, h, w = self.data_shape
+        if self.decoder["name"] == "pixel":
+            return (h, w, c)
+        f = int(self.decoder.get("downsample", 8))  # SD-VAE: 8x spatial, RGB out
+        return (h * f, w * f, 3)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, **dataclasses.asdict(self),
+                "data_shape": list(self.data_shape)}
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str) -> GeneratorSpec:
+        if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+            raise ModelFormatError(f"{where}: not an advflow generator spec (format != {FORMAT!r})")
+        if obj.get("format_version") != FORMAT_VERSION:
+            raise ModelFormatError(f"{where}: format_version {obj.get('format_version')!r} is not supported "
+                                   f"(this advflow reads {FORMAT_VERSION}); upgrade advflow")
+        try:
+            return cls(generator=dict(obj["generator"]), decoder=dict(obj["decoder"]),
+                       data_shape=tuple(obj["data_shape"]), num_classes=int(obj["num_classes"]))
+        except (KeyError, TypeError) as e:
+            raise ModelFormatError(f"{where}: missing or malformed field ({e})") from e
+
+
+def write_model_data(generator: torch.nn.Module, spec: GeneratorSpec, out_dir: str | os.PathLike) -> Path:
+    """Write weights.safetensors + generator.json into out_dir (created); returns it."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # clone: safetensors refuses tensors that share storage; contiguous + cpu for a plain dump.
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in generator.state_dict().items()}
+    save_file(state, str(out / WEIGHTS_FILE), metadata={"format": FORMAT})
+    (out / SPEC_FILE).write_text(json.dumps(spec.to_json(), indent=2, sort_keys=True))
+    return out
+
+
+def _resolve_device(device: str | None) -> torch.device:
+    device = device or os.environ.get(DEVICE_ENV) or "auto"
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(N, C, H, W) in [-1, 1] -> uint8 (N, H, W, C), the same mapping as images.grid_array."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+class GeneratorModel:
+    """A loaded generator plus decoder. `.generate(labels, seeds)` -> uint8 (N, H, W, C);
+    `.images(labels, seeds)` -> float (N, C, H, W) in [-1, 1]; `.predict(df)` is the pyfunc entry.
+    `.config` is the GeneratorSpec as a dict; `.source` (set by registry.load_generator) says which
+    registry version / run it came from."""
+
+    def __init__(self, generator: torch.nn.Module, spec: GeneratorSpec, *, device: torch.device,
+                 decoder: dict[str, Any]) -> None:
+        self.generator = generator.to(device).eval().requires_grad_(False)
+        self.spec = spec
+        self.device = device
+        self.decoder = decoder  # the spec's decoder with any vae_path override applied
+        self.source: dict[str, Any] = {}
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.spec.to_json()
+
+    def _check(self, labels: Sequence[int], seeds: Sequence[int]) -> tuple[list[int], list[int]]:
+        labels, seeds = [int(v) for v in labels], [int(v) for v in seeds]
+        if len(labels) != len(seeds):
+            raise ValueError(f"labels/seeds: {len(labels)} labels but {len(seeds)} seeds; pass one seed per label")
+        bad = [v for v in labels if not 0 <= v < self.spec.num_classes]
+        if bad:
+            raise ValueError(f"label: {bad[:5]} outside [0, {self.spec.num_classes}); use class ids of the model")
+        if any(s < 0 or s >= 2**63 for s in seeds):
+            raise ValueError("seed: seeds must lie in [0, 2**63); pass non-negative integers")
+        return labels, seeds
+
+    def noise(self, seeds: Sequence[int]) -> torch.Tensor:
+        """Per-row seeded noise, (N, C, H, W), drawn on the CPU so it is the same on every device."""
+        rows = [torch.randn(self.spec.data_shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
+        return torch.stack(rows) if rows else torch.empty(0, *self.spec.data_shape)
+
+    @torch.no_grad()
+    def images(self, labels: Sequence[int], seeds: Sequence[int]) -> torch.Tensor:
+        from advflow.platform.encoders import decode_latents
+        from advflow.trainers.flow import generate
+
+        labels, seeds = self._check(labels, seeds)
+        out = []
+        for i in range(0, len(labels), MAX_BATCH):
+            z = self.noise(seeds[i:i + MAX_BATCH]).to(self.device)  # (n, C, H, W)
+            y = torch.tensor(labels[i:i + MAX_BATCH], dtype=torch.long, device=self.device)
+            x = generate(self.generator, z, y)  # (n, C, H, W) latents
+            out.append(decode_latents(x, self.decoder, device=str(self.device)).float().cpu())
+        if not out:
+            h, w, c = self.spec.image_shape()
+            return torch.empty(0, c, h, w)
+        return torch.cat(out)  # (N, C, H, W) in [-1, 1]
+
+    def generate(self, labels: Sequence[int], seeds: Sequence[int]) -> np.ndarray:
+        return to_uint8(self.images(labels, seeds))  # (N, H, W, C) uint8
+
+    def predict(self, model_input, params: dict[str, Any] | None = None) -> np.ndarray:
+        cols = getattr(model_input, "columns", None)
+        if cols is None or "label" not in cols or "seed" not in cols:
+            raise ValueError("model input: a DataFrame with integer columns 'label' and 'seed' "
+                             "(one image per row) is required")
+        return self.generate(model_input["label"].tolist(), model_input["seed"].tolist())
+
+
+def _decoder_with_overrides(decoder: dict[str, Any], vae_path: str | None) -> dict[str, Any]:
+    decoder = dict(decoder)
+    if decoder["name"] != "sd-vae":
+        return decoder
+    # Manifests written by encoders.SDVAEEncoder.describe() use "vae_path"; accept a bare "path" too.
+    recorded = decoder.get("vae_path") or decoder.get("path")
+    path = vae_path or os.environ.get(VAE_PATH_ENV) or recorded
+    if not path or not os.path.exists(path):
+        raise FileNotFoundError(
+            f"decoder sd-vae: VAE weights not found at {path!r} (the path recorded when the model was logged "
+            f"is {recorded!r}); put a local AutoencoderKL folder there, or pass vae_path=... "
+            f"(model_config={{'vae_path': ...}} for mlflow.pyfunc.load_model) or set {VAE_PATH_ENV}"
+        )
+    decoder["vae_path"] = path
+    return decoder
+
+
+def load_model_data(data_dir: str | os.PathLike, *, vae_path: str | None = None,
+                    device: str | None = None) -> GeneratorModel:
+    """Build the generator in data_dir (weights.safetensors + generator.json). Callers scan the
+    enclosing model directory first (`_load_pyfunc`, registry.load_generator)."""
+    from safetensors.torch import load_file
+
+    from advflow.trainers.models import build_generator
+
+    data_dir = Path(data_dir)
+    spec_path, weights_path = data_dir / SPEC_FILE, data_dir / WEIGHTS_FILE
+    for p in (spec_path, weights_path):
+        if not p.is_file():
+            raise ModelFormatError(f"model data {data_dir}: {p.name} missing; this is not an advflow generator model")
+    try:
+        obj = json.loads(spec_path.read_text())
+    except ValueError as e:
+        raise ModelFormatError(f"{spec_path}: not valid JSON ({e})") from e
+    spec = GeneratorSpec.from_json(obj, str(spec_path))
+    cfg = dict(spec.generator)
+    G = build_generator(cfg.pop("name"), **cfg)
+    state = load_file(str(weights_path), device="cpu")
+    try:
+        G.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ModelFormatError(f"{weights_path}: weights do not fit the generator in {SPEC_FILE} ({e})") from e
+    return GeneratorModel(G, spec, device=_resolve_device(device),
+                          decoder=_decoder_with_overrides(spec.decoder, vae_path))
+
+
+def model_root(data_path: str | os.PathLike) -> Path:
+    """The MLflow model directory (holding MLmodel) that contains data_path."""
+    p = Path(data_path).resolve()
+    for cand in (p, *p.parents[:3]):
+        if (cand / "MLmodel").is_file():
+            return cand
+    return p  # a bare data folder: scan what there is
+
+
+def _load_pyfunc(data_path: str, model_config: dict[str, Any] | None = None) -> GeneratorModel:
+    """MLflow's loader-module hook. Scans the whole model directory before reading anything."""
+    scan_model_dir(model_root(data_path))
+    cfg = dict(model_config or {})
+    return load_model_data(data_path, vae_path=cfg.get("vae_path"), device=cfg.get("device"))
