@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import copy
 import datetime as dt
 import html
 import logging
@@ -273,17 +274,29 @@ def _render_gallery(trials: list[FrozenTrial], complete: list[FrozenTrial], grid
 
 # -- public API --------------------------------------------------------------------------------------
 def build_report(study: optuna.Study, *, title: str | None = None, grids: dict[int, bytes] | None = None,
-                 metric_name: str = "value", extra_columns: list[str] | None = None) -> str:
+                 metric_name: str = "value", extra_columns: list[str] | None = None,
+                 annotations: dict[int, dict] | None = None) -> str:
     """One self-contained HTML page describing `study`.
 
     title: page heading (default "Sweep report: <study name>").
     grids: PNG bytes per trial number; a trial not in it falls back to its `sample_grid` user attr.
     metric_name: what the objective value is called in plots, table and captions.
     extra_columns: user-attribute keys to add as table columns besides DEFAULT_ATTR_COLUMNS.
+    annotations: extra attributes per trial number, shown like user attrs (Optuna refuses user-attr
+      updates on finished trials, so facts known only afterwards, e.g. `stopped_early`, come here).
     """
     title = title or f"Sweep report: {study.study_name}"
-    trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
-    complete = _ranked_complete(study)
+    notes = annotations or {}
+
+    def annotate(t):
+        if t.number not in notes:
+            return t
+        t = copy.deepcopy(t)
+        t.user_attrs = {**t.user_attrs, **notes[t.number]}
+        return t
+
+    trials = [annotate(t) for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)]
+    complete = [annotate(t) for t in _ranked_complete(study)]
     best_number = complete[0].number if complete else None
     previous = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(logging.ERROR)  # plots log warnings for thin studies; the page says so

@@ -1,0 +1,64 @@
+"""Sweep AFM's loss weights, learning rate, depth repetition and NFE with Ray Tune + Optuna (TPE).
+
+    python jobs/sweep.py --config jobs/configs/digits_tiny.yaml --space jobs/configs/sweeps/digits_space.yaml --trials 16
+    ray job submit --working-dir . -- python jobs/sweep.py --config ... --space ... --trials 16
+
+The Optuna study lives in the space's `storage` (SQLite by default). Running the same command again
+after the driver died resumes the sweep: finished trials are kept (and inform TPE), trials the dead
+driver left running are marked failed, and only the missing trials run. At the end the best trial's
+EMA generator gets the registry alias `candidate`, and an HTML report is written and logged to the
+sweep's parent MLflow run (`python -m advflow.dashboards.sweep_report` rebuilds it for any study).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="training config every trial starts from (jobs/configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a training config value for every trial (repeatable)")
+    p.add_argument("--space", required=True, help="search space YAML (jobs/configs/sweeps/)")
+    p.add_argument("--trials", type=int, required=True, help="finished trials the study should hold")
+    p.add_argument("--study", help="override the space's study_name")
+    p.add_argument("--storage", help="override the space's Optuna storage URL (e.g. sqlite:///sweeps/x.db)")
+    p.add_argument("--report", help="where to write the HTML report (default: next to the study)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    from advflow.platform.config import ConfigError, load_config
+    from advflow.platform.sweep import SweepSpace
+
+    try:
+        if args.trials < 1:
+            raise ConfigError("--trials: must be >= 1")
+        spec = load_config(args.config, args.overrides)
+        space = SweepSpace.load(args.space)
+        if args.study:
+            space.study_name = args.study
+        if args.storage:
+            space.storage = args.storage
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    from advflow.platform.tune_sweep import run_sweep
+
+    try:
+        summary = run_sweep(spec, space, args.trials, space_yaml=Path(args.space).read_text(),
+                            report_path=args.report)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    print("[advflow] sweep summary: " + json.dumps(summary, indent=1, default=str))
+    return 0 if summary.get("ok") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

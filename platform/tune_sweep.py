@@ -1,0 +1,246 @@
+"""The Ray Tune side of a sweep: a function trainable that runs the training job's TorchTrainer,
+the Tuner (OptunaSearch with a seeded TPE sampler on an RDB study, ASHA), and the wrap-up
+(MLflow parent/child runs, `candidate` alias, HTML report).
+
+Ray Train V2 + Tune pattern: each Tune trial is a function that builds the same `TorchTrainer` as
+jobs/train.py and calls `fit()`; `ray.tune.integration.ray_train.TuneReportCallback` forwards the
+workers' reports (rank 0's metrics: losses and `eval/*`, sent with every checkpoint) to Tune, where
+ASHA reads them. The trial function itself reserves `trial_cpus` (default 0); the Train workers
+reserve `distributed.cpus_per_worker` each, so `max_concurrent_trials` x workers must fit the cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from advflow.platform import tracking
+from advflow.platform.config import ConfigError, RunSpec
+from advflow.platform.sweep import (SweepSpace, apply_params, find_optuna_trial, open_study, recover_study,
+                                    sweep_dir)
+
+SWEEP_KEY_TAG = "advflow.sweep_key"
+
+
+# ----------------------------------------------------------------------------------------- trial
+
+
+def trial_func(config: dict, *, base: dict, space: dict, parent_run_id: str | None) -> None:
+    """One Tune trial: the drawn params applied to the base config, trained by Ray Train."""
+    import optuna
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from advflow.platform.ray_train import build_trainer
+
+    sp = SweepSpace.from_dict(space)
+    params = dict(config)
+    spec = apply_params(base, params, sp.overrides)
+    trial_id = tune.get_context().get_trial_id()
+    spec.run.name = f"{sp.study_name}-{trial_id}"
+    spec.tracking.register_name = sp.register_name
+    study = optuna.load_study(study_name=sp.study_name, storage=sp.storage)
+    ot = find_optuna_trial(study, params)
+    tags = {"sweep.study": sp.study_name, "sweep.tune_trial_id": trial_id,
+            "sweep.params": json.dumps(params, sort_keys=True)}
+    if ot is not None:
+        tags["sweep.optuna_trial"] = str(ot.number)
+    run_id = tracking.open_run(spec, parent_run_id=parent_run_id, extra_tags=tags)
+    if ot is not None:
+        attrs = {"tune_trial_id": trial_id, "mlflow_run_id": run_id or "",
+                 "lr_g": spec.optim.lr / spec.model.repeats, "model.kind": spec.model.kind}
+        if run_id:
+            attrs["sample_grid"] = f"runs:/{run_id}/samples/samples.png"
+        for k, v in attrs.items():
+            study._storage.set_trial_user_attr(ot._trial_id, k, v)
+    trainer = build_trainer(spec, callbacks=[TuneReportCallback()], run_id=run_id, progress=False)
+    ok = False
+    try:
+        result = trainer.fit()
+        ok = result.error is None
+        if not ok:
+            raise RuntimeError(f"trial {trial_id} failed: {result.error}")
+    finally:
+        tracking.close_run(spec, run_id, ok=ok)
+
+
+# ----------------------------------------------------------------------------------------- driver
+
+
+def prepare_base(spec: RunSpec) -> dict:
+    """The base config for trials: needs a quality metric, evaluated at every checkpoint."""
+    if spec.eval.kind == "none":
+        raise ConfigError("eval.kind: a sweep needs a quality metric; set eval.kind=digits (digits data) or "
+                          "eval.kind=fid with eval.inception_path and eval.reference_stats")
+    base = spec.to_dict()
+    base["eval"]["every"] = spec.train.checkpoint_every  # every report carries the metric ASHA reads
+    return base
+
+
+def open_parent_run(spec: RunSpec, space: SweepSpace, space_yaml: str) -> str | None:
+    uri = tracking.tracking_uri(spec)
+    if uri is None:
+        return None
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(spec.tracking.experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(spec.tracking.experiment)
+    key = f"{space.storage}#{space.study_name}"
+    found = client.search_runs([exp_id], filter_string=f"tags.`{SWEEP_KEY_TAG}` = '{key}'", max_results=1)
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+    else:
+        run_id = client.create_run(exp_id, run_name=f"sweep-{space.study_name}",
+                                   tags={SWEEP_KEY_TAG: key, "advflow.kind": "sweep",
+                                         "git.commit": tracking.git_commit(),
+                                         "advflow.version": tracking.advflow_version()}).info.run_id
+        client.log_text(run_id, tracking.scrub(space_yaml), "sweep/space.yaml")
+        from mlflow.entities import Param
+
+        params = {"metric": space.metric, "mode": space.mode, "seed": space.seed, "study": space.study_name,
+                  "storage": tracking.scrub(space.storage), "max_concurrent_trials": space.max_concurrent_trials}
+        client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+    return run_id
+
+
+def run_sweep(spec: RunSpec, space: SweepSpace, trials: int, *, space_yaml: str = "",
+              report_path: str | Path | None = None) -> dict[str, Any]:
+    """Run (or resume) the sweep until the study holds `trials` finished trials; returns a summary."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from advflow.platform.ray_train import ensure_ray
+
+    t0 = time.time()
+    base = prepare_base(spec)
+    study, storage, sampler = open_study(space)
+    counts = recover_study(study)
+    finished = counts.get("COMPLETE", 0) + counts.get("PRUNED", 0)
+    remaining = max(0, trials - finished)
+    print(f"[advflow] sweep {space.study_name}: {finished} finished trial(s) in {space.storage}, "
+          f"running {remaining} more", flush=True)
+    parent = open_parent_run(spec, space, space_yaml)
+    ok = True
+    if remaining:
+        ensure_ray()
+        searcher = OptunaSearch(space=space.suggest, metric=space.metric, mode=space.mode, sampler=sampler,
+                                study_name=space.study_name, storage=storage)
+        every = base["eval"]["every"]
+        scheduler = ASHAScheduler(time_attr="step", max_t=spec.train.steps,
+                                  grace_period=int(space.asha.get("grace_period", 1)) * every,
+                                  reduction_factor=float(space.asha.get("reduction_factor", 2)))
+        trainable = tune.with_resources(
+            tune.with_parameters(trial_func, base=base, space=_space_dict(space), parent_run_id=parent),
+            # Tune needs a non-empty bundle; a memory request lets the driver function take no CPU.
+            {"CPU": space.trial_cpus, "memory": 64 * 2**20})
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, metric=space.metric,
+                                        mode=space.mode, num_samples=remaining,
+                                        max_concurrent_trials=space.max_concurrent_trials),
+            run_config=tune.RunConfig(name=f"{space.study_name}-{int(t0)}",
+                                      storage_path=str(sweep_dir(space) / "tune"), verbose=1),
+        )
+        results = tuner.fit()
+        ok = not results.errors
+    summary = finalize(spec, space, parent, report_path)
+    summary["wall_s"] = time.time() - t0
+    summary["ok"] = ok
+    if parent:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking.tracking_uri(spec))
+        client.log_metric(parent, "sweep_wall_s", summary["wall_s"])
+        client.set_terminated(parent, status="FINISHED" if ok else "FAILED")
+    return summary
+
+
+def _space_dict(space: SweepSpace) -> dict:
+    import dataclasses
+
+    raw = dataclasses.asdict(space)
+    raw["params"] = {p.pop("name"): p for p in raw["params"]}
+    return raw
+
+
+def finalize(spec: RunSpec, space: SweepSpace, parent: str | None, report_path) -> dict[str, Any]:
+    """Mark early-stopped trials, close their MLflow runs, alias the best generator `candidate`,
+    write the HTML report and log it to the parent run."""
+    import optuna
+
+    study, _, _ = open_study(space)
+    uri = tracking.tracking_uri(spec)
+    client = None
+    if uri:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(uri)
+    TS = optuna.trial.TrialState
+    stopped = 0
+    notes: dict[int, dict] = {}  # Optuna refuses user attrs on finished trials: the report gets them
+    for t in study.get_trials(deepcopy=False):
+        run_id = t.user_attrs.get("mlflow_run_id")
+        steps = None
+        if client and run_id:
+            run = client.get_run(run_id)
+            hist = client.get_metric_history(run_id, space.metric)
+            steps = max((m.step for m in hist), default=0)
+            early = t.state == TS.COMPLETE and steps < spec.train.steps
+            if run.info.status == "RUNNING":  # the trial actor was stopped by ASHA (or died)
+                client.set_terminated(run_id, status="KILLED" if early else "FAILED")
+            client.set_tag(run_id, "sweep.stopped_early", str(early).lower())
+            notes[t.number] = {"steps": steps, "stopped_early": early}
+            stopped += int(early)
+    summary: dict[str, Any] = {"study": space.study_name, "trials": len(study.trials), "stopped_early": stopped}
+    complete = [t for t in study.get_trials(deepcopy=False, states=(TS.COMPLETE,))]
+    if complete:
+        best = study.best_trial
+        summary.update(best_value=best.value, best_params=best.params, best_trial=best.number)
+        cand = _alias_candidate(client, space, complete, study.direction)
+        if cand:
+            summary["candidate"] = cand
+    out = Path(report_path or space.report or sweep_dir(space) / f"{space.study_name}.html")
+    try:
+        from advflow.dashboards.sweep_report import write_report
+
+        write_report(space.storage, space.study_name, out, metric_name=space.metric, annotations=notes,
+                     extra_columns=["lr_g", "model.kind", "tune_trial_id"])
+        summary["report"] = str(out)
+        if client and parent:
+            client.log_artifact(parent, str(out), artifact_path="report")
+    except Exception as err:  # noqa: BLE001 - a report problem must not lose the sweep's results
+        print(f"[advflow] sweep report failed: {err}", file=sys.stderr)
+        summary["report_error"] = str(err)
+    if client and parent:
+        for key, value in (("best_value", summary.get("best_value", float("nan"))),
+                           ("trials", summary["trials"]), ("stopped_early", stopped)):
+            client.log_metric(parent, key, float(value))
+    return summary
+
+
+def _alias_candidate(client, space: SweepSpace, complete: list, direction) -> dict | None:
+    """Alias `candidate` to the final registered version of the best trial that has one (a trial
+    stopped early by ASHA never reached its end-of-training registration)."""
+    if client is None or not space.register_name:
+        return None
+    sign = 1 if direction.name.lower() == "minimize" else -1
+    for t in sorted(complete, key=lambda t: sign * t.value):
+        run_id = t.user_attrs.get("mlflow_run_id")
+        if not run_id:
+            continue
+        versions = client.search_model_versions(f"name = '{space.register_name}' and run_id = '{run_id}'")
+        if not versions:
+            continue
+        v = max(versions, key=lambda v: int(v.version))
+        client.set_registered_model_alias(space.register_name, "candidate", v.version)
+        print(f"[advflow] {space.register_name}@candidate -> version {v.version} (trial {t.number}, "
+              f"{space.metric}={t.value:.4g})", flush=True)
+        return {"name": space.register_name, "version": v.version, "trial": t.number, "value": t.value}
+    return None

@@ -1,0 +1,147 @@
+"""The sweep job end to end (issue 6 §1, §3, §5): a 4-trial Ray Tune + Optuna sweep of the tiny digits
+config, 2 trials at a time, on a real Ray head with token auth, MLflow server and S3 endpoint.
+
+The driver is SIGKILLed once the study holds two finished trials and then started again with the
+same command: the RDB study resumes without rerunning the finished trials. The sweep ends with
+nested MLflow runs, a `candidate` alias on the best trial's generator, and an HTML report that
+renders in headless Chromium (screenshot in the test output folder).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from advflow.platform.prepare import PrepareConfig, prepare
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 20
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory, mlflow_server, moto_endpoint):
+    from advflow.platform.services import start_ray_head
+    from conftest import FAKE_ENV
+
+    job_env = {"OMP_NUM_THREADS": "1", "AWS_ENDPOINT_URL": moto_endpoint, **FAKE_ENV, **mlflow_server.env}
+    with start_ray_head(tmp_path_factory.mktemp("ray"), num_cpus=2, job_env=job_env) as head:
+        yield head
+
+
+def study_counts(storage: str, name: str) -> dict[str, int]:
+    import optuna
+
+    try:
+        study = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        return {}
+    out: dict[str, int] = {}
+    for t in study.get_trials(deepcopy=False):
+        out[t.state.name] = out.get(t.state.name, 0) + 1
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_sweep_resumes_after_driver_death_nests_runs_registers_candidate_and_reports(
+        tmp_path, ray_head, mlflow_env, s3_env):
+    import optuna
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from chromium import run_headless
+
+    data = tmp_path / "digits"
+    prepare(PrepareConfig(source="digits", out=str(data), encoder="pixel", shard_records=512))
+    name = f"sweep-{uuid.uuid4().hex[:6]}"
+    storage = f"sqlite:///{tmp_path}/study.db"
+    space = yaml.safe_load((REPO / "jobs/configs/sweeps/digits_space.yaml").read_text())
+    space.update(storage=storage, study_name=name, register_name=f"afm-{name}", n_startup_trials=2)
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space, sort_keys=False))  # order matters
+    cmd = [sys.executable, "jobs/sweep.py", "--config", "jobs/configs/digits_tiny.yaml",
+           "--space", str(tmp_path / "space.yaml"), "--trials", "4", "--report", str(tmp_path / "report.html")]
+    for kv in (f"data.prefix={data}", f"train.steps={STEPS}", "train.checkpoint_every=10", "train.log_every=10",
+               "train.global_batch=32", f"adversarial.ot_scale.steps={STEPS}", "eval.kind=digits",
+               "eval.num_samples=200", f"run.storage_path={tmp_path}/runs", "tracking.experiment=sweep-test",
+               "tracking.system_metrics=false"):
+        cmd += ["--set", kv]
+    env = {**os.environ, **ray_head.env, "MLFLOW_TRACKING_URI": mlflow_env, "OMP_NUM_THREADS": "1"}
+
+    # 1. first driver: killed with SIGKILL once two trials have finished
+    t0 = time.time()
+    with open(tmp_path / "driver1.log", "w") as log1:
+        first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log1, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+        try:
+            while first.poll() is None and study_counts(storage, name).get("COMPLETE", 0) < 2:
+                assert time.time() - t0 < 900, "no two finished trials within 15 minutes"
+                time.sleep(1.0)
+        finally:
+            if first.poll() is None:
+                os.killpg(first.pid, signal.SIGKILL)
+            first.wait(timeout=60)
+    assert first.returncode == -signal.SIGKILL, (tmp_path / "driver1.log").read_text()[-3000:]
+    before = {t.number: t.params for t in optuna.load_study(study_name=name, storage=storage).trials
+              if t.state.name == "COMPLETE"}
+    assert len(before) >= 2
+
+    # 2. the same command again: resumes, runs only the missing trials
+    second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    log = second.stdout + second.stderr
+    wall = time.time() - t0
+    assert second.returncode == 0, log[-5000:]
+    assert re.search(rf"sweep {name}: {len(before)} finished trial\(s\)", log), log[-3000:]
+    study = optuna.load_study(study_name=name, storage=storage)
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert len(complete) == 4
+    for number, params in before.items():  # finished trials kept, not rerun
+        assert study.trials[number].state.name == "COMPLETE" and study.trials[number].params == params
+        assert sum(t.params == params for t in study.trials) == 1
+    for t in complete:
+        assert t.value is not None and t.value > 0 and "mlflow_run_id" in t.user_attrs
+
+    # 3. MLflow: one parent run, children nested under it with the trial's params
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("sweep-test")
+    parents = client.search_runs([exp.experiment_id], filter_string=f"tags.`advflow.sweep_key` = '{storage}#{name}'")
+    assert len(parents) == 1
+    parent = parents[0].info.run_id
+    children = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
+    by_id = {r.info.run_id: r for r in children}
+    for t in complete:
+        child = by_id[t.user_attrs["mlflow_run_id"]]
+        for key, value in t.params.items():
+            assert float(child.data.params[key]) == pytest.approx(float(value))
+        assert "eval/fd" in child.data.metrics and "eval/fd_floor" in child.data.metrics
+        assert "eval/cls_acc" in child.data.metrics
+
+    # 4. the best trial's generator is the registry's candidate
+    best = min(complete, key=lambda t: t.value)
+    version = client.get_model_version_by_alias(f"afm-{name}", "candidate")
+    finished_best = [t for t in sorted(complete, key=lambda t: t.value)
+                     if client.search_model_versions(f"name = 'afm-{name}' and run_id = '{t.user_attrs['mlflow_run_id']}'")]
+    assert version.run_id == finished_best[0].user_attrs["mlflow_run_id"]
+    if finished_best[0].number != best.number:  # the best one was stopped early by ASHA
+        assert by_id[best.user_attrs["mlflow_run_id"]].data.tags["sweep.stopped_early"] == "true"
+
+    # 5. the report: logged to the parent run, renders in Chromium
+    arts = [a.path for a in client.list_artifacts(parent, "report")]
+    assert arts == ["report/report.html"], arts
+    out_dir = Path(os.environ.get("ADVFLOW_TEST_OUTPUT", REPO / "test-output"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dom = run_headless(tmp_path / "report.html", dump_dom=True)
+    assert dom.count('class="main-svg"') >= 3
+    run_headless(tmp_path / "report.html", screenshot=out_dir / "sweep_e2e_report.png", window=(1400, 3000))
+    assert (out_dir / "sweep_e2e_report.png").stat().st_size > 10_000
+    stopped = sum(by_id[t.user_attrs["mlflow_run_id"]].data.tags.get("sweep.stopped_early") == "true"
+                  for t in complete)
+    print(f"\nsweep wall {wall:.0f}s; best {best.value:.3f} (trial {best.number}); "
+          f"ASHA stopped {stopped}/{len(complete)} early")

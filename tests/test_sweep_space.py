@@ -1,0 +1,102 @@
+"""Search-space YAML: parsing, validation errors, define-by-run conditionals, trial configs."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+
+from advflow.platform.config import ConfigError, RunSpec
+from advflow.platform.sweep import SweepSpace, apply_params, open_study, recover_study
+
+BASE = RunSpec.from_dict({"data": {"prefix": "/tmp/x"},
+                          "adversarial": {"ot_scale": {"kind": "cosine", "start": 0.05, "end": 0.001, "steps": 100}},
+                          "train": {"steps": 100, "global_batch": 32}}).to_dict()
+
+
+def space(**params) -> SweepSpace:
+    return SweepSpace.from_dict({"params": params})
+
+
+def test_repo_space_file_parses_and_covers_the_issue_parameters():
+    sp = SweepSpace.load("jobs/configs/sweeps/digits_space.yaml")
+    names = {p.name for p in sp.params}
+    for need in ("adversarial.ot_scale.start", "adversarial.ot_scale.end", "adversarial.gp_scale",
+                 "adversarial.gp_fraction", "adversarial.cp_scale", "optim.lr", "model.repeats", "model.nfe"):
+        assert need in names
+
+
+@pytest.mark.parametrize("params, words", [
+    ({"optim.lr": {"type": "float", "low": 1.0, "high": 0.1}}, ["optim.lr", "low < high"]),
+    ({"optim.lr": {"type": "float", "low": 0.0, "high": 0.1, "log": True}}, ["optim.lr.low", "log"]),
+    ({"model.repeats": {"type": "categorical"}}, ["model.repeats.choices"]),
+    ({"optim.lr": {"type": "gaussian", "low": 0, "high": 1}}, ["optim.lr.type", "float, int or categorical"]),
+    ({"a.b": {"type": "float", "low": 0, "high": 1, "when": {"c.d": [1]}}}, ["a.b", "'c.d'", "comes first"]),
+    ({"a.b": {"type": "float", "low": 0, "high": 1, "bogus": 1}}, ["a.b", "bogus"]),
+])
+def test_bad_space_names_the_field_and_fix(params, words):
+    with pytest.raises(ConfigError) as err:
+        space(**params)
+    for w in words:
+        assert w in str(err.value)
+
+
+def test_missing_space_file_says_what_to_pass(tmp_path):
+    with pytest.raises(ConfigError, match="--space"):
+        SweepSpace.load(tmp_path / "nope.yaml")
+
+
+def test_define_by_run_conditionals_and_caps():
+    sp = space(**{
+        "adversarial.ot_scale.start": {"type": "float", "low": 0.01, "high": 0.5, "log": True},
+        "adversarial.ot_scale.end": {"type": "float", "low": 0.001, "high": 0.4, "log": True,
+                                     "high_from": "adversarial.ot_scale.start"},
+        "model.nfe": {"type": "categorical", "choices": [1, 2, 4]},
+        "adversarial.gp_fraction": {"type": "categorical", "choices": [0.25, 0.5], "when": {"model.nfe": [2, 4]}},
+    })
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
+    seen_nfe = set()
+    for _ in range(40):
+        trial = study.ask()
+        got = sp.suggest(trial)
+        study.tell(trial, 0.0)
+        assert got["adversarial.ot_scale.end"] <= got["adversarial.ot_scale.start"]
+        seen_nfe.add(got["model.nfe"])
+        # the conditional parameter exists exactly when its condition holds
+        assert ("adversarial.gp_fraction" in got) == (got["model.nfe"] in (2, 4))
+        assert set(trial.params) == set(got)
+    assert seen_nfe == {1, 2, 4}
+
+
+def test_trial_config_applies_params_and_switches_multistep():
+    spec = apply_params(BASE, {"adversarial.ot_scale.start": 0.2, "adversarial.ot_scale.end": 0.01,
+                               "model.repeats": 2, "model.nfe": 2, "optim.lr": 3e-4},
+                        {"distributed.workers": 1})
+    assert spec.adversarial.ot_scale == {"kind": "cosine", "start": 0.2, "end": 0.01, "steps": 100}
+    assert (spec.model.repeats, spec.model.nfe, spec.model.kind) == (2, 2, "multistep")
+    assert spec.optim.lr == 3e-4 and spec.distributed.workers == 1
+    assert BASE["model"]["kind"] == "1nfe"  # the base is not mutated
+    # a constant lambda_ot becomes a schedule when start/end are searched
+    base = {**BASE, "adversarial": {**BASE["adversarial"], "ot_scale": 0.1}}
+    spec = apply_params(base, {"adversarial.ot_scale.start": 0.3}, {})
+    assert spec.adversarial.ot_scale["start"] == 0.3
+
+
+def test_invalid_trial_config_is_a_config_error():
+    with pytest.raises(ConfigError, match="gp_fraction"):
+        apply_params(BASE, {"adversarial.gp_fraction": 1.5}, {})
+
+
+def test_study_recovery_marks_abandoned_trials_failed(tmp_path):
+    sp = SweepSpace.from_dict({"params": {"optim.lr": {"type": "float", "low": 1e-4, "high": 1e-3}},
+                               "storage": f"sqlite:///{tmp_path}/s/study.db", "study_name": "rec"})
+    study, _, _ = open_study(sp)
+    done = study.ask()
+    study.tell(done, 1.0)
+    study.ask()  # left RUNNING: its driver "died"
+    again, _, _ = open_study(sp)
+    counts = recover_study(again)
+    assert counts == {"COMPLETE": 1, "FAIL": 1}
+    assert again.trials[0].params == done.params and again.trials[0].value == 1.0
+    with pytest.raises(ConfigError, match="mode"):
+        open_study(SweepSpace.from_dict({**{"params": {"optim.lr": {"type": "float", "low": 1e-4, "high": 1e-3}}},
+                                         "storage": sp.storage, "study_name": "rec", "mode": "max"}))
