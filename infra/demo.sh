@@ -4,7 +4,8 @@
 #   2. start the local stack: Ray head with token auth, S3 endpoint, MLflow (advflow stack up)
 #   3. encode scikit-learn's handwritten digits into latent shards on the S3 bucket
 #   4. submit the training job to Ray with `ray job submit` and wait for it
-#   5. copy the 1NFE sample grid out of the final checkpoint and say where everything is
+#   5. copy the 1NFE sample grid out of the final checkpoint
+#   6. promote the registered EMA generator to `champion` and generate a grid from the registry
 # Extra arguments go to jobs/train.py, e.g. `bash infra/demo.sh --set train.steps=200`.
 # The stack keeps running afterwards (`advflow stack down` stops it).
 set -euo pipefail
@@ -18,7 +19,10 @@ data="s3://$ADVFLOW_BUCKET/datasets/digits"
 run_name="digits_tiny_$(date +%Y%m%d_%H%M%S)"
 
 python jobs/prepare_latents.py --source digits --encoder pixel --out "$data"
-ray job submit --working-dir . -- python jobs/train.py --config jobs/configs/digits_tiny.yaml \
+# `--working-dir` uploads the files without .git: the commit travels as an environment variable.
+commit="$(git rev-parse HEAD 2>/dev/null || echo unknown)"
+ray job submit --working-dir . --runtime-env-json "{\"env_vars\": {\"ADVFLOW_GIT_COMMIT\": \"$commit\"}}" \
+    -- python jobs/train.py --config jobs/configs/digits_tiny.yaml \
     --set "data.prefix=$data" --set "run.storage_path=s3://$ADVFLOW_BUCKET/runs" \
     --set "run.name=$run_name" "$@"
 
@@ -41,4 +45,8 @@ print(f"\n[advflow] demo finished: {meta['step']} steps, final D loss {last['d_l
 print(f"[advflow] checkpoint:  s3://{bucket}/{final}/")
 print(f"[advflow] sample grid: {out}/samples.png  (1NFE samples from the EMA generator, one row per digit)")
 PY
+python jobs/promote.py --name afm-digits --alias champion --best-metric eval/fd --mode min
+python jobs/generate.py --model models:/afm-digits@champion --labels 0-9 --per-label 8 --seed 0 \
+    --out "$out/generated.png"
+echo "[advflow] registry grid: $out/generated.png  (models:/afm-digits@champion, one step per image)"
 echo "[advflow] Ray dashboard: $RAY_API_SERVER_ADDRESS   MLflow UI: $MLFLOW_TRACKING_URI   stop: advflow stack down"

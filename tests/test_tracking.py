@@ -66,29 +66,39 @@ def test_ray_token_file_content_is_a_secret(tmp_path):
 # ----------------------------------------------------------------------------------------- a tracked job
 
 
+SENTINELS = {"AWS_SECRET_ACCESS_KEY": "sentinel-aws-" + secrets.token_hex(8),
+             "RAY_AUTH_TOKEN": "sentinel-ray-" + secrets.token_hex(8)}
+MODEL = "afm-test-" + secrets.token_hex(3)
+
+
 @pytest.fixture(scope="module")
-def sentinels():
-    return {"AWS_SECRET_ACCESS_KEY": "sentinel-aws-" + secrets.token_hex(8),
-            "RAY_AUTH_TOKEN": "sentinel-ray-" + secrets.token_hex(8)}
+def tracked_run(digits, tmp_path_factory, mlflow_server, moto_endpoint):
+    """One tiny tracked job (2 workers, 12 steps, eval + registration at steps 6 and 12), shared by
+    the tracking and the registry end-to-end tests."""
+    import mlflow
 
+    from conftest import FAKE_ENV
 
-@pytest.fixture
-def tracked_run(digits, tmp_path, mlflow_env, monkeypatch, sentinels):
-    # moto accepts any credentials: real-looking secret values that must never reach MLflow.
-    for k, v in sentinels.items():
-        monkeypatch.setenv(k, v)
-    spec = tiny_spec(digits, str(tmp_path / "runs"))
-    run_id = tracking.open_run(spec, config_yaml="run:\n  name: tracked\n")
-    history = run_local(spec, tmp_path / "runs" / "tracked", run_id=run_id)
-    tracking.close_run(spec, run_id, ok=True)
-    return spec, run_id, history
+    root = tmp_path_factory.mktemp("tracked")
+    with pytest.MonkeyPatch.context() as mp:
+        # moto accepts any credentials: real-looking secret values that must never reach MLflow.
+        for k, v in {**FAKE_ENV, **SENTINELS, "AWS_ENDPOINT_URL": moto_endpoint,
+                     "MLFLOW_TRACKING_URI": mlflow_server.url}.items():
+            mp.setenv(k, v)
+        mlflow.set_tracking_uri(mlflow_server.url)
+        spec = tiny_spec(digits, str(root / "runs"), register_name=MODEL, register_every=6)
+        spec.eval.kind, spec.eval.every, spec.eval.num_samples = "digits", 6, 200
+        run_id = tracking.open_run(spec, config_yaml="run:\n  name: tracked\n")
+        history = run_local(spec, root / "runs" / "tracked", run_id=run_id)
+        tracking.close_run(spec, run_id, ok=True)
+    return spec, run_id, history, root / "runs" / "tracked"
 
 
 @pytest.mark.timeout(600)
-def test_tracked_job_logs_params_tags_metrics_images_artifacts(tracked_run, tmp_path, sentinels):
+def test_tracked_job_logs_params_tags_metrics_images_artifacts(tracked_run, tmp_path, mlflow_env):
     from mlflow.tracking import MlflowClient
 
-    spec, run_id, history = tracked_run
+    spec, run_id, history, _ = tracked_run
     client = MlflowClient()
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
@@ -141,8 +151,80 @@ def test_tracked_job_logs_params_tags_metrics_images_artifacts(tracked_run, tmp_
     for path in Path(root).rglob("*"):
         if path.is_file():
             blob += path.read_bytes().decode("latin-1")
-    for value in sentinels.values():
+    for value in SENTINELS.values():
         assert value not in blob
+    # ... nor in the registered model's files
+    import mlflow
+
+    version = MlflowClient().get_model_version(MODEL, "1")
+    local = mlflow.artifacts.download_artifacts(f"models:/{MODEL}/{version.version}", dst_path=str(tmp_path / "m"))
+    for path in Path(local).rglob("*"):
+        if path.is_file():
+            text = path.read_bytes().decode("latin-1")
+            for value in SENTINELS.values():
+                assert value not in text, path
+
+
+@pytest.mark.timeout(600)
+def test_end_to_end_registered_promoted_and_generated_from_the_registry(tracked_run, tmp_path, mlflow_env):
+    """Issue 5 §6: tiny job -> run with metrics and image -> registered versions -> champion ->
+    jobs/generate.py from models:/NAME@champion, equal to the checkpoint's EMA generator."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+    import torch
+    from mlflow.tracking import MlflowClient
+    from safetensors.torch import load_file
+
+    from advflow.trainers.flow import generate
+    from advflow.trainers.models import build_generator
+
+    spec, run_id, _, run_dir = tracked_run
+    client = MlflowClient()
+    assert client.get_metric_history(run_id, "eval/fd") and client.list_artifacts(run_id, "images")
+    versions = sorted(client.search_model_versions(f"name = '{MODEL}'"), key=lambda v: int(v.version))
+    assert [v.tags["step"] for v in versions] == ["6", "12"]
+    for v in versions:
+        assert v.run_id == run_id and v.tags["run_id"] == run_id
+        assert float(v.tags["metric.eval/fd"]) == pytest.approx(
+            [m.value for m in client.get_metric_history(run_id, "eval/fd") if m.step == int(v.tags["step"])][0])
+        assert v.tags["data.manifest_sha256"] == client.get_run(run_id).data.tags["data.manifest_sha256"]
+    best = min(versions, key=lambda v: float(v.tags["metric.eval/fd"]))
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**__import__("os").environ}
+    promote = subprocess.run([sys.executable, "jobs/promote.py", "--name", MODEL, "--alias", "champion",
+                              "--best-metric", "eval/fd", "--mode", "min"], cwd=repo, env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert promote.returncode == 0, promote.stderr[-2000:]
+    assert client.get_model_version_by_alias(MODEL, "champion").version == best.version
+
+    outs = []
+    for name in ("a", "b"):
+        gen = subprocess.run([sys.executable, "jobs/generate.py", "--model", f"models:/{MODEL}@champion",
+                              "--labels", "0-9", "--per-label", "2", "--seed", "0", "--out", str(tmp_path / f"{name}.png"),
+                              "--npz", str(tmp_path / f"{name}.npz")], cwd=repo, env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert gen.returncode == 0, gen.stderr[-2000:]
+        outs.append(np.load(tmp_path / f"{name}.npz"))
+    assert np.array_equal(outs[0]["images"], outs[1]["images"])  # same seed, same images
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+
+    # Independent reference: the EMA weights of the checkpoint at the champion's step.
+    ckpt = run_dir / f"checkpoint_{int(best.tags['step']):06d}"
+    ema = load_file(str(ckpt / "ema.safetensors"))
+    g = build_generator("tiny", in_channels=1, input_size=8, num_classes=10)
+    missing, unexpected = g.load_state_dict(ema, strict=False)
+    assert not unexpected and not set(missing) & {n for n, _ in g.named_parameters()}
+    g.eval()
+    labels, seeds = outs[0]["labels"], outs[0]["seeds"]
+    z = torch.stack([torch.randn((1, 8, 8), generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+    with torch.no_grad():
+        x = generate(g, z, torch.as_tensor(labels, dtype=torch.long))
+    want = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert np.abs(want.astype(int) - outs[0]["images"].astype(int)).max() <= 1
 
 
 def test_resubmitted_job_continues_the_same_run(digits, tmp_path, mlflow_env):
