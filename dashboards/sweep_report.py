@@ -21,9 +21,7 @@ import datetime as dt
 import html
 import logging
 import math
-import os
 import sys
-import tempfile
 import warnings
 from collections import Counter
 from collections.abc import Callable
@@ -34,6 +32,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from advflow.dashboards.sweep_grids import SAMPLE_GRID_ATTR, GridUnavailable, image_mime, load_grid
+from advflow.platform.atomic import write_text
 
 # User attributes advflow's sweep job records; shown as table columns when any trial has them.
 DEFAULT_ATTR_COLUMNS = ("mlflow_run_id", "stopped_early", "steps")
@@ -349,20 +348,7 @@ def write_report(storage: str, study_name: str, out: str | Path, **kw: Any) -> P
     """Load `study_name` from `storage`, render it with `build_report(**kw)`, write it to `out`
     atomically (a temporary file in the same folder, then os.replace); returns the absolute path."""
     page = build_report(load_study(storage, study_name), **kw)
-    out = Path(out).expanduser().resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(page)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; a report is meant to be shared
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+    return write_text(Path(out).expanduser().resolve(), page)  # 0644: a report is meant to be shared
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,6 @@ images. --npz also saves the raw uint8 images (N, H, W, C) with their labels and
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -38,12 +37,15 @@ def parse_labels(text: str) -> list[int]:
 
 
 def _save_npz(path: Path, **arrays) -> None:
+    import io
+
     import numpy as np
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")  # .npz suffix so numpy does not append one
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    from advflow.platform.atomic import write_bytes
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    write_bytes(path, buf.getvalue())
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

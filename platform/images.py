@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+from advflow.platform.atomic import write_bytes
 
 
 def grid_array(x: torch.Tensor, nrow: int, pad: int = 1, upscale: int | None = None) -> np.ndarray:
@@ -37,9 +39,6 @@ def grid_array(x: torch.Tensor, nrow: int, pad: int = 1, upscale: int | None = N
 
 
 def save_grid(x: torch.Tensor, path: str | Path, nrow: int = 8) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    Image.fromarray(grid_array(x, nrow)).save(tmp)
-    os.replace(tmp, path)
-    return path
+    buf = io.BytesIO()
+    Image.fromarray(grid_array(x, nrow)).save(buf, format="PNG")
+    return write_bytes(path, buf.getvalue())

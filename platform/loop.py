@@ -260,7 +260,7 @@ class AFMTrainer:
     def evaluate(self, step: int, final: bool) -> dict[str, float]:
         """Sample quality (eval.kind) on rank 0 from the EMA generator with fixed seeds and labels."""
         ev = self.spec.eval
-        if ev.kind == "none" or not (final or (ev.every and step % ev.every == 0)):
+        if ev.kind == "none" or not (final or self._due(step, ev.every)):
             return {}
         from advflow.platform.encoders import decode_latents
         from advflow.platform.quality import build_evaluator
@@ -285,12 +285,17 @@ class AFMTrainer:
         out["eval/seconds"] = time.perf_counter() - t0
         return out
 
+    def _due(self, step: int, every: int) -> bool:
+        """At checkpoint `step`: does a multiple of `every` fall in (previous checkpoint, step]?"""
+        c = self.spec.train.checkpoint_every
+        return bool(every) and step // every > max(step - c, 0) // every
+
     def register_model(self, step: int, final: bool, eval_metrics: dict[str, float]) -> None:
         """Log + register the EMA generator (rank 0) at tracking.register_every steps and at the end."""
         tr = self.spec.tracking
         if self.logger is None or not tr.register_name:
             return
-        if not (final or (tr.register_every and step % tr.register_every == 0)):
+        if not (final or self._due(step, tr.register_every)):
             return
         from advflow.platform.registry import log_generator
         from advflow.platform.tracking import manifest_facts

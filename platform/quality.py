@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
+
+from advflow.platform.atomic import write_bytes
 
 EVAL_KINDS = ("digits", "fid")
 
@@ -155,19 +156,7 @@ def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray, **extra: Any) -> No
     buf = io.BytesIO()
     np.savez(buf, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64),
              **{k: np.asarray(v) for k, v in extra.items()})
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(buf.getvalue())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_bytes(path, buf.getvalue())
 
 
 def load_stats(path: str, dim: int | None = None) -> tuple[np.ndarray, np.ndarray]:

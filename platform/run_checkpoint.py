@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 from safetensors.torch import load_file, save_file
+
+from advflow.platform.atomic import write_text
 
 if TYPE_CHECKING:
     from advflow.platform.loop import AFMTrainer
@@ -46,9 +47,7 @@ def staging_dir() -> Iterator[str]:
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj, indent=1, sort_keys=True))
 
 
 def save(directory: str, trainer: "AFMTrainer", step: int) -> None:

@@ -23,12 +23,13 @@ import asyncio
 import os
 import random
 import socket
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
 import fsspec
+
+from advflow.platform.atomic import write_bytes
 
 T = TypeVar("T")
 
@@ -307,21 +308,7 @@ class Storage:
             self.call("write", name, lambda: self.fs.pipe_file(p, data))
 
     def _write_local(self, name: str, data: bytes) -> None:
-        target = self.path(name)
-        folder = os.path.dirname(target)
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-        try:
-            os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the dataset from other users
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        write_bytes(self.path(name), data)  # 0644: mkstemp's 0600 would hide the dataset from other users
 
     def size(self, name: str) -> int:
         p = self.path(name)

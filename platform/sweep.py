@@ -89,6 +89,9 @@ class SweepSpace:
     """Registered-model name for trial generators; the best trial's version gets alias `candidate`."""
     report: str | None = None
     """Where to write the HTML sweep report (default: next to the study, `<study>.html`)."""
+    baseline: bool = True
+    """Make the first trial of a new study the base config's own values (the reference the sweep
+    has to beat); values outside the space's ranges are left to the sampler."""
 
     @classmethod
     def load(cls, path: str | Path) -> "SweepSpace":
@@ -150,6 +153,26 @@ class SweepSpace:
             else:
                 got[p.name] = trial.suggest_float(p.name, low, high, log=p.log, step=p.step)
         return got
+
+
+    def baseline_point(self, base: dict) -> dict[str, Any]:
+        """The base config's values of the searched parameters (those inside the space)."""
+        point: dict[str, Any] = {}
+        for p in self.params:
+            value = _get(base, p.name)
+            parent = _get(base, p.name.rsplit(".", 1)[0]) if "." in p.name else None
+            if value is None and isinstance(parent, (int, float)) and not isinstance(parent, bool):
+                value = parent  # a constant lambda_ot is both the start and the end of its schedule
+            if value is None or any(point.get(ref, _MISSING) not in vals for ref, vals in p.when.items()):
+                continue
+            if p.type == "categorical":
+                if value in p.choices:
+                    point[p.name] = value
+                continue
+            high = min(p.high, point[p.high_from]) if p.high_from and p.high_from in point else p.high
+            if p.low <= value <= high:
+                point[p.name] = value
+        return point
 
 
 _MISSING = object()

@@ -111,7 +111,6 @@ def open_parent_run(spec: RunSpec, space: SweepSpace, space_yaml: str) -> str | 
 def run_sweep(spec: RunSpec, space: SweepSpace, trials: int, *, space_yaml: str = "",
               report_path: str | Path | None = None) -> dict[str, Any]:
     """Run (or resume) the sweep until the study holds `trials` finished trials; returns a summary."""
-    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
@@ -130,8 +129,10 @@ def run_sweep(spec: RunSpec, space: SweepSpace, trials: int, *, space_yaml: str 
     ok = True
     if remaining:
         ensure_ray()
+        # A new study starts with the base config itself (trial 0): the number the sweep must beat.
+        points = [space.baseline_point(base)] if space.baseline and not study.trials else None
         searcher = OptunaSearch(space=space.suggest, metric=space.metric, mode=space.mode, sampler=sampler,
-                                study_name=space.study_name, storage=storage)
+                                study_name=space.study_name, storage=storage, points_to_evaluate=points)
         every = base["eval"]["every"]
         scheduler = ASHAScheduler(time_attr="step", max_t=spec.train.steps,
                                   grace_period=int(space.asha.get("grace_period", 1)) * every,

@@ -100,3 +100,14 @@ def test_study_recovery_marks_abandoned_trials_failed(tmp_path):
     with pytest.raises(ConfigError, match="mode"):
         open_study(SweepSpace.from_dict({**{"params": {"optim.lr": {"type": "float", "low": 1e-4, "high": 1e-3}}},
                                          "storage": sp.storage, "study_name": "rec", "mode": "max"}))
+
+
+def test_baseline_point_is_the_base_config_inside_the_space():
+    sp = SweepSpace.load("jobs/configs/sweeps/digits_space.yaml")
+    point = sp.baseline_point(BASE)
+    assert point["adversarial.ot_scale.start"] == 0.05 and point["adversarial.ot_scale.end"] == 0.001
+    assert point["model.repeats"] == 1 and point["model.nfe"] == 1
+    assert point["adversarial.gp_scale"] == BASE["adversarial"]["gp_scale"]
+    # a value outside its range is left to the sampler
+    base = {**BASE, "optim": {**BASE["optim"], "lr": 10.0}}
+    assert "optim.lr" not in sp.baseline_point(base)

@@ -243,3 +243,18 @@ def test_untracked_without_uri(digits, tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert tracking.open_run(tiny_spec(digits, str(tmp_path))) is None
     assert "NOT tracked" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("checkpoint_every, every, want", [
+    (6, 6, [6, 12, 18, 24, 30]),  # the same cadence
+    (6, 10, [12, 24, 30]),        # first checkpoint at or after 10, 20, 30
+    (10, 4, [10, 20, 30]),        # faster than checkpoints: every checkpoint
+    (6, 0, []),                   # 0: only at the end (handled by `final`)
+])
+def test_eval_and_registration_cadence_lands_on_checkpoints(checkpoint_every, every, want):
+    from advflow.platform.loop import AFMTrainer
+
+    spec = RunSpec.from_dict({"data": {"prefix": "/x"}, "train": {"steps": 30, "global_batch": 16,
+                                                                  "checkpoint_every": checkpoint_every}})
+    trainer = AFMTrainer(spec, ctx=None)
+    assert [s for s in range(checkpoint_every, 31, checkpoint_every) if trainer._due(s, every)] == want
