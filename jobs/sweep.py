@@ -3,7 +3,10 @@
     python jobs/sweep.py --config jobs/configs/digits_tiny.yaml --space jobs/configs/sweeps/digits_space.yaml --trials 16
     ray job submit --working-dir . -- python jobs/sweep.py --config ... --space ... --trials 16
 
-The Optuna study lives in the space's `storage` (SQLite by default). Running the same command again
+The Optuna study lives in the space's `storage` (SQLite by default; a relative path is taken from
+the current directory). Under `ray job submit` the job runs in a fresh copy of the working
+directory, so give an absolute path (`--storage sqlite:////shared/sweeps/x.db`) or a database
+server URL there, or the next submission will not find the study. Running the same command again
 after the driver died resumes the sweep: finished trials are kept (and inform TPE), trials the dead
 driver left running are marked failed, and only the missing trials run. At the end the best trial's
 EMA generator gets the registry alias `candidate`, and an HTML report is written and logged to the

@@ -213,6 +213,15 @@ def _set(raw: dict, dotted: str, value) -> None:
 # ----------------------------------------------------------------------------------------- study
 
 
+def absolute_storage(url: str) -> str:
+    """A relative SQLite URL made absolute against this process's working directory: Tune runs
+    trials in their own directories, and they must open the same file as the driver."""
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url.startswith(prefix + "/") and url != prefix + ":memory:":
+        return prefix + str(Path(url[len(prefix):]).resolve())
+    return url
+
+
 def open_study(space: SweepSpace):
     """The RDB-backed study (created or loaded), with the seeded TPE sampler."""
     import optuna

@@ -19,8 +19,8 @@ from typing import Any
 
 from advflow.platform import tracking
 from advflow.platform.config import ConfigError, RunSpec
-from advflow.platform.sweep import (SweepSpace, apply_params, find_optuna_trial, open_study, recover_study,
-                                    sweep_dir)
+from advflow.platform.sweep import (SweepSpace, absolute_storage, apply_params, find_optuna_trial, open_study,
+                                    recover_study, sweep_dir)
 
 SWEEP_KEY_TAG = "advflow.sweep_key"
 
@@ -118,6 +118,7 @@ def run_sweep(spec: RunSpec, space: SweepSpace, trials: int, *, space_yaml: str 
     from advflow.platform.ray_train import ensure_ray
 
     t0 = time.time()
+    space.storage = absolute_storage(space.storage)
     base = prepare_base(spec)
     study, storage, sampler = open_study(space)
     counts = recover_study(study)

@@ -111,3 +111,12 @@ def test_baseline_point_is_the_base_config_inside_the_space():
     # a value outside its range is left to the sampler
     base = {**BASE, "optim": {**BASE["optim"], "lr": 10.0}}
     assert "optim.lr" not in sp.baseline_point(base)
+
+
+def test_relative_sqlite_storage_is_made_absolute(tmp_path, monkeypatch):
+    from advflow.platform.sweep import absolute_storage
+
+    monkeypatch.chdir(tmp_path)
+    assert absolute_storage("sqlite:///sweeps/a.db") == f"sqlite:///{tmp_path}/sweeps/a.db"
+    assert absolute_storage("sqlite:////abs/a.db") == "sqlite:////abs/a.db"
+    assert absolute_storage("postgresql://u@h/db") == "postgresql://u@h/db"
