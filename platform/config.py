@@ -218,6 +218,9 @@ class RunSpec:
             _fail("model.kind", f"{m.kind!r} is unknown", "use 1nfe, multistep or anystep")
         if m.repeats < 1:
             _fail("model.repeats", f"R={m.repeats} < 1", "use R >= 1 (1 = no depth repetition)")
+        if m.repeats > 1 and m.kind != "1nfe":
+            _fail("model.repeats", f"R={m.repeats} with kind {m.kind}", "depth repetition is for 1NFE generators "
+                  "(the paper's 56/112-layer models): use model.kind=1nfe with R > 1, or R=1")
         if m.nfe < 1:
             _fail("model.nfe", f"K={m.nfe} < 1", "use K >= 1")
         if m.kind == "1nfe" and m.nfe != 1:

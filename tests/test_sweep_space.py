@@ -69,10 +69,14 @@ def test_define_by_run_conditionals_and_caps():
 
 def test_trial_config_applies_params_and_switches_multistep():
     spec = apply_params(BASE, {"adversarial.ot_scale.start": 0.2, "adversarial.ot_scale.end": 0.01,
-                               "model.repeats": 2, "model.nfe": 2, "optim.lr": 3e-4},
+                               "model.nfe": 2, "optim.lr": 3e-4},
                         {"distributed.workers": 1})
     assert spec.adversarial.ot_scale == {"kind": "cosine", "start": 0.2, "end": 0.01, "steps": 100}
-    assert (spec.model.repeats, spec.model.nfe, spec.model.kind) == (2, 2, "multistep")
+    assert (spec.model.repeats, spec.model.nfe, spec.model.kind) == (1, 2, "multistep")
+    deep = apply_params(BASE, {"model.repeats": 4, "model.nfe": 1}, {})
+    assert (deep.model.repeats, deep.model.kind) == (4, "1nfe")
+    with pytest.raises(ConfigError, match="model.repeats"):  # depth repetition is 1NFE-only
+        apply_params(BASE, {"model.repeats": 2, "model.nfe": 2}, {})
     assert spec.optim.lr == 3e-4 and spec.distributed.workers == 1
     assert BASE["model"]["kind"] == "1nfe"  # the base is not mutated
     # a constant lambda_ot becomes a schedule when start/end are searched
@@ -107,6 +111,8 @@ def test_baseline_point_is_the_base_config_inside_the_space():
     point = sp.baseline_point(BASE)
     assert point["adversarial.ot_scale.start"] == 0.05 and point["adversarial.ot_scale.end"] == 0.001
     assert point["model.repeats"] == 1 and point["model.nfe"] == 1
+    # R is conditional on K = 1 in the repo's space
+    assert next(p for p in sp.params if p.name == "model.repeats").when == {"model.nfe": [1]}
     assert point["adversarial.gp_scale"] == BASE["adversarial"]["gp_scale"]
     # a value outside its range is left to the sampler
     base = {**BASE, "optim": {**BASE["optim"], "lr": 10.0}}
