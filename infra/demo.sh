@@ -18,7 +18,8 @@ eval "$(advflow stack env)"
 data="s3://$ADVFLOW_BUCKET/datasets/digits"
 run_name="digits_tiny_$(date +%Y%m%d_%H%M%S)"
 
-python jobs/prepare_latents.py --source digits --encoder pixel --out "$data"
+# --overwrite: a dataset left by an older advflow (other parameters) is replaced, an identical one kept.
+python jobs/prepare_latents.py --source digits --encoder pixel --out "$data" --overwrite
 # `--working-dir` uploads the files without .git: the commit travels as an environment variable.
 commit="$(git rev-parse HEAD 2>/dev/null || echo unknown)"
 ray job submit --working-dir . --runtime-env-json "{\"env_vars\": {\"ADVFLOW_GIT_COMMIT\": \"$commit\"}}" \
