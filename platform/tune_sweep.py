@@ -195,8 +195,11 @@ def finalize(spec: RunSpec, space: SweepSpace, parent: str | None, report_path) 
             hist = client.get_metric_history(run_id, space.metric)
             steps = max((m.step for m in hist), default=0)
             early = t.state == TS.COMPLETE and steps < spec.train.steps
-            if run.info.status == "RUNNING":  # the trial actor was stopped by ASHA (or died)
-                client.set_terminated(run_id, status="KILLED" if early else "FAILED")
+            # Tune stops a trial's function at ASHA's max_t as well as at a lower rung, so the run's
+            # status is settled here from the study: finished, stopped early, or failed.
+            status = ("KILLED" if early else "FINISHED") if t.state == TS.COMPLETE else "FAILED"
+            if run.info.status != status:
+                client.set_terminated(run_id, status=status)
             client.set_tag(run_id, "sweep.stopped_early", str(early).lower())
             notes[t.number] = {"steps": steps, "stopped_early": early}
             stopped += int(early)

@@ -122,6 +122,8 @@ def test_sweep_resumes_after_driver_death_nests_runs_registers_candidate_and_rep
             assert float(child.data.params[key]) == pytest.approx(float(value))
         assert "eval/fd" in child.data.metrics and "eval/fd_floor" in child.data.metrics
         assert "eval/cls_acc" in child.data.metrics
+        early = child.data.tags["sweep.stopped_early"] == "true"
+        assert child.info.status == ("KILLED" if early else "FINISHED")
 
     # 4. the best trial's generator is the registry's candidate
     best = min(complete, key=lambda t: t.value)
