@@ -24,7 +24,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -292,8 +291,3 @@ class RunLogger:
 def _metric_key(key: str) -> str:
     return re.sub(r"[^A-Za-z0-9_\-. /]", "_", key)
 
-
-def staging_png() -> str:
-    fd, path = tempfile.mkstemp(prefix="advflow-grid-", suffix=".png")
-    os.close(fd)
-    return path
