@@ -84,6 +84,7 @@ class AFMTrainer:
         self.logger = None
         self._evaluator = None
         self.registered: list[dict] = []
+        self.last_report: dict = {}  # the latest checkpoint's metrics (final_metrics.json)
         self.device = device or torch.device("cpu")
         self.plan = spec.phase_plan()
         self.afm_cfg = afm.AFMConfig(
@@ -285,6 +286,13 @@ class AFMTrainer:
         out["eval/seconds"] = time.perf_counter() - t0
         return out
 
+    def image_due(self, step: int, at_checkpoint: bool) -> bool:
+        """Log a sample grid to MLflow at `step`? Every tracking.image_every steps (0: at each
+        checkpoint), and always at the end."""
+        m = self.spec.tracking.image_every
+        return self.logger is not None and (step == self.spec.train.steps or
+                                            (step % m == 0 if m else at_checkpoint))
+
     def _due(self, step: int, every: int) -> bool:
         """At checkpoint `step`: does a multiple of `every` fall in (previous checkpoint, step]?"""
         c = self.spec.train.checkpoint_every
@@ -298,17 +306,10 @@ class AFMTrainer:
         if not (final or self._due(step, tr.register_every)):
             return
         from advflow.platform.registry import log_generator
-        from advflow.platform.tracking import manifest_facts
 
-        tags = {"run_id": self.logger.run_id, "step": str(step), "data.prefix": self.spec.data.prefix}
-        try:
-            tags.update(manifest_facts(self.spec.data.prefix))
-        except Exception:  # noqa: BLE001 - the tag is informative; the stream already read the data
-            pass
-        primary = getattr(self._evaluator, "primary", None)
+        # log_generator adds run_id, step and one `metric.<key>` tag per evaluation result.
+        tags = {"data.prefix": self.spec.data.prefix, **self.logger.data_tags}
         metrics = {k: v for k, v in eval_metrics.items() if k != "eval/seconds"}
-        if primary in metrics:
-            tags.update({"eval_metric": primary, "eval_value": repr(metrics[primary])})
         reg = log_generator(self.ema_model(), decoder=self.streams["d"].manifest.encoder,
                             data_shape=self.data_shape, num_classes=self.num_classes,
                             registered_name=tr.register_name, tags=tags, step=step,
@@ -318,16 +319,16 @@ class AFMTrainer:
 
     def save_checkpoint(self, step: int, final: bool) -> None:
         t0 = time.perf_counter()
-        t, tr = self.spec.train, self.spec.tracking
+        t = self.spec.train
         with ckpt.staging_dir() as tmp:
             ckpt.save(tmp, self, step)
             extra: dict[str, float] = {}
             if self.ctx.rank == 0:
                 grid = Path(tmp) / "samples.png"
-                if final or (t.sample_every and step % t.sample_every == 0) or \
-                        (self.logger is not None and not tr.image_every):
+                to_mlflow = self.image_due(step, at_checkpoint=True)
+                if final or (t.sample_every and step % t.sample_every == 0) or to_mlflow:
                     self.sample_grid(grid)
-                    if self.logger is not None:
+                    if to_mlflow:
                         self.logger.log_grid(grid, step)
                 extra = self.evaluate(step, final)
                 if self.logger is not None and extra:
@@ -348,8 +349,8 @@ class AFMTrainer:
                  "data_wait_frac": self.times.as_metrics()["time/data_wait_frac"]}
         self.logger.log_rows(rows, extra)
         step = int(rows[-1]["step"])
-        if self.spec.tracking.image_every and step % self.spec.tracking.image_every == 0 and \
-                step % t.checkpoint_every and step != t.steps:  # checkpoints log their own grid
+        at_checkpoint = step % t.checkpoint_every == 0 or step == t.steps  # save_checkpoint logs those
+        if not at_checkpoint and self.image_due(step, at_checkpoint=False):
             with ckpt.staging_dir() as tmp:
                 self.sample_grid(Path(tmp) / "samples.png")
                 self.logger.log_grid(Path(tmp) / "samples.png", step)
@@ -418,7 +419,7 @@ class AFMTrainer:
         for s in getattr(self, "streams", {}).values():
             s.close()
         if self.logger is not None:
-            self.logger.log_final({"step": self.state.step, **getattr(self, "last_report", {}),
+            self.logger.log_final({"step": self.state.step, **self.last_report,
                                    "registered": self.registered, "resumed_from": self.state.resumes})
             self.logger.close()
             self.logger = None

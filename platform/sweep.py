@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -213,20 +212,28 @@ def _set(raw: dict, dotted: str, value) -> None:
 # ----------------------------------------------------------------------------------------- study
 
 
+_SQLITE = "sqlite:///"
+
+
+def _sqlite_file(url: str) -> Path | None:
+    """The database file of a `sqlite:///` URL (None for other URLs and in-memory SQLite)."""
+    path = url[len(_SQLITE):] if url.startswith(_SQLITE) else ""
+    return Path(path) if path and path != ":memory:" else None
+
+
 def absolute_storage(url: str) -> str:
     """A relative SQLite URL made absolute against this process's working directory: Tune runs
     trials in their own directories, and they must open the same file as the driver."""
-    prefix = "sqlite:///"
-    if url.startswith(prefix) and not url.startswith(prefix + "/") and url != prefix + ":memory:":
-        return prefix + str(Path(url[len(prefix):]).resolve())
-    return url
+    path = _sqlite_file(url)
+    return _SQLITE + str(path.resolve()) if path is not None and not path.is_absolute() else url
 
 
 def open_study(space: SweepSpace):
     """The RDB-backed study (created or loaded), with the seeded TPE sampler."""
     import optuna
 
-    _ensure_sqlite_dir(space.storage)
+    if (db := _sqlite_file(space.storage)) is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
     sampler = optuna.samplers.TPESampler(seed=space.seed, n_startup_trials=space.n_startup_trials)
     storage = optuna.storages.RDBStorage(space.storage)
     direction = "minimize" if space.mode == "min" else "maximize"
@@ -254,12 +261,6 @@ def recover_study(study) -> dict[str, int]:
     return counts
 
 
-def _ensure_sqlite_dir(url: str) -> None:
-    if url.startswith("sqlite:///"):
-        path = url[len("sqlite:///"):]
-        Path(path).parent.mkdir(parents=True, exist_ok=True) if path and path != ":memory:" else None
-
-
 def find_optuna_trial(study, params: dict[str, Any]):
     """The RUNNING Optuna trial whose params equal `params` (how a Tune trial finds its number)."""
     import optuna
@@ -271,10 +272,6 @@ def find_optuna_trial(study, params: dict[str, Any]):
 
 
 def sweep_dir(space: SweepSpace) -> Path:
-    if space.storage.startswith("sqlite:///"):
-        return Path(space.storage[len("sqlite:///"):]).resolve().parent
-    return Path("sweeps").resolve()
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "") not in ("", "0", "false")
+    """Where a sweep's Tune state and report go: beside a SQLite study, else ./sweeps."""
+    db = _sqlite_file(space.storage)
+    return db.resolve().parent if db is not None else Path("sweeps").resolve()

@@ -150,11 +150,8 @@ def open_run(spec: RunSpec, *, config_yaml: str | None = None, parent_run_id: st
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(spec.tracking.experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(spec.tracking.experiment)
     key = run_key(spec)
-    found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{_quote(key)}'",
-                               order_by=["attributes.start_time DESC"], max_results=1)
+    run_id, found = find_or_create_run(client, spec.tracking.experiment, RUN_KEY_TAG, key, spec.run.name)
     secrets = secret_values()
     tags = {RUN_KEY_TAG: key, "advflow.version": advflow_version(), "git.commit": git_commit(),
             "mlflow.source.name": "jobs/train.py", "advflow.model": spec.model.size,
@@ -169,15 +166,10 @@ def open_run(spec: RunSpec, *, config_yaml: str | None = None, parent_run_id: st
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     if found:
-        run_id = found[0].info.run_id
-        client.update_run(run_id, status="RUNNING")
-        resumes = int(found[0].data.tags.get("advflow.resubmissions", "0")) + 1
-        tags["advflow.resubmissions"] = str(resumes)
-    else:
-        run_id = client.create_run(exp_id, run_name=spec.run.name).info.run_id
+        tags["advflow.resubmissions"] = str(int(found.data.tags.get("advflow.resubmissions", "0")) + 1)
     params = {k: _param_value(v) for k, v in scrub(flatten(spec.to_dict()), secrets).items()}
     if found:  # params are immutable in MLflow: keep the first values, note what changed
-        old = found[0].data.params
+        old = found.data.params
         changed = {k: v for k, v in params.items() if k in old and old[k] != v}
         params = {k: v for k, v in params.items() if k not in old}
         if changed:
@@ -187,6 +179,19 @@ def open_run(spec: RunSpec, *, config_yaml: str | None = None, parent_run_id: st
     if config_yaml is not None:
         client.log_text(run_id, scrub(config_yaml, secrets), "config/config.yaml")
     return run_id
+
+
+def find_or_create_run(client, experiment: str, key_tag: str, key: str, run_name: str):
+    """(run_id, existing Run or None): the run of `experiment` tagged `key_tag`=`key`, set RUNNING
+    again, or a new run carrying that tag. The key is how a restarted driver finds its run."""
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    found = client.search_runs([exp_id], filter_string=f"tags.`{key_tag}` = '{_quote(key)}'",
+                               order_by=["attributes.start_time DESC"], max_results=1)
+    if found:
+        client.update_run(found[0].info.run_id, status="RUNNING")
+        return found[0].info.run_id, found[0]
+    return client.create_run(exp_id, run_name=run_name, tags={key_tag: key}).info.run_id, None
 
 
 def close_run(spec: RunSpec, run_id: str | None, ok: bool) -> None:
@@ -231,6 +236,10 @@ class RunLogger:
         mlflow.set_tracking_uri(self.uri)  # for the registry calls, which use the fluent API
         self.client = MlflowClient(self.uri)
         self._secrets = secret_values()
+        # The driver tagged the run with the dataset's manifest; registered versions reuse the tags
+        # instead of reading the manifest again at every registration.
+        tags = self.client.get_run(run_id).data.tags
+        self.data_tags = {k: v for k, v in tags.items() if k.startswith("data.")}
         # Steps a previous attempt already logged (the restored replay reproduces them exactly).
         history = self.client.get_metric_history(run_id, "d_loss")
         self.last_logged_step = max((m.step for m in history), default=0)

@@ -86,25 +86,19 @@ def open_parent_run(spec: RunSpec, space: SweepSpace, space_yaml: str) -> str | 
         return None
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(spec.tracking.experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(spec.tracking.experiment)
-    key = f"{space.storage}#{space.study_name}"
-    found = client.search_runs([exp_id], filter_string=f"tags.`{SWEEP_KEY_TAG}` = '{key}'", max_results=1)
-    if found:
-        run_id = found[0].info.run_id
-        client.update_run(run_id, status="RUNNING")
-    else:
-        run_id = client.create_run(exp_id, run_name=f"sweep-{space.study_name}",
-                                   tags={SWEEP_KEY_TAG: key, "advflow.kind": "sweep",
-                                         "git.commit": tracking.git_commit(),
-                                         "advflow.version": tracking.advflow_version()}).info.run_id
-        client.log_text(run_id, tracking.scrub(space_yaml), "sweep/space.yaml")
-        from mlflow.entities import Param
+    from mlflow.entities import Param, RunTag
 
+    client = MlflowClient(uri)
+    run_id, found = tracking.find_or_create_run(client, spec.tracking.experiment, SWEEP_KEY_TAG,
+                                                f"{space.storage}#{space.study_name}", f"sweep-{space.study_name}")
+    if not found:
+        tags = {"advflow.kind": "sweep", "git.commit": tracking.git_commit(),
+                "advflow.version": tracking.advflow_version()}
         params = {"metric": space.metric, "mode": space.mode, "seed": space.seed, "study": space.study_name,
                   "storage": tracking.scrub(space.storage), "max_concurrent_trials": space.max_concurrent_trials}
-        client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+        client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()],
+                         tags=[RunTag(k, v) for k, v in tags.items()])
+        client.log_text(run_id, tracking.scrub(space_yaml), "sweep/space.yaml")
     return run_id
 
 

@@ -258,3 +258,20 @@ def test_eval_and_registration_cadence_lands_on_checkpoints(checkpoint_every, ev
                                                                   "checkpoint_every": checkpoint_every}})
     trainer = AFMTrainer(spec, ctx=None)
     assert [s for s in range(checkpoint_every, 31, checkpoint_every) if trainer._due(s, every)] == want
+
+
+@pytest.mark.parametrize("image_every, want", [
+    (0, [6, 12, 16]),             # 0: every checkpoint (6, 12) and the end (16)
+    (4, [4, 8, 12, 16]),          # its own cadence; checkpoint 6 is not a multiple of 4
+    (5, [5, 10, 15, 16]),         # the end always gets one
+])
+def test_mlflow_grid_cadence(image_every, want):
+    from advflow.platform.loop import AFMTrainer
+
+    spec = RunSpec.from_dict({"data": {"prefix": "/x"}, "tracking": {"image_every": image_every},
+                              "train": {"steps": 16, "global_batch": 16, "checkpoint_every": 6}})
+    trainer = AFMTrainer(spec, ctx=None)
+    assert not trainer.image_due(16, at_checkpoint=True)  # untracked: never
+    trainer.logger = object()  # tracked (rank 0)
+    got = [s for s in range(1, 17) if trainer.image_due(s, at_checkpoint=s % 6 == 0 or s == 16)]
+    assert got == want
