@@ -80,12 +80,24 @@ def test_sigkilled_worker_is_restarted_and_resumes_exactly(digits, tmp_path, loc
     run_dir = tmp_path / "ray" / "killed"
     killed: list[int] = []
 
+    def registered_checkpoints() -> int:
+        # Ray Train's controller registers a reported checkpoint asynchronously, after polling every
+        # rank, and then rewrites this snapshot. A checkpoint folder on disk is not yet restorable:
+        # killing a worker before registration restarts from scratch (seen once on a loaded CI box).
+        snapshot = run_dir / "checkpoint_manager_snapshot.json"
+        try:
+            state = json.loads(snapshot.read_text())
+        except (OSError, ValueError):
+            return 0
+        if isinstance(state, str):  # pydantic .json() output stored as a JSON string
+            state = json.loads(state)
+        return len(state.get("checkpoint_results") or [])
+
     def killer():
-        # Kill one worker once the second checkpoint (step 40) is written: by then Ray Train has
-        # registered the first one (it registers a checkpoint only after every rank reported it).
+        # Kill one worker once Ray Train has registered a checkpoint and training has gone past it.
         deadline = time.time() + 600
         while time.time() < deadline and not killed:
-            if len(list(run_dir.glob("checkpoint_*/trainer.json"))) >= 2:
+            if registered_checkpoints() >= 1 and len(list(run_dir.glob("checkpoint_*/trainer.json"))) >= 1:
                 victims = train_workers()
                 if victims:
                     os.kill(victims[-1].pid, signal.SIGKILL)
