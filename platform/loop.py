@@ -13,6 +13,7 @@ own state, so a restored run replays the same numbers without saving RNG states 
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -243,11 +244,12 @@ class AFMTrainer:
             self.ema.copy_to(model)
         return model
 
-    def sample_grid(self, out_path: Path, per_class: int = 8) -> None:
+    def sample_grid(self, out_path: Path, per_class: int = 8, ema: Callable[[], torch.nn.Module] | None = None) -> None:
+        """`ema`: returns the EMA model (default `ema_model`; a checkpoint shares one copy)."""
         from advflow.platform.encoders import decode_latents
         from advflow.platform.images import save_grid
 
-        model = self.ema_model()
+        model = (ema or self.ema_model)()
         with torch.no_grad():
             n_cls = min(self.num_classes, 10)
             y = torch.arange(n_cls, device=self.device).repeat_interleave(per_class)
@@ -258,7 +260,7 @@ class AFMTrainer:
         images = decode_latents(x.cpu(), self.streams["d"].manifest.encoder)
         save_grid(images, out_path, nrow=per_class)
 
-    def evaluate(self, step: int, final: bool) -> dict[str, float]:
+    def evaluate(self, step: int, final: bool, ema: Callable[[], torch.nn.Module] | None = None) -> dict[str, float]:
         """Sample quality (eval.kind) on rank 0 from the EMA generator with fixed seeds and labels."""
         ev = self.spec.eval
         if ev.kind == "none" or not (final or self._due(step, ev.every)):
@@ -273,7 +275,7 @@ class AFMTrainer:
                 ev.kind, manifest_encoder=encoder, data_shape=self.data_shape, num_classes=self.num_classes,
                 options={"inception_path": ev.inception_path, "reference_stats": ev.reference_stats,
                          "batch_size": ev.batch_size})
-        model = self.ema_model()
+        model = (ema or self.ema_model)()
         labels = torch.arange(ev.num_samples) % self.num_classes  # class-balanced
         gen = torch.Generator(device=self.device).manual_seed(4321)  # the same noise at every evaluation
         images = []
@@ -298,7 +300,8 @@ class AFMTrainer:
         c = self.spec.train.checkpoint_every
         return bool(every) and step // every > max(step - c, 0) // every
 
-    def register_model(self, step: int, final: bool, eval_metrics: dict[str, float]) -> None:
+    def register_model(self, step: int, final: bool, eval_metrics: dict[str, float],
+                       ema: Callable[[], torch.nn.Module] | None = None) -> None:
         """Log + register the EMA generator (rank 0) at tracking.register_every steps and at the end."""
         tr = self.spec.tracking
         if self.logger is None or not tr.register_name:
@@ -310,7 +313,7 @@ class AFMTrainer:
         # log_generator adds run_id, step and one `metric.<key>` tag per evaluation result.
         tags = {"data.prefix": self.spec.data.prefix, **self.logger.data_tags}
         metrics = {k: v for k, v in eval_metrics.items() if k != "eval/seconds"}
-        reg = log_generator(self.ema_model(), decoder=self.streams["d"].manifest.encoder,
+        reg = log_generator((ema or self.ema_model)(), decoder=self.streams["d"].manifest.encoder,
                             data_shape=self.data_shape, num_classes=self.num_classes,
                             registered_name=tr.register_name, tags=tags, step=step,
                             run_id=self.logger.run_id, metrics=metrics)
@@ -324,16 +327,20 @@ class AFMTrainer:
             ckpt.save(tmp, self, step)
             extra: dict[str, float] = {}
             if self.ctx.rank == 0:
+                # Grid, evaluation and registration share one EMA copy of G, made only if one is due
+                # (a deep copy of an XL/2 generator is 2.7 GB).
+                ema = functools.cache(self.ema_model)
                 grid = Path(tmp) / "samples.png"
                 to_mlflow = self.image_due(step, at_checkpoint=True)
                 if final or (t.sample_every and step % t.sample_every == 0) or to_mlflow:
-                    self.sample_grid(grid)
+                    self.sample_grid(grid, ema=ema)
                     if to_mlflow:
                         self.logger.log_grid(grid, step)
-                extra = self.evaluate(step, final)
+                extra = self.evaluate(step, final, ema=ema)
                 if self.logger is not None and extra:
                     self.logger.log_metrics(extra, step)
-                self.register_model(step, final, extra)
+                self.register_model(step, final, extra, ema=ema)
+                del ema  # drop the copy before the checkpoint is reported
             self.times.checkpoint += time.perf_counter() - t0
             metrics = {**(self.state.history[-1] if self.state.history else {}),
                        **self.times.as_metrics(), **extra, "step": step}

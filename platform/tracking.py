@@ -243,6 +243,8 @@ class RunLogger:
         # Steps a previous attempt already logged (the restored replay reproduces them exactly).
         history = self.client.get_metric_history(run_id, "d_loss")
         self.last_logged_step = max((m.step for m in history), default=0)
+        # Grids and evaluations at or before this step were logged by that attempt too.
+        self.resumed_through = self.last_logged_step
         self._monitor = None
         if spec.tracking.system_metrics:
             # MLflow's own monitor (CPU, memory, disk, network; GPU with pynvml), attached to the
@@ -272,15 +274,22 @@ class RunLogger:
             self.last_logged_step = max(self.last_logged_step, max(int(r["step"]) for r in rows))
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Checkpoint-time metrics (eval/*); skipped for steps a previous attempt logged."""
         from mlflow.entities import Metric
 
+        if step <= self.resumed_through:
+            return
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(_metric_key(k), float(v), now, step)
                                                     for k, v in metrics.items()])
 
     def log_grid(self, png_path: str | Path, step: int) -> None:
-        """The fixed-seed EMA sample grid: an MLflow image (key `samples`, stepped) plus a plain file."""
+        """The fixed-seed EMA sample grid: an MLflow image (key `samples`, stepped) plus a plain file.
+        Skipped for steps a previous attempt logged."""
         from PIL import Image
+
+        if step <= self.resumed_through:
+            return
 
         with Image.open(png_path) as img:
             self.client.log_image(self.run_id, img.copy(), key="samples", step=step)

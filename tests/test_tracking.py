@@ -239,6 +239,66 @@ def test_resubmitted_job_continues_the_same_run(digits, tmp_path, mlflow_env):
     assert other != first
 
 
+def test_restarted_logger_skips_what_the_previous_attempt_logged(digits, tmp_path, mlflow_env):
+    """A worker group restarted from the step-6 checkpoint replays steps 1-8: rows, grids and eval
+    metrics the first attempt logged (through step 8) appear once; later ones are logged."""
+    import numpy as np
+    from mlflow.tracking import MlflowClient
+    from PIL import Image
+
+    spec = tiny_spec(digits, str(tmp_path / "runs"), system_metrics=False)
+    run_id = tracking.open_run(spec)
+    png = tmp_path / "grid.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(png)
+
+    first = tracking.RunLogger(spec, run_id)
+    first.log_rows([{"step": s, "d_loss": float(s)} for s in range(1, 9)])
+    first.log_grid(png, 6)
+    first.log_metrics({"eval/fd": 6.0}, 6)
+    first.close()
+
+    again = tracking.RunLogger(spec, run_id)  # the restarted rank 0
+    assert again.resumed_through == 8
+    again.log_rows([{"step": s, "d_loss": float(s)} for s in range(7, 13)])
+    for step in (6, 12):
+        again.log_grid(png, step)
+        again.log_metrics({"eval/fd": float(step)}, step)
+    again.close()
+
+    client = MlflowClient()
+    assert sorted(m.step for m in client.get_metric_history(run_id, "d_loss")) == list(range(1, 13))
+    assert sorted((m.step, m.value) for m in client.get_metric_history(run_id, "eval/fd")) == [(6, 6.0), (12, 12.0)]
+    images = [a.path for a in client.list_artifacts(run_id, "images") if a.path.endswith(".png")]
+    assert sorted(int(p.split("+step+")[1].split("+")[0]) for p in images) == [6, 12], images
+
+
+def test_checkpoint_shares_one_ema_copy(monkeypatch):
+    """Grid, evaluation and registration at a checkpoint use one EMA copy of G, not one each."""
+    from advflow.platform import run_checkpoint
+    from advflow.platform.loop import AFMTrainer
+
+    class Ctx:
+        rank, world_size = 0, 1
+        reports: list = []
+
+        def report(self, metrics, checkpoint_dir):
+            self.reports.append(metrics)
+
+    spec = RunSpec.from_dict({"data": {"prefix": "/x"}, "train": {"steps": 12, "global_batch": 16,
+                                                                  "checkpoint_every": 6}})
+    trainer = AFMTrainer(spec, ctx=Ctx())
+    monkeypatch.setattr(run_checkpoint, "save", lambda *args: None)
+    copies: list[object] = []
+    trainer.ema_model = lambda: copies.append(object()) or copies[-1]
+    used: list[object] = []
+    trainer.sample_grid = lambda path, ema=None: used.append(ema())
+    trainer.evaluate = lambda step, final, ema=None: used.append(ema()) or {}
+    trainer.register_model = lambda step, final, metrics, ema=None: used.append(ema())
+    trainer.save_checkpoint(12, final=True)
+    assert len(used) == 3 and len(copies) == 1 and all(u is copies[0] for u in used)
+    assert Ctx.reports and Ctx.reports[-1]["step"] == 12
+
+
 def test_untracked_without_uri(digits, tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert tracking.open_run(tiny_spec(digits, str(tmp_path))) is None
