@@ -7,6 +7,7 @@ flow matching with few Euler steps should misplace mass between the modes.
 
 Contents: targets (the four-mode mixture and an empirical sample set, each with its exact quantile
 function), the small MLPs, ToyConfig, `train` (AFM / GAN / FM) and `evaluate` (W1, OT-map error).
+Writing metrics.json / map.npz / map.png is the job's part (jobs/toy.py).
 Samples are (N, 1) float tensors so the shared loss functions (which flatten non-batch dims) apply
 unchanged; flow time follows the shared convention x_t = (1 - t) x + t z, t = 1 noise, t = 0 data.
 """
@@ -14,10 +15,7 @@ unchanged; flow time follows the shared convention x_t = (1 - t) x + t z, t = 1 
 from __future__ import annotations
 
 import copy
-import json
 import math
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -37,6 +35,7 @@ from advflow.trainers.losses import (
     relativistic_loss,
     st_weight,
 )
+from advflow.trainers.ema import EMA
 
 __all__ = [
     "MixtureTarget",
@@ -52,9 +51,6 @@ __all__ = [
     "train",
     "evaluate",
     "ToyResult",
-    "save_outputs",
-    "plot_map",
-    "run",
     "map_difference",
 ]
 
@@ -411,12 +407,6 @@ class ToyResult:
         return self.model.sample(z)
 
 
-def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    with torch.no_grad():
-        for pe, p in zip(ema.parameters(), model.parameters()):
-            pe.lerp_(p, 1.0 - decay)
-
-
 def _afm_times(n: int, nfe: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """1NFE: s = 1, t = 0. K steps: s uniform on {1, ..., 1/K}, t = s - 1/K. Both (n,)."""
     if nfe == 1:
@@ -494,12 +484,12 @@ def train(cfg: ToyConfig, progress: bool = True, target=None) -> ToyResult:
     if cfg.method == "fm":
         net = ToyVelocity(**arch)
         opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=cfg.betas)
-        ema = copy.deepcopy(net).requires_grad_(False)
+        ema = EMA(net, cfg.ema)
         for step in bar:
             opt.zero_grad(set_to_none=True)
             stats = _fm_step(net, target, cfg, gen)
             opt.step()
-            _ema_update(ema, net, cfg.ema)
+            ema.update(net)
             if step % cfg.log_every == 0 or step == cfg.steps - 1:
                 history.append({"step": step, **stats})
                 bar.set_postfix(stats, refresh=False)
@@ -508,7 +498,7 @@ def train(cfg: ToyConfig, progress: bool = True, target=None) -> ToyResult:
         D = ToyDiscriminator(time_cond=cfg.nfe > 1, **arch)
         opt_g = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=cfg.betas)
         opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr, betas=cfg.betas)
-        ema = copy.deepcopy(net).requires_grad_(False)
+        ema = EMA(net, cfg.ema)
         for step in bar:
             lam_ot = cfg.lambda_ot(step)
             # D step: G's params are frozen so no G grads are built.
@@ -523,13 +513,15 @@ def train(cfg: ToyConfig, progress: bool = True, target=None) -> ToyResult:
             opt_g.zero_grad(set_to_none=True)
             stats |= _g_step(net, D, target, cfg, gen, lam_ot)
             opt_g.step()
-            _ema_update(ema, net, cfg.ema)
+            ema.update(net)
             if step % cfg.log_every == 0 or step == cfg.steps - 1:
                 stats["lambda_ot"] = lam_ot
                 history.append({"step": step, **stats})
                 bar.set_postfix({k: f"{v:.3g}" for k, v in stats.items()}, refresh=False)
     bar.close()
-    return ToyResult(cfg, target, ema.eval(), history, time.perf_counter() - start)
+    model = copy.deepcopy(net).requires_grad_(False)
+    ema.copy_to(model)
+    return ToyResult(cfg, target, model.eval(), history, time.perf_counter() - start)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -571,66 +563,6 @@ def _generate_np(result: ToyResult, z: np.ndarray) -> np.ndarray:
     return result.generate(zt).squeeze(1).double().numpy()
 
 
-# ----------------------------------------------------------------------------------------------
-# Outputs (each file written to a temp name in the same folder, then os.replace: atomic)
-# ----------------------------------------------------------------------------------------------
-
-
-def _atomic_write(path: str, write) -> None:
-    """Call write(file_object) on a temp file beside `path`, then rename it over `path`."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def save_outputs(out_dir: str, metrics: dict, z: np.ndarray, gz: np.ndarray, target) -> None:
-    """Write out_dir/metrics.json, map.npz (z, gz) and map.png."""
-    os.makedirs(out_dir, exist_ok=True)
-    text = json.dumps(metrics, indent=2, sort_keys=True, default=str).encode()
-    _atomic_write(os.path.join(out_dir, "metrics.json"), lambda f: f.write(text))
-    _atomic_write(os.path.join(out_dir, "map.npz"), lambda f: np.savez(f, z=z, gz=gz))
-    fig = plot_map(z, gz, target, metrics)
-    try:
-        _atomic_write(os.path.join(out_dir, "map.png"), lambda f: fig.savefig(f, format="png", dpi=110))
-    finally:
-        import matplotlib.pyplot as plt
-
-        plt.close(fig)
-
-
-def plot_map(z: np.ndarray, gz: np.ndarray, target, metrics: dict):
-    """Left: learned map G(z) against the exact OT map T(z). Right: generated vs data densities."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_map, ax_den) = plt.subplots(1, 2, figsize=(11, 4.2))
-    order = np.argsort(z)
-    ax_map.plot(z[order], ot_map(target, z[order]), color="k", lw=2, label="exact OT map T(z)")
-    ax_map.scatter(z, gz, s=2, alpha=0.3, color="tab:red", label="learned G(z)")
-    ax_map.set(xlabel="z ~ N(0, 1)", ylabel="x", title=f"map  (mean |G - T| = {metrics['ot_map_mae']:.3f})")
-    ax_map.legend(loc="upper left", markerscale=4)
-    ref = target.reference(len(gz), np.random.default_rng(0))
-    lo, hi = min(ref.min(), gz.min()), max(ref.max(), gz.max())
-    bins = np.linspace(lo - 0.05, hi + 0.05, 200)
-    ax_den.hist(ref, bins=bins, density=True, alpha=0.5, color="k", label="data")
-    ax_den.hist(gz, bins=bins, density=True, alpha=0.5, color="tab:red", label="generated")
-    ax_den.set(xlabel="x", ylabel="density", title=f"densities  (W1 = {metrics['w1']:.3f})")
-    ax_den.legend()
-    s = metrics.get("settings", {})
-    fig.suptitle(f"{s.get('method', '?')}  nfe={s.get('nfe', '?')}  seed={s.get('seed', '?')}")
-    fig.tight_layout()
-    return fig
-
-
 def map_difference(npz_a: str, npz_b: str) -> float:
     """mean |gz_a - gz_b| of two runs' map.npz files, which must share the same z draws."""
     with np.load(npz_a) as a, np.load(npz_b) as b:
@@ -639,11 +571,3 @@ def map_difference(npz_a: str, npz_b: str) -> float:
                 f"{npz_a} and {npz_b} hold different z draws; rerun both with the same --map-samples"
             )
         return float(np.abs(a["gz"] - b["gz"]).mean())
-
-
-def run(cfg: ToyConfig, out_dir: str, progress: bool = True, target=None) -> dict:
-    """Train, evaluate and write the three outputs; returns the metrics."""
-    result = train(cfg, progress=progress, target=target)
-    metrics, z, gz = evaluate(result)
-    save_outputs(out_dir, metrics, z, gz, result.target)
-    return metrics
