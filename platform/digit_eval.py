@@ -21,7 +21,6 @@ import functools
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass
 
@@ -30,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .atomic import write_bytes
 from .quality import FrechetReference, feature_stats
 
 NUM_CLASSES = 10
@@ -172,7 +172,7 @@ def cache_dir(override: str | None = None) -> str:
 
 def load_or_train_classifier(cfg: DigitsEvalConfig, cache: str | None = None) -> DigitNet:
     """The classifier for `cfg`, from the safetensors cache or trained now (and cached atomically)."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file, save
 
     folder = cache_dir(cache)
     path = os.path.join(folder, f"digits_classifier-{cfg.key()}.safetensors")
@@ -184,17 +184,9 @@ def load_or_train_classifier(cfg: DigitsEvalConfig, cache: str | None = None) ->
         except Exception as exc:
             warnings.warn(f"{path}: unreadable cached digits classifier ({exc}); retraining", stacklevel=2)
     net = train_classifier(cfg)
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
-    os.close(fd)
-    try:
-        state = {k: v.contiguous() for k, v in net.state_dict().items()}
-        save_file(state, tmp, metadata={"config": json.dumps(asdict(cfg), sort_keys=True), "format": str(_FORMAT)})
-        os.replace(tmp, path)  # concurrent trials may race here: both write identical bytes
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    state = {k: v.contiguous() for k, v in net.state_dict().items()}
+    meta = {"config": json.dumps(asdict(cfg), sort_keys=True), "format": str(_FORMAT)}
+    write_bytes(path, save(state, metadata=meta))  # concurrent trials may race here: both write identical bytes
     return net
 
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from advflow.platform.atomic import write_text
 from advflow.platform.proc import (
     LOCALHOST,
     ServiceError,
@@ -294,12 +295,7 @@ def start_mlflow(
 def write_token_file(path: Path) -> str:
     """Write a fresh 256-bit hex token to ``path`` (mode 0600, atomically) and return it."""
     token = secrets.token_hex(32)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(token)
-    os.replace(tmp, path)
+    write_text(path, token, mode=0o600)  # the temp file is 0600 from creation too
     return token
 
 

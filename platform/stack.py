@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from advflow.platform import services
+from advflow.platform.atomic import write_text
 from advflow.platform.proc import LOCALHOST, ServiceError, require_free_port
 from advflow.platform.services import ServiceHandle
 
@@ -235,9 +236,7 @@ def save_state(state: StackState) -> None:
         "config": state.config.to_json(),
         "services": {name: handle.to_record() for name, handle in state.services.items()},
     }
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(payload, indent=2) + "\n")
 
 
 @contextmanager
