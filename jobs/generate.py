@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     save_grid(images, a.out, nrow=a.per_label)
     if a.npz:
-        from advflow.platform.generator_pyfunc import to_uint8
+        from advflow.platform.images import to_uint8
 
         _save_npz(Path(a.npz), images=to_uint8(images), labels=ys, seeds=seeds)
     sampler = model.spec.sampler

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from advflow.platform.artifact_scan import scan_model_dir
+from advflow.platform.images import to_uint8
 
 WEIGHTS_FILE = "weights.safetensors"
 SPEC_FILE = "generator.json"
@@ -139,11 +140,6 @@ def _resolve_device(device: str | None) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(N, C, H, W) in [-1, 1] -> uint8 (N, H, W, C), the same mapping as images.grid_array."""
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 class GeneratorModel:

@@ -13,6 +13,12 @@ from PIL import Image
 from advflow.platform.atomic import write_bytes
 
 
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(N, C, H, W) in [-1, 1] -> uint8 (N, H, W, C): the one pixel mapping of grids, the registry
+    model's output and generate.py's --npz."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
 def grid_array(x: torch.Tensor, nrow: int, pad: int = 1, upscale: int | None = None) -> np.ndarray:
     """(N, C, H, W) in [-1, 1] -> (rows*H', cols*W', 3) uint8. Small images (digits are 8x8) are
     upscaled with nearest neighbour so a grid is readable."""
@@ -22,7 +28,7 @@ def grid_array(x: torch.Tensor, nrow: int, pad: int = 1, upscale: int | None = N
     if c not in (1, 3):
         raise ValueError(f"grid_array: {c} channels; decode latents to images first "
                          "(advflow.platform.encoders.decode_latents)")
-    img = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # (N, H, W, C)
+    img = to_uint8(x)  # (N, H, W, C)
     if c == 1:
         img = np.repeat(img, 3, axis=-1)
     up = upscale or max(1, 64 // max(h, w))
