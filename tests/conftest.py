@@ -94,3 +94,13 @@ def mlflow_env(mlflow_server, s3_env, monkeypatch):
     yield mlflow_server.url
     if mlflow.active_run():
         mlflow.end_run()
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory):
+    """The digits train split as local pixel shards (read-only: tests train from it, never write)."""
+    from advflow.platform.prepare import PrepareConfig, prepare
+
+    out = tmp_path_factory.mktemp("digits")
+    prepare(PrepareConfig(source="digits", out=str(out), encoder="pixel", shard_records=512))
+    return str(out)

@@ -23,17 +23,9 @@ import pytest
 
 from advflow.platform.config import RunSpec
 from advflow.platform.local_launch import run_local
-from advflow.platform.prepare import PrepareConfig, prepare
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 80
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    out = tmp_path_factory.mktemp("digits")
-    prepare(PrepareConfig(source="digits", out=str(out), encoder="pixel", shard_records=512))
-    return str(out)
 
 
 def kill_spec(prefix: str, storage: str) -> RunSpec:

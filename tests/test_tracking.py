@@ -13,17 +13,9 @@ import pytest
 
 from advflow.platform.config import RunSpec, flatten
 from advflow.platform.local_launch import run_local
-from advflow.platform.prepare import PrepareConfig, prepare
 from advflow.platform import tracking
 
 STEPS = 12
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    out = tmp_path_factory.mktemp("digits")
-    prepare(PrepareConfig(source="digits", out=str(out), encoder="pixel", shard_records=512))
-    return str(out)
 
 
 def tiny_spec(prefix: str, storage: str, **tracking_kw) -> RunSpec:

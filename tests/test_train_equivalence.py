@@ -17,7 +17,6 @@ import torch
 from advflow.platform.config import RunSpec
 from advflow.platform.local_launch import run_local
 from advflow.platform.loop import step_seed
-from advflow.platform.prepare import PrepareConfig, prepare
 from advflow.platform.reader import LatentStream
 from advflow.trainers import afm
 from advflow.trainers.ema import EMA
@@ -26,13 +25,6 @@ from advflow.trainers.models import build_discriminator, build_generator
 STEPS = 20
 WORKERS = 2
 GLOBAL_BATCH = 32
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    out = tmp_path_factory.mktemp("digits")
-    prepare(PrepareConfig(source="digits", out=str(out), encoder="pixel", shard_records=512))
-    return str(out)
 
 
 def spec_for(prefix: str, stage: int, workers: int = WORKERS) -> RunSpec:
