@@ -2,7 +2,7 @@
 
 A trial records its grid as the user attribute `sample_grid`: a URI that may be
 - a local path (or `file://` URI),
-- an `s3://bucket/key` URI (read through `advflow.platform.storage.Storage`, so the standard
+- an `s3://bucket/key` URI (read through `advflow.platform.data.storage.Storage`, so the standard
   `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL` overrides apply, as everywhere else in advflow),
 - an MLflow artifact URI (`runs:/<run_id>/<path>`, `mlflow-artifacts:/...`, `models:/...`), fetched
   with `mlflow.artifacts.download_artifacts` against the current tracking URI (`MLFLOW_TRACKING_URI`),
@@ -80,7 +80,7 @@ def load_grid(uri: str) -> bytes:
 
 
 def _read_s3(uri: str) -> bytes:
-    from advflow.platform.storage import RetryPolicy, Storage
+    from advflow.platform.data.storage import RetryPolicy, Storage
 
     parent, _, name = uri.rstrip("/").rpartition("/")
     if not name or parent.endswith(":/"):

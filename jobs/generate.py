@@ -3,7 +3,7 @@
   python jobs/generate.py --model models:/NAME@champion --labels 0-9 --per-label 8 --seed 0 --out grid.png
   python jobs/generate.py --model models:/NAME/3 --labels 1,3,5-7 --out g.png --npz images.npz
 
-The model goes through advflow.platform.registry.load_generator (aliases pinned to a version, every
+The model goes through advflow.platform.tracking.registry.load_generator (aliases pinned to a version, every
 file scanned for pickle data before anything is loaded). Row i of the grid (image i, label-major:
 all images of the first label, then the next) uses seed + i, so the same arguments give the same
 images. --npz also saves the raw uint8 images (N, H, W, C) with their labels and seeds.
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     from mlflow.exceptions import MlflowException
 
     from advflow.platform.images import save_grid
-    from advflow.platform.registry import load_generator
+    from advflow.platform.tracking.registry import load_generator
 
     try:
         model = load_generator(a.model, vae_path=a.vae_path, device=a.device)

@@ -15,9 +15,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from advflow.platform.prepare import PrepareConfig, prepare
-from advflow.platform.shards import DataError, verify_dataset
-from advflow.platform.storage import StorageError
+from advflow.platform.data.prepare import PrepareConfig, prepare
+from advflow.platform.data.shards import DataError, verify_dataset
+from advflow.platform.data.storage import StorageError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

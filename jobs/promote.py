@@ -4,7 +4,7 @@
   python jobs/promote.py --name NAME --alias champion --best-metric eval/fd --mode min
 
 Metric convention: a version carries evaluation results as version tags `metric.<key>` holding the
-float as text (e.g. `metric.eval/fd = "12.5"`); `advflow.platform.registry.log_generator(...,
+float as text (e.g. `metric.eval/fd = "12.5"`); `advflow.platform.tracking.registry.log_generator(...,
 metrics={"eval/fd": 12.5})` writes them. `--best-metric KEY --mode min|max` picks the version with
 the lowest / highest `metric.KEY`; versions without the tag (or with a non-numeric / NaN value) are
 skipped, and ties go to the newest version. Prints `alias: old -> new`.
@@ -17,7 +17,7 @@ import math
 import sys
 from dataclasses import dataclass
 
-from advflow.platform.registry import METRIC_TAG_PREFIX, metric_tag
+from advflow.platform.tracking.registry import METRIC_TAG_PREFIX, metric_tag
 
 
 class PromoteError(ValueError):

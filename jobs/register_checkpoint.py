@@ -19,7 +19,7 @@ import hashlib
 import os
 import sys
 
-from advflow.platform.encoders import SD_VAE_SCALE
+from advflow.platform.data.encoders import SD_VAE_SCALE
 
 
 def sha256_file(path: str, chunk: int = 1 << 20) -> str:
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     import mlflow
 
-    from advflow.platform.registry import log_generator
+    from advflow.platform.tracking.registry import log_generator
     from advflow.trainers.dit_checkpoint import CheckpointError, build_from_checkpoint, infer_role, read_state_dict
 
     try:

@@ -37,7 +37,7 @@ def parse(argv=None):
 def main(argv=None) -> int:
     args = parse(argv)
     from advflow.platform.config import ConfigError, load_config
-    from advflow.platform.sweep import SweepSpace
+    from advflow.platform.sweep.space import SweepSpace
 
     try:
         if args.trials < 1:
@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    from advflow.platform.tune_sweep import run_sweep
+    from advflow.platform.sweep.tune import run_sweep
 
     try:
         summary = run_sweep(spec, space, args.trials, space_yaml=Path(args.space).read_text(),

@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     if args.print_config:
         print(json.dumps(spec.to_dict(), indent=2))
         return 0
-    from advflow.platform import tracking
+    from advflow.platform.tracking import runs as tracking
 
     run_id = tracking.open_run(spec, config_yaml=config_yaml(spec))
     url = tracking.run_url(spec, run_id)
@@ -66,7 +66,7 @@ def _train(spec, args, run_id) -> bool:
           f"R={spec.model.repeats}), {t.steps} steps x global batch {t.global_batch} on {d.workers} "
           f"worker(s), ZeRO G/D {d.zero_stage_g}/{d.zero_stage_d}, data {spec.data.prefix}", flush=True)
     if args.no_ray:
-        from advflow.platform.local_launch import latest_checkpoint, run_local
+        from advflow.platform.train.local_launch import latest_checkpoint, run_local
 
         run_dir = Path(spec.run.storage_path) / spec.run.name
         history = run_local(spec, run_dir, run_id=run_id)
@@ -75,7 +75,7 @@ def _train(spec, args, run_id) -> bool:
               f"G {history[-1]['g_loss']:.4f}; checkpoint {last}; samples {last / 'samples.png'}")
         return True
 
-    from advflow.platform.ray_train import build_trainer, ensure_ray
+    from advflow.platform.train.ray_launch import build_trainer, ensure_ray
 
     ensure_ray()
     result = build_trainer(spec, run_id=run_id).fit()

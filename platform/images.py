@@ -27,7 +27,7 @@ def grid_array(x: torch.Tensor, nrow: int, pad: int = 1, upscale: int | None = N
     n, c, h, w = x.shape
     if c not in (1, 3):
         raise ValueError(f"grid_array: {c} channels; decode latents to images first "
-                         "(advflow.platform.encoders.decode_latents)")
+                         "(advflow.platform.data.encoders.decode_latents)")
     img = to_uint8(x)  # (N, H, W, C)
     if c == 1:
         img = np.repeat(img, 3, axis=-1)

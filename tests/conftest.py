@@ -67,7 +67,7 @@ def mlflow_server(moto_endpoint, tmp_path_factory):
     endpoint under s3://advflow-test/mlflow (the same endpoint the data tests use)."""
     import os
 
-    from advflow.platform import services
+    from advflow.infra.local import services
 
     saved = {k: os.environ.get(k) for k in FAKE_ENV}
     os.environ.update(FAKE_ENV)  # the server process inherits the fake credentials
@@ -99,7 +99,7 @@ def mlflow_env(mlflow_server, s3_env, monkeypatch):
 @pytest.fixture(scope="session")
 def digits(tmp_path_factory):
     """The digits train split as local pixel shards (read-only: tests train from it, never write)."""
-    from advflow.platform.prepare import PrepareConfig, prepare
+    from advflow.platform.data.prepare import PrepareConfig, prepare
 
     out = tmp_path_factory.mktemp("digits")
     prepare(PrepareConfig(source="digits", out=str(out), encoder="pixel", shard_records=512))

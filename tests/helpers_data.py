@@ -9,8 +9,8 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from advflow.platform.shards import Manifest, RecordSpec, encode_shard, shard_name, write_manifest
-from advflow.platform.storage import Storage
+from advflow.platform.data.shards import Manifest, RecordSpec, encode_shard, shard_name, write_manifest
+from advflow.platform.data.storage import Storage
 
 
 def make_dataset(

@@ -11,9 +11,9 @@ import time
 import numpy as np
 import pytest
 
-from advflow.platform.reader import LatentStream
-from advflow.platform.shards import MANIFEST_NAME, ManifestError, ShardError, read_manifest, verify_dataset
-from advflow.platform.storage import RetryPolicy, Storage, StorageAuthError, StorageUnavailableError
+from advflow.platform.data.reader import LatentStream
+from advflow.platform.data.shards import MANIFEST_NAME, ManifestError, ShardError, read_manifest, verify_dataset
+from advflow.platform.data.storage import RetryPolicy, Storage, StorageAuthError, StorageUnavailableError
 from helpers_data import make_dataset
 
 N = 300

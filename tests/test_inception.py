@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from advflow.platform.fid import FIDEvaluator, inception_features, write_reference_stats
-from advflow.platform.inception import FIDInceptionV3, load_inception
-from advflow.platform.quality import load_stats
+from advflow.platform.eval.fid import FIDEvaluator, inception_features, write_reference_stats
+from advflow.platform.eval.inception import FIDInceptionV3, load_inception
+from advflow.platform.eval.frechet import load_stats
 
 
 def _random_inception(seed: int = 0) -> FIDInceptionV3:

@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-import advflow.platform.prepare as prep
-from advflow.platform.encoders import center_crop_resize, decode_latents
-from advflow.platform.prepare import PrepareConfig, prepare
-from advflow.platform.shards import MANIFEST_NAME, PARTS_DIR, read_manifest, verify_dataset
-from advflow.platform.storage import Storage
+import advflow.platform.data.prepare as prep
+from advflow.platform.data.encoders import center_crop_resize, decode_latents
+from advflow.platform.data.prepare import PrepareConfig, prepare
+from advflow.platform.data.shards import MANIFEST_NAME, PARTS_DIR, read_manifest, verify_dataset
+from advflow.platform.data.storage import Storage
 
 
 def _cli():
@@ -43,7 +43,7 @@ def _digits_reference():
     """The digits prepare writes by default: the train split only (the held-out split is the eval reference)."""
     from sklearn.datasets import load_digits
 
-    from advflow.platform.digit_eval import digits_split
+    from advflow.platform.eval.digits import digits_split
 
     d = load_digits()
     train_idx, _ = digits_split(seed=0, holdout_fraction=0.2)

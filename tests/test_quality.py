@@ -11,9 +11,9 @@ import scipy.linalg
 import torch
 import torch.nn.functional as F
 
-import advflow.platform.digit_eval as de
-from advflow.platform.digit_eval import DigitsEvalConfig, DigitsEvaluator, digits_pixels, digits_split
-from advflow.platform.quality import (
+import advflow.platform.eval.digits as de
+from advflow.platform.eval.digits import DigitsEvalConfig, DigitsEvaluator, digits_pixels, digits_split
+from advflow.platform.eval.frechet import (
     Evaluator, FrechetReference, build_evaluator, feature_stats, frechet_distance, load_stats, save_stats,
 )
 
@@ -273,8 +273,8 @@ def test_build_evaluator(evaluator, cache):
 
 # -- prepare writes the train split only ------------------------------------------------------------------
 def _records(prefix: str):
-    from advflow.platform.shards import read_manifest
-    from advflow.platform.storage import Storage
+    from advflow.platform.data.shards import read_manifest
+    from advflow.platform.data.storage import Storage
 
     m = read_manifest(prefix)
     st = Storage(prefix)
@@ -285,7 +285,7 @@ def _records(prefix: str):
 def test_prepare_digits_writes_only_the_train_split(tmp_path):
     from sklearn.datasets import load_digits
 
-    from advflow.platform.prepare import PrepareConfig, prepare
+    from advflow.platform.data.prepare import PrepareConfig, prepare
 
     out = str(tmp_path / "d")
     prepare(PrepareConfig(source="digits", out=out, progress=False, dtype="float32"))

@@ -22,7 +22,7 @@ import psutil
 import pytest
 
 from advflow.platform.config import RunSpec
-from advflow.platform.local_launch import run_local
+from advflow.platform.train.local_launch import run_local
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 80
@@ -64,8 +64,8 @@ def local_ray():
 def test_sigkilled_worker_is_restarted_and_resumes_exactly(digits, tmp_path, local_ray, mlflow_env):
     from mlflow.tracking import MlflowClient
 
-    from advflow.platform import tracking
-    from advflow.platform.ray_train import build_trainer
+    from advflow.platform.tracking import runs as tracking
+    from advflow.platform.train.ray_launch import build_trainer
 
     spec = kill_spec(digits, str(tmp_path / "ray"))
     run_id = tracking.open_run(spec)
@@ -134,7 +134,7 @@ def test_sigkilled_worker_is_restarted_and_resumes_exactly(digits, tmp_path, loc
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """Real services on 127.0.0.1: a moto S3 server and a Ray head with token auth."""
-    from advflow.platform.services import ensure_bucket, start_moto, start_ray_head
+    from advflow.infra.local.services import ensure_bucket, start_moto, start_ray_head
 
     state = tmp_path_factory.mktemp("stack")
     with start_moto(state / "s3") as s3:
@@ -162,7 +162,7 @@ def test_ray_job_submit_trains_from_s3_and_checkpoints_to_s3(cluster, tmp_path):
     assert proc.returncode == 0, log[-4000:]
     assert "step 12/12" in log and "[advflow] done" in log, log[-4000:]
 
-    from advflow.platform.services import s3_client
+    from advflow.infra.local.services import s3_client
 
     keys = [o["Key"] for o in s3_client(s3).list_objects_v2(Bucket="advflow", Prefix="runs/submitted/")
             .get("Contents", [])]

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from advflow.platform.reader import LatentStream, read_manifest
+from advflow.platform.data.reader import LatentStream, read_manifest
 from helpers_data import ids_of, make_dataset
 
 N = 300  # records; shards of 50, chunks of 16: chunk and block boundaries fall mid-shard

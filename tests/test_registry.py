@@ -28,8 +28,8 @@ import pytest
 import torch
 import yaml
 
-from advflow.platform import generator_pyfunc, registry
-from advflow.platform.artifact_scan import UnsafeArtifactError, file_problem, scan_model_dir
+from advflow.platform.tracking import model_format as generator_pyfunc, registry
+from advflow.platform.tracking.artifact_scan import UnsafeArtifactError, file_problem, scan_model_dir
 from advflow.trainers.flow import generate
 from advflow.trainers.models import build_generator
 
@@ -174,7 +174,7 @@ def test_log_register_artifacts_signature_tags(mlflow_env, tmp_path, monkeypatch
 
     mlmodel = yaml.safe_load((local / "MLmodel").read_text())
     pyfunc = mlmodel["flavors"]["python_function"]
-    assert pyfunc["loader_module"] == "advflow.platform.generator_pyfunc"
+    assert pyfunc["loader_module"] == "advflow.platform.tracking.model_format"
     assert not pyfunc.get("code")  # no Python shipped with the model
     inputs = json.loads(mlmodel["signature"]["inputs"])
     assert [(c["name"], c["type"]) for c in inputs] == [("label", "long"), ("seed", "long")]
@@ -404,7 +404,7 @@ def test_load_generator_refuses_foreign_loader(mlflow_env, tmp_path):
     name = _name()
     _log(_tiny(), name)
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/1", dst_path=str(tmp_path)))
-    text = (local / "MLmodel").read_text().replace("advflow.platform.generator_pyfunc", "mlflow.sklearn")
+    text = (local / "MLmodel").read_text().replace("advflow.platform.tracking.model_format", "mlflow.sklearn")
     (local / "MLmodel").write_text(text)
     with pytest.raises(UnsafeArtifactError, match="loader_module='mlflow.sklearn'"):
         registry.load_generator(str(local))
@@ -469,7 +469,7 @@ def _kill_tree(proc: subprocess.Popen) -> None:
 def test_mlflow_models_serve(mlflow_env, tmp_path):
     import mlflow
 
-    from advflow.platform.proc import free_port
+    from advflow.infra.local.proc import free_port
 
     G = _tiny(4)
     name = _name()

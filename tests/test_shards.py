@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
 
-from advflow.platform.shards import (
+from advflow.platform.data.shards import (
     MANIFEST_NAME, Manifest, ManifestError, RecordSpec, checksums, read_manifest, verify_dataset,
 )
-from advflow.platform.storage import (
+from advflow.platform.data.storage import (
     RetryPolicy, Storage, StorageAuthError, StorageUnavailableError, classify_error, resolve_endpoint,
 )
 from helpers_data import FlakyProxy, make_dataset

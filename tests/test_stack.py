@@ -21,16 +21,16 @@ from pathlib import Path
 
 import pytest
 
-from advflow.platform import services
-from advflow.platform.proc import ServiceError, free_port, free_ports, port_in_use, session_alive
-from advflow.platform.stack import PORT_OPTIONS, StackConfig, format_exports
+from advflow.infra.local import services
+from advflow.infra.local.proc import ServiceError, free_port, free_ports, port_in_use, session_alive
+from advflow.infra.local.stack import PORT_OPTIONS, StackConfig, format_exports
 
 BIN = Path(sys.executable).parent
 # Prefer the installed console script (what users run); fall back to the module.
 ADVFLOW = (
     [str(BIN / "advflow")]
     if (BIN / "advflow").exists()
-    else [sys.executable, "-m", "advflow.platform.cli"]
+    else [sys.executable, "-m", "advflow.infra.local.cli"]
 )
 RAY = str(BIN / "ray")
 
@@ -389,7 +389,7 @@ def _listening_addresses(pids: list[int]) -> set[str]:
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc")
 def test_every_service_listens_on_loopback_only(stack):
-    from advflow.platform.proc import session_members
+    from advflow.infra.local.proc import session_members
 
     records = json.loads((stack["state_dir"] / "stack.json").read_text())["services"]
     pids = [pid for rec in records.values() for pid in session_members(rec["pid"])]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from advflow.platform.prepare import PrepareConfig, prepare
+from advflow.platform.data.prepare import PrepareConfig, prepare
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 20
@@ -28,7 +28,7 @@ STEPS = 20
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory, mlflow_server, moto_endpoint):
-    from advflow.platform.services import start_ray_head
+    from advflow.infra.local.services import start_ray_head
     from conftest import FAKE_ENV
 
     job_env = {"OMP_NUM_THREADS": "1", "AWS_ENDPOINT_URL": moto_endpoint, **FAKE_ENV, **mlflow_server.env}

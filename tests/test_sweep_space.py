@@ -6,7 +6,7 @@ import optuna
 import pytest
 
 from advflow.platform.config import ConfigError, RunSpec
-from advflow.platform.sweep import SweepSpace, apply_params, open_study, recover_study
+from advflow.platform.sweep.space import SweepSpace, apply_params, open_study, recover_study
 
 BASE = RunSpec.from_dict({"data": {"prefix": "/tmp/x"},
                           "adversarial": {"ot_scale": {"kind": "cosine", "start": 0.05, "end": 0.001, "steps": 100}},
@@ -120,7 +120,7 @@ def test_baseline_point_is_the_base_config_inside_the_space():
 
 
 def test_relative_sqlite_storage_is_made_absolute(tmp_path, monkeypatch):
-    from advflow.platform.sweep import absolute_storage
+    from advflow.platform.sweep.space import absolute_storage
 
     monkeypatch.chdir(tmp_path)
     assert absolute_storage("sqlite:///sweeps/a.db") == f"sqlite:///{tmp_path}/sweeps/a.db"

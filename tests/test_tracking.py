@@ -12,8 +12,8 @@ import secrets
 import pytest
 
 from advflow.platform.config import RunSpec, flatten
-from advflow.platform.local_launch import run_local
-from advflow.platform import tracking
+from advflow.platform.train.local_launch import run_local
+from advflow.platform.tracking import runs as tracking
 
 STEPS = 12
 
@@ -266,8 +266,8 @@ def test_restarted_logger_skips_what_the_previous_attempt_logged(digits, tmp_pat
 
 def test_checkpoint_shares_one_ema_copy(monkeypatch):
     """Grid, evaluation and registration at a checkpoint use one EMA copy of G, not one each."""
-    from advflow.platform import run_checkpoint
-    from advflow.platform.loop import AFMTrainer
+    from advflow.platform.train import checkpoint as run_checkpoint
+    from advflow.platform.train.worker import AFMTrainer
 
     class Ctx:
         rank, world_size = 0, 1
@@ -304,7 +304,7 @@ def test_untracked_without_uri(digits, tmp_path, monkeypatch, capsys):
     (6, 0, []),                   # 0: only at the end (handled by `final`)
 ])
 def test_eval_and_registration_cadence_lands_on_checkpoints(checkpoint_every, every, want):
-    from advflow.platform.loop import AFMTrainer
+    from advflow.platform.train.worker import AFMTrainer
 
     spec = RunSpec.from_dict({"data": {"prefix": "/x"}, "train": {"steps": 30, "global_batch": 16,
                                                                   "checkpoint_every": checkpoint_every}})
@@ -318,7 +318,7 @@ def test_eval_and_registration_cadence_lands_on_checkpoints(checkpoint_every, ev
     (5, [5, 10, 15, 16]),         # the end always gets one
 ])
 def test_mlflow_grid_cadence(image_every, want):
-    from advflow.platform.loop import AFMTrainer
+    from advflow.platform.train.worker import AFMTrainer
 
     spec = RunSpec.from_dict({"data": {"prefix": "/x"}, "tracking": {"image_every": image_every},
                               "train": {"steps": 16, "global_batch": 16, "checkpoint_every": 6}})

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from advflow.platform.config import RunSpec
-from advflow.platform.local_launch import run_local
-from advflow.platform.loop import step_seed
-from advflow.platform.reader import LatentStream
+from advflow.platform.train.local_launch import run_local
+from advflow.platform.train.worker import step_seed
+from advflow.platform.data.reader import LatentStream
 from advflow.trainers import afm
 from advflow.trainers.ema import EMA
 from advflow.trainers.models import build_discriminator, build_generator
@@ -131,7 +131,7 @@ def single_process_group():
     import os
 
     import torch.distributed as dist
-    from advflow.platform.local_launch import _free_port
+    from advflow.platform.train.local_launch import _free_port
 
     env = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                MASTER_PORT=str(_free_port()))
@@ -150,7 +150,7 @@ def single_process_group():
 @pytest.mark.parametrize("stage", [0, 1, 2])
 def test_steps_touch_only_their_own_network(digits, stage, single_process_group):
     """A G step leaves D's weights, gradients and optimizer state alone, and vice versa."""
-    from advflow.platform.loop import AFMTrainer
+    from advflow.platform.train.worker import AFMTrainer
 
     trainer = AFMTrainer(spec_for(digits, stage, workers=1), _OneProcess())
     trainer.setup()
@@ -187,8 +187,8 @@ def test_steps_touch_only_their_own_network(digits, stage, single_process_group)
 
 def test_phase_events_reload_d_and_ema(digits, single_process_group, tmp_path):
     """Table 11's D reload restores the snapshot taken at a phase end; EMA reload copies EMA into G."""
-    from advflow.platform import run_checkpoint
-    from advflow.platform.loop import AFMTrainer
+    from advflow.platform.train import checkpoint as run_checkpoint
+    from advflow.platform.train.worker import AFMTrainer
     from advflow.trainers.schedules import Event
 
     trainer = AFMTrainer(spec_for(digits, 2, workers=1), _OneProcess())

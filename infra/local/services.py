@@ -4,7 +4,7 @@ Each ``start_*`` function launches one service detached (its own session, so it 
 and one signal stops its whole process tree), bound to 127.0.0.1, with its log and files in a given
 directory, and returns a ``ServiceHandle``. Tests of other issues reuse these directly::
 
-    from advflow.platform import services
+    from advflow.infra.local import services
     with services.start_moto(tmp_path / "s3") as s3:           # free port when port=None
         services.ensure_bucket(s3, "advflow")
         with services.start_mlflow(tmp_path / "mlflow", s3=s3, bucket="advflow") as mlflow_srv, \\
@@ -12,7 +12,7 @@ directory, and returns a ``ServiceHandle``. Tests of other issues reuse these di
             env = {**s3.env, **mlflow_srv.env, **ray.env}         # what a client exports
             ...
 
-``advflow.platform.stack`` composes them into ``advflow stack up | down | status | env``.
+``advflow.infra.local.stack`` composes them into ``advflow stack up | down | status | env``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from advflow.platform.atomic import write_text
-from advflow.platform.proc import (
+from advflow.infra.local.proc import (
     LOCALHOST,
     ServiceError,
     free_port,

@@ -161,7 +161,7 @@ def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray, **extra: Any) -> No
 
 def load_stats(path: str, dim: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Read (mu, sigma) from an .npz; clear errors for a missing, unreadable or malformed file."""
-    fix = "create it with advflow.platform.fid.write_reference_stats (arrays `mu` (D,) and `sigma` (D, D))"
+    fix = "create it with advflow.platform.eval.fid.write_reference_stats (arrays `mu` (D,) and `sigma` (D, D))"
     if not os.path.isfile(path):
         raise FileNotFoundError(f"reference stats {path}: no such file; {fix}")
     try:
@@ -209,7 +209,7 @@ def build_evaluator(kind: str, *, manifest_encoder: dict[str, Any], data_shape: 
     # None means "not set" (the training loop passes every eval option for every kind).
     options = {k: v for k, v in (options or {}).items() if v is not None}
     if kind == "digits":
-        from .digit_eval import DigitsEvalConfig, DigitsEvaluator
+        from advflow.platform.eval.digits import DigitsEvalConfig, DigitsEvaluator
 
         if num_classes != 10:
             raise ValueError(f"eval.kind 'digits' needs the 10-class digits dataset, the data has {num_classes} "
@@ -242,7 +242,7 @@ def build_evaluator(kind: str, *, manifest_encoder: dict[str, Any], data_shape: 
         return DigitsEvaluator(cfg, data_side=side, device=opts["device"], cache_dir=opts["cache_dir"],
                                batch_size=int(opts["batch_size"]))
     if kind == "fid":
-        from .fid import FIDEvaluator
+        from advflow.platform.eval.fid import FIDEvaluator
 
         opts = _take(options, {"inception_path": None, "reference_stats": None, "batch_size": 64,
                                "device": None}, kind)

@@ -19,7 +19,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from advflow.platform.config import RunSpec
-from advflow.platform.tracking import tracking_uri
+from advflow.platform.tracking.runs import tracking_uri
 
 # Environment a worker needs to reach S3/MLflow; copied from the driver into the workers' runtime
 # env when set, so `ray job submit` works with the exports of `advflow stack env`.
@@ -50,7 +50,7 @@ class RayContext:
 
 def train_func(config: dict) -> None:
     """Runs on every Ray Train worker."""
-    from advflow.platform.loop import AFMTrainer
+    from advflow.platform.train.worker import AFMTrainer
 
     spec = RunSpec.from_dict(config["spec"])
     torch.set_num_threads(max(1, spec.distributed.cpus_per_worker))

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .storage import Storage
+from advflow.platform.data.storage import Storage
 
 MANIFEST_NAME = "manifest.json"
 PARTS_DIR = "_parts"

@@ -10,7 +10,7 @@ Three services, all bound to 127.0.0.1, started detached so they outlive the CLI
 State (``stack.json`` with pids, ports and URLs), logs, the Ray token and the SQLite db live in one
 project-local directory (``./.advflow/stack``, or ``--state-dir`` / ADVFLOW_STACK_DIR). Every
 command is idempotent: ``up`` keeps healthy services and starts only the missing ones, ``down`` on a
-stopped stack only says so. The single services come from ``advflow.platform.services``.
+stopped stack only says so. The single services come from ``advflow.infra.local.services``.
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from advflow.platform import services
+from advflow.infra.local import services
 from advflow.platform.atomic import write_text
-from advflow.platform.proc import LOCALHOST, ServiceError, require_free_port
-from advflow.platform.services import ServiceHandle
+from advflow.infra.local.proc import LOCALHOST, ServiceError, require_free_port
+from advflow.infra.local.services import ServiceHandle
 
 STATE_DIR_ENV = "ADVFLOW_STACK_DIR"
 DEFAULT_STATE_DIR = Path(".advflow") / "stack"

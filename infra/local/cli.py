@@ -11,13 +11,13 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from advflow.platform.proc import ServiceError
+from advflow.infra.local.proc import ServiceError
 
 # ------------------------------------------------------------------------------ advflow stack
 
 
 def _stack_up(args: argparse.Namespace) -> int:
-    from advflow.platform import stack
+    from advflow.infra.local import stack
 
     overrides = {option.field: getattr(args, option.field) for option in stack.PORT_OPTIONS}
     overrides.update(
@@ -37,14 +37,14 @@ def _stack_up(args: argparse.Namespace) -> int:
 
 
 def _stack_down(args: argparse.Namespace) -> int:
-    from advflow.platform import stack
+    from advflow.infra.local import stack
 
     stack.down(stack.resolve_state_dir(args.state_dir), echo=lambda line: print(line, flush=True))
     return 0
 
 
 def _print_status(state_dir) -> bool:
-    from advflow.platform import stack
+    from advflow.infra.local import stack
 
     rows = stack.status(state_dir)
     print(f"advflow stack in {state_dir}")
@@ -55,13 +55,13 @@ def _print_status(state_dir) -> bool:
 
 
 def _stack_status(args: argparse.Namespace) -> int:
-    from advflow.platform import stack
+    from advflow.infra.local import stack
 
     return 0 if _print_status(stack.resolve_state_dir(args.state_dir)) else 1
 
 
 def _stack_env(args: argparse.Namespace) -> int:
-    from advflow.platform import stack
+    from advflow.infra.local import stack
 
     exports = stack.env_exports(stack.resolve_state_dir(args.state_dir))
     sys.stdout.write(stack.format_exports(exports))
@@ -69,7 +69,7 @@ def _stack_env(args: argparse.Namespace) -> int:
 
 
 def _add_stack(groups: argparse._SubParsersAction) -> None:
-    from advflow.platform.stack import PORT_OPTIONS, StackConfig
+    from advflow.infra.local.stack import PORT_OPTIONS, StackConfig
 
     parser = groups.add_parser(
         "stack",

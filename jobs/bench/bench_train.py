@@ -1,9 +1,9 @@
 """Training-loop benchmarks for issue 4's performance section (a benchmark, not a test).
 
-    python jobs/bench_train.py                          # all three parts, CPU-sized defaults
-    python jobs/bench_train.py --parts overhead --size tiny --batch 64 --steps 200 --short-steps 50
-    python jobs/bench_train.py --parts cost --cost-size S/2 --cost-batch 8 --cost-reps 3
-    python jobs/bench_train.py --data /tmp/digits       # reuse a dataset made by prepare_latents.py
+    python jobs/bench/bench_train.py                          # all three parts, CPU-sized defaults
+    python jobs/bench/bench_train.py --parts overhead --size tiny --batch 64 --steps 200 --short-steps 50
+    python jobs/bench/bench_train.py --parts cost --cost-size S/2 --cost-batch 8 --cost-reps 3
+    python jobs/bench/bench_train.py --data /tmp/digits       # reuse a dataset made by prepare_latents.py
 
 1. overhead: one AFM run (same model, batch, steps, ZeRO-2, one worker) four ways: a bare PyTorch
    loop in this process (afm.d_loss/g_loss, torch AdamW, grad clip, EMA, the same LatentStream);
@@ -56,7 +56,7 @@ def log(msg: str) -> None:
 
 def make_digits(out: str) -> str:
     """The digits dataset exactly as `jobs/prepare_latents.py --source digits --encoder pixel` makes it."""
-    from advflow.platform.prepare import PrepareConfig, prepare
+    from advflow.platform.data.prepare import PrepareConfig, prepare
 
     if not Path(out, "manifest.json").is_file():
         prepare(PrepareConfig(source="digits", out=out, encoder="pixel", progress=False))
@@ -122,8 +122,8 @@ def free_port() -> int:
 def bare_loop(spec) -> dict:
     """The AFM iteration of `AFMTrainer` without DeepSpeed or a launcher: same data streams, seeds,
     models, phase plan, clipping, EMA and on-device metrics flushed once per report window."""
-    from advflow.platform.loop import step_seed
-    from advflow.platform.reader import LatentStream
+    from advflow.platform.train.worker import step_seed
+    from advflow.platform.data.reader import LatentStream
     from advflow.trainers import afm
     from advflow.trainers.ema import EMA
     from advflow.trainers.models import build_discriminator, build_generator
@@ -210,7 +210,7 @@ def inproc_loop(spec) -> dict:
     """`AFMTrainer` (DeepSpeed engines) in this process, gloo world of one; times setup and checkpoints."""
     import torch.distributed as dist
 
-    from advflow.platform.loop import AFMTrainer
+    from advflow.platform.train.worker import AFMTrainer
 
     class Timed(AFMTrainer):
         """The real loop; only marks the end of set-up and times each checkpoint save."""
@@ -244,7 +244,7 @@ def run_local_wall(spec, run_dir: str) -> dict:
     """Wall time of run_local and the CPU time its (waited-for) worker processes used."""
     import resource
 
-    from advflow.platform.local_launch import run_local
+    from advflow.platform.train.local_launch import run_local
 
     def children_cpu() -> float:
         ru = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -309,7 +309,7 @@ def _collector(path: str):
 
 
 def ray_fit(spec, log_path: str) -> dict:
-    from advflow.platform.ray_train import build_trainer
+    from advflow.platform.train.ray_launch import build_trainer
 
     t0 = time.time()
     with RayWorkerCpu() as sampler:
@@ -346,7 +346,7 @@ def part_overhead(args, prefix: str, work: str) -> tuple[str, dict]:
         log("overhead: run_local (two lengths)")
         out["local"] = {n: run_local_wall(s, f"{work}/local_{n}") for n, s in specs.items()}
     if "ray" in args.modes:
-        from advflow.platform.ray_train import ensure_ray
+        from advflow.platform.train.ray_launch import ensure_ray
 
         log(f"overhead: Ray Train (two lengths), ray address {args.ray_address}")
         ensure_ray(args.ray_address)
@@ -500,7 +500,7 @@ def part_cost(args) -> tuple[str, dict]:
 
 def part_demo(args, prefix: str, work: str) -> tuple[str, dict]:
     from advflow.platform.config import RunSpec
-    from advflow.platform.ray_train import ensure_ray
+    from advflow.platform.train.ray_launch import ensure_ray
 
     raw = demo_dict(prefix)
     raw["run"].update(name="demo", storage_path=f"{work}/runs")

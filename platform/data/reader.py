@@ -41,8 +41,8 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .shards import Manifest, ShardError, check_records, read_manifest
-from .storage import RetryPolicy, Storage
+from advflow.platform.data.shards import Manifest, ShardError, check_records, read_manifest
+from advflow.platform.data.storage import RetryPolicy, Storage
 
 __all__ = ["LatentStream", "read_manifest"]
 

@@ -1,7 +1,7 @@
 """MLflow model registry for trained generators: log (safetensors pyfunc, no pickle), register, load.
 
 - `log_generator(G, ...)` logs the (EMA) generator as an MLflow LoggedModel of the pyfunc flavour
-  with `loader_module="advflow.platform.generator_pyfunc"` (format and decoder rules: that module's
+  with `loader_module="advflow.platform.tracking.model_format"` (format and decoder rules: that module's
   docstring), a signature (DataFrame `label`, `seed` (int64) -> uint8 (-1, H, W, C)), an input
   example and explicit pip requirements; then, with `registered_name`, registers a version and tags
   it: the caller's tags plus `run_id`, `step`, `source` (train | import) and one
@@ -25,10 +25,10 @@ from typing import Any
 
 import torch
 
-from advflow.platform import generator_pyfunc as fmt
-from advflow.platform.artifact_scan import UnsafeArtifactError, scan_model_dir
+from advflow.platform.tracking import model_format as fmt
+from advflow.platform.tracking.artifact_scan import UnsafeArtifactError, scan_model_dir
 
-LOADER_MODULE = fmt.__name__  # "advflow.platform.generator_pyfunc"
+LOADER_MODULE = fmt.__name__  # "advflow.platform.tracking.model_format"
 REGISTRY_WAIT_S = 15  # OSS registries mark versions READY at once; do not block training for 5 min
 METRIC_TAG_PREFIX = "metric."
 SOURCES = ("train", "import")

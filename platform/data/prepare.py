@@ -32,13 +32,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .digit_eval import digits_split, resize_digits
-from .encoders import EncoderSpec, build_encoder, center_crop_resize
-from .shards import (
+from advflow.platform.eval.digits import digits_split, resize_digits
+from advflow.platform.data.encoders import EncoderSpec, build_encoder, center_crop_resize
+from advflow.platform.data.shards import (
     DTYPES, MANIFEST_NAME, PARTS_DIR, Manifest, ManifestError, RecordSpec, ShardInfo, check_records,
     default_chunk_records, encode_shard, read_manifest, shard_name, write_manifest,
 )
-from .storage import Storage
+from advflow.platform.data.storage import Storage
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".JPEG", ".JPG", ".PNG")
 

@@ -1,7 +1,7 @@
 """Run the worker loop without Ray: N processes on this machine, gloo, checkpoints in a local folder.
 
 For debugging on a laptop and for tests that compare ZeRO stages (the Ray path adds nothing to the
-numerics; `advflow.platform.ray_train` runs the same `AFMTrainer`). The checkpoint protocol mirrors
+numerics; `advflow.platform.train.ray_launch` runs the same `AFMTrainer`). The checkpoint protocol mirrors
 Ray Train's: every rank stages its files, they are merged into `checkpoint_{step:06d}/`, and the
 checkpoint counts only once rank 0 has written `COMPLETE` after a barrier.
 """
@@ -67,7 +67,7 @@ def _worker(rank: int, world_size: int, port: int, spec_dict: dict, run_dir: str
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        from advflow.platform.loop import AFMTrainer
+        from advflow.platform.train.worker import AFMTrainer
 
         spec = RunSpec.from_dict(spec_dict)
         torch.set_num_threads(max(1, spec.distributed.cpus_per_worker))

@@ -2,10 +2,10 @@
 
     # self-contained: starts a local S3-compatible server (moto, a test dependency) in a separate
     # process on 127.0.0.1 and writes a synthetic SD-VAE-shaped dataset (4x32x32 fp16) to it
-    python jobs/bench_reader.py --local-server            # 256 MiB in 16 MiB shards
+    python jobs/bench/bench_reader.py --local-server            # 256 MiB in 16 MiB shards
 
     # an existing dataset on any endpoint (AWS_ENDPOINT_URL / credentials from the environment)
-    python jobs/bench_reader.py --prefix s3://bucket/latents
+    python jobs/bench/bench_reader.py --prefix s3://bucket/latents
 
 Prints raw boto3 MB/s (whole-shard GETs, one at a time: the issue's baseline; and range GETs of
 chunk size with the reader's concurrency, for reference), the reader's records/s and MB/s over
@@ -26,11 +26,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from advflow.platform.reader import LatentStream
-from advflow.platform.shards import (
+from advflow.platform.data.reader import LatentStream
+from advflow.platform.data.shards import (
     Manifest, RecordSpec, default_chunk_records, encode_shard, read_manifest, shard_name, write_manifest,
 )
-from advflow.platform.storage import Storage
+from advflow.platform.data.storage import Storage
 
 
 def _free_port() -> int:

@@ -1,7 +1,7 @@
 """The worker loop: G, D and EMA(G) in two DeepSpeed engines, alternating D and G steps.
 
 Ray-free on purpose: `AFMTrainer` talks to the outside world only through a `WorkerContext`
-(rank/world size, report, checkpoint restore). `advflow.platform.ray_train` gives it Ray Train's
+(rank/world size, report, checkpoint restore). `advflow.platform.train.ray_launch` gives it Ray Train's
 context; tests give it a plain torch.distributed one. `train()` is short and linear; each piece is a
 method a subclass can override (torchtitan style).
 
@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 
 from advflow.platform.config import RunSpec
-from advflow.platform.engines import EngineSpec, build_engine, set_lr
-from advflow.platform import run_checkpoint as ckpt
+from advflow.platform.train.engines import EngineSpec, build_engine, set_lr
+from advflow.platform.train import checkpoint as ckpt
 from advflow.trainers import afm
 from advflow.trainers.ema import EMA
 from advflow.trainers.flow import generate
@@ -100,7 +100,7 @@ class AFMTrainer:
     # ------------------------------------------------------------------ building
 
     def build_data(self) -> None:
-        from advflow.platform.reader import LatentStream
+        from advflow.platform.data.reader import LatentStream
 
         make = self.stream_factory or LatentStream
         d = self.spec.data
@@ -246,7 +246,7 @@ class AFMTrainer:
 
     def sample_grid(self, out_path: Path, per_class: int = 8, ema: Callable[[], torch.nn.Module] | None = None) -> None:
         """`ema`: returns the EMA model (default `ema_model`; a checkpoint shares one copy)."""
-        from advflow.platform.encoders import decode_latents
+        from advflow.platform.data.encoders import decode_latents
         from advflow.platform.images import save_grid
 
         model = (ema or self.ema_model)()
@@ -265,8 +265,8 @@ class AFMTrainer:
         ev = self.spec.eval
         if ev.kind == "none" or not (final or self._due(step, ev.every)):
             return {}
-        from advflow.platform.encoders import decode_latents
-        from advflow.platform.quality import build_evaluator
+        from advflow.platform.data.encoders import decode_latents
+        from advflow.platform.eval.frechet import build_evaluator
 
         t0 = time.perf_counter()
         encoder = self.streams["d"].manifest.encoder
@@ -308,7 +308,7 @@ class AFMTrainer:
             return
         if not (final or self._due(step, tr.register_every)):
             return
-        from advflow.platform.registry import log_generator
+        from advflow.platform.tracking.registry import log_generator
 
         # log_generator adds run_id, step and one `metric.<key>` tag per evaluation result.
         tags = {"data.prefix": self.spec.data.prefix, **self.logger.data_tags}
@@ -383,7 +383,7 @@ class AFMTrainer:
 
     def setup(self) -> None:
         if self.run_id and self.ctx.rank == 0:
-            from advflow.platform.tracking import RunLogger
+            from advflow.platform.tracking.runs import RunLogger
 
             self.logger = RunLogger(self.spec, self.run_id)
         self.build_data()

@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from advflow.platform import tracking
+from advflow.platform.tracking import runs as tracking
 from advflow.platform.config import ConfigError, RunSpec
-from advflow.platform.sweep import (SweepSpace, absolute_storage, apply_params, find_optuna_trial, open_study,
+from advflow.platform.sweep.space import (SweepSpace, absolute_storage, apply_params, find_optuna_trial, open_study,
                                     recover_study, sweep_dir)
 
 SWEEP_KEY_TAG = "advflow.sweep_key"
@@ -34,7 +34,7 @@ def trial_func(config: dict, *, base: dict, space: dict, parent_run_id: str | No
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from advflow.platform.ray_train import build_trainer
+    from advflow.platform.train.ray_launch import build_trainer
 
     sp = SweepSpace.from_dict(space)
     params = dict(config)
@@ -109,7 +109,7 @@ def run_sweep(spec: RunSpec, space: SweepSpace, trials: int, *, space_yaml: str 
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from advflow.platform.ray_train import ensure_ray
+    from advflow.platform.train.ray_launch import ensure_ray
 
     t0 = time.time()
     space.storage = absolute_storage(space.storage)

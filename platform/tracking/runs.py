@@ -113,8 +113,8 @@ def manifest_facts(prefix: str) -> dict[str, str]:
     """{'data.manifest_uri', 'data.manifest_sha256'} for the dataset at `prefix`."""
     import hashlib
 
-    from advflow.platform.shards import MANIFEST_NAME
-    from advflow.platform.storage import Storage
+    from advflow.platform.data.shards import MANIFEST_NAME
+    from advflow.platform.data.storage import Storage
 
     storage = Storage(prefix)
     raw = storage.read(MANIFEST_NAME)

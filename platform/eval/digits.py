@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .atomic import write_bytes
-from .quality import FrechetReference, feature_stats
+from advflow.platform.atomic import write_bytes
+from advflow.platform.eval.frechet import FrechetReference, feature_stats
 
 NUM_CLASSES = 10
 SIDE = 8

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from advflow.platform.atomic import write_text
 
 if TYPE_CHECKING:
-    from advflow.platform.loop import AFMTrainer
+    from advflow.platform.train.worker import AFMTrainer
 
 FORMAT_VERSION = 1
 DS_TAG = "ds"

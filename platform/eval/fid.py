@@ -13,8 +13,8 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
-from .inception import FEATURE_DIM, FIDInceptionV3, load_inception
-from .quality import FrechetReference, feature_stats, load_stats, save_stats
+from advflow.platform.eval.inception import FEATURE_DIM, FIDInceptionV3, load_inception
+from advflow.platform.eval.frechet import FrechetReference, feature_stats, load_stats, save_stats
 
 
 @torch.no_grad()

@@ -139,7 +139,7 @@ def scan_model_dir(root: str | os.PathLike) -> int:
                     f"refusing to load model {root}: file {path.relative_to(root)} {why}. advflow models "
                     "contain only safetensors weights and JSON/YAML/text metadata, never pickle, so this "
                     "artifact was tampered with or is not an advflow model; nothing in it was loaded. "
-                    "Re-log the generator with advflow.platform.registry.log_generator."
+                    "Re-log the generator with advflow.platform.tracking.registry.log_generator."
                 )
             checked += 1
     return checked

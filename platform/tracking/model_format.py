@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from advflow.platform.artifact_scan import scan_model_dir
+from advflow.platform.tracking.artifact_scan import scan_model_dir
 from advflow.platform.images import to_uint8
 
 WEIGHTS_FILE = "weights.safetensors"
@@ -178,7 +178,7 @@ class GeneratorModel:
 
     @torch.no_grad()
     def images(self, labels: Sequence[int], seeds: Sequence[int]) -> torch.Tensor:
-        from advflow.platform.encoders import decode_latents
+        from advflow.platform.data.encoders import decode_latents
         from advflow.trainers.flow import generate
 
         labels, seeds = self._check(labels, seeds)

@@ -1,7 +1,7 @@
 """What MLflow tracking costs the training loop (a benchmark, not a test).
 
-    python jobs/bench_tracking.py                     # 200 steps, 1 worker, 1 warm-up + 3 repetitions each way
-    python jobs/bench_tracking.py --steps 400 --reps 3 --log-every 5
+    python jobs/bench/bench_tracking.py                     # 200 steps, 1 worker, 1 warm-up + 3 repetitions each way
+    python jobs/bench/bench_tracking.py --steps 400 --reps 3 --log-every 5
 
 Starts its own moto S3 endpoint and MLflow server (SQLite, artifacts on S3) on 127.0.0.1, prepares
 the digits, and trains the same tiny job with tracking off and on, interleaved (off, on, off, on,
@@ -32,10 +32,11 @@ def main(argv=None) -> int:
 
     import os
 
-    from advflow.platform import services, tracking
+    from advflow.infra.local import services
+    from advflow.platform.tracking import runs as tracking
     from advflow.platform.config import RunSpec
-    from advflow.platform.local_launch import run_local
-    from advflow.platform.prepare import PrepareConfig, prepare
+    from advflow.platform.train.local_launch import run_local
+    from advflow.platform.data.prepare import PrepareConfig, prepare
 
     root = Path(tempfile.mkdtemp(prefix="advflow-bench-tracking-"))
     data = root / "digits"

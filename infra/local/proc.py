@@ -3,7 +3,7 @@
 Why sessions: a service such as a Ray head is a tree (CLI, GCS, raylet, dashboard, workers).
 Starting it with ``start_new_session=True`` makes its pid the session id of the whole tree, so
 ``stop_session`` reaches everything it spawned, and the tree outlives the CLI that started it.
-Nothing here knows about Ray, S3 or MLflow; ``advflow.platform.services`` builds on it.
+Nothing here knows about Ray, S3 or MLflow; ``advflow.infra.local.services`` builds on it.
 """
 
 from __future__ import annotations
