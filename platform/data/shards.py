@@ -326,3 +326,16 @@ def verify_dataset(prefix: str | Storage, *, check_values: bool = True, **storag
             except ShardError as exc:
                 problems.append(str(exc))
     return problems
+
+
+def dataset_tags(prefix: str) -> dict[str, str]:
+    """Provenance of the dataset at `prefix` for run and model tags: {'data.manifest_uri',
+    'data.manifest_sha256'}, or {'data.manifest_error': why} when the manifest cannot be read
+    (tracking must not hide the reader's own, clearer error, which comes when training starts)."""
+    try:
+        storage = Storage(prefix)
+        raw = storage.read(MANIFEST_NAME)
+        return {"data.manifest_uri": storage.url(MANIFEST_NAME),
+                "data.manifest_sha256": hashlib.sha256(raw).hexdigest()}
+    except Exception as err:  # noqa: BLE001 - see the docstring
+        return {"data.manifest_error": str(err)[:500]}
