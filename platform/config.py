@@ -1,21 +1,27 @@
 """Typed run configuration: one YAML file plus `--set key=value` overrides, validated before launch.
 
-Each component has its own dataclass with docstrings; `RunSpec.from_dict` rejects unknown keys and
-wrong types, and `validate()` rejects impossible values, always naming the field and the fix. Nothing
-here imports Ray or DeepSpeed, so the driver can validate a config before it touches the cluster.
+Each section of the YAML is a pydantic model (`DataConfig`, `ModelConfig`, ...; `RunSpec` holds them
+all). Pydantic replaced a hand-written dataclass coercion layer: its strict mode does the type checks
+that layer did (an int field refuses strings, bools and floats, a bool field refuses 0/1, a str field
+refuses numbers), `extra="forbid"` rejects unknown keys, and each section's own value checks live in
+a validator on that section, next to its fields. Only the rules that span sections (batch
+divisibility, the penalty fraction of a micro-batch, the phase plan) are on `RunSpec`.
+
+Every failure reaches the caller as one `ConfigError` that names the dotted field and the fix:
+`RunSpec.from_dict` turns pydantic's `ValidationError` into it (`_config_error`). Nothing here imports
+Ray or DeepSpeed, so the driver can validate a config before it touches the cluster.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from advflow.platform.eval import EVALUATORS
 from advflow.trainers.models import SIZES
 
 
@@ -23,11 +29,46 @@ class ConfigError(ValueError):
     """A user-facing configuration error; the message names the field and the fix."""
 
 
+def _fail(fieldname: str, problem: str, fix: str) -> typing.NoReturn:
+    """Raise `<field>: <problem>; <fix>`. Inside a section's validator `fieldname` is relative to the
+    section (`repeats`); `_config_error` prefixes the section's path (`model.repeats`)."""
+    raise ConfigError(f"{fieldname}: {problem}; {fix}")
+
+
+def _yaml_float(value: Any) -> Any:
+    """YAML 1.1 reads `1e-4` (no dot) as a string; a float field takes any string that parses."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
+def _list_to_tuple(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value  # YAML has lists, not tuples
+
+
+# A float field: ints and numeric strings are accepted (as floats), bools are not (strict mode).
+Number = Annotated[float, BeforeValidator(_yaml_float)]
+# A fixed-length tuple given as a YAML list.
+NumberPair = Annotated[tuple[Number, Number], BeforeValidator(_list_to_tuple)]
+
+
+class _Section(BaseModel):
+    # strict: no str->int, int->bool, number->str coercion. No validate_assignment: fields may be set
+    # after construction (a sweep renames the run); `RunSpec.validate()` re-checks the whole spec.
+    model_config = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True)
+
+
+def _one_of(options: list[str]) -> str:
+    return ", ".join(options[:-1]) + " or " + options[-1] if len(options) > 1 else options[0]
+
+
 # ----------------------------------------------------------------------------- components
 
 
-@dataclass
-class DataConfig:
+class DataConfig(_Section):
     """Where the latent shards live and how they are streamed."""
 
     prefix: str = ""
@@ -37,9 +78,15 @@ class DataConfig:
     prefetch: int = 4
     """Shards fetched ahead of the reader by the background thread."""
 
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if not self.prefix:
+            _fail("prefix", "is empty", "set it to the dataset prefix written by jobs/prepare_latents.py, "
+                  "e.g. --set data.prefix=s3://advflow/digits")
+        return self
 
-@dataclass
-class ModelConfig:
+
+class ModelConfig(_Section):
     """Generator and discriminator architecture (sizes from `advflow.trainers.models.SIZES`)."""
 
     size: str = "tiny"
@@ -53,43 +100,79 @@ class ModelConfig:
     repeats: int = 1
     """R, weight-tied depth repetition of the generator's blocks (1, 2 or 4 in the paper)."""
 
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        for name in ("size", "d_size"):
+            value = getattr(self, name)
+            if value is not None and value not in SIZES:
+                _fail(name, f"{value!r} is not a known size", f"use one of {sorted(SIZES)}")
+        if self.kind not in ("1nfe", "multistep", "anystep"):
+            _fail("kind", f"{self.kind!r} is unknown", "use 1nfe, multistep or anystep")
+        if self.repeats < 1:
+            _fail("repeats", f"R={self.repeats} < 1", "use R >= 1 (1 = no depth repetition)")
+        if self.repeats > 1 and self.kind != "1nfe":
+            _fail("repeats", f"R={self.repeats} with kind {self.kind}", "depth repetition is for 1NFE generators "
+                  "(the paper's 56/112-layer models): use model.kind=1nfe with R > 1, or R=1")
+        if self.nfe < 1:
+            _fail("nfe", f"K={self.nfe} < 1", "use K >= 1")
+        if self.kind == "1nfe" and self.nfe != 1:
+            _fail("nfe", f"K={self.nfe} with kind 1nfe", "set model.kind=multistep for K > 1, or nfe=1")
+        return self
 
-@dataclass
-class OptimConfig:
+
+class OptimConfig(_Section):
     """AdamW for both networks (the paper uses equal learning rates)."""
 
-    lr: float = 1e-4
+    lr: Number = 1e-4
     """Base learning rate; G's is multiplied by 1/R for depth-repeated generators."""
-    betas: tuple[float, float] = (0.0, 0.9)
-    weight_decay: float = 0.01
-    eps: float = 1e-8
-    grad_clip: float = 0.0
+    betas: NumberPair = (0.0, 0.9)
+    weight_decay: Number = 0.01
+    eps: Number = 1e-8
+    grad_clip: Number = 0.0
     """Global gradient-norm clip per engine; 0 disables clipping."""
-    ema_decay: float = 0.9999
+    ema_decay: Number = 0.9999
     """EMA decay of the generator's weights (the sampled model)."""
 
+    @model_validator(mode="after")
+    def _check(self) -> OptimConfig:
+        if self.lr <= 0:
+            _fail("lr", "must be > 0", "use e.g. 1e-4")
+        if not (0 <= self.ema_decay < 1):
+            _fail("ema_decay", f"{self.ema_decay} is outside [0, 1)", "use e.g. 0.9999")
+        return self
 
-@dataclass
-class AdversarialConfig:
+
+class AdversarialConfig(_Section):
     """Loss weights (lambda in the paper). `ot_scale` is a number or a schedule mapping."""
 
     ot_scale: Any = 0.2
     """lambda_ot: a constant, or {kind: cosine|linear|constant, start, end, steps}."""
-    gp_scale: float = 0.25
+    gp_scale: Number = 0.25
     """lambda_gp for the finite-difference R1 (real) and R2 (fake) penalties."""
-    gp_fraction: float = 0.25
+    gp_fraction: Number = 0.25
     """Fraction of each batch the penalties are computed on."""
-    gp_eps: float = 0.01
+    gp_eps: Number = 0.01
     """Finite-difference step for R1/R2."""
-    cp_scale: float = 0.01
+    cp_scale: Number = 0.01
     """lambda_cp, logit centering."""
     gradnorm: bool = True
     """Normalise the adversarial gradient reaching G (makes lambda_ot transfer across sizes)."""
-    gradnorm_momentum: float = 0.9
+    gradnorm_momentum: Number = 0.9
+
+    # ot_scale (number or schedule) is checked with the phase plan, see `RunSpec._check_across_sections`.
+    @model_validator(mode="after")
+    def _check(self) -> AdversarialConfig:
+        if not (0 < self.gp_fraction <= 1):
+            _fail("gp_fraction", f"{self.gp_fraction} is outside (0, 1]", "use e.g. 0.25")
+        if self.gp_eps <= 0:
+            _fail("gp_eps", "must be > 0", "use e.g. 0.01")
+        for name in ("gp_scale", "cp_scale"):
+            if getattr(self, name) < 0:
+                _fail(name, "is negative", "use a weight >= 0")
+        return self
 
 
-@dataclass
-class TrainConfig:
+class TrainConfig(_Section):
     """Loop lengths and cadences, counted in iterations (one D step plus one G step)."""
 
     steps: int = 1000
@@ -98,13 +181,23 @@ class TrainConfig:
     grad_accum: int = 1
     log_every: int = 10
     sample_every: int = 0
-    """Save a sample grid every N iterations (0: only at the end)."""
+    """Save the EMA sample grid (samples.png) into the checkpoint at the first checkpoint at or after
+    each multiple of N (0: only at the end; it is also saved whenever an MLflow grid is drawn at a
+    checkpoint)."""
     checkpoint_every: int = 100
     seed: int = 0
 
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        for name in ("steps", "global_batch", "grad_accum", "log_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                _fail(name, f"must be >= 1, got {getattr(self, name)}", "use a positive integer")
+        if self.sample_every < 0:
+            _fail("sample_every", "is negative", "use 0 (end only) or a positive cadence")
+        return self
 
-@dataclass
-class DistributedConfig:
+
+class DistributedConfig(_Section):
     """Ray Train workers and the two DeepSpeed engines."""
 
     workers: int = 1
@@ -115,10 +208,29 @@ class DistributedConfig:
     precision: str = "auto"
     """`auto` (bf16 on GPU, fp32 on CPU), `fp32` or `bf16`."""
 
+    @model_validator(mode="after")
+    def _check(self) -> DistributedConfig:
+        if self.workers < 1:
+            _fail("workers", f"must be >= 1, got {self.workers}", "use at least one worker")
+        for name in ("zero_stage_g", "zero_stage_d"):
+            stage = getattr(self, name)
+            if stage not in (0, 1, 2, 3):
+                _fail(name, f"ZeRO stage {stage} does not exist", "use 0, 1 or 2")
+            if stage == 3:
+                _fail(name, "ZeRO-3 is refused: D runs inside G's step and G inside D's, so each engine's "
+                      "parameters would be gathered by the other engine's hooks (DeepSpeed issues 4923/5639); "
+                      "the equivalence test does not pass for it", "use 0, 1 or 2")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            _fail("precision", f"{self.precision!r} is unknown", "use auto, fp32 or bf16")
+        if self.precision == "bf16" and not self.use_gpu:
+            _fail("precision", "bf16 on CPU workers", "use fp32 (or auto) when use_gpu is false")
+        return self
 
-@dataclass
-class RunConfig:
-    """Where a run stores checkpoints and how it survives failures."""
+
+class RunStorageConfig(_Section):
+    """The `run:` section: where a run stores checkpoints and how it survives failures.
+
+    (Not `RunConfig`, which would read as `ray.train.RunConfig`; `ray_launch` builds that from this.)"""
 
     name: str = "afm"
     storage_path: str = "runs"
@@ -127,9 +239,14 @@ class RunConfig:
     """Worker-group restarts Ray Train attempts before the job fails."""
     keep_checkpoints: int = 2
 
+    @model_validator(mode="after")
+    def _check(self) -> RunStorageConfig:
+        if self.max_failures < 0 or self.keep_checkpoints < 1:
+            _fail("max_failures/keep_checkpoints", "out of range", "use max_failures >= 0, keep >= 1")
+        return self
 
-@dataclass
-class TrackingConfig:
+
+class TrackingConfig(_Section):
     """MLflow tracking and model registry (only global rank 0 talks to MLflow).
 
     Tracking is on when a tracking server is known: `uri`, else the MLFLOW_TRACKING_URI environment
@@ -150,12 +267,19 @@ class TrackingConfig:
     each multiple of N (checkpoints are where every rank's state is consistent)."""
     system_metrics: bool = True
     """MLflow system metrics (CPU, memory, disk, network; GPU when pynvml is installed)."""
-    system_metrics_interval: float = 10.0
+    system_metrics_interval: Number = 10.0
     """Seconds between system-metric samples."""
 
+    @model_validator(mode="after")
+    def _check(self) -> TrackingConfig:
+        if self.image_every < 0 or self.register_every < 0:
+            _fail("image_every/register_every", "is negative", "use 0 or a positive cadence")
+        if self.system_metrics_interval <= 0:
+            _fail("system_metrics_interval", "must be > 0", "use e.g. 10 (seconds)")
+        return self
 
-@dataclass
-class EvalConfig:
+
+class EvalConfig(_Section):
     """Periodic sample quality, reported with checkpoints (the metric sweeps and ASHA use).
 
     kind `digits`: Fréchet distance in the feature space of the project's digit classifier against
@@ -175,121 +299,100 @@ class EvalConfig:
     reference_stats: str | None = None
     """kind `fid`: .npz with `mu` and `sigma` of the reference set."""
 
+    # What to set a field to, for the error when a kind requires it (`EVALUATORS[kind].required`).
+    _SET_TO: typing.ClassVar[dict[str, str]] = {
+        "inception_path": "the Inception weights (.pth/.safetensors)",
+        "reference_stats": "the reference .npz (mu, sigma)",
+    }
 
-@dataclass
-class RunSpec:
+    @model_validator(mode="after")
+    def _check(self) -> EvalConfig:
+        kinds = ["none", *EVALUATORS]
+        if self.kind not in kinds:
+            _fail("kind", f"{self.kind!r} is unknown", f"use {_one_of(kinds)}")
+        if self.every < 0:
+            _fail("every", "is negative", "use 0 (end only) or a positive cadence")
+        if self.num_samples < 2 or self.batch_size < 1:
+            _fail("num_samples/batch_size", "too small", "use num_samples >= 2 and batch_size >= 1")
+        required = EVALUATORS[self.kind].required if self.kind != "none" else ()
+        if not all(getattr(self, name) for name in required):
+            needs = "it" if len(required) == 1 else "both" if len(required) == 2 else f"all {len(required)}"
+            to = " and ".join(self._SET_TO.get(name, f"a {name}") for name in required)
+            _fail("/".join(required), f"kind {self.kind} needs {needs}",
+                  f"set {'it' if len(required) == 1 else 'them'} to {to}")
+        return self
+
+
+class RunSpec(BaseModel):
     """A whole training run. Load with `load_config(path, overrides)`."""
 
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    distributed: DistributedConfig = field(default_factory=DistributedConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    phases: list[dict] = field(default_factory=list)
+    model_config = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True)
+
+    # `RunSpec()` (all defaults, e.g. to read a default value) stays constructible although the default
+    # data.prefix is empty: the default is built unvalidated. `from_dict` validates every section,
+    # also those the YAML leaves out.
+    data: DataConfig = Field(default_factory=DataConfig.model_construct)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    adversarial: AdversarialConfig = Field(default_factory=AdversarialConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    run: RunStorageConfig = Field(default_factory=RunStorageConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    phases: list[dict] = Field(default_factory=list)
     """Table-11-style phases (see `advflow.trainers.schedules.PhasePlan`); empty = one phase."""
 
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def from_dict(cls, raw: dict) -> "RunSpec":
-        spec = _build(cls, raw or {}, "")
-        spec.validate()
-        return spec
+    def from_dict(cls, raw: dict) -> RunSpec:
+        """Build and validate a spec from the YAML's nested dict; raises ConfigError."""
+        raw = raw or {}
+        if isinstance(raw, dict):
+            raw = {**{name: {} for name in _SECTIONS}, **raw}  # validate omitted sections' defaults too
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as err:
+            raise _config_error(err, raw) from None
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The nested dict (`from_dict(spec.to_dict())` rebuilds the spec; `betas` stays a tuple)."""
+        return self.model_dump()
 
-    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:  # shadows pydantic's deprecated BaseModel.validate classmethod
+        """Re-run every check, e.g. after fields were assigned; raises ConfigError."""
+        type(self).from_dict(self.to_dict())
 
-    def validate(self) -> None:
-        m, t, d, a, o = self.model, self.train, self.distributed, self.adversarial, self.optim
-        if not self.data.prefix:
-            _fail("data.prefix", "is empty", "set it to the dataset prefix written by jobs/prepare_latents.py, "
-                  "e.g. --set data.prefix=s3://advflow/digits")
-        for name in ("size", "d_size"):
-            value = getattr(m, name)
-            if value is not None and value not in SIZES:
-                _fail(f"model.{name}", f"{value!r} is not a known size", f"use one of {sorted(SIZES)}")
-        if m.kind not in ("1nfe", "multistep", "anystep"):
-            _fail("model.kind", f"{m.kind!r} is unknown", "use 1nfe, multistep or anystep")
-        if m.repeats < 1:
-            _fail("model.repeats", f"R={m.repeats} < 1", "use R >= 1 (1 = no depth repetition)")
-        if m.repeats > 1 and m.kind != "1nfe":
-            _fail("model.repeats", f"R={m.repeats} with kind {m.kind}", "depth repetition is for 1NFE generators "
-                  "(the paper's 56/112-layer models): use model.kind=1nfe with R > 1, or R=1")
-        if m.nfe < 1:
-            _fail("model.nfe", f"K={m.nfe} < 1", "use K >= 1")
-        if m.kind == "1nfe" and m.nfe != 1:
-            _fail("model.nfe", f"K={m.nfe} with kind 1nfe", "set model.kind=multistep for K > 1, or nfe=1")
-        for name in ("steps", "global_batch", "grad_accum", "log_every", "checkpoint_every"):
-            if getattr(t, name) < 1:
-                _fail(f"train.{name}", f"must be >= 1, got {getattr(t, name)}", "use a positive integer")
-        if t.sample_every < 0:
-            _fail("train.sample_every", "is negative", "use 0 (end only) or a positive cadence")
-        if d.workers < 1:
-            _fail("distributed.workers", f"must be >= 1, got {d.workers}", "use at least one worker")
+    # ------------------------------------------------------------------ validation across sections
+
+    @field_validator("phases")
+    @classmethod
+    def _check_phases(cls, phases: list[dict]) -> list[dict]:
+        for i, phase in enumerate(phases):
+            if isinstance(phase.get("d_reload_from"), int):
+                _fail(f"[{i}].d_reload_from", "a step number is not supported",
+                      "name a phase-end snapshot instead, e.g. d_reload_from: decay_end")
+            if phase.get("guidance"):
+                _fail(f"[{i}].guidance", "classifier guidance needs a trained flow classifier, which "
+                      "the training job cannot load yet", "leave guidance off (see the recipe comments)")
+        return phases
+
+    @model_validator(mode="after")
+    def _check_across_sections(self) -> RunSpec:
+        t, d, a = self.train, self.distributed, self.adversarial
         if t.global_batch % (d.workers * t.grad_accum):
             _fail("train.global_batch", f"{t.global_batch} is not divisible by workers x grad_accum = "
                   f"{d.workers} x {t.grad_accum}", "pick a global batch that is a multiple of their product")
-        micro = t.global_batch // (d.workers * t.grad_accum)
-        if micro * a.gp_fraction < 1:
-            _fail("adversarial.gp_fraction", f"{a.gp_fraction} of a micro-batch of {micro} is < 1 sample",
-                  "raise train.global_batch or gp_fraction")
-        for name in ("zero_stage_g", "zero_stage_d"):
-            stage = getattr(d, name)
-            if stage not in (0, 1, 2, 3):
-                _fail(f"distributed.{name}", f"ZeRO stage {stage} does not exist", "use 0, 1 or 2")
-            if stage == 3:
-                _fail(f"distributed.{name}", "ZeRO-3 is refused: D runs inside G's step and G inside D's, so "
-                      "each engine's parameters would be gathered by the other engine's hooks (DeepSpeed "
-                      "issues 4923/5639); the equivalence test does not pass for it", "use 0, 1 or 2")
-        if d.precision not in ("auto", "fp32", "bf16"):
-            _fail("distributed.precision", f"{d.precision!r} is unknown", "use auto, fp32 or bf16")
-        if d.precision == "bf16" and not d.use_gpu:
-            _fail("distributed.precision", "bf16 on CPU workers", "use fp32 (or auto) when use_gpu is false")
-        if not (0 < a.gp_fraction <= 1):
-            _fail("adversarial.gp_fraction", f"{a.gp_fraction} is outside (0, 1]", "use e.g. 0.25")
-        if a.gp_eps <= 0:
-            _fail("adversarial.gp_eps", "must be > 0", "use e.g. 0.01")
-        for name in ("gp_scale", "cp_scale"):
-            if getattr(a, name) < 0:
-                _fail(f"adversarial.{name}", "is negative", "use a weight >= 0")
-        if o.lr <= 0:
-            _fail("optim.lr", "must be > 0", "use e.g. 1e-4")
-        if not (0 <= o.ema_decay < 1):
-            _fail("optim.ema_decay", f"{o.ema_decay} is outside [0, 1)", "use e.g. 0.9999")
-        if self.run.max_failures < 0 or self.run.keep_checkpoints < 1:
-            _fail("run.max_failures/keep_checkpoints", "out of range", "use max_failures >= 0, keep >= 1")
-        tr, ev = self.tracking, self.eval
-        if tr.image_every < 0 or tr.register_every < 0:
-            _fail("tracking.image_every/register_every", "is negative", "use 0 or a positive cadence")
-        if tr.system_metrics_interval <= 0:
-            _fail("tracking.system_metrics_interval", "must be > 0", "use e.g. 10 (seconds)")
-        if ev.kind not in ("none", "digits", "fid"):
-            _fail("eval.kind", f"{ev.kind!r} is unknown", "use none, digits or fid")
-        if ev.every < 0:
-            _fail("eval.every", "is negative", "use 0 (end only) or a positive cadence")
-        if ev.num_samples < 2 or ev.batch_size < 1:
-            _fail("eval.num_samples/batch_size", "too small", "use num_samples >= 2 and batch_size >= 1")
-        if ev.kind == "fid" and not (ev.inception_path and ev.reference_stats):
-            _fail("eval.inception_path/reference_stats", "kind fid needs both",
-                  "set them to the Inception weights (.pth/.safetensors) and the reference .npz (mu, sigma)")
-        for i, phase in enumerate(self.phases):
-            if isinstance(phase, dict) and isinstance(phase.get("d_reload_from"), int):
-                _fail(f"phases[{i}].d_reload_from", "a step number is not supported",
-                      "name a phase-end snapshot instead, e.g. d_reload_from: decay_end")
-            if isinstance(phase, dict) and phase.get("guidance"):
-                _fail(f"phases[{i}].guidance", "classifier guidance needs a trained flow classifier, which "
-                      "the training job cannot load yet", "leave guidance off (see the recipe comments)")
+        if self.micro_batch * a.gp_fraction < 1:
+            _fail("adversarial.gp_fraction", f"{a.gp_fraction} of a micro-batch of {self.micro_batch} is < 1 "
+                  "sample", "raise train.global_batch or gp_fraction")
         # Schedules and phases are validated by their own types; re-raise with the field path.
         try:
             self.phase_plan()
         except ValueError as err:
             raise ConfigError(f"phases / adversarial.ot_scale: {err}") from None
+        return self
 
     # ------------------------------------------------------------------ derived
 
@@ -309,6 +412,75 @@ class RunSpec:
         # The first phase inherits whatever it leaves out from the top-level optim/adversarial keys.
         phases[0] = {**base, **phases[0]}
         return PhasePlan.from_dict(phases)
+
+
+_SECTIONS = [name for name, f in RunSpec.model_fields.items()
+             if isinstance(f.annotation, type) and issubclass(f.annotation, _Section)]
+
+
+# ----------------------------------------------------------------------------- pydantic errors -> ConfigError
+
+# pydantic error type -> what the field expected (the input is appended: "expected an integer, got 'abc'").
+_EXPECTED = {"int_type": "an integer", "bool_type": "true/false", "float_type": "a number", "string_type": "a string"}
+
+
+def _path(loc: tuple) -> str:
+    """('optim', 'betas', 0) -> 'optim.betas[0]'."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}" if out else str(part)
+    return out
+
+
+def _field_at(loc: tuple):
+    """The pydantic FieldInfo at `loc` (sections and their fields), or None."""
+    model, info = RunSpec, None
+    for part in loc:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
+            return None
+        info = model.model_fields[part]
+        model = info.annotation
+    return info
+
+
+def _input_at(raw: Any, loc: tuple, default: Any) -> Any:
+    """The user's value at `loc` (pydantic reports it after before-validators, e.g. a list as a tuple)."""
+    for part in loc:
+        try:
+            raw = raw[part]
+        except (KeyError, IndexError, TypeError):
+            return default
+    return raw
+
+
+def _config_error(err: ValidationError, raw: Any) -> ConfigError:
+    """The first error (unknown keys and wrong types before impossible values, as a user fixes them)
+    as a ConfigError `<dotted.field>: <problem>[; <fix>]`."""
+    errors = err.errors()
+    unknown = [e for e in errors if e["type"] == "extra_forbidden"]
+    if unknown:
+        parent = unknown[0]["loc"][:-1]
+        keys = sorted(str(e["loc"][-1]) for e in unknown if e["loc"][:-1] == parent)
+        model = _field_at(parent).annotation if parent else RunSpec
+        return ConfigError(f"{_path(parent) or 'top level'}: unknown key(s) {keys}; "
+                           f"valid keys are {sorted(model.model_fields)}")
+    e = next((e for e in errors if e["type"] != "value_error"), errors[0])
+    path, value = _path(e["loc"]), _input_at(raw, e["loc"], e.get("input"))
+    if e["type"] == "value_error":  # raised by a validator: "<field relative to loc>: <problem>; <fix>"
+        msg = e["msg"].removeprefix("Value error, ")
+        return ConfigError(f"{path}{'' if msg.startswith('[') else '.'}{msg}" if path else msg)
+    loc = e["loc"][:-1] if e["type"] == "missing" else e["loc"]  # too short a tuple: its last item is missing
+    info = _field_at(loc)
+    if info is not None and typing.get_origin(info.annotation) is tuple:
+        n = len(typing.get_args(info.annotation))
+        return ConfigError(f"{_path(loc)}: expected a list of {n} numbers, got {_input_at(raw, loc, value)!r}")
+    if e["type"] in ("model_type", "dict_type"):
+        return ConfigError(f"{path or 'config'}: expected a mapping, got {type(value).__name__}")
+    if e["type"] == "list_type":
+        return ConfigError(f"{path}: expected a list, got {type(value).__name__} {value!r}")
+    if e["type"] in _EXPECTED:
+        return ConfigError(f"{path}: expected {_EXPECTED[e['type']]}, got {value!r}")
+    return ConfigError(f"{path or 'config'}: {e['msg']}, got {value!r}")
 
 
 # ----------------------------------------------------------------------------- loading
@@ -376,75 +548,3 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-# ----------------------------------------------------------------------------- internals
-
-
-def _fail(fieldname: str, problem: str, fix: str) -> typing.NoReturn:
-    raise ConfigError(f"{fieldname}: {problem}; {fix}")
-
-
-def _build(cls, raw: dict, path: str):
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(raw).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        where = path or "top level"
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys are {sorted(fields)}")
-    kwargs = {}
-    for name, value in raw.items():
-        kwargs[name] = _coerce(hints[name], value, f"{path}{name}")
-    return cls(**kwargs)
-
-
-def _coerce(tp, value, path: str):
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, path + ".")
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        last: ConfigError | None = None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(arg, value, path)
-            except ConfigError as err:
-                last = err
-        raise last or ConfigError(f"{path}: bad value {value!r}")
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{path}: expected a list of {len(args)} numbers, got {value!r}")
-        return tuple(_coerce(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{path}: expected a list, got {type(value).__name__} {value!r}")
-        return list(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{path}: expected true/false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{path}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{path}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{path}: expected a string, got {value!r}")
-        return value
-    raise AssertionError(f"unsupported config type {tp} at {path}")

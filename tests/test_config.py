@@ -102,3 +102,84 @@ def test_phase_errors_are_config_errors():
 
 def test_flatten_for_tracking():
     assert flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": 2}) == {"a.b": 1, "a.c.d": [1, 2], "e": 2}
+
+
+@pytest.mark.parametrize("section, key, value, expected", [
+    ("train", "steps", "12", r"train\.steps: expected an integer, got '12'"),
+    ("train", "steps", True, r"train\.steps: expected an integer, got True"),
+    ("train", "steps", 1.0, r"train\.steps: expected an integer, got 1\.0"),
+    ("distributed", "use_gpu", 1, r"distributed\.use_gpu: expected true/false, got 1"),
+    ("distributed", "use_gpu", 0, r"distributed\.use_gpu: expected true/false, got 0"),
+    ("distributed", "use_gpu", "true", r"distributed\.use_gpu: expected true/false, got 'true'"),
+    ("model", "size", 2, r"model\.size: expected a string, got 2"),
+    ("model", "d_size", 2, r"model\.d_size: expected a string, got 2"),
+    ("tracking", "uri", 1.5, r"tracking\.uri: expected a string, got 1\.5"),
+    ("optim", "lr", True, r"optim\.lr: expected a number, got True"),
+    ("optim", "lr", "fast", r"optim\.lr: expected a number, got 'fast'"),
+    ("optim", "betas", [0.9], r"optim\.betas: expected a list of 2 numbers, got \[0\.9\]"),
+    ("optim", "betas", [0.0, 0.9, 0.99], r"optim\.betas: expected a list of 2 numbers"),
+    ("optim", "betas", [0.0, "x"], r"optim\.betas\[1\]: expected a number, got 'x'"),
+])
+def test_types_are_strict_and_errors_name_the_field(section, key, value, expected):
+    with pytest.raises(ConfigError, match=expected):
+        spec(**{section: {key: value}})
+
+
+def test_floats_take_ints_and_yaml_strings_optionals_take_none():
+    s = spec(optim={"lr": "3e-4", "grad_clip": 1, "betas": [0, "0.99"]}, model={"d_size": None},
+             tracking={"uri": None, "register_name": None},
+             eval={"inception_path": None, "reference_stats": None}, adversarial={"ot_scale": 1})
+    assert s.optim.lr == 3e-4 and type(s.optim.grad_clip) is float and s.optim.betas == (0.0, 0.99)
+    assert type(s.optim.betas) is tuple and s.adversarial.ot_scale == 1 and s.model.d_size is None
+
+
+def test_unknown_keys_and_non_mappings_name_the_section():
+    with pytest.raises(ConfigError, match=r"^optim: unknown key\(s\) \['a', 'b'\]; valid keys are \['betas'"):
+        spec(optim={"b": 1, "a": 2})
+    with pytest.raises(ConfigError, match=r"^top level: unknown key\(s\) \['optimizer'\]; valid keys are"):
+        spec(optimizer={})
+    with pytest.raises(ConfigError, match=r"^train: expected a mapping, got int"):
+        spec(train=5)
+    with pytest.raises(ConfigError, match=r"^phases\[0\]: expected a mapping"):
+        spec(phases=[3])
+
+
+def test_wrong_types_are_reported_before_impossible_values():
+    with pytest.raises(ConfigError, match=r"train\.steps: expected an integer"):
+        RunSpec.from_dict({"train": {"steps": "x"}})  # data.prefix is also missing
+
+
+def test_run_section_class_is_not_named_like_rays_run_config():
+    from advflow.platform import config
+
+    assert not hasattr(config, "RunConfig")
+    assert type(spec().run) is config.RunStorageConfig and spec(run={"name": "n"}).run.name == "n"
+
+
+def test_to_dict_round_trips_and_assignment_is_rechecked_by_validate():
+    for path in CONFIGS:
+        d = load_config(path).to_dict()
+        assert RunSpec.from_dict(d).to_dict() == d and isinstance(d["optim"]["betas"], tuple)
+    s = spec()
+    s.run.name, s.tracking.register_name = "study-3", "afm"
+    s.validate()
+    assert (s.to_dict()["run"]["name"], s.to_dict()["tracking"]["register_name"]) == ("study-3", "afm")
+    s.eval.kind = "fid"
+    with pytest.raises(ConfigError, match=r"eval\.inception_path/reference_stats: kind fid needs both; set them"):
+        s.validate()
+    assert RunSpec().train.steps == 1000  # all defaults (unvalidated: data.prefix is empty)
+
+
+def test_eval_kinds_come_from_the_evaluator_table(monkeypatch):
+    from advflow.platform import eval as evaluators
+
+    with pytest.raises(ConfigError, match=r"eval\.kind: 'x' is unknown; use none, digits or fid"):
+        spec(eval={"kind": "x"})
+    monkeypatch.setitem(evaluators.EVALUATORS, "ref_only",
+                        evaluators.EvaluatorKind(required=("reference_stats",), build=lambda *a, **k: None))
+    with pytest.raises(ConfigError, match=r"^eval\.reference_stats: kind ref_only needs it; set it to the reference"):
+        spec(eval={"kind": "ref_only"})
+    with pytest.raises(ConfigError, match=r"use none, digits, fid or ref_only"):
+        spec(eval={"kind": "x"})
+    assert spec(eval={"kind": "ref_only", "reference_stats": "r.npz"}).eval.kind == "ref_only"
+    assert spec(eval={"kind": "digits"}).eval.kind == "digits"
