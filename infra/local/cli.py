@@ -1,5 +1,10 @@
 """The ``advflow`` command: ``advflow <group> <command> [options]``.
 
+``advflow.infra.local.cli:main`` is the console script (pyproject ``[project.scripts]``);
+``python -m advflow.infra.local.cli`` runs the same. Progress lines of ``stack up``/``stack down``
+go through ``advflow.platform.log`` ("[advflow] ..." on stdout); what a command answers (the status
+table, the ``stack env`` exports) is printed plainly, so shells and tests can read it.
+
 Command groups register themselves in ``COMMAND_GROUPS``: each entry adds one sub-parser and sets
 ``handler`` (a function ``args -> exit code``) on the parsed namespace. A new issue adds a group by
 writing one ``_add_<group>`` function and appending it there; ``main`` stays as it is.
@@ -29,7 +34,7 @@ def _stack_up(args: argparse.Namespace) -> int:
         timeout_s=args.timeout,
     )
     config = stack.StackConfig.resolve(overrides)
-    stack.up(config, echo=lambda line: print(line, flush=True))
+    stack.up(config)  # progress lines: stack's logger
     _print_status(config.state_dir)
     hint = "" if args.state_dir is None else f" --state-dir {config.state_dir}"
     print(f'\nUse it from this shell:  eval "$(advflow stack env{hint})"')
@@ -39,7 +44,7 @@ def _stack_up(args: argparse.Namespace) -> int:
 def _stack_down(args: argparse.Namespace) -> int:
     from advflow.infra.local import stack
 
-    stack.down(stack.resolve_state_dir(args.state_dir), echo=lambda line: print(line, flush=True))
+    stack.down(stack.resolve_state_dir(args.state_dir))
     return 0
 
 

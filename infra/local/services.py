@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -192,24 +193,17 @@ def start_moto(
 
     Data lives only as long as the process: stopping it drops every bucket.
     """
-    state_dir = Path(state_dir).resolve()
-    state_dir.mkdir(parents=True, exist_ok=True)
+    state_dir = _service_dir(state_dir)
     port = port or free_port()
     url = f"http://{LOCALHOST}:{port}"
-    log_path = state_dir / "s3.log"
     argv = [sys.executable, "-m", "moto.server", "-H", LOCALHOST, "-p", str(port)]
-    popen = spawn_detached(argv, log_path, os.environ, state_dir)
-    handle = ServiceHandle(
-        name="s3",
-        kind="moto",
-        url=url,
-        pid=popen.pid,
-        log_path=log_path,
-        env={"AWS_ENDPOINT_URL": url, "MLFLOW_S3_ENDPOINT_URL": url, **MOTO_CREDENTIALS},
+    return _launch(
+        "s3", "moto", url, argv, state_dir, os.environ,
+        client_env={"AWS_ENDPOINT_URL": url, "MLFLOW_S3_ENDPOINT_URL": url, **MOTO_CREDENTIALS},
         info={"port": port},
-        _popen=popen,
-    )
-    return _finish_start(handle, timeout_s, wait)
+        timeout_s=timeout_s,
+        wait=wait,
+    )  # fmt: skip
 
 
 def external_s3(url: str, *, timeout_s: float = 30.0) -> ServiceHandle:
@@ -259,11 +253,9 @@ def start_mlflow(
     ``s3://<bucket>/<prefix>`` on ``s3``'s endpoint, so clients need no S3 credentials.
     The bucket must exist (``ensure_bucket``) before the first artifact is logged.
     """
-    state_dir = Path(state_dir).resolve()
-    state_dir.mkdir(parents=True, exist_ok=True)
+    state_dir = _service_dir(state_dir)
     port = port or free_port()
     url = f"http://{LOCALHOST}:{port}"
-    log_path = state_dir / "mlflow.log"
     db_path = state_dir / "mlflow.db"
     argv = [
         sys.executable, "-m", "mlflow", "server",
@@ -275,18 +267,13 @@ def start_mlflow(
     ]  # fmt: skip
     # The server process writes the artifacts, so it needs the endpoint and credentials.
     env = {**os.environ, **s3.env}
-    popen = spawn_detached(argv, log_path, env, state_dir)
-    handle = ServiceHandle(
-        name="mlflow",
-        kind="mlflow",
-        url=url,
-        pid=popen.pid,
-        log_path=log_path,
-        env={"MLFLOW_TRACKING_URI": url},
+    return _launch(
+        "mlflow", "mlflow", url, argv, state_dir, env,
+        client_env={"MLFLOW_TRACKING_URI": url},
         info={"port": port, "db": str(db_path), "artifacts": f"s3://{bucket}/{prefix}"},
-        _popen=popen,
-    )
-    return _finish_start(handle, timeout_s, wait)
+        timeout_s=timeout_s,
+        wait=wait,
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------- Ray
@@ -360,8 +347,7 @@ def start_ray_head(
     ``job_env`` is added to the head's environment, so every job driver and worker inherits it
     (S3 endpoint, credentials, MLflow URI). Ports left None are picked free.
     """
-    state_dir = Path(state_dir).resolve()
-    state_dir.mkdir(parents=True, exist_ok=True)
+    state_dir = _service_dir(state_dir)
     picked = iter(free_ports(4))
     gcs_port = gcs_port or next(picked)
     dashboard_port = dashboard_port or next(picked)
@@ -376,7 +362,6 @@ def start_ray_head(
         if link.is_symlink() or not link.exists():
             link.unlink(missing_ok=True)
             link.symlink_to(temp_dir, target_is_directory=True)
-    log_path = state_dir / "ray.log"
     argv = [
         _ray_executable(), "start", "--head", "--block",
         "--node-ip-address", LOCALHOST,
@@ -408,15 +393,15 @@ def start_ray_head(
     # On SIGTERM `ray start --block` would first drain the node (meant for Serve replicas in
     # Kubernetes); a local single-node head has nothing to drain, so shut down at once.
     env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
-    popen = spawn_detached(argv, log_path, env, state_dir)
     url = f"http://{LOCALHOST}:{dashboard_port}"
-    handle = ServiceHandle(
-        name="ray",
-        kind="ray-head",
-        url=url,
-        pid=popen.pid,
-        log_path=log_path,
-        env={
+    return _launch(
+        "ray",
+        "ray-head",
+        url,
+        argv,
+        state_dir,
+        env,
+        client_env={
             # `ray job submit` and the job SDK read RAY_API_SERVER_ADDRESS before RAY_ADDRESS;
             # ray.init() reads RAY_ADDRESS and rejects an http:// URL there. With both set, job
             # submission and a plain ray.init() from the same shell reach this head.
@@ -434,9 +419,9 @@ def start_ray_head(
             "temp_dir": str(temp_dir),
             "num_cpus": num_cpus,
         },
-        _popen=popen,
+        timeout_s=timeout_s,
+        wait=wait,
     )
-    return _finish_start(handle, timeout_s, wait)
 
 
 # ------------------------------------------------------------------------------------- common
@@ -449,8 +434,41 @@ _PROBES = {
 }
 
 
-def _finish_start(handle: ServiceHandle, timeout_s: float, wait: bool) -> ServiceHandle:
-    """Wait for health if asked; on failure stop what was started so nothing is left behind."""
+def _service_dir(state_dir: Path) -> Path:
+    """``state_dir`` made absolute and created: a service's working directory and files."""
+    state_dir = Path(state_dir).resolve()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    return state_dir
+
+
+def _launch(
+    name: str,
+    kind: str,
+    url: str,
+    argv: list[str],
+    state_dir: Path,
+    env: Mapping[str, str],
+    *,
+    client_env: dict[str, str],
+    info: dict[str, Any],
+    timeout_s: float,
+    wait: bool,
+) -> ServiceHandle:
+    """Spawn ``argv`` detached in ``state_dir`` (output to ``<name>.log`` there) and wrap it in a
+    handle. With ``wait``, block until healthy; on failure stop what was started so nothing is left
+    behind."""
+    log_path = state_dir / f"{name}.log"
+    popen = spawn_detached(argv, log_path, env, state_dir)
+    handle = ServiceHandle(
+        name=name,
+        kind=kind,
+        url=url,
+        pid=popen.pid,
+        log_path=log_path,
+        env=client_env,
+        info=info,
+        _popen=popen,
+    )
     if not wait:
         return handle
     try:

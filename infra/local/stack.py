@@ -10,7 +10,9 @@ Three services, all bound to 127.0.0.1, started detached so they outlive the CLI
 State (``stack.json`` with pids, ports and URLs), logs, the Ray token and the SQLite db live in one
 project-local directory (``./.advflow/stack``, or ``--state-dir`` / ADVFLOW_STACK_DIR). Every
 command is idempotent: ``up`` keeps healthy services and starts only the missing ones, ``down`` on a
-stopped stack only says so. The single services come from ``advflow.infra.local.services``.
+stopped stack only says so. The single services come from ``advflow.infra.local.services``;
+``up`` and ``down`` report progress through ``echo`` (default: this module's ``advflow.platform.log``
+logger, "[advflow] ..." on stdout).
 """
 
 from __future__ import annotations
@@ -28,9 +30,12 @@ from pathlib import Path
 from typing import Any
 
 from advflow.infra.local import services
-from advflow.platform.atomic import write_text
 from advflow.infra.local.proc import LOCALHOST, ServiceError, require_free_port
 from advflow.infra.local.services import ServiceHandle
+from advflow.platform.atomic import write_text
+from advflow.platform.log import get_logger
+
+log = get_logger(__name__)
 
 STATE_DIR_ENV = "ADVFLOW_STACK_DIR"
 DEFAULT_STATE_DIR = Path(".advflow") / "stack"
@@ -86,7 +91,7 @@ class StackConfig:
     """Where state, logs, the Ray token and the MLflow SQLite db live (absolute after resolve)."""
     ray_gcs_port: int = 26379
     ray_dashboard_port: int = 28265
-    """RAY_ADDRESS for `ray job submit` is http://127.0.0.1:<this port>."""
+    """RAY_API_SERVER_ADDRESS (for `ray job submit`) is http://127.0.0.1:<this port>."""
     ray_client_port: int = 30001
     ray_agent_port: int = 32365
     s3_port: int = 29000
@@ -314,7 +319,7 @@ def _differences(requested: StackConfig, running: StackConfig) -> list[str]:
     ]
 
 
-def up(config: StackConfig, echo: Callable[[str], None] = print) -> StackState:
+def up(config: StackConfig, echo: Callable[[str], None] = log.info) -> StackState:
     """Start whatever part of the stack is not running and healthy; no-op when all of it is."""
     config.validate()
     started_at = time.monotonic()
@@ -374,7 +379,7 @@ def up(config: StackConfig, echo: Callable[[str], None] = print) -> StackState:
     return state
 
 
-def down(state_dir: Path, echo: Callable[[str], None] = print) -> bool:
+def down(state_dir: Path, echo: Callable[[str], None] = log.info) -> bool:
     """Stop every service of the stack in ``state_dir``; False when nothing was recorded."""
     state_dir = Path(state_dir)
     with _locked(state_dir):

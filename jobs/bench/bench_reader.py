@@ -16,44 +16,23 @@ this process spends per MB on each path (on a CPU-starved host that, not I/O, se
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
-import socket
 import statistics
-import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 
+from advflow.infra.local import services
 from advflow.platform.data.reader import LatentStream
 from advflow.platform.data.shards import (
     Manifest, RecordSpec, default_chunk_records, encode_shard, read_manifest, shard_name, write_manifest,
 )
 from advflow.platform.data.storage import Storage
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_local_server() -> tuple[subprocess.Popen, str]:
-    """moto's S3 server in its own process (so it does not share this process's GIL)."""
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return proc, url
-        except OSError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("local S3 server did not start within 60 s")
 
 
 def write_synthetic(prefix: str, size_mb: float, shard_mb: float, shape: tuple[int, int, int]) -> Manifest:
@@ -151,11 +130,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.prefix and not args.local_server:
         p.error("pass --prefix s3://... or --local-server")
 
-    server = None
-    try:
+    with contextlib.ExitStack() as cleanup:
         if args.local_server:
-            server, url = start_local_server()
-            os.environ["AWS_ENDPOINT_URL"] = url
+            # moto's S3 server in its own process (so it does not share this process's GIL); its log
+            # goes to a temporary directory removed after the server stops.
+            scratch = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="advflow-bench-reader-")))
+            server = cleanup.enter_context(services.start_moto(scratch, timeout_s=60))
+            os.environ["AWS_ENDPOINT_URL"] = server.url
             for k, v in {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
                          "AWS_DEFAULT_REGION": "us-east-1"}.items():
                 os.environ.setdefault(k, v)
@@ -193,10 +174,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"client CPU per MB: raw {med(seq_cpu):.2f} ms, reader {med(rd_cpu):.2f} ms "
               f"(this process only; the server's CPU is not counted)")
         return 0
-    finally:
-        if server is not None:
-            server.terminate()
-            server.wait(timeout=10)
 
 
 if __name__ == "__main__":

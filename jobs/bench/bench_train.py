@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -43,7 +42,9 @@ from pathlib import Path
 import torch
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+from advflow.infra.local.proc import free_port
+
+REPO = Path(__file__).resolve().parents[2]  # jobs/bench/bench_train.py -> the repo root
 DEMO_CONFIG = REPO / "jobs" / "configs" / "digits_tiny.yaml"
 
 
@@ -108,12 +109,6 @@ def table(title: str, header: list[str], rows: list[list]) -> str:
     line = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
     sep = "-" * len(line(cells[0]))
     return "\n".join([title, sep, line(cells[0]), sep, *map(line, cells[1:]), sep])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------- part 1: overhead
