@@ -43,7 +43,7 @@ def _digits_reference():
     """The digits prepare writes by default: the train split only (the held-out split is the eval reference)."""
     from sklearn.datasets import load_digits
 
-    from advflow.platform.eval.digits import digits_split
+    from advflow.platform.data.digits import digits_split
 
     d = load_digits()
     train_idx, _ = digits_split(seed=0, holdout_fraction=0.2)
@@ -152,6 +152,43 @@ def test_config_errors_name_the_field(tmp_path):
         PrepareConfig(source="digits", out="x", shard_records=0)
 
 
+def test_encoder_table():
+    from advflow.platform.data.encoders import (
+        ENCODERS, SD_VAE_SCALE, EncoderSpec, PixelEncoder, SDVAEEncoder, encoder_record, resolve_device,
+    )
+
+    assert sorted(ENCODERS) == ["pixel", "sd-vae"]
+    with pytest.raises(ValueError, match=r"^encoder 'nope' unknown; use 'pixel' or 'sd-vae'$"):
+        EncoderSpec("nope")
+    with pytest.raises(ValueError, match="encoder 'sd-vae' needs vae_path"):
+        EncoderSpec("sd-vae")
+    # The manifest's encoder record, key for key (what readers and registered models see).
+    assert list(encoder_record(EncoderSpec("pixel")).items()) == [("name", "pixel"), ("scaling_factor", 1.0)]
+    sd = encoder_record(EncoderSpec("sd-vae", "/m/vae", "cpu", "mean"))
+    assert list(sd.items()) == [("name", "sd-vae"), ("scaling_factor", 0.18215), ("vae_path", "/m/vae"),
+                                ("sample", "mean")]
+    assert SD_VAE_SCALE == 0.18215
+    assert not hasattr(PixelEncoder, "describe") and not hasattr(SDVAEEncoder, "describe")
+    z = torch.tensor([[[[-3.0, 0.5]]]])
+    assert torch.equal(decode_latents(z, {"name": "pixel", "scaling_factor": 1.0}), torch.tensor([[[[-1.0, 0.5]]]]))
+    with pytest.raises(ValueError, match=r"manifest encoder name 'nope' unknown; expected 'pixel' or 'sd-vae'"):
+        decode_latents(z, {"name": "nope"})
+    with pytest.raises(ValueError, match=r"manifest encoder name None unknown"):
+        decode_latents(z, {})
+    auto = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device(None) == resolve_device("auto") == auto and resolve_device("cpu") == torch.device("cpu")
+
+
+def test_prepare_does_not_import_evaluation():
+    import subprocess
+    import sys
+
+    code = ("import sys, advflow.platform.data.prepare; "
+            "bad = sorted(m for m in sys.modules if m.startswith('advflow.platform.eval')); "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
 def test_center_crop_resize_reference():
     # 64x32 (W x H) image whose value is its column index: halved once by box filter (min side 32
     # >= 2 * 16), no further resize (short side is 16), centre columns 8..23 kept.
@@ -220,6 +257,9 @@ def test_sd_vae_encoder(tmp_path, sd_vae_dir):
     m = prepare(PrepareConfig(source=str(src), out=out, encoder="sd-vae", vae_path=sd_vae_dir, vae_sample="mean",
                               resolution=16, dtype="float32", progress=False))
     assert m.shape == (4, 2, 2) and m.scaling_factor == 0.18215 and m.encoder["name"] == "sd-vae"
+    assert list(m.encoder.items()) == [("name", "sd-vae"), ("scaling_factor", 0.18215),
+                                       ("vae_path", os.path.abspath(sd_vae_dir)), ("sample", "mean")]
+    assert read_manifest(out).encoder == m.encoder
     _, x, y = _all_records(out)
 
     # Reference: diffusers directly, posterior mean * 0.18215.

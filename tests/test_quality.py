@@ -1,8 +1,9 @@
-"""Quality metrics: Fréchet distance, the digits split/classifier/evaluator, prepare's hold-out, build_evaluator."""
+"""Quality metrics: Fréchet distance, the digits split/classifier/evaluator, prepare's hold-out, the EVALUATORS table."""
 
 from __future__ import annotations
 
 import os
+import types
 import warnings
 
 import numpy as np
@@ -12,10 +13,10 @@ import torch
 import torch.nn.functional as F
 
 import advflow.platform.eval.digits as de
-from advflow.platform.eval.digits import DigitsEvalConfig, DigitsEvaluator, digits_pixels, digits_split
-from advflow.platform.eval.frechet import (
-    Evaluator, FrechetReference, build_evaluator, feature_stats, frechet_distance, load_stats, save_stats,
-)
+from advflow.platform.data.digits import digits_pixels, digits_split
+from advflow.platform.eval import EVALUATORS, Evaluator
+from advflow.platform.eval.digits import DigitsEvalConfig, DigitsEvaluator
+from advflow.platform.eval.frechet import FrechetReference, feature_stats, frechet_distance, load_stats, save_stats
 
 
 # -- Fréchet distance -------------------------------------------------------------------------------------
@@ -245,30 +246,94 @@ def test_evaluate_input_errors(evaluator):
         evaluator.evaluate(x[:, 0], y)
 
 
-# -- build_evaluator ------------------------------------------------------------------------------------
-def test_build_evaluator(evaluator, cache):
-    enc = {"name": "pixel", "scaling_factor": 1.0, "holdout": {"fraction": 0.2, "seed": 0, "count": 359}}
-    ev = build_evaluator("digits", manifest_encoder=enc, data_shape=(1, 8, 8), num_classes=10,
-                         options={"cache_dir": cache, "inception_path": None, "reference_stats": None})
+# -- the EVALUATORS table ---------------------------------------------------------------------------------
+def _run_eval_cfg(**eval_section):
+    """The `eval` section of a validated run config (what the worker hands to EVALUATORS[kind].build)."""
+    from advflow.platform.config import RunSpec
+
+    return RunSpec.from_dict({"data": {"prefix": "/data/x"}, "eval": eval_section}).eval
+
+
+def _eval_cfg(kind: str, **fields):
+    """An eval section with exactly the attributes the builders may read."""
+    base = {"kind": kind, "every": 0, "num_samples": 1000, "batch_size": 250, "inception_path": None,
+            "reference_stats": None}
+    return types.SimpleNamespace(**{**base, **fields})
+
+
+HOLDOUT_ENC = {"name": "pixel", "scaling_factor": 1.0, "holdout": {"fraction": 0.2, "seed": 0, "count": 359}}
+
+
+def test_evaluator_table(evaluator, cache, monkeypatch):
+    monkeypatch.setenv("ADVFLOW_CACHE", cache)  # the module's classifier cache (eval has no cache_dir field)
+    enc = HOLDOUT_ENC
+    build_digits = EVALUATORS["digits"].build
+    ev = build_digits(_run_eval_cfg(kind="digits", batch_size=2048), encoder=enc, data_shape=(1, 8, 8),
+                      num_classes=10)
     assert isinstance(ev, Evaluator) and ev.primary == "eval/fd" and ev.required_samples == 1797 - 359
     assert ev.fd_floor == evaluator.fd_floor
-    with pytest.raises(ValueError, match="eval.kind 'nope' unknown"):
-        build_evaluator("nope", manifest_encoder=enc, data_shape=(1, 8, 8), num_classes=10, options={})
+    assert sorted(EVALUATORS) == ["digits", "fid"]
+    assert EVALUATORS["digits"].required == () and EVALUATORS["fid"].required == ("inception_path", "reference_stats")
+    from advflow.platform.config import ConfigError
+
+    # An unknown kind is refused where it is chosen: the config, which reads the table.
+    with pytest.raises(ConfigError, match=r"eval\.kind: 'nope' is unknown"):
+        _run_eval_cfg(kind="nope")
     with pytest.raises(ValueError, match="10-class digits dataset"):
-        build_evaluator("digits", manifest_encoder=enc, data_shape=(1, 8, 8), num_classes=7, options={})
-    with pytest.raises(ValueError, match=r"eval.options.seed=3 but the dataset was prepared"):
-        build_evaluator("digits", manifest_encoder=enc, data_shape=(1, 8, 8), num_classes=10,
-                        options={"seed": 3, "cache_dir": cache})
-    with pytest.raises(ValueError, match=r"eval.options \['bogus'\] not understood"):
-        build_evaluator("digits", manifest_encoder=enc, data_shape=(1, 8, 8), num_classes=10,
-                        options={"bogus": 1})
-    with pytest.raises(ValueError, match="eval.options.inception_path is required"):
-        build_evaluator("fid", manifest_encoder=enc, data_shape=(1, 8, 8), num_classes=10, options={})
+        build_digits(_eval_cfg("digits"), encoder=enc, data_shape=(1, 8, 8), num_classes=7)
+    # There is no eval.options (nor eval.seed): the config refuses such keys, so the split can only come
+    # from the manifest (test_digits_split_comes_from_the_manifest).
+    with pytest.raises(ConfigError, match=r"eval: unknown key\(s\) \['options'\]"):
+        _run_eval_cfg(kind="digits", options={"seed": 3})
+    with pytest.raises(ConfigError, match=r"eval: unknown key\(s\) \['bogus'\]"):
+        _run_eval_cfg(kind="digits", bogus=1)
+    with pytest.raises(ValueError, match="eval.inception_path is required"):
+        EVALUATORS["fid"].build(_eval_cfg("fid"), encoder=enc, data_shape=(1, 8, 8), num_classes=10)
+    with pytest.raises(ValueError, match="eval.reference_stats is required"):
+        EVALUATORS["fid"].build(_eval_cfg("fid", inception_path="w.pth"), encoder=enc, data_shape=(1, 8, 8),
+                                num_classes=10)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        build_evaluator("digits", manifest_encoder={"name": "pixel"}, data_shape=(1, 8, 8), num_classes=10,
-                        options={"cache_dir": cache})
+        build_digits(_eval_cfg("digits"), encoder={"name": "pixel"}, data_shape=(1, 8, 8), num_classes=10)
     assert any("no digits hold-out" in str(w.message) for w in caught)
+
+
+class _Recorder:
+    """Stands in for DigitsEvaluator: records what the builder passes (no classifier)."""
+
+    def __init__(self, config, *, data_side, device, batch_size, **rest):
+        self.config, self.data_side, self.device, self.batch_size, self.rest = config, data_side, device, batch_size, rest
+
+
+def test_digits_split_comes_from_the_manifest(monkeypatch):
+    monkeypatch.setattr(de, "DigitsEvaluator", _Recorder)
+    build = EVALUATORS["digits"].build
+    enc = {"name": "pixel", "scaling_factor": 1.0, "holdout": {"fraction": 0.3, "seed": 3, "count": 539}}
+    got = build(_eval_cfg("digits", batch_size=77), encoder=enc, data_shape=(1, 8, 8), num_classes=10)
+    assert got.config == DigitsEvalConfig(split_seed=3, holdout_fraction=0.3)
+    assert (got.data_side, got.device, got.batch_size, got.rest) == (8, "cpu", 77, {})
+    with warnings.catch_warnings(record=True) as caught:  # no record: the default split, with a warning
+        warnings.simplefilter("always")
+        got = build(_eval_cfg("digits"), encoder={"name": "pixel"}, data_shape=(1, 16, 16), num_classes=10)
+    assert got.config == DigitsEvalConfig(split_seed=0, holdout_fraction=0.2) and got.data_side == 16
+    assert any("no digits hold-out" in str(w.message) for w in caught)
+    # sd-vae latents are 8x smaller than the images they decode to.
+    sd = {**HOLDOUT_ENC, "name": "sd-vae", "scaling_factor": 0.18215}
+    assert build(_eval_cfg("digits"), encoder=sd, data_shape=(4, 2, 2), num_classes=10).data_side == 16
+    with pytest.raises(ValueError, match="digits data must be square"):
+        build(_eval_cfg("digits"), encoder=HOLDOUT_ENC, data_shape=(1, 8, 16), num_classes=10)
+    with pytest.raises(ValueError, match=r"data_shape must be \(C, H, W\)"):
+        build(_eval_cfg("digits"), encoder=HOLDOUT_ENC, data_shape=(8, 8), num_classes=10)
+
+
+def test_fid_builder_passes_the_eval_fields(monkeypatch):
+    import advflow.platform.eval.fid as fid
+
+    seen = {}
+    monkeypatch.setattr(fid, "FIDEvaluator", lambda *a, **k: seen.update(args=a, kwargs=k) or "built")
+    ev = _eval_cfg("fid", inception_path="w.pth", reference_stats="r.npz", batch_size=32)
+    assert EVALUATORS["fid"].build(ev, encoder=HOLDOUT_ENC, data_shape=(4, 32, 32), num_classes=1000) == "built"
+    assert seen == {"args": ("w.pth", "r.npz", 32), "kwargs": {"device": None}}
 
 
 # -- prepare writes the train split only ------------------------------------------------------------------

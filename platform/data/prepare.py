@@ -20,7 +20,6 @@ as Ray tasks on the cluster; otherwise in this process. A tqdm bar counts record
 from __future__ import annotations
 
 import datetime as _dt
-import functools
 import hashlib
 import json
 import math
@@ -32,8 +31,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from advflow.platform.eval.digits import digits_split, resize_digits
-from advflow.platform.data.encoders import EncoderSpec, build_encoder, center_crop_resize
+from advflow.platform.data.digits import digits_arrays, digits_pixels, digits_split, resize_digits
+from advflow.platform.data.encoders import (
+    EncoderSpec, build_encoder, center_crop_resize, encoder_record, planned_latent_shape,
+)
 from advflow.platform.data.shards import (
     DTYPES, MANIFEST_NAME, PARTS_DIR, Manifest, ManifestError, RecordSpec, ShardInfo, check_records,
     default_chunk_records, encode_shard, read_manifest, shard_name, write_manifest,
@@ -59,7 +60,7 @@ class PrepareConfig:
     seed: record order and VAE posterior sampling. limit: keep only the first N items after the
         seeded permutation (quick runs).
     digits_holdout / digits_holdout_seed: digits only. The stratified held-out split
-        (digit_eval.digits_split) is the reference of the digits quality metric, so only the train
+        (data.digits.digits_split) is the reference of the digits quality metric, so only the train
         split is written; recorded in the manifest (params and encoder["holdout"]). 0 writes all 1797.
     batch_size: images per encoder call. device: encoder device.
     ray_address: Ray cluster address ("auto", "ray://host:10001", or "local" for a local test
@@ -129,18 +130,10 @@ class PrepareConfig:
 
 
 # -- sources ----------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=1)
-def _digits() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    return d.images.astype(np.float32), d.target.astype(np.int64)  # (1797, 8, 8) in [0, 16], (1797,)
-
-
 def scan_source(source: str) -> tuple[list[Any], list[int], list[str], int]:
     """-> (refs, labels, class_names, channels). refs are digits indices or image file paths."""
     if source == "digits":
-        images, labels = _digits()
+        _, labels = digits_arrays()
         return list(range(len(labels))), labels.tolist(), [str(i) for i in range(10)], 1
     classes = sorted(e.name for e in os.scandir(source) if e.is_dir() and not e.name.startswith("."))
     if not classes:
@@ -159,8 +152,7 @@ def scan_source(source: str) -> tuple[list[Any], list[int], list[str], int]:
 def load_images(refs: list[Any], source: str, resolution: int) -> torch.Tensor:
     """-> (N, C, R, R) float32 in [-1, 1]."""
     if source == "digits":
-        images, _ = _digits()
-        x = torch.from_numpy(images[np.asarray(refs, dtype=np.int64)])[:, None] / 8.0 - 1.0  # [0,16] -> [-1,1]
+        x, _ = digits_pixels(np.asarray(refs, dtype=np.int64))  # (N, 1, 8, 8) in [-1, 1]
         return resize_digits(x, resolution)  # the digits evaluator replays this exact resize
     from PIL import Image
 
@@ -233,25 +225,6 @@ def run_shard(job: ShardJob, on_batch: Callable[[int], None] | None = None) -> d
 
 
 # -- the whole dataset ---------------------------------------------------------------------------------
-def _latent_shape(spec: EncoderSpec, image_shape: tuple[int, int, int]) -> tuple[int, int, int]:
-    if spec.name == "pixel":
-        return image_shape
-    # Read the VAE's config only (no weights) so a Ray driver does not load the model.
-    from diffusers import AutoencoderKL
-
-    path = spec.vae_path or ""
-    sub = "vae" if os.path.isdir(os.path.join(path, "vae")) and not os.path.exists(os.path.join(path, "config.json")) else None
-    try:
-        cfg = AutoencoderKL.load_config(path, subfolder=sub, local_files_only=True)
-    except Exception as exc:  # noqa: BLE001
-        raise ValueError(f"--vae-path {path}: no AutoencoderKL config.json there ({exc})") from exc
-    f = 2 ** (len(cfg["block_out_channels"]) - 1)
-    _, h, w = image_shape
-    if h % f:
-        raise ValueError(f"--resolution {h} must be a multiple of the VAE downsampling factor {f}")
-    return (int(cfg["latent_channels"]), h // f, w // f)
-
-
 def _params(cfg: PrepareConfig, refs: list[Any], shape: tuple[int, int, int], chunk_records: int,
             holdout: dict[str, Any] | None) -> dict[str, Any]:
     """What determines the bytes of the dataset; stored in the manifest and compared on re-runs."""
@@ -287,7 +260,7 @@ def prepare(cfg: PrepareConfig) -> Manifest:
     enc_spec = EncoderSpec(cfg.encoder, os.path.abspath(cfg.vae_path) if cfg.vae_path else None,
                            cfg.device, cfg.vae_sample)
     img_channels = 3 if cfg.encoder == "sd-vae" else channels
-    shape = _latent_shape(enc_spec, (img_channels, res, res))
+    shape = planned_latent_shape(enc_spec, (img_channels, res, res))
     spec = RecordSpec(shape, cfg.dtype)
     chunk_records = min(cfg.chunk_records or default_chunk_records(spec, cfg.shard_records), cfg.shard_records)
     params = _params(cfg, refs, shape, chunk_records, holdout)
@@ -372,13 +345,9 @@ def _assemble(receipts: dict[int, dict[str, Any]], n_shards: int, spec: RecordSp
     s2 = np.sum([r["sumsq"] for r in receipts.values()], axis=0)
     mean = s1 / count
     std = np.sqrt(np.maximum(s2 / count - mean ** 2, 0.0))
-    if enc_spec.name == "pixel":
-        encoder = {"name": "pixel", "scaling_factor": 1.0}
-    else:
-        encoder = {"name": "sd-vae", "scaling_factor": 0.18215, "vae_path": enc_spec.vae_path,
-                   "sample": enc_spec.sample}
+    encoder = encoder_record(enc_spec)
     if params.get("digits_holdout"):
-        # Read by the digits evaluator (quality.build_evaluator gets manifest.encoder) to pick its reference.
+        # The digits evaluator (eval.EVALUATORS["digits"].build gets manifest.encoder) picks its reference by it.
         encoder["holdout"] = params["digits_holdout"]
     shards = [ShardInfo(**receipts[k]["shard"]) for k in range(n_shards)]
     return Manifest(

@@ -3,14 +3,14 @@
 Layout under a prefix (S3 or local):
     shard-00000.bin ... shard-NNNNN.bin   records, back to back, no header
     manifest.json                         written last, atomically; the only entry point
-    _parts/shard-00000.json ...           prepare's per-shard receipts (idempotent re-runs)
+    _parts/shard-00000.bin.json ...       prepare's per-shard receipts (idempotent re-runs)
 
 Record = latent `x` (C, H, W) in the manifest's dtype, little-endian, followed by an int64 label `y`.
 Record i of a shard starts at byte i * record_bytes, so any record range is one HTTP range GET and
 partitioning/resume need no index. Integrity: the manifest stores the sha256 of every shard and of
 every "chunk" (a fixed number of records, the reader's unit of fetch), so every byte the reader
 receives is verified before use, even though it never downloads a shard in one piece.
-See README section "Latent shard format" for why this format.
+See DATA.md (next to this module) for why this format.
 """
 
 from __future__ import annotations

@@ -2,40 +2,105 @@
 
 `config.EvalConfig` reads the table to validate `eval.kind` and the fields a kind requires, and the
 worker builds its evaluator from it, so a kind is declared once.
+
+A trial generates images (decoded to pixels in [-1, 1]) with the labels they were conditioned on and
+hands them to an `Evaluator`; it returns `eval/...` metrics, one of which (`evaluator.primary`, lower
+is better) is what a sweep optimises. Two kinds:
+
+- "digits": Fréchet distance in the feature space of a small classifier trained on the train split of
+  scikit-learn's digits, against the held-out split (`eval/digits.py`). Cheap (CPU, < 1 s per call).
+- "fid": FID with the FID Inception-v3 network against reference statistics from an .npz (`eval/fid.py`).
+
+The shared Fréchet maths and .npz stats I/O are `eval/frechet.py`. The builders import their
+evaluator module when called, so reading the table (config validation) loads no model code.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    import torch
+
+
+@runtime_checkable
+class Evaluator(Protocol):
+    """What the training loop calls. `primary` is the key sweeps optimise (lower is better);
+    `required_samples` is the recommended number of generated images per call."""
+
+    primary: str
+    required_samples: int
+
+    def evaluate(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        """images: generated, decoded pixels (N, C, H, W) in [-1, 1]; labels: (N,) the classes
+        they were conditioned on. Returns metrics keyed `eval/...`."""
+        ...
 
 
 @dataclass(frozen=True)
 class EvaluatorKind:
     """required: `eval.*` fields that must be set for this kind. build(eval_cfg, *, encoder,
-    data_shape, num_classes) -> Evaluator (`encoder`: the dataset manifest's encoder record)."""
+    data_shape, num_classes) -> Evaluator (`encoder`: the dataset manifest's encoder record;
+    eval_cfg: the run's `eval` section, attributes kind, every, num_samples, batch_size,
+    inception_path, reference_stats)."""
 
     required: tuple[str, ...]
     build: Callable[..., Any]
     doc: str = ""
 
 
-def _build_digits(ev, *, encoder: dict, data_shape: tuple[int, ...], num_classes: int):
-    from advflow.platform.eval.frechet import build_evaluator
+def _build_digits(ev, *, encoder: dict, data_shape: tuple[int, ...], num_classes: int) -> Evaluator:
+    """The split (seed, fraction) is the one the dataset was prepared with (the manifest's
+    encoder["holdout"]); data_shape is the latent (C, H, W), the decoded side is H (pixel) or 8 H
+    (sd-vae)."""
+    from advflow.platform.eval.digits import DigitsEvalConfig, DigitsEvaluator
 
-    return build_evaluator("digits", manifest_encoder=encoder, data_shape=data_shape, num_classes=num_classes,
-                           options={"batch_size": ev.batch_size})
+    if num_classes != 10:
+        raise ValueError(f"eval.kind 'digits' needs the 10-class digits dataset, the data has {num_classes} "
+                         "classes; use eval.kind 'fid' for other data")
+    if len(data_shape) != 3:
+        raise ValueError(f"data_shape must be (C, H, W), got {tuple(data_shape)}")
+    holdout = (encoder or {}).get("holdout")
+    if holdout:
+        seed, fraction = int(holdout["seed"]), float(holdout["fraction"])
+    else:
+        warnings.warn("the dataset's manifest records no digits hold-out (prepared before hold-outs existed, "
+                      "or with digits_holdout=0): the held-out reference digits were probably trained on, so "
+                      "eval/fd is optimistic; re-run prepare_latents.py --source digits", stacklevel=2)
+        seed, fraction = 0, 0.2
+    cfg = DigitsEvalConfig(split_seed=seed, holdout_fraction=fraction)
+    if data_shape[-1] != data_shape[-2]:
+        raise ValueError(f"digits data must be square, data_shape is {tuple(data_shape)}")
+    # data_shape is the latent shape; SD-VAE latents are 8x smaller than the decoded images.
+    side = int(data_shape[-1]) * (8 if (encoder or {}).get("name") == "sd-vae" else 1)
+    return DigitsEvaluator(cfg, data_side=side, device="cpu", batch_size=int(ev.batch_size))
 
 
-def _build_fid(ev, *, encoder: dict, data_shape: tuple[int, ...], num_classes: int):
-    from advflow.platform.eval.frechet import build_evaluator
+_FID_REQUIRED = {"inception_path": "pt_inception-2015-12-05-*.pth", "reference_stats": ".npz with mu/sigma"}
 
-    return build_evaluator("fid", manifest_encoder=encoder, data_shape=data_shape, num_classes=num_classes,
-                           options={"inception_path": ev.inception_path, "reference_stats": ev.reference_stats,
-                                    "batch_size": ev.batch_size})
+
+def _build_fid(ev, *, encoder: dict, data_shape: tuple[int, ...], num_classes: int) -> Evaluator:
+    """FID against `eval.reference_stats` with the weights at `eval.inception_path` (CUDA when
+    available). Labels are ignored."""
+    from advflow.platform.eval.fid import FIDEvaluator
+
+    for key, what in _FID_REQUIRED.items():  # config validation checks this first; a direct caller may not
+        if not getattr(ev, key):
+            raise ValueError(f"eval.{key} is required for eval.kind 'fid' (a local {what} path)")
+    return FIDEvaluator(ev.inception_path, ev.reference_stats, int(ev.batch_size), device=None)
 
 
 EVALUATORS: dict[str, EvaluatorKind] = {
-    "digits": EvaluatorKind(required=(), build=_build_digits),
-    "fid": EvaluatorKind(required=("inception_path", "reference_stats"), build=_build_fid),
+    "digits": EvaluatorKind(
+        required=(), build=_build_digits,
+        doc="Fréchet distance in a digit classifier's feature space against the held-out digits, its floor and "
+            "class accuracy. Recommended samples: `evaluator.required_samples` (the train split, ~1438), so "
+            "eval/fd is comparable to eval/fd_floor."),
+    "fid": EvaluatorKind(
+        required=tuple(_FID_REQUIRED), build=_build_fid,
+        doc="FID with user-provided Inception weights and reference stats. Recommended samples: 50_000 for "
+            "numbers comparable with papers; >= 5_000 for a sweep signal (FID is biased upwards at small N, so "
+            "only compare runs evaluated with the same N)."),
 }

@@ -1,10 +1,11 @@
 """The digits quality metric: a small classifier's feature space, and a held-out reference split.
 
-scikit-learn's 8x8 digits (1797 images) are split once, deterministically and stratified by class,
-into a train split (the only digits prepare.py writes into shards) and a held-out split (the
-reference the generator never sees). A small CNN is trained on the train split only; its
-penultimate layer (`feature_dim`-d, after ReLU) is the feature space of the Fréchet distance, and its
-logits give the class accuracy of conditional samples.
+scikit-learn's 8x8 digits (1797 images) are split once, deterministically and stratified by class
+(`advflow.platform.data.digits.digits_split`), into a train split (the only digits the prepare job,
+data/prepare.py, writes into shards) and a held-out split (the reference the generator never sees).
+A small CNN is trained on the train split only; its penultimate layer (`feature_dim`-d, after ReLU)
+is the feature space of the Fréchet distance, and its logits give the class accuracy of conditional
+samples.
 
 Why a floor: a perfect generator reproduces the train distribution, whose features are not exactly
 the held-out ones (finite samples, and the classifier has seen the train images). `eval/fd_floor`
@@ -17,7 +18,6 @@ keyed by a hash of every training setting, so every trial of a sweep uses the sa
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -30,51 +30,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from advflow.platform.atomic import write_bytes
+from advflow.platform.data.digits import digits_pixels, digits_split, resize_digits
 from advflow.platform.eval.frechet import FrechetReference, feature_stats
 
 NUM_CLASSES = 10
 SIDE = 8
 _FORMAT = 1  # bump when the network or the training procedure changes: invalidates cached weights
-
-
-# -- data and split ---------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=1)
-def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
-    """-> (images (1797, 8, 8) float32 in [0, 16], labels (1797,) int64), scikit-learn's order."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    return d.images.astype(np.float32), d.target.astype(np.int64)
-
-
-def digits_pixels(idx: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Digits as the pixel encoder stores them: ((N, 1, 8, 8) float32 in [-1, 1], (N,) int64)."""
-    images, labels = digits_arrays()
-    if idx is not None:
-        images, labels = images[idx], labels[idx]
-    return torch.from_numpy(images)[:, None] / 8.0 - 1.0, torch.from_numpy(labels)  # [0, 16] -> [-1, 1]
-
-
-def stratified_split(labels: np.ndarray, seed: int, holdout_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    """Hold out round(fraction * n_c) random items of every class c -> (train_idx, heldout_idx), sorted."""
-    if not 0.0 < holdout_fraction < 1.0:
-        raise ValueError(f"holdout_fraction must be in (0, 1), got {holdout_fraction}")
-    labels = np.asarray(labels)
-    rng = np.random.default_rng(np.random.SeedSequence([seed, 0xD161]))
-    held = []
-    for c in np.unique(labels):  # classes in sorted order: the draw sequence is fixed
-        members = np.flatnonzero(labels == c)
-        n_hold = int(round(holdout_fraction * len(members)))
-        held.append(rng.permutation(members)[:n_hold])
-    heldout = np.sort(np.concatenate(held))
-    mask = np.ones(len(labels), dtype=bool)
-    mask[heldout] = False
-    return np.flatnonzero(mask), heldout
-
-
-def digits_split(seed: int = 0, holdout_fraction: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
-    """Deterministic stratified split of the 1797 digits -> (train_idx, heldout_idx) (sorted int64)."""
-    return stratified_split(digits_arrays()[1], seed, holdout_fraction)
 
 
 # -- classifier ------------------------------------------------------------------------------------------
@@ -191,14 +152,6 @@ def load_or_train_classifier(cfg: DigitsEvalConfig, cache: str | None = None) ->
 
 
 # -- evaluator ------------------------------------------------------------------------------------------
-def resize_digits(x: torch.Tensor, side: int) -> torch.Tensor:
-    """How prepare.py writes digits at `side` != 8: (N, 1, 8, 8) -> (N, 1, side, side), bilinear with
-    anti-aliasing, clamped to [-1, 1]. The evaluator sends its reference digits through the same path."""
-    if side == x.shape[-1]:
-        return x
-    return F.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False).clamp(-1, 1)
-
-
 def to_digit_pixels(images: torch.Tensor) -> torch.Tensor:
     """Generated images (N, C, H, W) in [-1, 1], C in {1, 3}, any size -> (N, 1, 8, 8) float32."""
     if images.ndim != 4 or images.shape[1] not in (1, 3):

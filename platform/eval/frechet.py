@@ -1,12 +1,7 @@
-"""Sample-quality metrics for sweeps: Fréchet distance, feature statistics and the evaluator API.
+"""The shared maths of the Fréchet metrics: feature statistics, the Fréchet distance, .npz stats files.
 
-A trial generates images (decoded to pixels in [-1, 1]) with the labels they were conditioned on and
-hands them to an `Evaluator`; it returns `eval/...` metrics, one of which (`evaluator.primary`, lower
-is better) is what a sweep optimises. Two kinds exist (`build_evaluator`):
-
-- "digits": Fréchet distance in the feature space of a small classifier trained on the train split of
-  scikit-learn's digits, against the held-out split (see digit_eval.py). Cheap (CPU, < 1 s per call).
-- "fid": FID with the FID Inception-v3 network against reference statistics from an .npz (fid.py).
+A leaf: both evaluators (`digits.DigitsEvaluator`, `fid.FIDEvaluator`) import it, it imports
+neither; building an evaluator from the run config is the `EVALUATORS` table in `eval/__init__.py`.
 
 The Fréchet distance between N(mu1, S1) and N(mu2, S2) is
     ||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^{1/2}).
@@ -22,31 +17,14 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import numpy as np
-import torch
 
 from advflow.platform.atomic import write_bytes
 
-EVAL_KINDS = ("digits", "fid")
-
 # Eigenvalues below -tol * max|eig| mean the matrix is not a covariance (not a rounding error).
 _PSD_TOL = 1e-6
-
-
-@runtime_checkable
-class Evaluator(Protocol):
-    """What the training loop calls. `primary` is the key sweeps optimise (lower is better);
-    `required_samples` is the recommended number of generated images per call."""
-
-    primary: str
-    required_samples: int
-
-    def evaluate(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-        """images: generated, decoded pixels (N, C, H, W) in [-1, 1]; labels: (N,) the classes
-        they were conditioned on. Returns metrics keyed `eval/...`."""
-        ...
 
 
 # -- statistics ----------------------------------------------------------------------------------------
@@ -181,75 +159,3 @@ def load_stats(path: str, dim: int | None = None) -> tuple[np.ndarray, np.ndarra
     if dim is not None and mu.shape[0] != dim:
         raise ValueError(f"reference stats {path}: {mu.shape[0]}-d, expected {dim}-d features; {fix}")
     return mu, sigma
-
-
-# -- building an evaluator from the run config ----------------------------------------------------------
-def _take(options: dict[str, Any], allowed: dict[str, Any], kind: str) -> dict[str, Any]:
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise ValueError(f"eval.options {unknown} not understood for eval.kind {kind!r}; "
-                         f"allowed: {sorted(allowed)}")
-    return {**allowed, **options}
-
-
-def build_evaluator(kind: str, *, manifest_encoder: dict[str, Any], data_shape: tuple[int, ...],
-                    num_classes: int, options: dict[str, Any] | None = None) -> Evaluator:
-    """The evaluator for `eval.kind`.
-
-    Options whose value is None count as unset; other unknown options raise.
-    digits: options {seed, holdout_fraction (both default to the manifest's `holdout` record),
-        device ("cpu"), cache_dir ($ADVFLOW_CACHE), batch_size}. data_shape is the dataset's latent
-        (C, H, W); the decoded side is H (pixel) or 8 H (sd-vae). Needs a digits dataset (10 classes). Recommended samples:
-        `evaluator.required_samples` = size of the train split (~1438), so `eval/fd` is comparable to
-        `eval/fd_floor`.
-    fid: options {inception_path, reference_stats (required), batch_size (64), device}. Recommended
-        samples: 50_000 for numbers comparable with papers; >= 5_000 for a sweep signal (FID is biased
-        upwards at small N, so only compare runs evaluated with the same N).
-    """
-    # None means "not set" (the training loop passes every eval option for every kind).
-    options = {k: v for k, v in (options or {}).items() if v is not None}
-    if kind == "digits":
-        from advflow.platform.eval.digits import DigitsEvalConfig, DigitsEvaluator
-
-        if num_classes != 10:
-            raise ValueError(f"eval.kind 'digits' needs the 10-class digits dataset, the data has {num_classes} "
-                             "classes; use eval.kind 'fid' for other data")
-        if len(data_shape) != 3:
-            raise ValueError(f"data_shape must be (C, H, W), got {tuple(data_shape)}")
-        opts = _take(options, {"seed": None, "holdout_fraction": None, "device": "cpu", "cache_dir": None,
-                               "batch_size": 2048}, kind)
-        holdout = (manifest_encoder or {}).get("holdout")
-        seed, fraction = opts["seed"], opts["holdout_fraction"]
-        if holdout:
-            for key, given, recorded in (("seed", seed, holdout["seed"]),
-                                         ("holdout_fraction", fraction, holdout["fraction"])):
-                if given is not None and given != recorded:
-                    raise ValueError(f"eval.options.{key}={given} but the dataset was prepared holding out "
-                                     f"{key}={recorded}; drop the option (the manifest's value is used)")
-            seed, fraction = holdout["seed"], holdout["fraction"]
-        else:
-            import warnings
-
-            warnings.warn("the dataset's manifest records no digits hold-out (prepared before hold-outs existed, "
-                          "or with digits_holdout=0): the held-out reference digits were probably trained on, so "
-                          "eval/fd is optimistic; re-run prepare_latents.py --source digits", stacklevel=2)
-        cfg = DigitsEvalConfig(split_seed=0 if seed is None else int(seed),
-                               holdout_fraction=0.2 if fraction is None else float(fraction))
-        if data_shape[-1] != data_shape[-2]:
-            raise ValueError(f"digits data must be square, data_shape is {tuple(data_shape)}")
-        # data_shape is the latent shape; SD-VAE latents are 8x smaller than the decoded images.
-        side = int(data_shape[-1]) * (8 if (manifest_encoder or {}).get("name") == "sd-vae" else 1)
-        return DigitsEvaluator(cfg, data_side=side, device=opts["device"], cache_dir=opts["cache_dir"],
-                               batch_size=int(opts["batch_size"]))
-    if kind == "fid":
-        from advflow.platform.eval.fid import FIDEvaluator
-
-        opts = _take(options, {"inception_path": None, "reference_stats": None, "batch_size": 64,
-                               "device": None}, kind)
-        for key in ("inception_path", "reference_stats"):
-            if not opts[key]:
-                raise ValueError(f"eval.options.{key} is required for eval.kind 'fid' (a local "
-                                 f"{'pt_inception-2015-12-05-*.pth' if key == 'inception_path' else '.npz with mu/sigma'} path)")
-        return FIDEvaluator(opts["inception_path"], opts["reference_stats"], int(opts["batch_size"]),
-                            device=opts["device"])
-    raise ValueError(f"eval.kind {kind!r} unknown; use one of {list(EVAL_KINDS)}")
