@@ -4,7 +4,8 @@
     python jobs/train.py --config jobs/configs/digits_tiny.yaml --set train.steps=50   # local Ray
     python jobs/train.py --config ... --no-ray        # plain processes (debugging), same loop
 
-The config is validated before anything is launched; errors name the field and the fix.
+The lifecycle: validate the config (errors name the field and the fix) -> open or re-find the job's
+MLflow run -> train on Ray (or local processes) -> close the run FINISHED or FAILED.
 """
 
 from __future__ import annotations
@@ -37,21 +38,22 @@ def main(argv=None) -> int:
     if args.print_config:
         print(json.dumps(spec.to_dict(), indent=2))
         return 0
-    from advflow.platform.tracking import runs as tracking
+    from advflow.platform.data.shards import dataset_tags
+    from advflow.platform.log import get_logger
+    from advflow.platform.tracking.runs import tracked_run
 
-    run_id = tracking.open_run(spec, config_yaml=config_yaml(spec))
-    url = tracking.run_url(spec, run_id)
-    if url:
-        print(f"[advflow] MLflow run: {url}", flush=True)
-    try:
-        ok = _train(spec, args, run_id)
-    except BaseException:
-        tracking.close_run(spec, run_id, ok=False)
-        raise
-    tracking.close_run(spec, run_id, ok=ok)
-    if url:
-        print(f"[advflow] MLflow run: {url}")
-    return 0 if ok else 1
+    log = get_logger("jobs.train")
+    d, t, m = spec.distributed, spec.train, spec.model
+    log.info(f"{spec.run.name}: G {m.size} ({m.kind}, K={m.nfe}, R={m.repeats}), {t.steps} steps x global batch "
+             f"{t.global_batch} on {d.workers} worker(s), ZeRO G/D {d.zero_stage_g}/{d.zero_stage_d}, "
+             f"data {spec.data.prefix}")
+    with tracked_run(spec, config_yaml=config_yaml(spec), data_tags=dataset_tags(spec.data.prefix)) as run:
+        if run.url:
+            log.info("MLflow run: %s", run.url)
+        run.ok = (train_local if args.no_ray else train_on_ray)(spec, run.run_id, log)
+    if run.url:
+        log.info("MLflow run: %s", run.url)
+    return 0 if run.ok else 1
 
 
 def config_yaml(spec) -> str:
@@ -60,37 +62,31 @@ def config_yaml(spec) -> str:
     return yaml.safe_dump(json.loads(json.dumps(spec.to_dict())), sort_keys=False)
 
 
-def _train(spec, args, run_id) -> bool:
-    d, t = spec.distributed, spec.train
-    print(f"[advflow] {spec.run.name}: G {spec.model.size} ({spec.model.kind}, K={spec.model.nfe}, "
-          f"R={spec.model.repeats}), {t.steps} steps x global batch {t.global_batch} on {d.workers} "
-          f"worker(s), ZeRO G/D {d.zero_stage_g}/{d.zero_stage_d}, data {spec.data.prefix}", flush=True)
-    if args.no_ray:
-        from advflow.platform.train.local_launch import latest_checkpoint, run_local
+def train_local(spec, run_id, log) -> bool:
+    from advflow.platform.train.local_launch import latest_checkpoint, run_local
 
-        run_dir = Path(spec.run.storage_path) / spec.run.name
-        history = run_local(spec, run_dir, run_id=run_id)
-        last = latest_checkpoint(run_dir)
-        print(f"[advflow] done: {len(history)} steps; final D {history[-1]['d_loss']:.4f} "
-              f"G {history[-1]['g_loss']:.4f}; checkpoint {last}; samples {last / 'samples.png'}")
-        return True
+    run_dir = Path(spec.run.storage_path) / spec.run.name
+    history = run_local(spec, run_dir, run_id=run_id)
+    last = latest_checkpoint(run_dir)
+    log.info(f"done: {len(history)} steps; final D {history[-1]['d_loss']:.4f} G {history[-1]['g_loss']:.4f}; "
+             f"checkpoint {last}; samples {last / 'samples.png'}")
+    return True
 
-    from advflow.platform.train.ray_launch import build_trainer, ensure_ray
+
+def train_on_ray(spec, run_id, log) -> bool:
+    from advflow.platform.train.ray_launch import build_torch_trainer, checkpoint_uri, ensure_ray
 
     ensure_ray()
-    result = build_trainer(spec, run_id=run_id).fit()
+    result = build_torch_trainer(spec, run_id=run_id).fit()
     if result.error:
-        print(f"[advflow] training failed: {result.error}", file=sys.stderr)
+        log.error("training failed: %s", result.error)
         return False
-    ckpt = result.checkpoint
-    where = ckpt.path if ckpt else None
-    if where and spec.run.storage_path.startswith("s3://") and not where.startswith("s3://"):
-        where = "s3://" + where  # Ray reports the path inside its pyarrow S3 filesystem
-    print(f"[advflow] done: final metrics D {result.metrics.get('d_loss', float('nan')):.4f} "
-          f"G {result.metrics.get('g_loss', float('nan')):.4f}")
-    print(f"[advflow] checkpoint: {where}")
+    nan = float("nan")
+    log.info(f"done: final metrics D {result.metrics.get('d_loss', nan):.4f} G {result.metrics.get('g_loss', nan):.4f}")
+    where = checkpoint_uri(spec, result.checkpoint)
+    log.info("checkpoint: %s", where)
     if where:
-        print(f"[advflow] samples:    {where.rstrip('/')}/samples.png")
+        log.info("samples:    %s/samples.png", where.rstrip("/"))
     return True
 
 

@@ -64,11 +64,12 @@ def local_ray():
 def test_sigkilled_worker_is_restarted_and_resumes_exactly(digits, tmp_path, local_ray, mlflow_env):
     from mlflow.tracking import MlflowClient
 
+    from advflow.platform.data.shards import dataset_tags
     from advflow.platform.tracking import runs as tracking
-    from advflow.platform.train.ray_launch import build_trainer
+    from advflow.platform.train.ray_launch import build_torch_trainer
 
     spec = kill_spec(digits, str(tmp_path / "ray"))
-    run_id = tracking.open_run(spec)
+    run_id = tracking.open_run(spec, data_tags=dataset_tags(spec.data.prefix))
     run_dir = tmp_path / "ray" / "killed"
     killed: list[int] = []
 
@@ -99,7 +100,7 @@ def test_sigkilled_worker_is_restarted_and_resumes_exactly(digits, tmp_path, loc
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
-    result = build_trainer(spec, run_id=run_id).fit()
+    result = build_torch_trainer(spec, run_id=run_id).fit()
     tracking.close_run(spec, run_id, ok=result.error is None)
     thread.join(timeout=5)
     assert killed, "the test never saw a checkpoint, so no worker was killed"

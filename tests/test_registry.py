@@ -28,7 +28,7 @@ import pytest
 import torch
 import yaml
 
-from advflow.platform.tracking import model_format as generator_pyfunc, registry
+from advflow.platform.tracking import model_format, registry
 from advflow.platform.tracking.artifact_scan import UnsafeArtifactError, file_problem, scan_model_dir
 from advflow.trainers.flow import generate
 from advflow.trainers.models import build_generator
@@ -157,7 +157,7 @@ def test_log_register_artifacts_signature_tags(mlflow_env, tmp_path, monkeypatch
     def no_load(*a, **k):
         raise AssertionError("log_generator must not load the model (no serving-input validation)")
 
-    monkeypatch.setattr(generator_pyfunc, "_load_pyfunc", no_load)
+    monkeypatch.setattr(model_format, "_load_pyfunc", no_load)
     name = _name()
     done = _log(_tiny(), name, step=120, tags={"data_manifest": "s3://b/m.json", "data_sha256": "ab12"},
                 metrics={"eval/fd": 3.25})
@@ -248,14 +248,14 @@ def test_sd_vae_decoder_path_override(tmp_path, monkeypatch):
         for p in G.parameters():
             p.add_(0.2 * torch.randn_like(p))
     decoder = {"name": "sd-vae", "vae_path": str(tmp_path / "gone"), "scaling_factor": 0.18215, "downsample": 2}
-    spec = generator_pyfunc.GeneratorSpec(generator=G.config, decoder=decoder, data_shape=(4, 8, 8), num_classes=10)
+    spec = model_format.GeneratorSpec(generator=G.config, decoder=decoder, data_shape=(4, 8, 8), num_classes=10)
     assert spec.image_shape() == (16, 16, 3)
-    data = generator_pyfunc.write_model_data(G, spec, tmp_path / "model")
-    monkeypatch.delenv(generator_pyfunc.VAE_PATH_ENV, raising=False)
+    data = model_format.write_model_data(G, spec, tmp_path / "model")
+    monkeypatch.delenv(model_format.VAE_PATH_ENV, raising=False)
     with pytest.raises(FileNotFoundError, match="ADVFLOW_VAE_PATH"):
-        generator_pyfunc.load_model_data(data, device="cpu")
-    monkeypatch.setenv(generator_pyfunc.VAE_PATH_ENV, str(tmp_path / "vae"))
-    got = generator_pyfunc.load_model_data(data, device="cpu").generate([1, 5], [7, 8])
+        model_format.load_model_data(data, device="cpu")
+    monkeypatch.setenv(model_format.VAE_PATH_ENV, str(tmp_path / "vae"))
+    got = model_format.load_model_data(data, device="cpu").generate([1, 5], [7, 8])
     z = torch.stack([torch.randn((4, 8, 8), generator=torch.Generator().manual_seed(s)) for s in (7, 8)])
     with torch.no_grad():
         pix = vae.decode(generate(G.eval(), z, torch.tensor([1, 5])) / 0.18215).sample  # (2, 3, 16, 16)
@@ -267,6 +267,21 @@ def test_sd_vae_decoder_path_override(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------------------------------
 # Promote
 # ----------------------------------------------------------------------------------------------------
+
+
+def test_device_is_the_argument_else_the_env_var_else_auto(tmp_path, monkeypatch):
+    G = _tiny()
+    spec = model_format.GeneratorSpec(generator=G.config, decoder=PIXEL, data_shape=SHAPE, num_classes=10)
+    data = model_format.write_model_data(G, spec, tmp_path / "model")
+    monkeypatch.setenv(model_format.DEVICE_ENV, "meta")
+    assert model_format.load_model_data(data).device == torch.device("meta")
+    assert model_format.load_model_data(data, device="cpu").device == torch.device("cpu")
+    monkeypatch.delenv(model_format.DEVICE_ENV)
+    auto = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert model_format.load_model_data(data).device == auto
+    assert model_format.load_model_data(data, device="auto").device == auto
+    monkeypatch.setenv(model_format.DEVICE_ENV, "")  # empty: not set
+    assert model_format.load_model_data(data).device == auto
 
 
 def test_promote_explicit_and_by_metric(mlflow_env, capsys):
@@ -408,6 +423,38 @@ def test_load_generator_refuses_foreign_loader(mlflow_env, tmp_path):
     (local / "MLmodel").write_text(text)
     with pytest.raises(UnsafeArtifactError, match="loader_module='mlflow.sklearn'"):
         registry.load_generator(str(local))
+
+
+def test_versions_of_the_previous_release_still_load(mlflow_env, tmp_path):
+    """Versions registered before the move record `loader_module: advflow.platform.generator_pyfunc`:
+    load_generator accepts that name, and MLflow (which imports it) loads them through the shim."""
+    import mlflow
+
+    name = _name()
+    G = _tiny(5)
+    _log(G, name)
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/1", dst_path=str(tmp_path)))
+    text = (local / "MLmodel").read_text()
+    assert "loader_module: advflow.platform.tracking.model_format" in text
+    (local / "MLmodel").write_text(text.replace("advflow.platform.tracking.model_format",
+                                                "advflow.platform.generator_pyfunc"))
+    assert "advflow.platform.generator_pyfunc" in registry.LEGACY_LOADER_MODULES
+    labels, seeds = [0, 3, 9], [4, 5, 6]
+    want = _reference(G, labels, seeds)
+    got = registry.load_generator(str(local), device="cpu").generate(labels, seeds)
+    assert np.array_equal(got, want)
+    pyfunc = mlflow.pyfunc.load_model(str(local), model_config={"device": "cpu"})
+    assert pyfunc.metadata.flavors["python_function"]["loader_module"] == "advflow.platform.generator_pyfunc"
+    out = pyfunc.predict(pd.DataFrame({"label": labels, "seed": seeds}, dtype="int64"))
+    assert np.array_equal(np.asarray(out), want)
+
+
+def test_legacy_loader_shim_reexports_the_loader_hook_only():
+    import advflow.platform.generator_pyfunc as legacy
+
+    assert legacy._load_pyfunc is model_format._load_pyfunc
+    assert legacy.__all__ == ["_load_pyfunc"]
+    assert "previous release" in legacy.__doc__
 
 
 # ----------------------------------------------------------------------------------------------------

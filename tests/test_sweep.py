@@ -147,3 +147,74 @@ def test_sweep_resumes_after_driver_death_nests_runs_registers_candidate_and_rep
                   for t in complete)
     print(f"\nsweep wall {wall:.0f}s; best {best.value:.3f} (trial {best.number}); "
           f"ASHA stopped {stopped}/{len(complete)} early")
+
+
+# ----------------------------------------------------------------------------------------- the trial function
+
+
+def test_train_driver_fn_trains_inside_one_tracked_child_run(tmp_path, digits, mlflow_env, monkeypatch):
+    """The Tune trial function: the trial's TorchTrainer (from ray_launch.build_torch_trainer, faked
+    here) runs inside `tracked_run`, nested under the sweep's parent run; the run is FINISHED when
+    fit() succeeds, FAILED (and the trial raises) when it does not."""
+    from types import SimpleNamespace
+
+    import yaml
+    from mlflow.tracking import MlflowClient
+    from ray import tune
+
+    from advflow.platform.config import RunSpec
+    from advflow.platform.data.shards import dataset_tags
+    from advflow.platform.sweep import tune as sweep_tune
+    from advflow.platform.sweep.space import SweepSpace
+    from advflow.platform.sweep.study import open_study
+    from advflow.platform.train import ray_launch
+
+    raw = {"params": {"optim.lr": {"type": "float", "low": 1e-5, "high": 1e-3, "log": True}},
+           "storage": f"sqlite:///{tmp_path}/study.db", "study_name": "unit", "register_name": None}
+    sp = SweepSpace.from_dict(raw)
+    spec = RunSpec.from_dict({"data": {"prefix": digits}, "eval": {"kind": "digits"},
+                              "run": {"storage_path": str(tmp_path / "runs")},
+                              "tracking": {"experiment": "sweep-unit", "system_metrics": False}})
+    base = sweep_tune.prepare_base(spec)
+    parent = sweep_tune.open_parent_run(spec, sp, yaml.safe_dump(raw))
+    assert parent and parent == sweep_tune.open_parent_run(spec, sp, "")  # found again
+    study, _, _ = open_study(sp)
+    built: list[dict] = []
+
+    def fake_build(spec, callbacks=None, run_id=None, progress=True):
+        built.append({"spec": spec, "callbacks": callbacks, "run_id": run_id, "progress": progress})
+        return SimpleNamespace(fit=lambda: SimpleNamespace(error=outcome))
+
+    monkeypatch.setattr(ray_launch, "build_torch_trainer", fake_build)
+    import ray.tune.integration.ray_train as tune_train
+
+    class TuneReportCallback:  # the real one needs a Tune session
+        pass
+
+    monkeypatch.setattr(tune_train, "TuneReportCallback", TuneReportCallback)
+    client = MlflowClient()
+    for trial_id, outcome in (("t-ok", None), ("t-bad", "worker died")):
+        monkeypatch.setattr(tune, "get_context", lambda: SimpleNamespace(get_trial_id=lambda: trial_id))
+        trial = study.ask()
+        trial.suggest_float("optim.lr", 1e-5, 1e-3, log=True)
+        call = lambda: sweep_tune.train_driver_fn(dict(trial.params), base=base, space=sweep_tune._space_dict(sp),
+                                                  parent_run_id=parent)
+        if outcome is None:
+            call()
+        else:
+            with pytest.raises(RuntimeError, match=f"trial {trial_id} failed: worker died"):
+                call()
+        b = built[-1]
+        assert b["progress"] is False and b["run_id"] and [type(c) for c in b["callbacks"]] == [TuneReportCallback]
+        assert b["spec"].run.name == f"unit-{trial_id}" and b["spec"].optim.lr == pytest.approx(trial.params["optim.lr"])
+        run = client.get_run(b["run_id"])
+        assert run.info.status == ("FINISHED" if outcome is None else "FAILED")
+        tags = run.data.tags
+        assert tags["mlflow.parentRunId"] == parent and tags["sweep.tune_trial_id"] == trial_id
+        assert tags["sweep.optuna_trial"] == str(trial.number) and tags["sweep.study"] == "unit"
+        assert {k: v for k, v in tags.items() if k.startswith("data.")} == dataset_tags(digits)
+        attrs = study.trials[trial.number].user_attrs
+        assert attrs["mlflow_run_id"] == b["run_id"] and attrs["tune_trial_id"] == trial_id
+        assert attrs["sample_grid"] == f"runs:/{b['run_id']}/samples/samples.png"
+    assert client.get_run(parent).data.tags["advflow.kind"] == "sweep"
+    assert [a.path for a in client.list_artifacts(parent, "sweep")] == ["sweep/space.yaml"]

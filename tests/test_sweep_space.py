@@ -6,7 +6,8 @@ import optuna
 import pytest
 
 from advflow.platform.config import ConfigError, RunSpec
-from advflow.platform.sweep.space import SweepSpace, apply_params, open_study, recover_study
+from advflow.platform.sweep.space import SweepSpace, apply_params
+from advflow.platform.sweep.study import open_study, recover_study
 
 BASE = RunSpec.from_dict({"data": {"prefix": "/tmp/x"},
                           "adversarial": {"ot_scale": {"kind": "cosine", "start": 0.05, "end": 0.001, "steps": 100}},
@@ -120,9 +121,26 @@ def test_baseline_point_is_the_base_config_inside_the_space():
 
 
 def test_relative_sqlite_storage_is_made_absolute(tmp_path, monkeypatch):
-    from advflow.platform.sweep.space import absolute_storage
+    from advflow.platform.sweep.study import absolute_storage
 
     monkeypatch.chdir(tmp_path)
     assert absolute_storage("sqlite:///sweeps/a.db") == f"sqlite:///{tmp_path}/sweeps/a.db"
     assert absolute_storage("sqlite:////abs/a.db") == "sqlite:////abs/a.db"
     assert absolute_storage("postgresql://u@h/db") == "postgresql://u@h/db"
+
+
+def test_sweep_dir_is_beside_a_sqlite_study(tmp_path, monkeypatch):
+    from advflow.platform.sweep.study import sweep_dir
+
+    monkeypatch.chdir(tmp_path)
+    assert sweep_dir(SweepSpace(storage=f"sqlite:///{tmp_path}/s/a.db")) == tmp_path / "s"
+    assert sweep_dir(SweepSpace(storage="postgresql://u@h/db")) == tmp_path / "sweeps"
+
+
+def test_each_sweep_module_holds_its_concern():
+    from advflow.platform.sweep import space as space_mod, study, tune
+
+    for mod in (space_mod, study, tune):
+        assert mod.__doc__ and "sweep." in mod.__doc__
+    assert not hasattr(space_mod, "open_study") and not hasattr(study, "ParamSpec")
+    assert callable(tune.train_driver_fn) and not hasattr(tune, "trial_func")

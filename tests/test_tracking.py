@@ -12,8 +12,10 @@ import secrets
 import pytest
 
 from advflow.platform.config import RunSpec, flatten
+from advflow.platform.data.shards import dataset_tags
 from advflow.platform.train.local_launch import run_local
-from advflow.platform.tracking import runs as tracking
+from advflow.platform.tracking import logger as run_logging, provenance, runs as tracking
+from advflow.platform.tracking import secrets as tracking_secrets
 
 STEPS = 12
 
@@ -37,12 +39,12 @@ def test_scrub_masks_secret_env_values_and_url_credentials():
     secret = "s3cr3t-" + secrets.token_hex(8)
     env = {"AWS_SECRET_ACCESS_KEY": secret, "MY_API_TOKEN": "tok-" + secrets.token_hex(6), "HOME": "/root",
            "PATH": "/usr/bin"}
-    found = tracking.secret_values(env)
+    found = tracking_secrets.secret_values(env)
     assert secret in found and env["MY_API_TOKEN"] in found
     assert "/root" not in found and "/usr/bin" not in found  # not secret-named
     value = {"a": f"prefix-{secret}-suffix", "b": [f"http://alice:{secret}@host:9000/x", 3],
              "c": "https://user:pw@mlflow.example/path", "d": "s3://bucket/plain"}
-    out = tracking.scrub(value, found)
+    out = tracking_secrets.scrub(value, found)
     text = json.dumps(out)
     assert secret not in text and "pw@" not in text and "alice" not in text
     assert out["d"] == "s3://bucket/plain" and out["b"][1] == 3
@@ -52,7 +54,7 @@ def test_scrub_masks_secret_env_values_and_url_credentials():
 def test_ray_token_file_content_is_a_secret(tmp_path):
     token = secrets.token_hex(32)
     (tmp_path / "token").write_text(token + "\n")
-    assert token in tracking.secret_values({"RAY_AUTH_TOKEN_PATH": str(tmp_path / "token")})
+    assert token in tracking_secrets.secret_values({"RAY_AUTH_TOKEN_PATH": str(tmp_path / "token")})
 
 
 # ----------------------------------------------------------------------------------------- a tracked job
@@ -64,7 +66,7 @@ MODEL = "afm-test-" + secrets.token_hex(3)
 
 
 @pytest.fixture(scope="module")
-def tracked_run(digits, tmp_path_factory, mlflow_server, moto_endpoint):
+def tracked_job(digits, tmp_path_factory, mlflow_server, moto_endpoint):
     """One tiny tracked job (2 workers, 12 steps, eval + registration at steps 6 and 12), shared by
     the tracking and the registry end-to-end tests."""
     import mlflow
@@ -80,17 +82,18 @@ def tracked_run(digits, tmp_path_factory, mlflow_server, moto_endpoint):
         mlflow.set_tracking_uri(mlflow_server.url)
         spec = tiny_spec(digits, str(root / "runs"), register_name=MODEL, register_every=6)
         spec.eval.kind, spec.eval.every, spec.eval.num_samples = "digits", 6, 200
-        run_id = tracking.open_run(spec, config_yaml="run:\n  name: tracked\n")
-        history = run_local(spec, root / "runs" / "tracked", run_id=run_id)
-        tracking.close_run(spec, run_id, ok=True)
-    return spec, run_id, history, root / "runs" / "tracked"
+        with tracking.tracked_run(spec, config_yaml="run:\n  name: tracked\n",
+                                  data_tags=dataset_tags(spec.data.prefix)) as run:
+            history = run_local(spec, root / "runs" / "tracked", run_id=run.run_id)
+            run.ok = True
+    return spec, run.run_id, history, root / "runs" / "tracked"
 
 
 @pytest.mark.timeout(600)
-def test_tracked_job_logs_params_tags_metrics_images_artifacts(tracked_run, tmp_path, mlflow_env):
+def test_tracked_job_logs_params_tags_metrics_images_artifacts(tracked_job, tmp_path, mlflow_env):
     from mlflow.tracking import MlflowClient
 
-    spec, run_id, history, _ = tracked_run
+    spec, run_id, history, _ = tracked_job
     client = MlflowClient()
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
@@ -109,7 +112,7 @@ def test_tracked_job_logs_params_tags_metrics_images_artifacts(tracked_run, tmp_
     assert tags["git.commit"] and tags["git.commit"] != "unknown"
     assert tags["data.manifest_uri"].endswith("manifest.json")
     assert len(tags["data.manifest_sha256"]) == 64
-    assert tags["advflow.version"] == tracking.advflow_version()
+    assert tags["advflow.version"] == provenance.advflow_version()
 
     # metrics every log_every steps, equal to the workers' history
     d_loss = client.get_metric_history(run_id, "d_loss")
@@ -158,7 +161,7 @@ def test_tracked_job_logs_params_tags_metrics_images_artifacts(tracked_run, tmp_
 
 
 @pytest.mark.timeout(600)
-def test_end_to_end_registered_promoted_and_generated_from_the_registry(tracked_run, tmp_path, mlflow_env):
+def test_end_to_end_registered_promoted_and_generated_from_the_registry(tracked_job, tmp_path, mlflow_env):
     """Issue 5 §6: tiny job -> run with metrics and image -> registered versions -> champion ->
     jobs/generate.py from models:/NAME@champion, equal to the checkpoint's EMA generator."""
     import subprocess
@@ -173,7 +176,7 @@ def test_end_to_end_registered_promoted_and_generated_from_the_registry(tracked_
     from advflow.trainers.flow import generate
     from advflow.trainers.models import build_generator
 
-    spec, run_id, _, run_dir = tracked_run
+    spec, run_id, _, run_dir = tracked_job
     client = MlflowClient()
     assert client.get_metric_history(run_id, "eval/fd") and client.list_artifacts(run_id, "images")
     versions = sorted(client.search_model_versions(f"name = '{MODEL}'"), key=lambda v: int(v.version))
@@ -243,13 +246,13 @@ def test_restarted_logger_skips_what_the_previous_attempt_logged(digits, tmp_pat
     png = tmp_path / "grid.png"
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(png)
 
-    first = tracking.RunLogger(spec, run_id)
+    first = run_logging.RunLogger(spec, run_id)
     first.log_rows([{"step": s, "d_loss": float(s)} for s in range(1, 9)])
     first.log_grid(png, 6)
     first.log_metrics({"eval/fd": 6.0}, 6)
     first.close()
 
-    again = tracking.RunLogger(spec, run_id)  # the restarted rank 0
+    again = run_logging.RunLogger(spec, run_id)  # the restarted rank 0
     assert again.resumed_through == 8
     again.log_rows([{"step": s, "d_loss": float(s)} for s in range(7, 13)])
     for step in (6, 12):
@@ -264,66 +267,120 @@ def test_restarted_logger_skips_what_the_previous_attempt_logged(digits, tmp_pat
     assert sorted(int(p.split("+step+")[1].split("+")[0]) for p in images) == [6, 12], images
 
 
-def test_checkpoint_shares_one_ema_copy(monkeypatch):
-    """Grid, evaluation and registration at a checkpoint use one EMA copy of G, not one each."""
-    from advflow.platform.train import checkpoint as run_checkpoint
-    from advflow.platform.train.worker import AFMTrainer
-
-    class Ctx:
-        rank, world_size = 0, 1
-        reports: list = []
-
-        def report(self, metrics, checkpoint_dir):
-            self.reports.append(metrics)
-
-    spec = RunSpec.from_dict({"data": {"prefix": "/x"}, "train": {"steps": 12, "global_batch": 16,
-                                                                  "checkpoint_every": 6}})
-    trainer = AFMTrainer(spec, ctx=Ctx())
-    monkeypatch.setattr(run_checkpoint, "save", lambda *args: None)
-    copies: list[object] = []
-    trainer.ema_model = lambda: copies.append(object()) or copies[-1]
-    used: list[object] = []
-    trainer.sample_grid = lambda path, ema=None: used.append(ema())
-    trainer.evaluate = lambda step, final, ema=None: used.append(ema()) or {}
-    trainer.register_model = lambda step, final, metrics, ema=None: used.append(ema())
-    trainer.save_checkpoint(12, final=True)
-    assert len(used) == 3 and len(copies) == 1 and all(u is copies[0] for u in used)
-    assert Ctx.reports and Ctx.reports[-1]["step"] == 12
-
-
 def test_untracked_without_uri(digits, tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert tracking.open_run(tiny_spec(digits, str(tmp_path))) is None
     assert "NOT tracked" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("checkpoint_every, every, want", [
-    (6, 6, [6, 12, 18, 24, 30]),  # the same cadence
-    (6, 10, [12, 24, 30]),        # first checkpoint at or after 10, 20, 30
-    (10, 4, [10, 20, 30]),        # faster than checkpoints: every checkpoint
-    (6, 0, []),                   # 0: only at the end (handled by `final`)
-])
-def test_eval_and_registration_cadence_lands_on_checkpoints(checkpoint_every, every, want):
-    from advflow.platform.train.worker import AFMTrainer
-
-    spec = RunSpec.from_dict({"data": {"prefix": "/x"}, "train": {"steps": 30, "global_batch": 16,
-                                                                  "checkpoint_every": checkpoint_every}})
-    trainer = AFMTrainer(spec, ctx=None)
-    assert [s for s in range(checkpoint_every, 31, checkpoint_every) if trainer._due(s, every)] == want
+def test_untracked_tracked_run_has_no_run_and_still_raises(digits, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    spec = tiny_spec(digits, str(tmp_path))
+    with tracking.tracked_run(spec, data_tags=dataset_tags(digits)) as run:
+        assert (run.run_id, run.url, run.ok) == (None, None, False)
+        run.ok = True
+    assert "[advflow] MLflow: MLFLOW_TRACKING_URI is not set" in capsys.readouterr().err
+    with pytest.raises(KeyError, match="boom"):
+        with tracking.tracked_run(spec):
+            raise KeyError("boom")
 
 
-@pytest.mark.parametrize("image_every, want", [
-    (0, [6, 12, 16]),             # 0: every checkpoint (6, 12) and the end (16)
-    (4, [4, 8, 12, 16]),          # its own cadence; checkpoint 6 is not a multiple of 4
-    (5, [5, 10, 15, 16]),         # the end always gets one
-])
-def test_mlflow_grid_cadence(image_every, want):
-    from advflow.platform.train.worker import AFMTrainer
+# ----------------------------------------------------------------------------------------- seams
 
-    spec = RunSpec.from_dict({"data": {"prefix": "/x"}, "tracking": {"image_every": image_every},
-                              "train": {"steps": 16, "global_batch": 16, "checkpoint_every": 6}})
-    trainer = AFMTrainer(spec, ctx=None)
-    assert not trainer.image_due(16, at_checkpoint=True)  # untracked: never
-    trainer.logger = object()  # tracked (rank 0)
-    got = [s for s in range(1, 17) if trainer.image_due(s, at_checkpoint=s % 6 == 0 or s == 16)]
-    assert got == want
+
+def test_tracked_run_closes_finished_failed_or_failed_on_exception(digits, tmp_path, mlflow_env):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    ids = {}
+    for case in ("ok", "not-ok", "raises"):
+        spec = tiny_spec(digits, str(tmp_path / case))
+        try:
+            with tracking.tracked_run(spec, config_yaml="a: 1\n", extra_tags={"case": case},
+                                      data_tags=dataset_tags(digits)) as run:
+                assert run.run_id and client.get_run(run.run_id).info.status == "RUNNING"
+                assert run.url and run.url.endswith(f"/runs/{run.run_id}") and run.url.startswith(mlflow_env)
+                ids[case] = run.run_id
+                if case == "raises":
+                    raise RuntimeError("trial failed")
+                run.ok = case == "ok"
+        except RuntimeError as err:
+            assert case == "raises" and str(err) == "trial failed"
+        else:
+            assert case != "raises", "tracked_run swallowed the exception"
+    status = {case: client.get_run(run_id).info.status for case, run_id in ids.items()}
+    assert status == {"ok": "FINISHED", "not-ok": "FAILED", "raises": "FAILED"}
+    tags = client.get_run(ids["ok"]).data.tags
+    assert tags["case"] == "ok"
+    assert {k: v for k, v in tags.items() if k.startswith("data.")} == dataset_tags(digits)
+
+
+def test_open_run_tags_the_callers_data_tags_and_reads_no_manifest(digits, tmp_path, mlflow_env):
+    from mlflow.tracking import MlflowClient
+
+    assert not hasattr(tracking, "manifest_facts")
+    client = MlflowClient()
+    # The same tags as before the move: manifest URI + hash, or the reason the manifest is unreadable.
+    good = client.get_run(tracking.open_run(tiny_spec(digits, str(tmp_path / "a")),
+                                            data_tags=dataset_tags(digits))).data.tags
+    assert good["data.manifest_uri"].endswith("manifest.json") and len(good["data.manifest_sha256"]) == 64
+    missing = str(tmp_path / "no-such-dataset")
+    bad = client.get_run(tracking.open_run(tiny_spec(missing, str(tmp_path / "b")),
+                                           data_tags=dataset_tags(missing))).data.tags
+    assert bad["data.manifest_error"] and "data.manifest_uri" not in bad
+    bare = client.get_run(tracking.open_run(tiny_spec(digits, str(tmp_path / "c")))).data.tags
+    assert not [k for k in bare if k.startswith("data.")]
+
+
+def test_run_logger_is_null_without_a_run(digits, tmp_path, mlflow_env):
+    spec = tiny_spec(digits, str(tmp_path), system_metrics=False)
+    null = run_logging.run_logger(spec, None)
+    assert isinstance(null, run_logging.NullRunLogger)
+    assert (null.run_id, null.data_tags) == (None, {})
+    null.log_rows([{"step": 1, "d_loss": 1.0}], {"x": 1.0})
+    null.log_metrics({"eval/fd": 1.0}, 1)
+    null.log_grid(tmp_path / "missing.png", 1)
+    null.log_final({"step": 1})
+    null.close()
+    public = {n for n in dir(run_logging.RunLogger) if not n.startswith("_")}
+    assert public <= {n for n in dir(run_logging.NullRunLogger) if not n.startswith("_")}
+    for attr in ("run_id", "data_tags", "last_logged_step", "resumed_through"):
+        assert hasattr(null, attr)
+
+    run_id = tracking.open_run(spec, data_tags=dataset_tags(digits))
+    real = run_logging.run_logger(spec, run_id)
+    assert isinstance(real, run_logging.RunLogger) and real.run_id == run_id
+    assert real.data_tags == dataset_tags(digits)
+    real.close()
+
+
+def test_open_parent_run_is_found_again_and_scrubbed(tmp_path, mlflow_env):
+    from mlflow.tracking import MlflowClient
+
+    spec = RunSpec.from_dict({"data": {"prefix": "/x"}, "tracking": {"experiment": "test-parent"}})
+    key = f"{tmp_path}#study"
+    kw = dict(key_tag="test.parent_key", key=key, run_name="parent", kind="test-group",
+              params={"storage": "postgresql://alice:pw@db/x", "n": 3}, texts={"group/notes.txt": "hello"})
+    first = tracking.open_parent_run(spec, **kw)
+    again = tracking.open_parent_run(spec, **kw)
+    assert first and first == again
+    client = MlflowClient()
+    run = client.get_run(first)
+    assert run.data.tags["advflow.kind"] == "test-group" and run.data.tags["test.parent_key"] == key
+    assert run.data.tags["git.commit"] == provenance.git_commit()
+    assert run.data.params == {"storage": "postgresql://***@db/x", "n": "3"}
+    assert [a.path for a in client.list_artifacts(first, "group")] == ["group/notes.txt"]
+    tracking.close_run(spec, first, ok=True)
+    assert client.get_run(first).info.status == "FINISHED"
+
+
+def test_git_commit_is_the_head_of_this_checkout():
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    assert provenance.REPO_ROOT == repo
+    head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    got = provenance.git_commit()
+    assert got in (head, head + "-dirty")

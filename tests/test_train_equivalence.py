@@ -131,10 +131,10 @@ def single_process_group():
     import os
 
     import torch.distributed as dist
-    from advflow.platform.train.local_launch import _free_port
+    from advflow.infra.local.proc import free_port
 
     env = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(_free_port()))
+               MASTER_PORT=str(free_port()))
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     dist.init_process_group("gloo", rank=0, world_size=1)
@@ -150,9 +150,9 @@ def single_process_group():
 @pytest.mark.parametrize("stage", [0, 1, 2])
 def test_steps_touch_only_their_own_network(digits, stage, single_process_group):
     """A G step leaves D's weights, gradients and optimizer state alone, and vice versa."""
-    from advflow.platform.train.worker import AFMTrainer
+    from advflow.platform.train.worker import Worker
 
-    trainer = AFMTrainer(spec_for(digits, stage, workers=1), _OneProcess())
+    trainer = Worker(spec_for(digits, stage, workers=1), _OneProcess())
     trainer.setup()
     try:
         def snapshot(module):
@@ -187,11 +187,10 @@ def test_steps_touch_only_their_own_network(digits, stage, single_process_group)
 
 def test_phase_events_reload_d_and_ema(digits, single_process_group, tmp_path):
     """Table 11's D reload restores the snapshot taken at a phase end; EMA reload copies EMA into G."""
-    from advflow.platform.train import checkpoint as run_checkpoint
-    from advflow.platform.train.worker import AFMTrainer
+    from advflow.platform.train.worker import Worker
     from advflow.trainers.schedules import Event
 
-    trainer = AFMTrainer(spec_for(digits, 2, workers=1), _OneProcess())
+    trainer = Worker(spec_for(digits, 2, workers=1), _OneProcess())
     trainer.setup()
     try:
         cfg = trainer.apply_phase(0)
@@ -201,9 +200,9 @@ def test_phase_events_reload_d_and_ema(digits, single_process_group, tmp_path):
         trainer.g_step(0, cfg)
         assert not all(torch.equal(a, b) for a, b in zip(snapshot, trainer.D.parameters()))
         # The snapshot survives a checkpoint round trip (a restarted run can still reload).
-        run_checkpoint.save(str(tmp_path), trainer, 1)
-        trainer.d_tags = {}
-        run_checkpoint.load(str(tmp_path), trainer)
+        trainer.checkpointer.save(str(tmp_path), 1)
+        trainer.d_tags.clear()
+        trainer.checkpointer.load(str(tmp_path))
         trainer.handle_event(Event("d_reload", 1, source="decay_end"))
         assert all(torch.equal(a, b) for a, b in zip(snapshot, trainer.D.parameters()))
         with pytest.raises(ValueError, match="available: \\['decay_end'\\]"):

@@ -33,6 +33,7 @@ def main(argv=None) -> int:
     import os
 
     from advflow.infra.local import services
+    from advflow.platform.data.shards import dataset_tags
     from advflow.platform.tracking import runs as tracking
     from advflow.platform.config import RunSpec
     from advflow.platform.train.local_launch import run_local
@@ -67,7 +68,7 @@ def main(argv=None) -> int:
             for i in range(args.reps):
                 for on in (False, True):
                     s = spec(i, on)
-                    run_id = tracking.open_run(s) if on else None
+                    run_id = tracking.open_run(s, data_tags=dataset_tags(s.data.prefix)) if on else None
                     t0 = time.perf_counter()
                     run_local(s, root / "runs" / s.run.name, run_id=run_id)
                     walls[on].append(time.perf_counter() - t0)

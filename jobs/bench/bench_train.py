@@ -7,8 +7,8 @@
 
 1. overhead: one AFM run (same model, batch, steps, ZeRO-2, one worker) four ways: a bare PyTorch
    loop in this process (afm.d_loss/g_loss, torch AdamW, grad clip, EMA, the same LatentStream);
-   the real worker loop `AFMTrainer` in this process (DeepSpeed, no launcher); `run_local` (the loop
-   in a spawned process); Ray Train (`ensure_ray()`, `build_trainer(spec).fit()`). Steady state only:
+   the real worker loop `Worker` in this process (DeepSpeed, no launcher); `run_local` (the loop
+   in a spawned process); Ray Train (`ensure_ray()`, `build_torch_trainer(spec).fit()`). Steady state only:
    "body" sums the loop's own per-step timer (StepTimes.total; the same span in the bare loop) over
    the report windows after the first; "wall" also counts what happens between steps (metric
    flush, reports); "cpu" is the CPU time of the process doing the work, the figure to trust on a
@@ -115,7 +115,7 @@ def table(title: str, header: list[str], rows: list[list]) -> str:
 
 
 def bare_loop(spec) -> dict:
-    """The AFM iteration of `AFMTrainer` without DeepSpeed or a launcher: same data streams, seeds,
+    """The AFM iteration of `Worker` without DeepSpeed or a launcher: same data streams, seeds,
     models, phase plan, clipping, EMA and on-device metrics flushed once per report window."""
     from advflow.platform.train.worker import step_seed
     from advflow.platform.data.reader import LatentStream
@@ -202,21 +202,21 @@ class _Recorder:
 
 
 def inproc_loop(spec) -> dict:
-    """`AFMTrainer` (DeepSpeed engines) in this process, gloo world of one; times setup and checkpoints."""
+    """`Worker` (DeepSpeed engines) in this process, gloo world of one; times setup and checkpoints."""
     import torch.distributed as dist
 
-    from advflow.platform.train.worker import AFMTrainer
+    from advflow.platform.train.worker import Worker
 
-    class Timed(AFMTrainer):
+    class Timed(Worker):
         """The real loop; only marks the end of set-up and times each checkpoint save."""
 
         def setup(self):
             super().setup()
             ctx.reports.append({"_t": time.perf_counter(), "_cpu": time.process_time(), "_setup": True})
 
-        def save_checkpoint(self, step, final):
+        def save_checkpoint(self, step, rows, window):
             t0 = time.perf_counter()
-            super().save_checkpoint(step, final)
+            super().save_checkpoint(step, rows, window)
             checkpoint_s.append(time.perf_counter() - t0)
 
     port = free_port()
@@ -304,11 +304,11 @@ def _collector(path: str):
 
 
 def ray_fit(spec, log_path: str) -> dict:
-    from advflow.platform.train.ray_launch import build_trainer
+    from advflow.platform.train.ray_launch import build_torch_trainer
 
     t0 = time.time()
     with RayWorkerCpu() as sampler:
-        result = build_trainer(spec, callbacks=[_collector(log_path)]).fit()
+        result = build_torch_trainer(spec, callbacks=[_collector(log_path)]).fit()
     wall = time.time() - t0
     if result.error:
         raise RuntimeError(f"Ray run {spec.run.name} failed: {result.error}")
@@ -335,7 +335,7 @@ def part_overhead(args, prefix: str, work: str) -> tuple[str, dict]:
     out: dict = {}
     log(f"overhead: bare loop, {spec.train.steps} steps x batch {spec.micro_batch}, size {args.size}")
     out["bare"] = bare_loop(spec)
-    log("overhead: AFMTrainer in this process (DeepSpeed, no launcher)")
+    log("overhead: Worker in this process (DeepSpeed, no launcher)")
     out["inproc"] = inproc_loop(overhead_spec(args, prefix, f"{work}/runs", "ovh_inproc", args.steps))
     if "local" in args.modes:
         log("overhead: run_local (two lengths)")
@@ -362,7 +362,7 @@ def part_overhead(args, prefix: str, work: str) -> tuple[str, dict]:
     for name in ("bare", "inproc"):
         s = steady(out[name]["reports"], drop_ckpt=True)
         n = s["steps"]
-        add({"bare": "bare torch loop", "inproc": "AFMTrainer+DS, in-process"}[name],
+        add({"bare": "bare torch loop", "inproc": "Worker+DS, in-process"}[name],
             per_step_ms(s["total"], n), per_step_ms(s["wall"], n), per_step_ms(s["cpu"], n), f"{n} steps timed")
     n_diff = args.steps - short
     if "local" in out:
@@ -395,7 +395,7 @@ def part_overhead(args, prefix: str, work: str) -> tuple[str, dict]:
              f"process(es) doing the work (robust to other load on the machine); launched runs: "
              f"(T({args.steps}) - T({short})) / {n_diff} over two runs.\n"
              f"ratios are against the bare loop. Goal Ray+DS <= 1.05x. "
-             f"AFMTrainer set-up in-process: {out['inproc']['setup_s']:.1f}s; its checkpoints took "
+             f"Worker set-up in-process: {out['inproc']['setup_s']:.1f}s; its checkpoints took "
              + ", ".join(f"{c:.2f}s" for c in out["inproc"]["checkpoint_s"]))
     text = table(f"1. Platform overhead: {args.size}, micro-batch {args.batch}, {args.steps} steps, 1 worker, "
                  "ZeRO-2 G/D (ms per iteration = one D step + one G step)",

@@ -1,5 +1,12 @@
-"""Hyper-parameter sweeps: Ray Tune + Optuna (TPE) over AFM's loss weights, learning rate, depth
-repetition and NFE, with ASHA early stopping and an RDB-backed, resumable Optuna study.
+"""The search space of a hyper-parameter sweep: `ParamSpec`, `SweepSpace` (YAML, define-by-run
+suggestions for Optuna, the baseline point) and `apply_params` (a trial's RunSpec).
+
+The sweep lives in three modules: this one (what is searched), `sweep.study` (the RDB-backed Optuna
+study: storage URLs, open/recover, finding a trial, the sweep folder) and `sweep.tune` (the Ray Tune
+side: the trial function, the Tuner, the wrap-up).
+
+Ray Tune + Optuna (TPE) search AFM's loss weights, learning rate, depth repetition and NFE, with
+ASHA early stopping and an RDB-backed, resumable Optuna study.
 
 The search space is YAML (`SweepSpace.load`); each parameter names the config field it overrides
 (`adversarial.gp_scale`, `model.repeats`, ...). Conditional structure is expressed define-by-run:
@@ -7,10 +14,6 @@ a parameter with `when:` is only suggested when an earlier one took one of the l
 `high_from:` caps a range by an earlier draw (lambda_ot's end never exceeds its start). `model.nfe
 > 1` switches the generator to `multistep`. Depth repetition R scales G's learning rate by 1/R in
 the trainer (`Generator.lr_scale`), as in the paper; trials record the effective value.
-
-Each trial runs the same TorchTrainer as jobs/train.py (Ray Train V2 inside a Tune function
-trainable; `TuneReportCallback` forwards the workers' checkpoint reports, which carry the quality
-metric, to Tune and ASHA). One MLflow parent run per sweep; each trial's training run is its child.
 """
 
 from __future__ import annotations
@@ -24,8 +27,6 @@ from typing import Any
 import yaml
 
 from advflow.platform.config import ConfigError, RunSpec, apply_override
-
-# ----------------------------------------------------------------------------------------- space
 
 
 @dataclass
@@ -207,71 +208,3 @@ def _set(raw: dict, dotted: str, value) -> None:
     for part in parts[:-1]:
         node = node.setdefault(part, {})
     node[parts[-1]] = value
-
-
-# ----------------------------------------------------------------------------------------- study
-
-
-_SQLITE = "sqlite:///"
-
-
-def _sqlite_file(url: str) -> Path | None:
-    """The database file of a `sqlite:///` URL (None for other URLs and in-memory SQLite)."""
-    path = url[len(_SQLITE):] if url.startswith(_SQLITE) else ""
-    return Path(path) if path and path != ":memory:" else None
-
-
-def absolute_storage(url: str) -> str:
-    """A relative SQLite URL made absolute against this process's working directory: Tune runs
-    trials in their own directories, and they must open the same file as the driver."""
-    path = _sqlite_file(url)
-    return _SQLITE + str(path.resolve()) if path is not None and not path.is_absolute() else url
-
-
-def open_study(space: SweepSpace):
-    """The RDB-backed study (created or loaded), with the seeded TPE sampler."""
-    import optuna
-
-    if (db := _sqlite_file(space.storage)) is not None:
-        db.parent.mkdir(parents=True, exist_ok=True)
-    sampler = optuna.samplers.TPESampler(seed=space.seed, n_startup_trials=space.n_startup_trials)
-    storage = optuna.storages.RDBStorage(space.storage)
-    direction = "minimize" if space.mode == "min" else "maximize"
-    study = optuna.create_study(study_name=space.study_name, storage=storage, sampler=sampler,
-                                direction=direction, load_if_exists=True)
-    if study.direction.name.lower() != direction:
-        raise ConfigError(f"study {space.study_name!r} in {space.storage} optimises "
-                          f"{study.direction.name.lower()}, but the space says mode={space.mode}; "
-                          "use another study_name or fix mode")
-    return study, storage, sampler
-
-
-def recover_study(study) -> dict[str, int]:
-    """After a driver died: trials left RUNNING by the dead driver are marked FAIL (they will not be
-    resumed), finished ones are kept and count toward --trials. Returns the state counts."""
-    import optuna
-
-    TS = optuna.trial.TrialState
-    for t in study.get_trials(deepcopy=False, states=(TS.RUNNING, TS.WAITING)):
-        study._storage.set_trial_user_attr(t._trial_id, "failed_reason", "sweep driver died; trial abandoned")
-        study._storage.set_trial_state_values(t._trial_id, state=TS.FAIL)
-    counts: dict[str, int] = {}
-    for t in study.get_trials(deepcopy=False):
-        counts[t.state.name] = counts.get(t.state.name, 0) + 1
-    return counts
-
-
-def find_optuna_trial(study, params: dict[str, Any]):
-    """The RUNNING Optuna trial whose params equal `params` (how a Tune trial finds its number)."""
-    import optuna
-
-    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        if t.params == params:
-            return t
-    return None
-
-
-def sweep_dir(space: SweepSpace) -> Path:
-    """Where a sweep's Tune state and report go: beside a SQLite study, else ./sweeps."""
-    db = _sqlite_file(space.storage)
-    return db.resolve().parent if db is not None else Path("sweeps").resolve()

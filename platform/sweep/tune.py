@@ -1,40 +1,45 @@
-"""The Ray Tune side of a sweep: a function trainable that runs the training job's TorchTrainer,
-the Tuner (OptunaSearch with a seeded TPE sampler on an RDB study, ASHA), and the wrap-up
-(MLflow parent/child runs, `candidate` alias, HTML report).
+"""The Ray Tune side of a sweep: the function trainable `train_driver_fn` that runs the training
+job's TorchTrainer, the Tuner (OptunaSearch with a seeded TPE sampler on an RDB study, ASHA), and
+the wrap-up (MLflow parent/child runs, `candidate` alias, HTML report). The search space is
+`sweep.space`; the Optuna study (storage, recovery, trial lookup) is `sweep.study`.
 
 Ray Train V2 + Tune pattern: each Tune trial is a function that builds the same `TorchTrainer` as
-jobs/train.py and calls `fit()`; `ray.tune.integration.ray_train.TuneReportCallback` forwards the
-workers' reports (rank 0's metrics: losses and `eval/*`, sent with every checkpoint) to Tune, where
-ASHA reads them. The trial function itself reserves `trial_cpus` (default 0); the Train workers
-reserve `distributed.cpus_per_worker` each, so `max_concurrent_trials` x workers must fit the cluster.
+jobs/train.py (`ray_launch.build_torch_trainer`) and calls `fit()` inside the same `tracked_run` as
+the training job; `ray.tune.integration.ray_train.TuneReportCallback` forwards the workers' reports
+(rank 0's metrics: losses and `eval/*`, sent with every checkpoint) to Tune, where ASHA reads them.
+The trial function itself reserves `trial_cpus` (default 0); the Train workers reserve
+`distributed.cpus_per_worker` each, so `max_concurrent_trials` x workers must fit the cluster.
+One MLflow parent run per sweep (`tracking.runs.open_parent_run`); each trial's run is its child.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from advflow.platform.tracking import runs as tracking
 from advflow.platform.config import ConfigError, RunSpec
-from advflow.platform.sweep.space import (SweepSpace, absolute_storage, apply_params, find_optuna_trial, open_study,
-                                    recover_study, sweep_dir)
+from advflow.platform.log import get_logger
+from advflow.platform.sweep.space import SweepSpace, apply_params
+from advflow.platform.sweep.study import absolute_storage, find_optuna_trial, open_study, recover_study, sweep_dir
+from advflow.platform.tracking import runs as tracking
 
+log = get_logger(__name__)
 SWEEP_KEY_TAG = "advflow.sweep_key"
 
 
 # ----------------------------------------------------------------------------------------- trial
 
 
-def trial_func(config: dict, *, base: dict, space: dict, parent_run_id: str | None) -> None:
+def train_driver_fn(config: dict, *, base: dict, space: dict, parent_run_id: str | None) -> None:
     """One Tune trial: the drawn params applied to the base config, trained by Ray Train."""
     import optuna
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from advflow.platform.train.ray_launch import build_trainer
+    from advflow.platform.data.shards import dataset_tags
+    from advflow.platform.train import ray_launch
 
     sp = SweepSpace.from_dict(space)
     params = dict(config)
@@ -48,23 +53,21 @@ def trial_func(config: dict, *, base: dict, space: dict, parent_run_id: str | No
             "sweep.params": json.dumps(params, sort_keys=True)}
     if ot is not None:
         tags["sweep.optuna_trial"] = str(ot.number)
-    run_id = tracking.open_run(spec, parent_run_id=parent_run_id, extra_tags=tags)
-    if ot is not None:
-        attrs = {"tune_trial_id": trial_id, "mlflow_run_id": run_id or "",
-                 "lr_g": spec.optim.lr / spec.model.repeats, "model.kind": spec.model.kind}
-        if run_id:
-            attrs["sample_grid"] = f"runs:/{run_id}/samples/samples.png"
-        for k, v in attrs.items():
-            study._storage.set_trial_user_attr(ot._trial_id, k, v)
-    trainer = build_trainer(spec, callbacks=[TuneReportCallback()], run_id=run_id, progress=False)
-    ok = False
-    try:
+    with tracking.tracked_run(spec, parent_run_id=parent_run_id, extra_tags=tags,
+                              data_tags=dataset_tags(spec.data.prefix)) as run:
+        if ot is not None:
+            attrs = {"tune_trial_id": trial_id, "mlflow_run_id": run.run_id or "",
+                     "lr_g": spec.optim.lr / spec.model.repeats, "model.kind": spec.model.kind}
+            if run.run_id:
+                attrs["sample_grid"] = f"runs:/{run.run_id}/samples/samples.png"
+            for k, v in attrs.items():
+                study._storage.set_trial_user_attr(ot._trial_id, k, v)
+        trainer = ray_launch.build_torch_trainer(spec, callbacks=[TuneReportCallback()], run_id=run.run_id,
+                                                 progress=False)
         result = trainer.fit()
-        ok = result.error is None
-        if not ok:
+        if result.error is not None:
             raise RuntimeError(f"trial {trial_id} failed: {result.error}")
-    finally:
-        tracking.close_run(spec, run_id, ok=ok)
+        run.ok = True
 
 
 # ----------------------------------------------------------------------------------------- driver
@@ -81,25 +84,12 @@ def prepare_base(spec: RunSpec) -> dict:
 
 
 def open_parent_run(spec: RunSpec, space: SweepSpace, space_yaml: str) -> str | None:
-    uri = tracking.tracking_uri(spec)
-    if uri is None:
-        return None
-    from mlflow.tracking import MlflowClient
-
-    from mlflow.entities import Param, RunTag
-
-    client = MlflowClient(uri)
-    run_id, found = tracking.find_or_create_run(client, spec.tracking.experiment, SWEEP_KEY_TAG,
-                                                f"{space.storage}#{space.study_name}", f"sweep-{space.study_name}")
-    if not found:
-        tags = {"advflow.kind": "sweep", "git.commit": tracking.git_commit(),
-                "advflow.version": tracking.advflow_version()}
-        params = {"metric": space.metric, "mode": space.mode, "seed": space.seed, "study": space.study_name,
-                  "storage": tracking.scrub(space.storage), "max_concurrent_trials": space.max_concurrent_trials}
-        client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()],
-                         tags=[RunTag(k, v) for k, v in tags.items()])
-        client.log_text(run_id, tracking.scrub(space_yaml), "sweep/space.yaml")
-    return run_id
+    """The sweep's MLflow parent run (one per study, found again when the driver is restarted)."""
+    params = {"metric": space.metric, "mode": space.mode, "seed": space.seed, "study": space.study_name,
+              "storage": space.storage, "max_concurrent_trials": space.max_concurrent_trials}
+    return tracking.open_parent_run(spec, key_tag=SWEEP_KEY_TAG, key=f"{space.storage}#{space.study_name}",
+                                    run_name=f"sweep-{space.study_name}", kind="sweep", params=params,
+                                    texts={"sweep/space.yaml": space_yaml})
 
 
 def run_sweep(spec: RunSpec, space: SweepSpace, trials: int, *, space_yaml: str = "",
@@ -118,8 +108,7 @@ def run_sweep(spec: RunSpec, space: SweepSpace, trials: int, *, space_yaml: str 
     counts = recover_study(study)
     finished = counts.get("COMPLETE", 0) + counts.get("PRUNED", 0)
     remaining = max(0, trials - finished)
-    print(f"[advflow] sweep {space.study_name}: {finished} finished trial(s) in {space.storage}, "
-          f"running {remaining} more", flush=True)
+    log.info(f"sweep {space.study_name}: {finished} finished trial(s) in {space.storage}, running {remaining} more")
     parent = open_parent_run(spec, space, space_yaml)
     ok = True
     if remaining:
@@ -133,7 +122,7 @@ def run_sweep(spec: RunSpec, space: SweepSpace, trials: int, *, space_yaml: str 
                                   grace_period=int(space.asha.get("grace_period", 1)) * every,
                                   reduction_factor=float(space.asha.get("reduction_factor", 2)))
         trainable = tune.with_resources(
-            tune.with_parameters(trial_func, base=base, space=_space_dict(space), parent_run_id=parent),
+            tune.with_parameters(train_driver_fn, base=base, space=_space_dict(space), parent_run_id=parent),
             # Tune needs a non-empty bundle; a memory request lets the driver function take no CPU.
             {"CPU": space.trial_cpus, "memory": 64 * 2**20})
         tuner = tune.Tuner(
@@ -154,7 +143,7 @@ def run_sweep(spec: RunSpec, space: SweepSpace, trials: int, *, space_yaml: str 
 
         client = MlflowClient(tracking.tracking_uri(spec))
         client.log_metric(parent, "sweep_wall_s", summary["wall_s"])
-        client.set_terminated(parent, status="FINISHED" if ok else "FAILED")
+        tracking.close_run(spec, parent, ok=ok)
     return summary
 
 
@@ -215,7 +204,7 @@ def finalize(spec: RunSpec, space: SweepSpace, parent: str | None, report_path) 
         if client and parent:
             client.log_artifact(parent, str(out), artifact_path="report")
     except Exception as err:  # noqa: BLE001 - a report problem must not lose the sweep's results
-        print(f"[advflow] sweep report failed: {err}", file=sys.stderr)
+        log.warning(f"sweep report failed: {err}")
         summary["report_error"] = str(err)
     if client and parent:
         for key, value in (("best_value", summary.get("best_value", float("nan"))),
@@ -239,7 +228,7 @@ def _alias_candidate(client, space: SweepSpace, complete: list, direction) -> di
             continue
         v = max(versions, key=lambda v: int(v.version))
         client.set_registered_model_alias(space.register_name, "candidate", v.version)
-        print(f"[advflow] {space.register_name}@candidate -> version {v.version} (trial {t.number}, "
-              f"{space.metric}={t.value:.4g})", flush=True)
+        log.info(f"{space.register_name}@candidate -> version {v.version} (trial {t.number}, "
+                 f"{space.metric}={t.value:.4g})")
         return {"name": space.register_name, "version": v.version, "trial": t.number, "value": t.value}
     return None

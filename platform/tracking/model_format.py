@@ -5,8 +5,10 @@ A logged generator is a folder with two files, written by `write_model_data`:
 - generator.json: `GeneratorSpec` (builder config = G.config, sampler settings, decoder, data_shape,
   num_classes).
 MLflow stores the folder under the model's data/ and names this module as the pyfunc loader
-(`loader_module`), so `mlflow.pyfunc.load_model` and `mlflow models serve` call `_load_pyfunc`, which
-first scans the WHOLE model directory for pickle data (artifact_scan) and only then reads the two files.
+(`loader_module: advflow.platform.tracking.model_format`), so `mlflow.pyfunc.load_model` and
+`mlflow models serve` call `_load_pyfunc`, which first scans the WHOLE model directory for pickle data
+(artifact_scan) and only then reads the two files. Versions registered by the previous release name
+`advflow.platform.generator_pyfunc`, a shim that re-exports `_load_pyfunc` from here.
 
 Prediction: a DataFrame with integer columns `label` and `seed`, one image per row; row i's noise is
 `torch.randn(data_shape, generator=torch.Generator().manual_seed(seed_i))` drawn on the CPU, so an
@@ -34,8 +36,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from advflow.platform.tracking.artifact_scan import scan_model_dir
+from advflow.platform.data.encoders import resolve_device
 from advflow.platform.images import to_uint8
+from advflow.platform.tracking.artifact_scan import scan_model_dir
 
 WEIGHTS_FILE = "weights.safetensors"
 SPEC_FILE = "generator.json"
@@ -135,13 +138,6 @@ def write_model_data(generator: torch.nn.Module, spec: GeneratorSpec, out_dir: s
     return out
 
 
-def _resolve_device(device: str | None) -> torch.device:
-    device = device or os.environ.get(DEVICE_ENV) or "auto"
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 class GeneratorModel:
     """A loaded generator plus decoder. `.generate(labels, seeds)` -> uint8 (N, H, W, C);
     `.images(labels, seeds)` -> float (N, C, H, W) in [-1, 1]; `.predict(df)` is the pyfunc entry.
@@ -208,7 +204,7 @@ def _decoder_with_overrides(decoder: dict[str, Any], vae_path: str | None) -> di
     decoder = dict(decoder)
     if decoder["name"] != "sd-vae":
         return decoder
-    # Manifests written by encoders.SDVAEEncoder.describe() use "vae_path"; accept a bare "path" too.
+    # Manifests written by prepare (encoders.ENCODERS["sd-vae"].record) use "vae_path"; accept a bare "path" too.
     recorded = decoder.get("vae_path") or decoder.get("path")
     path = vae_path or os.environ.get(VAE_PATH_ENV) or recorded
     if not path or not os.path.exists(path):
@@ -246,7 +242,8 @@ def load_model_data(data_dir: str | os.PathLike, *, vae_path: str | None = None,
         G.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise ModelFormatError(f"{weights_path}: weights do not fit the generator in {SPEC_FILE} ({e})") from e
-    return GeneratorModel(G, spec, device=_resolve_device(device),
+    # argument > ADVFLOW_DEVICE > auto (cuda if available, else cpu)
+    return GeneratorModel(G, spec, device=resolve_device(device or os.environ.get(DEVICE_ENV) or None),
                           decoder=_decoder_with_overrides(spec.decoder, vae_path))
 
 

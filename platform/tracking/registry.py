@@ -10,7 +10,8 @@
   not in the pip requirements) and, for sd-vae decoders, diffusers.
 - `load_generator(uri)` resolves aliases to a fixed version, downloads the model, scans every file
   for pickle data before reading anything, and returns a GeneratorModel (.generate(labels, seeds),
-  .images(...), .config, .source).
+  .images(...), .config, .source). Versions whose MLmodel names the previous release's loader module
+  (`advflow.platform.generator_pyfunc`, `LEGACY_LOADER_MODULES`) load too.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ from advflow.platform.tracking import model_format as fmt
 from advflow.platform.tracking.artifact_scan import UnsafeArtifactError, scan_model_dir
 
 LOADER_MODULE = fmt.__name__  # "advflow.platform.tracking.model_format"
+# Loader modules recorded by earlier releases, still loadable (platform/generator_pyfunc.py re-exports
+# the loader hook): versions registered before the module moved into tracking/.
+LEGACY_LOADER_MODULES = ("advflow.platform.generator_pyfunc",)
 REGISTRY_WAIT_S = 15  # OSS registries mark versions READY at once; do not block training for 5 min
 METRIC_TAG_PREFIX = "metric."
 SOURCES = ("train", "import")
@@ -221,7 +225,8 @@ def _check_mlmodel(model_dir: Path) -> Path:
     if not path.is_file():
         raise UnsafeArtifactError(f"model {model_dir}: no MLmodel file; this is not an MLflow model")
     conf = (yaml.safe_load(path.read_text()) or {}).get("flavors", {}).get("python_function", {})
-    if conf.get("loader_module") != LOADER_MODULE or conf.get("code") or not conf.get("data"):
+    loader = conf.get("loader_module")
+    if loader not in (LOADER_MODULE, *LEGACY_LOADER_MODULES) or conf.get("code") or not conf.get("data"):
         raise UnsafeArtifactError(
             f"model {model_dir}: MLmodel's python_function flavour has loader_module="
             f"{conf.get('loader_module')!r}, code={conf.get('code')!r}; an advflow generator uses "
@@ -235,7 +240,7 @@ def load_generator(model_uri: str, *, vae_path: str | None = None, device: str |
     """Download a logged generator, refuse it if any file holds pickle data, and load it.
 
     model_uri: models:/NAME@alias, models:/NAME/VERSION, models:/<model_id>, runs:/..., or a local
-    model folder. vae_path/device: overrides (see generator_pyfunc). dst_path: keep the download
+    model folder. vae_path/device: overrides (see tracking.model_format). dst_path: keep the download
     there (default: a temporary folder, removed after loading).
     """
     import mlflow

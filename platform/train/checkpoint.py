@@ -1,5 +1,10 @@
-"""Training checkpoints: both DeepSpeed engines, EMA(G), gradient-normalisation state, reader
-states, step, phase and the per-step metric history.
+"""Training checkpoints: a `Checkpointer` given named stateful parts, that owns its cadence.
+
+The worker hands the checkpointer its parts by name (torchtitan's `states={...}`): both DeepSpeed
+engines, EMA(G), the gradient-normalisation buffers, the D snapshots, the data-stream states and
+the loop state. The checkpointer never looks inside the worker; each part knows how to write itself
+into, and read itself back from, a checkpoint directory (`Part`). Adapters for tensors and JSON
+live here; the DeepSpeed one is `engines.EngineState`.
 
 Layout of one checkpoint directory (each rank writes its part into its own staging directory; Ray
 Train merges the ranks' directories into one under `storage_path` and registers the checkpoint only
@@ -11,10 +16,11 @@ after every rank has uploaded, so a checkpoint becomes visible only when complet
     gradnorm.safetensors    GradNormalizer buffers              (rank 0)
     dtag-<tag>.safetensors  D snapshots taken at phase ends     (rank 0; for Table 11's D reload)
     reader-rank{r}.json     data-stream states of rank r        (every rank)
-    trainer.json            step, world size, history, version  (rank 0, written last)
+    trainer.json            format, step, world size, config, and the parts' JSON state
+                            (EMA counters, history, resumes)    (rank 0, written last)
 
-Our own files are written with safetensors/JSON (no pickle); DeepSpeed's engine files are its own
-format and are only ever read back from our own storage.
+Our own files are safetensors/JSON (no pickle); DeepSpeed's engine files are its own format and are
+only ever read back from our own storage.
 """
 
 from __future__ import annotations
@@ -23,25 +29,39 @@ import contextlib
 import json
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import Any, Callable, Iterator, Protocol
 
+import torch
 from safetensors.torch import load_file, save_file
 
 from advflow.platform.atomic import write_text
-
-if TYPE_CHECKING:
-    from advflow.platform.train.worker import AFMTrainer
+from advflow.platform.train.cadence import Cadence
 
 FORMAT_VERSION = 1
-DS_TAG = "ds"
+META_NAME = "trainer.json"
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint is incomplete or belongs to another run layout."""
+class ResumeError(RuntimeError):
+    """A run checkpoint is incomplete or belongs to another run layout (the message says which)."""
+
+
+class Part(Protocol):
+    """One named piece of training state.
+
+    save: write this rank's files under `root`; return JSON-able entries for trainer.json
+    (rank 0's are kept) or None. load: read them back; `meta` is the whole trainer.json.
+    required: files that must exist for a checkpoint written by `world_size` ranks."""
+
+    def save(self, root: Path, rank: int) -> dict[str, Any] | None: ...
+
+    def load(self, root: Path, rank: int, meta: dict[str, Any]) -> None: ...
+
+    def required(self, world_size: int) -> list[str]: ...
 
 
 @contextlib.contextmanager
 def staging_dir() -> Iterator[str]:
+    """A private directory a rank writes its checkpoint files into before reporting them."""
     with tempfile.TemporaryDirectory(prefix="advflow-ckpt-") as tmp:
         yield tmp
 
@@ -50,70 +70,165 @@ def _write_json(path: Path, obj) -> None:
     write_text(path, json.dumps(obj, indent=1, sort_keys=True))
 
 
-def save(directory: str, trainer: "AFMTrainer", step: int) -> None:
-    """Collective: every rank calls it with its own staging directory."""
-    root = Path(directory)
-    trainer.g_engine.save_checkpoint(str(root / "g"), tag=DS_TAG)
-    trainer.d_engine.save_checkpoint(str(root / "d"), tag=DS_TAG)
-    rank = trainer.ctx.rank
-    readers = {name: s.state_dict() for name, s in trainer.streams.items()}
-    _write_json(root / f"reader-rank{rank}.json", readers)
-    if rank == 0:
-        save_file({k: v.contiguous() for k, v in trainer.ema.state_dict()["shadow"].items()},
-                  str(root / "ema.safetensors"))
-        save_file({k: v.contiguous() for k, v in trainer.gradnorm.state_dict().items()},
-                  str(root / "gradnorm.safetensors"))
-        for tag, weights in trainer.d_tags.items():
-            save_file({k: v.contiguous() for k, v in weights.items()}, str(root / f"dtag-{tag}.safetensors"))
-        ema = trainer.ema.state_dict()
-        _write_json(root / "trainer.json", {
-            "format": FORMAT_VERSION,
-            "step": step,
-            "world_size": trainer.ctx.world_size,
-            "ema": {k: ema[k] for k in ("decay", "warmup", "num_updates")},
-            "history": trainer.state.history,
-            "resumes": trainer.state.resumes,
-            "config": trainer.spec.to_dict(),
-        })
-
-
-def read_meta(directory: str) -> dict:
-    path = Path(directory) / "trainer.json"
+def read_meta(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / META_NAME
     if not path.is_file():
-        raise CheckpointError(f"{directory}: no trainer.json; this is not a complete advflow checkpoint")
+        raise ResumeError(f"{directory}: no {META_NAME}; this is not a complete advflow checkpoint")
     meta = json.loads(path.read_text())
     if meta.get("format") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: format {meta.get('format')} is not {FORMAT_VERSION}; "
-                              "resume it with the advflow version that wrote it")
+        raise ResumeError(f"{path}: format {meta.get('format')} is not {FORMAT_VERSION}; "
+                          "resume it with the advflow version that wrote it")
     return meta
 
 
-def load(directory: str, trainer: "AFMTrainer") -> None:
-    """Restore every piece of state into an already-built trainer (all ranks)."""
-    root = Path(directory)
-    meta = read_meta(directory)
-    world = trainer.ctx.world_size
-    if meta["world_size"] != world:
-        raise CheckpointError(
-            f"{directory}: written by {meta['world_size']} workers, resuming with {world}; ZeRO shards are "
-            f"per worker, so set distributed.workers={meta['world_size']} to resume this run")
-    missing = [f"reader-rank{r}.json" for r in range(world) if not (root / f"reader-rank{r}.json").is_file()]
-    if missing:
-        raise CheckpointError(f"{directory}: incomplete checkpoint, missing {missing}")
-    for name, engine in (("g", trainer.g_engine), ("d", trainer.d_engine)):
-        path, _ = engine.load_checkpoint(str(root / name), tag=DS_TAG, load_optimizer_states=True,
-                                         load_lr_scheduler_states=False)
-        if path is None:
-            raise CheckpointError(f"{directory}/{name}: DeepSpeed found no checkpoint under tag {DS_TAG!r}")
-    ema_state = {**meta["ema"], "shadow": load_file(str(root / "ema.safetensors"))}
-    trainer.ema.load_state_dict(ema_state)
-    trainer.gradnorm.load_state_dict(load_file(str(root / "gradnorm.safetensors")))
-    trainer.d_tags = {p.name[len("dtag-"):-len(".safetensors")]: load_file(str(p))
-                      for p in root.glob("dtag-*.safetensors")}
-    readers = json.loads((root / f"reader-rank{trainer.ctx.rank}.json").read_text())
-    for name, stream in trainer.streams.items():
-        stream.load_state_dict(readers[name])
-    trainer.iters = {k: iter(s) for k, s in trainer.streams.items()}
-    trainer.state.step = int(meta["step"])
-    trainer.state.history = list(meta["history"])
-    trainer.state.resumes = list(meta.get("resumes", [])) + [trainer.state.step]
+class Checkpointer:
+    """Saves and restores named parts; decides by itself when a checkpoint is due.
+
+    Collective: every rank calls `save` at the same steps with its own staging directory, and
+    `load` with the restored directory. Rank 0 writes trainer.json last, so its presence marks a
+    directory whose parts were all written."""
+
+    def __init__(self, parts: dict[str, Part], *, rank: int, world_size: int, every: int, last_step: int,
+                 config: dict[str, Any]):
+        self.parts, self.rank, self.world_size = parts, rank, world_size
+        self.cadence = Cadence(every, last_step)
+        self.config = config
+        self.last_saved = 0  # the step of the latest checkpoint (restored or written)
+
+    def due(self, step: int) -> bool:
+        return self.cadence.due(step)
+
+    def save(self, directory: str | Path, step: int) -> None:
+        root = Path(directory)
+        meta: dict[str, Any] = {}
+        for name, part in self.parts.items():
+            entries = part.save(root, self.rank) or {}
+            clash = set(entries) & (set(meta) | {"format", "step", "world_size", "config"})
+            assert not clash, f"checkpoint part {name!r} writes trainer.json keys already taken: {clash}"
+            meta.update(entries)
+        if self.rank == 0:
+            _write_json(root / META_NAME, {"format": FORMAT_VERSION, "step": step, "world_size": self.world_size,
+                                           "config": self.config, **meta})
+        self.last_saved = step
+
+    def load(self, directory: str | Path) -> int:
+        """Restore every part from `directory`; returns the checkpoint's step."""
+        root = Path(directory)
+        meta = read_meta(root)
+        if meta["world_size"] != self.world_size:
+            raise ResumeError(
+                f"{directory}: written by {meta['world_size']} workers, resuming with {self.world_size}; ZeRO "
+                f"shards are per worker, so set distributed.workers={meta['world_size']} to resume this run")
+        missing = [f for part in self.parts.values() for f in part.required(self.world_size)
+                   if not (root / f).exists()]
+        if missing:
+            raise ResumeError(f"{directory}: incomplete checkpoint, missing {missing}")
+        for part in self.parts.values():
+            part.load(root, self.rank, meta)
+        self.last_saved = int(meta["step"])
+        return self.last_saved
+
+
+# ----------------------------------------------------------------------------------------- adapters
+
+
+def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.contiguous() for k, v in tensors.items()}
+
+
+class TensorFile:
+    """A module or object whose state_dict() is tensors only, in one safetensors file (rank 0)."""
+
+    def __init__(self, obj, filename: str):
+        self.obj, self.filename = obj, filename
+
+    def save(self, root: Path, rank: int) -> None:
+        if rank == 0:
+            save_file(_contiguous(self.obj.state_dict()), str(root / self.filename))
+
+    def load(self, root: Path, rank: int, meta: dict[str, Any]) -> None:
+        self.obj.load_state_dict(load_file(str(root / self.filename)))
+
+    def required(self, world_size: int) -> list[str]:
+        return [self.filename]
+
+
+class EMAState:
+    """EMA(G): shadow weights in ema.safetensors, counters in trainer.json["ema"] (rank 0)."""
+
+    COUNTERS = ("decay", "warmup", "num_updates")
+
+    def __init__(self, ema, filename: str = "ema.safetensors"):
+        self.ema, self.filename = ema, filename
+
+    def save(self, root: Path, rank: int) -> dict[str, Any] | None:
+        if rank != 0:
+            return None
+        state = self.ema.state_dict()
+        save_file(_contiguous(state["shadow"]), str(root / self.filename))
+        return {"ema": {k: state[k] for k in self.COUNTERS}}
+
+    def load(self, root: Path, rank: int, meta: dict[str, Any]) -> None:
+        self.ema.load_state_dict({**meta["ema"], "shadow": load_file(str(root / self.filename))})
+
+    def required(self, world_size: int) -> list[str]:
+        return [self.filename]
+
+
+class SnapshotFiles:
+    """Named tensor snapshots (`tag -> state dict`, e.g. D at a phase end), one file each (rank 0).
+
+    `snapshots` is a mutable mapping owned by the caller; load replaces its contents."""
+
+    def __init__(self, snapshots: dict[str, dict[str, torch.Tensor]], prefix: str = "dtag-"):
+        self.snapshots, self.prefix = snapshots, prefix
+
+    def save(self, root: Path, rank: int) -> None:
+        if rank == 0:
+            for tag, weights in self.snapshots.items():
+                save_file(_contiguous(weights), str(root / f"{self.prefix}{tag}.safetensors"))
+
+    def load(self, root: Path, rank: int, meta: dict[str, Any]) -> None:
+        self.snapshots.clear()
+        self.snapshots.update({p.name[len(self.prefix):-len(".safetensors")]: load_file(str(p))
+                               for p in root.glob(f"{self.prefix}*.safetensors")})
+
+    def required(self, world_size: int) -> list[str]:
+        return []
+
+
+class PerRankJSON:
+    """Objects with JSON state_dicts (the data streams), one file per rank: `{name: state}`."""
+
+    def __init__(self, objects: dict[str, Any], pattern: str = "reader-rank{rank}.json",
+                 after_load: Callable[[], None] | None = None):
+        self.objects, self.pattern, self.after_load = objects, pattern, after_load
+
+    def save(self, root: Path, rank: int) -> None:
+        _write_json(root / self.pattern.format(rank=rank), {k: o.state_dict() for k, o in self.objects.items()})
+
+    def load(self, root: Path, rank: int, meta: dict[str, Any]) -> None:
+        states = json.loads((root / self.pattern.format(rank=rank)).read_text())
+        for name, obj in self.objects.items():
+            obj.load_state_dict(states[name])
+        if self.after_load is not None:
+            self.after_load()
+
+    def required(self, world_size: int) -> list[str]:
+        return [self.pattern.format(rank=r) for r in range(world_size)]
+
+
+class JSONEntries:
+    """An object whose state_dict() is JSON-able, stored as top-level trainer.json entries (rank 0)."""
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def save(self, root: Path, rank: int) -> dict[str, Any] | None:
+        return self.obj.state_dict() if rank == 0 else None
+
+    def load(self, root: Path, rank: int, meta: dict[str, Any]) -> None:
+        self.obj.load_state_dict(meta)
+
+    def required(self, world_size: int) -> list[str]:
+        return []

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from advflow.platform.train.checkpoint import ResumeError
+
 
 @dataclass(frozen=True)
 class EngineSpec:
@@ -66,3 +68,27 @@ def set_lr(engine, lr: float) -> None:
     """Apply the phase plan's learning rate (DeepSpeed's ZeRO optimisers expose param_groups)."""
     for group in engine.optimizer.param_groups:
         group["lr"] = lr
+
+
+class EngineState:
+    """A DeepSpeed engine as a checkpoint part (`checkpoint.Part`): its own files under `<name>/`.
+
+    Collective on save and load (every rank writes / reads its ZeRO shard). LR-scheduler state is
+    not loaded: the phase plan sets the learning rate at every step."""
+
+    TAG = "ds"
+
+    def __init__(self, engine, name: str):
+        self.engine, self.name = engine, name
+
+    def save(self, root, rank: int) -> None:
+        self.engine.save_checkpoint(str(root / self.name), tag=self.TAG)
+
+    def load(self, root, rank: int, meta: dict) -> None:
+        path, _ = self.engine.load_checkpoint(str(root / self.name), tag=self.TAG, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
+        if path is None:
+            raise ResumeError(f"{root}/{self.name}: DeepSpeed found no checkpoint under tag {self.TAG!r}")
+
+    def required(self, world_size: int) -> list[str]:
+        return [f"{self.name}/{self.TAG}"]

@@ -1,7 +1,7 @@
 """Run the worker loop without Ray: N processes on this machine, gloo, checkpoints in a local folder.
 
 For debugging on a laptop and for tests that compare ZeRO stages (the Ray path adds nothing to the
-numerics; `advflow.platform.train.ray_launch` runs the same `AFMTrainer`). The checkpoint protocol mirrors
+numerics; `ray_launch` runs the same `worker.run_worker`). The checkpoint protocol mirrors
 Ray Train's: every rank stages its files, they are merged into `checkpoint_{step:06d}/`, and the
 checkpoint counts only once rank 0 has written `COMPLETE` after a barrier.
 """
@@ -11,14 +11,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from advflow.infra.local.proc import free_port
 from advflow.platform.config import RunSpec
+from advflow.platform.tracking.runs import tracking_uri
+from advflow.platform.train.worker import run_worker
 
 COMPLETE = "COMPLETE"
 
@@ -55,24 +56,13 @@ class LocalContext:
         return str(latest) if latest else None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world_size: int, port: int, spec_dict: dict, run_dir: str, out_dir: str,
-            run_id: str | None = None) -> None:
+def _worker(rank: int, world_size: int, port: int, config: dict, run_dir: str, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        from advflow.platform.train.worker import AFMTrainer
-
-        spec = RunSpec.from_dict(spec_dict)
-        torch.set_num_threads(max(1, spec.distributed.cpus_per_worker))
-        ctx = LocalContext(rank, world_size, Path(run_dir), spec.run.keep_checkpoints)
-        state = AFMTrainer(spec, ctx, run_id=run_id).train()
+        ctx = LocalContext(rank, world_size, Path(run_dir), config["spec"]["run"]["keep_checkpoints"])
+        state = run_worker(config, ctx)
         if rank == 0:
             Path(out_dir, "history.json").write_text(json.dumps(state.history))
     finally:
@@ -87,6 +77,7 @@ def run_local(spec: RunSpec, run_dir: str | Path, run_id: str | None = None) -> 
     out = run_dir / "_out"
     out.mkdir(exist_ok=True)
     world = spec.distributed.workers
-    mp.start_processes(_worker, args=(world, _free_port(), spec.to_dict(), str(run_dir), str(out), run_id),
+    config = {"spec": spec.to_dict(), "mlflow_run_id": run_id, "mlflow_uri": tracking_uri(spec) if run_id else None}
+    mp.start_processes(_worker, args=(world, free_port(), config, str(run_dir), str(out)),
                        nprocs=world, join=True, start_method="spawn")
     return json.loads((out / "history.json").read_text())

@@ -1,6 +1,6 @@
-"""Ray at the edges: the TorchTrainer (Ray Train V2) around `AFMTrainer`.
+"""Ray at the edges: the TorchTrainer (Ray Train V2) around the worker loop (`worker.run_worker`).
 
-Everything Ray-specific lives here: the worker function `train_func(config)`, the `RayContext` that
+Everything Ray-specific lives here: the worker function `train_fn_per_worker(config)`, the `RayContext` that
 turns the loop's report/restore calls into `ray.train.report` / `ray.train.get_checkpoint`, storage
 on a local path or S3 (any endpoint via AWS_ENDPOINT_URL), and the driver-side progress callback.
 """
@@ -19,7 +19,12 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from advflow.platform.config import RunSpec
+from advflow.platform.log import get_logger
 from advflow.platform.tracking.runs import tracking_uri
+from advflow.platform.train.callbacks import ProgressMeter
+from advflow.platform.train.worker import run_worker
+
+log = get_logger(__name__)
 
 # Environment a worker needs to reach S3/MLflow; copied from the driver into the workers' runtime
 # env when set, so `ray job submit` works with the exports of `advflow stack env`.
@@ -48,41 +53,23 @@ class RayContext:
         return checkpoint.to_directory(self._restore_tmp.name)
 
 
-def train_func(config: dict) -> None:
-    """Runs on every Ray Train worker."""
-    from advflow.platform.train.worker import AFMTrainer
-
-    spec = RunSpec.from_dict(config["spec"])
-    torch.set_num_threads(max(1, spec.distributed.cpus_per_worker))
-    device = torch.device("cuda", ray.train.torch.get_device().index or 0) if spec.distributed.use_gpu \
-        else torch.device("cpu")
-    if config.get("mlflow_uri"):  # resolved by the driver, so workers need no environment of their own
-        os.environ["MLFLOW_TRACKING_URI"] = config["mlflow_uri"]
-    AFMTrainer(spec, RayContext(), device=device, run_id=config.get("mlflow_run_id")).train()
+def train_fn_per_worker(config: dict) -> None:
+    """Runs on every Ray Train worker: the shared worker entry with Ray Train's context."""
+    spec = config["spec"]["distributed"]
+    device = torch.device("cuda", ray.train.torch.get_device().index or 0) if spec["use_gpu"] else torch.device("cpu")
+    run_worker(config, RayContext(), device=device)
 
 
 class ProgressCallback(UserCallback):
-    """Driver-side progress line: step, samples/s, D and G loss, ETA (runs in Ray's controller)."""
+    """Driver-side progress line at each checkpoint report (runs in Ray's controller)."""
 
     def __init__(self, total_steps: int, global_batch: int):
-        self.total, self.batch = total_steps, global_batch
-        self._t0: float | None = None
-        self._step0 = 0
+        self.meter = ProgressMeter(total_steps, global_batch)
 
     def after_report(self, run_context, metrics, checkpoint):
         m = metrics[0] if metrics else {}
-        step = int(m.get("step", 0))
-        now = time.time()
-        if self._t0 is None or step <= self._step0:
-            self._t0, self._step0 = now, step
-            rate = 0.0
-        else:
-            rate = (step - self._step0) / max(now - self._t0, 1e-9)
-        eta = (self.total - step) / rate if rate > 0 else float("nan")
-        ckpt = f" checkpoint={checkpoint.path}" if checkpoint else ""
-        print(f"[advflow] step {step}/{self.total} | {rate * self.batch:.1f} samples/s | "
-              f"D {m.get('d_loss', float('nan')):.4f} G {m.get('g_loss', float('nan')):.4f} | "
-              f"data wait {100 * m.get('time/data_wait_frac', 0.0):.1f}% | ETA {eta:.0f}s{ckpt}", flush=True)
+        suffix = f" checkpoint={checkpoint.path}" if checkpoint else ""
+        log.info(self.meter.line(int(m.get("step", 0)), m, now=time.time(), suffix=suffix))
 
 
 def storage(spec: RunSpec) -> tuple[str, object | None]:
@@ -103,14 +90,14 @@ def storage(spec: RunSpec) -> tuple[str, object | None]:
     return path[len("s3://"):], pyarrow.fs.S3FileSystem(**kw)
 
 
-def build_trainer(spec: RunSpec, callbacks: list | None = None, run_id: str | None = None,
-                  progress: bool = True) -> TorchTrainer:
+def build_torch_trainer(spec: RunSpec, callbacks: list | None = None, run_id: str | None = None,
+                        progress: bool = True) -> TorchTrainer:
     """The TorchTrainer for `spec`; `run_id` is the MLflow run rank 0 logs to (`tracking.open_run`)."""
     d = spec.distributed
     storage_path, fs = storage(spec)
     resources = {"CPU": d.cpus_per_worker}
     return TorchTrainer(
-        train_func,
+        train_fn_per_worker,
         train_loop_config={"spec": spec.to_dict(), "mlflow_run_id": run_id,
                            "mlflow_uri": tracking_uri(spec) if run_id else None},
         torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo"),
@@ -142,3 +129,12 @@ def ensure_ray(address: str | None = None) -> None:
         ray.init(address=address or "auto", runtime_env=runtime_env, log_to_driver=True)
     except ConnectionError:
         ray.init(runtime_env=runtime_env, include_dashboard=False, log_to_driver=True)
+
+
+def checkpoint_uri(spec: RunSpec, checkpoint: Checkpoint | None) -> str | None:
+    """Where a reported checkpoint lives, with its scheme (Ray gives the path inside its pyarrow S3
+    filesystem, without `s3://`)."""
+    where = checkpoint.path if checkpoint else None
+    if where and spec.run.storage_path.startswith("s3://") and not where.startswith("s3://"):
+        where = "s3://" + where
+    return where

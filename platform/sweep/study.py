@@ -1,0 +1,78 @@
+"""The sweep's Optuna study: RDB storage URLs (`absolute_storage`), opening it with the seeded TPE
+sampler (`open_study`), recovering it after the driver died (`recover_study`), finding the Optuna
+trial of a Tune trial (`find_optuna_trial`) and where a sweep's files go (`sweep_dir`).
+
+The search space is `sweep.space`; the Ray Tune side is `sweep.tune`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from advflow.platform.config import ConfigError
+from advflow.platform.sweep.space import SweepSpace
+
+_SQLITE = "sqlite:///"
+
+
+def _sqlite_file(url: str) -> Path | None:
+    """The database file of a `sqlite:///` URL (None for other URLs and in-memory SQLite)."""
+    path = url[len(_SQLITE):] if url.startswith(_SQLITE) else ""
+    return Path(path) if path and path != ":memory:" else None
+
+
+def absolute_storage(url: str) -> str:
+    """A relative SQLite URL made absolute against this process's working directory: Tune runs
+    trials in their own directories, and they must open the same file as the driver."""
+    path = _sqlite_file(url)
+    return _SQLITE + str(path.resolve()) if path is not None and not path.is_absolute() else url
+
+
+def open_study(space: SweepSpace):
+    """The RDB-backed study (created or loaded), with the seeded TPE sampler."""
+    import optuna
+
+    if (db := _sqlite_file(space.storage)) is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    sampler = optuna.samplers.TPESampler(seed=space.seed, n_startup_trials=space.n_startup_trials)
+    storage = optuna.storages.RDBStorage(space.storage)
+    direction = "minimize" if space.mode == "min" else "maximize"
+    study = optuna.create_study(study_name=space.study_name, storage=storage, sampler=sampler,
+                                direction=direction, load_if_exists=True)
+    if study.direction.name.lower() != direction:
+        raise ConfigError(f"study {space.study_name!r} in {space.storage} optimises "
+                          f"{study.direction.name.lower()}, but the space says mode={space.mode}; "
+                          "use another study_name or fix mode")
+    return study, storage, sampler
+
+
+def recover_study(study) -> dict[str, int]:
+    """After a driver died: trials left RUNNING by the dead driver are marked FAIL (they will not be
+    resumed), finished ones are kept and count toward --trials. Returns the state counts."""
+    import optuna
+
+    TS = optuna.trial.TrialState
+    for t in study.get_trials(deepcopy=False, states=(TS.RUNNING, TS.WAITING)):
+        study._storage.set_trial_user_attr(t._trial_id, "failed_reason", "sweep driver died; trial abandoned")
+        study._storage.set_trial_state_values(t._trial_id, state=TS.FAIL)
+    counts: dict[str, int] = {}
+    for t in study.get_trials(deepcopy=False):
+        counts[t.state.name] = counts.get(t.state.name, 0) + 1
+    return counts
+
+
+def find_optuna_trial(study, params: dict[str, Any]):
+    """The RUNNING Optuna trial whose params equal `params` (how a Tune trial finds its number)."""
+    import optuna
+
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if t.params == params:
+            return t
+    return None
+
+
+def sweep_dir(space: SweepSpace) -> Path:
+    """Where a sweep's Tune state and report go: beside a SQLite study, else ./sweeps."""
+    db = _sqlite_file(space.storage)
+    return db.resolve().parent if db is not None else Path("sweeps").resolve()

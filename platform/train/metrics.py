@@ -1,0 +1,66 @@
+"""Per-step metrics: kept on the device while a window runs, averaged over ranks in one collective
+when it closes (no per-step host sync), plus the wall-time breakdown of the window."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class StepTimes:
+    """Wall-time breakdown of the loop (seconds, summed since the last window closed)."""
+
+    data: float = 0.0
+    d_step: float = 0.0
+    g_step: float = 0.0
+    checkpoint: float = 0.0
+    total: float = 0.0
+
+    def as_metrics(self) -> dict[str, float]:
+        out = {f"time/{k}": v for k, v in self.__dict__.items()}
+        out["time/data_wait_frac"] = self.data / self.total if self.total else 0.0
+        return out
+
+
+class MetricWindow:
+    """Collects step metrics, flushes them as rows {'step': s, name: mean over ranks}."""
+
+    def __init__(self, device: torch.device, world_size: int, global_batch: int):
+        self.device, self.world_size, self.global_batch = device, world_size, global_batch
+        self._pending: list[dict[str, torch.Tensor]] = []
+        self._first = 0  # the step before the first pending one
+        self.times = StepTimes()
+        self._opened = time.perf_counter()
+
+    def restart(self, step: int) -> None:
+        """Begin a window after `step` (at the start and after each flush)."""
+        self._first = step
+        self.times = StepTimes()
+        self._opened = time.perf_counter()
+
+    def record(self, metrics: dict[str, torch.Tensor | float]) -> None:
+        self._pending.append({k: torch.as_tensor(v, device=self.device).detach().float().reshape(())
+                              for k, v in metrics.items()})
+
+    def flush(self) -> tuple[list[dict], dict[str, float]]:
+        """Collective: all-reduce the pending rows in ONE call -> (rows, window throughput)."""
+        rows: list[dict] = []
+        if self._pending:
+            keys = sorted(set().union(*self._pending))
+            nan = torch.tensor(float("nan"), device=self.device)
+            table = torch.stack([torch.stack([m.get(k, nan) for k in keys]) for m in self._pending])  # (S, K)
+            if dist.is_available() and dist.is_initialized() and self.world_size > 1:
+                dist.all_reduce(table)
+                table /= self.world_size
+            rows = [{"step": self._first + i + 1, **dict(zip(keys, map(float, row)))}
+                    for i, row in enumerate(table.cpu())]
+            self._pending.clear()
+        # The window's wall time includes the metric all-reduce (a checkpoint is added after).
+        self.times.total = time.perf_counter() - self._opened
+        window = {"samples_per_s": len(rows) * self.global_batch / max(self.times.total, 1e-9),
+                  "data_wait_frac": self.times.as_metrics()["time/data_wait_frac"]}
+        return rows, window
