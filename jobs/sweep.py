@@ -59,7 +59,9 @@ def main(argv=None) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    print("[advflow] sweep summary: " + json.dumps(summary, indent=1, default=str))
+    from advflow.platform.log import get_logger
+
+    get_logger("jobs.sweep").info("sweep summary: %s", json.dumps(summary, indent=1, default=str))
     return 0 if summary.get("ok") else 1
 
 
