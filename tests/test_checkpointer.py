@@ -109,3 +109,38 @@ def test_json_adapters(tmp_path):
     parts = {"readers": PerRankJSON(fresh, after_load=lambda: reloaded.append(True)), "loop": JSONEntries(fresh_loop)}
     Checkpointer(parts, rank=1, world_size=2, every=1, last_step=1, config={}).load(tmp_path)
     assert (fresh["d"].n, fresh["g"].n, fresh_loop.n, reloaded) == (13, 14, 7, [True])
+
+
+class FakeEngine:
+    """DeepSpeed's checkpoint API as EngineState uses it: save_checkpoint(dir, tag) writes dir/tag/,
+    load_checkpoint returns (path, client_state), path None when nothing is found under the tag."""
+
+    def __init__(self, found: bool = True):
+        self.found, self.loaded = found, []
+
+    def save_checkpoint(self, save_dir, tag):
+        (Path(save_dir) / tag).mkdir(parents=True)
+        (Path(save_dir) / tag / "mp_rank_00_model_states.pt").write_bytes(b"x")
+
+    def load_checkpoint(self, load_dir, tag, **kw):
+        self.loaded.append((load_dir, tag, kw))
+        return (str(Path(load_dir) / tag) if self.found else None), {}
+
+
+def test_engine_state_part(tmp_path):
+    from advflow.platform.train.engines import EngineState
+
+    Checkpointer({"g": EngineState(FakeEngine(), "g")}, rank=0, world_size=1, every=1, last_step=1,
+                 config={}).save(tmp_path, 1)
+    engine = FakeEngine()
+    Checkpointer({"g": EngineState(engine, "g")}, rank=0, world_size=1, every=1, last_step=1, config={}).load(tmp_path)
+    assert engine.loaded[0][1] == "ds" and engine.loaded[0][2]["load_optimizer_states"] is True
+    with pytest.raises(ResumeError, match="DeepSpeed found no checkpoint under tag 'ds'"):
+        Checkpointer({"g": EngineState(FakeEngine(found=False), "g")}, rank=0, world_size=1, every=1,
+                     last_step=1, config={}).load(tmp_path)
+    import shutil
+
+    shutil.rmtree(tmp_path / "g" / "ds")
+    with pytest.raises(ResumeError, match=r"missing \['g/ds'\]"):
+        Checkpointer({"g": EngineState(FakeEngine(), "g")}, rank=0, world_size=1, every=1, last_step=1,
+                     config={}).load(tmp_path)

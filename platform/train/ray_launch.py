@@ -55,8 +55,8 @@ class RayContext:
 
 def train_fn_per_worker(config: dict) -> None:
     """Runs on every Ray Train worker: the shared worker entry with Ray Train's context."""
-    spec = config["spec"]["distributed"]
-    device = torch.device("cuda", ray.train.torch.get_device().index or 0) if spec["use_gpu"] else torch.device("cpu")
+    use_gpu = config["spec"]["distributed"]["use_gpu"]
+    device = torch.device("cuda", ray.train.torch.get_device().index or 0) if use_gpu else torch.device("cpu")
     run_worker(config, RayContext(), device=device)
 
 

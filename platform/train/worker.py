@@ -192,7 +192,7 @@ class Worker:
         self.build_checkpointer()
         restore = self.ctx.restore_dir()
         if restore:
-            self.state.step = self.checkpointer.load(restore)
+            self.checkpointer.load(restore)  # the "loop" part restores state.step
         self.window = MetricWindow(self.device, self.ctx.world_size, self.spec.train.global_batch)
         self.window.restart(self.state.step)
         self.build_callbacks()
