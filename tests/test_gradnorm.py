@@ -30,7 +30,8 @@ def test_forward_is_identity_and_no_grad_passthrough():
     assert int(gn.count) == 0
 
 
-def test_backward_matches_hand_computed_bias_corrected_ema():
+def test_backward_matches_the_official_uncorrected_ema():
+    """Official grad_norm.py: ema <- lerp(ema, v, 1 - m) from 0, divisor sqrt(ema) + 1e-8, no bias correction."""
     gn = GradNormalizer(momentum=0.9)
     c1 = torch.tensor([[1.0, -2.0], [0.5, 3.0]])
     c2 = torch.tensor([[0.1, 0.2], [-0.3, 0.0]])
@@ -39,13 +40,14 @@ def test_backward_matches_hand_computed_bias_corrected_ema():
     v2 = n * (0.01 + 0.04 + 0.09)
 
     g1 = _backprop(gn, c1)
-    torch.testing.assert_close(g1, c1 / math.sqrt(v1))  # step 1: bias correction gives v1 exactly
-    assert gn.last_scale == pytest.approx(math.sqrt(v1), rel=1e-6)
+    scale1 = math.sqrt(0.1 * v1) + 1e-8  # step 1 divides by sqrt(0.1 v1): 3.16x less than ||g|| sqrt(n)
+    torch.testing.assert_close(g1, c1 / scale1)
+    assert gn.last_scale == pytest.approx(scale1, rel=1e-6)
     assert gn.ema.item() == pytest.approx(0.1 * v1, rel=1e-6)
 
     g2 = _backprop(gn, c2)
     ema2 = 0.9 * 0.1 * v1 + 0.1 * v2
-    scale2 = math.sqrt(ema2 / (1 - 0.9**2))
+    scale2 = math.sqrt(ema2) + 1e-8
     torch.testing.assert_close(g2, c2 / scale2)
     assert int(gn.count) == 2
     assert gn.last_scale == pytest.approx(scale2, rel=1e-6)
@@ -55,7 +57,7 @@ def test_momentum_zero_uses_current_batch_only_and_validation():
     gn = GradNormalizer(momentum=0.0)
     _backprop(gn, torch.full((5,), 100.0))
     g = _backprop(gn, torch.full((5,), 2.0))
-    torch.testing.assert_close(g, torch.full((5,), 2.0) / math.sqrt(5 * 5 * 4.0))
+    torch.testing.assert_close(g, torch.full((5,), 2.0) / (math.sqrt(5 * 5 * 4.0) + 1e-8))
     for bad in (-0.1, 1.0):
         with pytest.raises(ValueError, match="momentum"):
             GradNormalizer(momentum=bad)
@@ -133,15 +135,15 @@ def test_distributed_ranks_share_one_ema(tmp_path):
     torch.testing.assert_close(r[0]["scale"], r[1]["scale"], rtol=0, atol=0)
     assert int(r[0]["count"]) == int(r[1]["count"]) == 2
 
-    # Hand reference: v is the rank-mean of n * ||g||^2, then the bias-corrected EMA.
+    # Hand reference: v is the rank-mean of n * ||g||^2, then the official un-corrected EMA.
     n = 6
     v1 = (n * n * 1.0**2 + n * n * 4.0**2) / 2  # c1 entries: 1 on rank 0, 4 on rank 1
     sq = sum(k * k for k in range(6))
     v2 = (n * sq * 1 + n * sq * 4) / 2
     ema2 = 0.9 * 0.1 * v1 + 0.1 * v2
-    scale2 = math.sqrt(ema2 / (1 - 0.81))
+    scale2 = math.sqrt(ema2) + 1e-8
     assert r[0]["ema"].item() == pytest.approx(ema2, rel=1e-6)
     assert r[0]["scale"].item() == pytest.approx(scale2, rel=1e-6)
     for rank in range(world):
         c1 = torch.full((2, 3), float(rank + 1) ** 2)
-        torch.testing.assert_close(r[rank]["g1"], c1 / math.sqrt(v1))
+        torch.testing.assert_close(r[rank]["g1"], c1 / (math.sqrt(0.1 * v1) + 1e-8))
