@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from advflow.trainers.afm import AFMConfig, d_loss, g_loss, make_gradnorm, step_kind
+from advflow.trainers.afm import AFMConfig, d_loss, g_loss, gp_size, make_gradnorm, step_kind
 from advflow.trainers.ema import EMA
 from advflow.trainers.models import build_classifier, build_discriminator, build_generator
 from advflow.trainers.schedules import PhasePlan
@@ -55,6 +55,24 @@ def _softplus_neg(d):  # softplus(-d) = log(1 + exp(-d))
     return torch.log1p(torch.exp(-d))
 
 
+def _official_gp_size(fraction, n):
+    """The official R1/R2 subset: max(round(fraction * n), 1) with Python's round (halves to even)."""
+    r = fraction * n
+    lo = math.floor(r)
+    k = lo + 1 if r - lo > 0.5 or (r - lo == 0.5 and lo % 2 == 1) else lo
+    return max(k, 1)
+
+
+def test_gp_subset_size_is_the_official_one():
+    sizes = {n: gp_size(0.25, n) for n in range(1, 65)}
+    assert all(sizes[n] == _official_gp_size(0.25, n) for n in sizes)
+    # The official rule is not ceil: 0.25 * 6 = 1.5 -> 2, 0.25 * 10 = 2.5 -> 2, 0.25 * 2 = 0.5 -> 1.
+    assert (sizes[6], sizes[10], sizes[2], sizes[5]) == (2, 2, 1, 1)
+    differ = [n for n in sizes if sizes[n] != math.ceil(0.25 * n)]
+    assert len(differ) == 22, differ  # the issue's count of batch sizes where ceil disagreed
+    assert gp_size(0.01, 3) == 1  # never empty
+
+
 def _ref_d_loss(G, D, x, y, z, x_src, y_src, s, t, noise, cfg, seed, one_step):
     """Independent assembly with four separate D calls; perturbation noise drawn in d_loss's order
     (real first, then fake) from a generator with the same seed."""
@@ -63,7 +81,7 @@ def _ref_d_loss(G, D, x, y, z, x_src, y_src, s, t, noise, cfg, seed, one_step):
             fake, real, y_f = G(z, y), x, y
         else:
             fake, real, y_f = G(_hand_interp(x_src, z, s), y_src, s, t), _hand_interp(x, noise, t), y_src
-    m = math.ceil(cfg.gp_fraction * N)
+    m = _official_gp_size(cfg.gp_fraction, N)
     g = torch.Generator().manual_seed(seed)
     n_real = torch.randn((m, C, H, H), generator=g)
     n_fake = torch.randn((m, C, H, H), generator=g)
@@ -202,23 +220,27 @@ def test_gradnorm_makes_g_gradient_invariant_to_logit_scale(use_gradnorm):
 
 
 def test_g_loss_classifier_guidance_target_mode():
+    """Official multi-step guidance: the classifier sees G's output x_t itself at t' = t, samples with
+    t outside [lo, hi] count 0, and the mean is over the WHOLE batch."""
     G, D = _gen("multistep", nfe=4), _disc(True)
     torch.manual_seed(9)
     clf = _jitter(build_classifier("tiny", **OPTS), 9)
     x, y, z, x_src, y_src, noise = _batch(6)
     s = torch.tensor([1.0, 0.75, 0.5, 0.25] * 2)
     t = s - 0.25  # 0.75, 0.5, 0.25, 0.0: guidance applies where t <= 0.49
-    cg_noise = torch.randn(N, C, H, H, generator=torch.Generator().manual_seed(8))
     cfg = AFMConfig(lambda_ot=0.1, lambda_cg=0.02, cg_t_mode="target", cg_t_range=(0.0, 0.49), use_gradnorm=False)
     loss, met = g_loss(G, D, None, x, y, z, cfg, classifier=clf, x_src=x_src, y_src=y_src, s=s, t=t,
-                       noise=noise, cg_noise=cg_noise)
+                       noise=noise, generator=torch.Generator().manual_seed(1))
     base, fake, _, _ = _ref_g_loss(G, D, x, y, z, x_src, y_src, s, t, noise, 0.1)
     mask = t <= 0.49
     assert mask.sum() == 4
-    logits = clf(_hand_interp(fake[mask], cg_noise[mask], t[mask]), t[mask])
-    ce = -torch.log_softmax(logits, dim=1)[torch.arange(4), y_src[mask]].mean()
+    logp = torch.log_softmax(clf(fake, t), dim=1)  # un-noised x_t at its own time
+    per = -logp[torch.arange(N), y_src]
+    ce = torch.stack([per[i] if mask[i] else per[i] * 0 for i in range(N)]).sum() / N
     torch.testing.assert_close(met["cg"], ce.detach(), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(loss, (base + 0.02 * ce).detach(), rtol=1e-4, atol=1e-6)
+    # Not the selected-only mean (which would make lambda_cg 2x here) and not a re-noised input.
+    assert not torch.isclose(met["cg"], per[mask].mean().detach(), rtol=1e-3)
     for p in list(D.parameters()) + list(clf.parameters()):
         p.grad = None
     loss.backward()
@@ -266,6 +288,20 @@ class _Spy(nn.Module):
     def forward(self, x, y, s=None, t=None):
         self.seen.append((x.detach().clone(), y.clone()))
         return self.G(x, y, s, t)
+
+
+def test_default_source_is_the_same_image_with_independent_noises():
+    """Official pairing: x_s = interp(x, z, s) and the real target interp(x, noise, t) come from the
+    same image and label, with independent noises."""
+    spy = _Spy(_gen("multistep", nfe=2))
+    D = _disc(True)
+    x, y, z, *_ = _batch(9)
+    s, t = torch.full((N,), 1.0), torch.full((N,), 0.5)
+    assert AFMConfig().source == "same"
+    d_loss(spy, D, x, y, z, AFMConfig(), s=s, t=t, generator=torch.Generator().manual_seed(2))
+    x_s, y_src = spy.seen[0]
+    torch.testing.assert_close(x_s, _hand_interp(x, z, s))
+    assert torch.equal(y_src, y)
 
 
 def test_permute_source_pairs_images_with_their_labels():
@@ -356,3 +392,31 @@ def test_mini_training_loop_with_phases_ema_and_augmentation():
             ema.update(G)
         assert torch.isfinite(loss) and all(torch.isfinite(v).all() for v in met.values())
     assert reloads == 1 and ema.num_updates == 4 and gn.count.item() == 4
+
+
+def test_gradnorm_sits_at_ds_augmented_input():
+    """Official placement: the divisor is measured on the gradient D sends to its (augmented) input,
+    so erased pixels count in the norm; measured before the augmentation it would differ."""
+    from advflow.trainers.augment import paired_augment
+    from advflow.trainers.losses import relativistic_loss
+
+    G, D = _gen("1nfe"), _disc(False)
+    x, y, z, *_ = _batch(12)
+    cfg = AFMConfig(lambda_ot=0.0, augment_p=1.0)
+    gn = make_gradnorm(cfg)
+    g_loss(G, D, gn, x, y, z, cfg, generator=torch.Generator().manual_seed(4))[0].backward()
+    # Hand reference: the same augmentation draw (1NFE draws nothing before it), gradient at D's input.
+    with torch.no_grad():
+        fake = G(z, y)
+    real_aug, fake_aug = paired_augment(x, fake, 1.0, torch.Generator().manual_seed(4))
+    at_input = fake_aug.detach().requires_grad_(True)
+    relativistic_loss(D(at_input, y, None), D(real_aug, y, None).detach()).backward()
+    g = at_input.grad
+    want = math.sqrt(0.1 * g.numel() * g.square().sum().item()) + 1e-8
+    assert gn.scale.item() == pytest.approx(want, rel=1e-5)
+    # The gradient that reaches the un-augmented fake has a different norm (erased pixels drop out).
+    before = fake.clone().requires_grad_(True)
+    r2, f2 = paired_augment(x, before, 1.0, torch.Generator().manual_seed(4))
+    relativistic_loss(D(f2, y, None), D(r2, y, None).detach()).backward()
+    other = math.sqrt(0.1 * before.grad.numel() * before.grad.square().sum().item())
+    assert abs(other - want) / want > 0.05

@@ -3,14 +3,14 @@
 No optimizer, DeepSpeed or distributed code lives here: the platform calls backward/step on the
 returned loss. Conventions: x_t = (1 - t) x + t z (advflow.trainers.flow); G maps x_s to x_t, t < s.
 
-Source samples (multistep / anystep). The generator's input is x_s = interp(x_src, z, s) where
-x_src is a data batch distinct from the real batch D compares against:
-  - pass x_src (and y_src) explicitly: an independent data batch (best; costs a second batch), or
-  - cfg.source = "permute" (default): x_src = x_real[perm], y_src = y[perm], one random
-    permutation; the fake is generated AND judged with y_src. Pair i of the relativistic loss then
-    compares a real of class y_i with a fake of class y_src_i: this is the relativistic pairing on
-    the joint (image, class) distribution, whose equilibrium still matches every class conditional.
-  - cfg.source = "same": x_src = x_real (the real target x_t uses noise independent of z).
+Source samples (multistep / anystep). The generator's input is x_s = interp(x_src, z, s):
+  - cfg.source = "same" (default, as the official code): x_src = x_real with label y. The source
+    x_s and the real target x_t = interp(x_real, noise, t) come from the SAME image and label, with
+    independent noises z and noise, so D compares G's x_t with a real x_t of the same image.
+  - cfg.source = "permute" (explicit option): x_src = x_real[perm], y_src = y[perm], one random
+    permutation; the fake is generated AND judged with y_src, so pair i compares a real of class
+    y_i with a fake of class y_src_i (relativistic pairing on the joint (image, class) law).
+  - or pass x_src (and y_src) explicitly: an independent data batch.
 For "1nfe" the source is the noise itself (x_s = z, s = 1, t = 0) and the fake uses y.
 D always receives t (a D without time conditioning ignores it).
 
@@ -46,7 +46,7 @@ from advflow.trainers.losses import (
     st_weight,
 )
 
-SOURCES = ("permute", "same")
+SOURCES = ("same", "permute")
 CG_T_MODES = ("uniform", "target")
 
 
@@ -55,16 +55,20 @@ class AFMConfig:
     """Loss weights and switches of one AFM step (the paper's defaults).
 
     lambda_gp:     weight of R1 + R2 (finite-difference gradient penalties), 0.25.
-    gp_fraction:   share of the batch (its first ceil(fraction * N) samples) that gets R1/R2, 0.25.
+    gp_fraction:   share of the batch that gets R1/R2: its first max(round(fraction * N), 1) samples
+                   (the official size; Python's round, so halves go to the even neighbour), 0.25.
     gp_eps:        finite-difference step, 0.01.
     lambda_cp:     logit-centering weight, 0.01.
     lambda_ot:     OT-loss weight; resolved per step by the caller (PhasePlan.at(step).lambda_ot).
     lambda_cg:     classifier-guidance weight; 0 disables guidance.
     cg_t_range:    (lo, hi) for the guidance time t'.
-    cg_t_mode:     "uniform": t' ~ U(lo, hi) per sample (paper, 1NFE: (0, 0.1));
-                   "target": t' = t, applied only to samples with lo <= t <= hi and averaged over
-                   them (paper, multi-step: t' = t for t <= 0.49, i.e. (0, 0.49)).
-    use_gradnorm:  normalise the adversarial gradient reaching the fake (GradNormalizer).
+    cg_t_mode:     "uniform": t' ~ U(lo, hi) per sample and the classifier sees the fake re-noised,
+                   interp(fake, z', t') (paper, 1NFE: (0, 0.1), "G(z) noised");
+                   "target": t' = t and the classifier sees G's output x_t itself (it already is a
+                   sample at time t); samples outside lo <= t <= hi contribute 0 and the mean is
+                   over the WHOLE batch, as in the official code (paper, multi-step: t <= 0.49).
+    use_gradnorm:  normalise the adversarial gradient reaching the fake (GradNormalizer), at D's
+                   input, i.e. after the augmentation (official placement).
     gradnorm_momentum: its EMA momentum, 0.9 (used by make_gradnorm).
     augment_p:     paired discriminator-augmentation probability (guided runs: 0.4).
     source:        how to pick the multi-step source batch when x_src is not given (module doc).
@@ -85,7 +89,7 @@ class AFMConfig:
     use_gradnorm: bool = True
     gradnorm_momentum: float = 0.9
     augment_p: float = 0.0
-    source: str = "permute"
+    source: str = "same"
     fused_d: bool = True
     freeze_d_in_g: bool = True
     st_floor: float = 1e-3
@@ -125,6 +129,12 @@ class AFMConfig:
             cg_t_range=tuple(params.cg_t_range),
             augment_p=params.augment_p,
         )
+
+
+def gp_size(fraction: float, n: int) -> int:
+    """Samples of a batch of n that get R1/R2: max(round(fraction * n), 1), the official rule.
+    (An earlier advflow used ceil; the two differ for 22 of the batch sizes 1..64 at 0.25.)"""
+    return max(round(fraction * n), 1)
 
 
 def make_gradnorm(cfg: AFMConfig) -> GradNormalizer:
@@ -225,7 +235,7 @@ def d_loss(
     x_real: (N, C, H, W) data, y: (N,) labels, z: (N, C, H, W) noise. Optional: x_src/y_src (source
     batch), s/t (N,) times, noise (N, C, H, W) for the real target, generator for every draw.
     adv = softplus(-(D(real_t) - D(fake))) averaged; R1/R2 = finite-difference penalties on the
-    first ceil(gp_fraction N) real/fake samples, weighted by w(s, t); cp = mean (D(real) + D(fake))^2.
+    first gp_size(gp_fraction, N) real/fake samples, weighted by w(s, t); cp = mean (D(real) + D(fake))^2.
     Metrics are detached 0-dim tensors (no host sync).
     """
     b = _prepare(G, x_real, y, z, cfg, x_src, y_src, s, t, noise, generator)
@@ -236,7 +246,7 @@ def d_loss(
     if cfg.augment_p > 0:
         real, fake = paired_augment(real, fake, cfg.augment_p, generator)
     w = st_weight(b.s, b.t, cfg.st_floor)  # (N,)
-    m = math.ceil(cfg.gp_fraction * n) if cfg.lambda_gp > 0 else 0
+    m = gp_size(cfg.gp_fraction, n) if cfg.lambda_gp > 0 else 0
     if m:
         real_p, _ = perturb(real[:m], cfg.gp_eps, generator)  # (m, C, H, W)
         fake_p, _ = perturb(fake[:m], cfg.gp_eps, generator)
@@ -316,10 +326,13 @@ def g_loss(
         raise ValueError("g_loss: cfg.lambda_cg > 0 needs a classifier; pass classifier= or set lambda_cg=0")
     b = _prepare(G, x_real, y, z, cfg, x_src, y_src, s, t, noise, generator)
     fake = _generate(G, b)  # (N, C, H, W), with graph into G
-    fake_adv = gradnorm(fake) if cfg.use_gradnorm else fake
-    real = b.real_t
+    real, fake_adv = b.real_t, fake
     if cfg.augment_p > 0:
         real, fake_adv = paired_augment(real, fake_adv, cfg.augment_p, generator)
+    # Normalise the gradient where D receives the fake (after the augmentation), as the official
+    # G step does: erased pixels then carry no gradient and do not count in the norm.
+    if cfg.use_gradnorm:
+        fake_adv = gradnorm(fake_adv)
     with torch.no_grad():
         d_real = D(real, y, b.t)  # (N,), a constant for G
     with frozen(D if cfg.freeze_d_in_g else None):
@@ -330,13 +343,13 @@ def g_loss(
     cg = adv.new_zeros(())
     if cfg.lambda_cg > 0:
         tp, mask = _guidance_times(cfg, b.t, generator)
-        if cg_noise is None:
-            cg_noise = torch.randn(fake.shape, generator=generator, device=fake.device, dtype=fake.dtype)
+        if mask is None:  # "uniform": the fake is re-noised to t' (paper, 1NFE)
+            if cg_noise is None:
+                cg_noise = torch.randn(fake.shape, generator=generator, device=fake.device, dtype=fake.dtype)
+        else:  # "target": G's output is a sample at t' = t already; it is fed as it is
+            cg_noise = None
         with frozen(classifier if cfg.freeze_d_in_g else None):
-            if mask is None:
-                cg = guidance_loss(classifier, fake, b.y_src, tp, cg_noise)
-            elif bool(mask.any()):
-                cg = guidance_loss(classifier, fake[mask], b.y_src[mask], tp[mask], cg_noise[mask])
+            cg = guidance_loss(classifier, fake, b.y_src, tp, cg_noise, mask=mask)
         loss = loss + cfg.lambda_cg * cg
     metrics = {
         "g_loss": loss.detach(),

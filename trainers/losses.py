@@ -152,17 +152,29 @@ def guidance_loss(
     x_gen: torch.Tensor,
     y: torch.Tensor,
     t: torch.Tensor,
-    noise: torch.Tensor,
+    noise: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Classifier-guidance term CE(C(interp(x_gen, noise, t), t), y); gradients flow into x_gen.
+    """Classifier-guidance term mean_i m_i * CE(C(x_i, t_i), y_i), a scalar; gradients flow into x_gen.
 
-    x_gen: (N, C, H, W) generator output, noise: same shape, t: (N,), y: (N,) long (the class
-    G was asked for).
+    x_gen: (N, C, H, W) generator output, y: (N,) long (the class G was asked for), t: (N,) the
+    classifier's time t'.
+    noise: (N, C, H, W) to re-noise x_gen to t' first (x = interp(x_gen, noise, t'): 1NFE guidance,
+           where G(z) is clean data), or None to feed x_gen as it is (multi-step guidance at t' = t,
+           where G's output already is a sample at time t).
+    mask:  (N,) bool, samples that get guidance; the others contribute 0 and the mean is still over
+           all N (the official reduction), so lambda_cg means the same at any share of selected
+           samples. None = all.
 
     The classifier's parameters DO receive gradients from this call if they require grad. The caller
     must keep C fixed during the G step: either `classifier.requires_grad_(False)` around the G step
     (cheapest: no param grads are computed) or keep C's params out of G's optimizer and zero C's
     grads before its own step.
     """
-    xt = interp(x_gen, noise.detach(), t)  # (N, C, H, W)
-    return F.cross_entropy(classifier(xt, t), y)
+    x = x_gen if noise is None else interp(x_gen, noise.detach(), t)  # (N, C, H, W)
+    ce = F.cross_entropy(classifier(x, t), y, reduction="none")  # (N,)
+    if mask is not None:
+        if mask.shape != ce.shape:
+            raise ValueError(f"mask must be ({ce.shape[0]},) bool, got {tuple(mask.shape)}")
+        ce = torch.where(mask, ce, torch.zeros_like(ce))
+    return ce.mean()
