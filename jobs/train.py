@@ -22,7 +22,8 @@ def parse(argv=None):
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set adversarial.ot_scale=0.1 (repeatable)")
     p.add_argument("--no-ray", action="store_true", help="run the workers as local processes without Ray")
-    p.add_argument("--print-config", action="store_true", help="print the validated config and exit")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the validated config (YAML, with its step units) and exit")
     return p.parse_args(argv)
 
 
@@ -36,7 +37,7 @@ def main(argv=None) -> int:
         print(f"config error: {err}", file=sys.stderr)
         return 2
     if args.print_config:
-        print(json.dumps(spec.to_dict(), indent=2))
+        print(printed_config(spec))
         return 0
     from advflow.platform.data.shards import dataset_tags
     from advflow.platform.log import get_logger
@@ -54,6 +55,18 @@ def main(argv=None) -> int:
     if run.url:
         log.info("MLflow run: %s", run.url)
     return 0 if run.ok else 1
+
+
+def printed_config(spec) -> str:
+    """The validated config as YAML, headed by the unit every step count is in."""
+    import textwrap
+
+    from advflow.platform.config import UNITS
+
+    t = spec.train
+    head = (f"{UNITS} This run: {t.steps} iterations x 2 x {t.global_batch} samples = "
+            f"{2 * t.steps * t.global_batch:,} samples seen.")
+    return "\n".join("# " + line for line in textwrap.wrap(head, 98)) + "\n" + config_yaml(spec)
 
 
 def config_yaml(spec) -> str:

@@ -95,8 +95,9 @@ class ModelConfig(_Section):
     """Discriminator size; defaults to `size` (the paper keeps D at 28 layers for deep generators)."""
     kind: str = "1nfe"
     """Generator kind: `1nfe`, `multistep` (fixed K) or `anystep`."""
-    nfe: int = 1
-    """K, the number of generator evaluations at sampling time (1 for `1nfe`)."""
+    nfe: int | None = None
+    """K, generator evaluations at sampling time. Default per kind: 1 for `1nfe`, 8 for `anystep`
+    (the official any-step sampler); `multistep` must set it (its training grid has K steps)."""
     repeats: int = 1
     """R, weight-tied depth repetition of the generator's blocks (1, 2 or 4 in the paper)."""
 
@@ -113,6 +114,11 @@ class ModelConfig(_Section):
         if self.repeats > 1 and self.kind != "1nfe":
             _fail("repeats", f"R={self.repeats} with kind {self.kind}", "depth repetition is for 1NFE generators "
                   "(the paper's 56/112-layer models): use model.kind=1nfe with R > 1, or R=1")
+        if self.nfe is None:
+            if self.kind == "multistep":
+                _fail("nfe", "is not set for kind multistep", "set model.nfe=K, the number of steps (2 or 4 in "
+                      "the paper)")
+            self.nfe = 8 if self.kind == "anystep" else 1
         if self.nfe < 1:
             _fail("nfe", f"K={self.nfe} < 1", "use K >= 1")
         if self.kind == "1nfe" and self.nfe != 1:
@@ -158,6 +164,10 @@ class AdversarialConfig(_Section):
     gradnorm: bool = True
     """Normalise the adversarial gradient reaching G (makes lambda_ot transfer across sizes)."""
     gradnorm_momentum: Number = 0.9
+    source: str = "same"
+    """Multi-step/any-step pairing: `same` (official) builds G's source x_s and D's real target x_t
+    from the same image and label with independent noises; `permute` pairs each real with another
+    image of the batch (and that image's label). 1NFE ignores it (its source is the noise)."""
 
     # ot_scale (number or schedule) is checked with the phase plan, see `RunSpec._check_across_sections`.
     @model_validator(mode="after")
@@ -169,13 +179,24 @@ class AdversarialConfig(_Section):
         for name in ("gp_scale", "cp_scale"):
             if getattr(self, name) < 0:
                 _fail(name, "is negative", "use a weight >= 0")
+        if self.source not in ("same", "permute"):
+            _fail("source", f"{self.source!r} is unknown", "use same (official) or permute")
         return self
 
 
+UNITS = ("train.steps, every *_every cadence, phase `start`s, `ema_reload_every` and schedule `steps` count "
+         "ITERATIONS: one D update then one G update, each on its own batch of train.global_batch samples "
+         "(2 x global_batch samples per iteration). The official AFM trainer counts one step per optimizer "
+         "update (D or G), so official step S = iteration S/2: its lambda_ot cosine over 1M steps is 500k "
+         "iterations here, and an ImageNet epoch (5005 official steps at batch 256) is 2502.5 iterations.")
+
+
 class TrainConfig(_Section):
-    """Loop lengths and cadences, counted in iterations (one D step plus one G step)."""
+    """Loop lengths and cadences, counted in iterations: one D update then one G update, each on its
+    own batch (see `UNITS`; an official "step" is half an iteration)."""
 
     steps: int = 1000
+    """Iterations to train (one D update + one G update each)."""
     global_batch: int = 256
     """Samples per optimizer step summed over workers and accumulation micro-steps."""
     grad_accum: int = 1
@@ -224,6 +245,28 @@ class DistributedConfig(_Section):
             _fail("precision", f"{self.precision!r} is unknown", "use auto, fp32 or bf16")
         if self.precision == "bf16" and not self.use_gpu:
             _fail("precision", "bf16 on CPU workers", "use fp32 (or auto) when use_gpu is false")
+        return self
+
+
+class GuidanceConfig(_Section):
+    """Classifier guidance (the paper's phase 4): the frozen time-conditioned classifier trained by
+    jobs/train_classifier.py. Phases switch it on with `guidance: true` (and set lambda_cg,
+    cg_t_range, augment_p)."""
+
+    classifier: str | None = None
+    """The classifier: `models:/NAME/VERSION`, `models:/NAME@alias`, `runs:/...`, or a local
+    registered-model folder or classifier checkpoint folder (loaded pickle-free)."""
+    t_mode: str = "auto"
+    """How t' is chosen: `uniform` (t' ~ U(cg_t_range), G's output re-noised to t': the paper's 1NFE
+    guidance), `target` (t' = t for t in cg_t_range, G's output x_t fed as it is: multi-step), or
+    `auto` (uniform for 1nfe, target for multistep/anystep)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> GuidanceConfig:
+        if self.t_mode not in ("auto", "uniform", "target"):
+            _fail("t_mode", f"{self.t_mode!r} is unknown", "use auto, uniform or target")
+        if self.classifier is not None and not self.classifier.strip():
+            _fail("classifier", "is empty", "give a registry URI (models:/NAME/VERSION) or a folder, or remove it")
         return self
 
 
@@ -340,6 +383,7 @@ class RunSpec(BaseModel):
     run: RunStorageConfig = Field(default_factory=RunStorageConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    guidance: GuidanceConfig = Field(default_factory=GuidanceConfig)
     phases: list[dict] = Field(default_factory=list)
     """Table-11-style phases (see `advflow.trainers.schedules.PhasePlan`); empty = one phase."""
 
@@ -373,20 +417,19 @@ class RunSpec(BaseModel):
             if isinstance(phase.get("d_reload_from"), int):
                 _fail(f"[{i}].d_reload_from", "a step number is not supported",
                       "name a phase-end snapshot instead, e.g. d_reload_from: decay_end")
-            if phase.get("guidance"):
-                _fail(f"[{i}].guidance", "classifier guidance needs a trained flow classifier, which "
-                      "the training job cannot load yet", "leave guidance off (see the recipe comments)")
         return phases
 
     @model_validator(mode="after")
     def _check_across_sections(self) -> RunSpec:
-        t, d, a = self.train, self.distributed, self.adversarial
+        t, d = self.train, self.distributed
         if t.global_batch % (d.workers * t.grad_accum):
             _fail("train.global_batch", f"{t.global_batch} is not divisible by workers x grad_accum = "
                   f"{d.workers} x {t.grad_accum}", "pick a global batch that is a multiple of their product")
-        if self.micro_batch * a.gp_fraction < 1:
-            _fail("adversarial.gp_fraction", f"{a.gp_fraction} of a micro-batch of {self.micro_batch} is < 1 "
-                  "sample", "raise train.global_batch or gp_fraction")
+        guided = [p.get("name", f"phase{i + 1}") for i, p in enumerate(self.phases) if p.get("guidance")]
+        if guided and not self.guidance.classifier:
+            _fail("guidance.classifier", f"phase(s) {guided} turn guidance on but no classifier is set",
+                  "train one with jobs/train_classifier.py and set guidance.classifier=models:/NAME/VERSION "
+                  "(or a classifier folder)")
         # Schedules and phases are validated by their own types; re-raise with the field path.
         try:
             self.phase_plan()
@@ -395,6 +438,12 @@ class RunSpec(BaseModel):
         return self
 
     # ------------------------------------------------------------------ derived
+
+    @property
+    def cg_t_mode(self) -> str:
+        """The resolved guidance time mode (`guidance.t_mode`, `auto` by model kind)."""
+        mode = self.guidance.t_mode
+        return ("uniform" if self.model.kind == "1nfe" else "target") if mode == "auto" else mode
 
     @property
     def micro_batch(self) -> int:

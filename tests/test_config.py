@@ -32,15 +32,18 @@ def test_recipes_cover_the_paper():
     assert (s["imagenet_xl2_2nfe"].model.nfe, s["imagenet_xl2_4nfe"].model.nfe) == (2, 4)
     assert (s["imagenet_xl2_56layer"].model.repeats, s["imagenet_xl2_112layer"].model.repeats) == (2, 4)
     plan = s["imagenet_xl2_1nfe"].phase_plan()
-    assert [p.name for p in plan.phases] == ["decay", "ema_reload", "d_reload"]
-    assert plan.at(0).lambda_ot == pytest.approx(0.2) and plan.at(500_000).lambda_ot == pytest.approx(0.001)
-    assert plan.at(560_000).lr == pytest.approx(3e-5)
+    assert [p.name for p in plan.phases] == ["decay", "ema_reload", "d_reload", "guided"]
+    assert plan.at(0).lambda_ot == pytest.approx(0.2) and plan.at(250_000).lambda_ot == pytest.approx(0.001)
+    assert plan.at(280_000).lr == pytest.approx(3e-5) and plan.at(310_000).lr == pytest.approx(3e-5)
 
 
 @pytest.mark.parametrize("section, values, field", [
     ("model", {"size": "XXL/2"}, "model.size"),
     ("model", {"repeats": 0}, "model.repeats"),
     ("model", {"nfe": 0, "kind": "multistep"}, "model.nfe"),
+    ("model", {"kind": "multistep"}, "model.nfe"),
+    ("adversarial", {"source": "shuffle"}, "adversarial.source"),
+    ("guidance", {"t_mode": "late"}, "guidance.t_mode"),
     ("model", {"nfe": 2}, "model.nfe"),
     ("model", {"repeats": 2, "kind": "multistep", "nfe": 2}, "model.repeats"),
     ("eval", {"kind": "fid"}, "eval.inception_path"),
@@ -183,3 +186,15 @@ def test_eval_kinds_come_from_the_evaluator_table(monkeypatch):
         spec(eval={"kind": "x"})
     assert spec(eval={"kind": "ref_only", "reference_stats": "r.npz"}).eval.kind == "ref_only"
     assert spec(eval={"kind": "digits"}).eval.kind == "digits"
+
+
+def test_guided_phase_needs_a_classifier_and_kind_defaults():
+    phases = [{"name": "a", "start": 0, "lr": 1e-4, "lambda_ot": 0.1},
+              {"name": "g", "start": 10, "guidance": True, "lambda_cg": 0.003}]
+    with pytest.raises(ConfigError, match=r"guidance\.classifier: phase\(s\) \['g'\].*jobs/train_classifier\.py"):
+        spec(phases=phases)
+    s = spec(phases=phases, guidance={"classifier": "models:/cls/1"})
+    assert s.cg_t_mode == "uniform" and s.adversarial.source == "same"
+    assert spec(model={"kind": "anystep"}).model.nfe == 8
+    assert spec(model={"kind": "anystep"}, guidance={"t_mode": "auto"}).cg_t_mode == "target"
+    assert spec(model={"kind": "multistep", "nfe": 2}, guidance={"t_mode": "uniform"}).cg_t_mode == "uniform"

@@ -64,6 +64,37 @@ def build_engine(model: torch.nn.Module, spec: EngineSpec):
     return engine
 
 
+@torch.no_grad()
+def write_weights(engine, tensors) -> None:
+    """Replace the engine's weights by `tensors` ({parameter or buffer name: tensor}) so that the
+    next optimizer steps continue FROM them (Table 11's EMA reload and D reload).
+
+    Writing into the module alone is not enough: under ZeRO 1/2, and under bf16 at any stage, the
+    optimizer keeps an fp32 master copy of every trainable weight and copies it back over the module
+    after each step, which would undo the write (measured: D back at its pre-reload weights exactly).
+    So each trainable parameter is written twice, into the module (what the next forward uses) and,
+    through DeepSpeed's `safe_set_full_fp32_param`, into this rank's fragment of the fp32 master
+    (every rank passes the full tensor; DeepSpeed keeps the slice that rank owns). Without a master
+    (ZeRO-0 in fp32) the module is the only copy. The optimizer's moments are kept as they are.
+    ZeRO-3 is refused at config validation, so parameters are never partitioned here."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    module = engine.module
+    params = dict(module.named_parameters())
+    buffers = dict(module.named_buffers())
+    missing = sorted(set(params) - set(tensors))
+    if missing:
+        raise KeyError(f"write_weights: no value for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    for name, p in params.items():
+        value = tensors[name].to(device=p.device)
+        p.data.copy_(value.to(p.dtype))
+        if p.requires_grad:
+            safe_set_full_fp32_param(p, value.float())
+    for name, b in buffers.items():
+        if name in tensors:
+            b.copy_(tensors[name].to(device=b.device, dtype=b.dtype))
+
+
 def set_lr(engine, lr: float) -> None:
     """Apply the phase plan's learning rate (DeepSpeed's ZeRO optimisers expose param_groups)."""
     for group in engine.optimizer.param_groups:

@@ -30,7 +30,7 @@ from advflow.platform.train import callbacks as cb
 from advflow.platform.train.cadence import Cadence
 from advflow.platform.train.checkpoint import (Checkpointer, EMAState, JSONEntries, PerRankJSON, SnapshotFiles,
                                                TensorFile, staging_dir)
-from advflow.platform.train.engines import EngineSpec, EngineState, build_engine, set_lr
+from advflow.platform.train.engines import EngineSpec, EngineState, build_engine, set_lr, write_weights
 from advflow.platform.train.metrics import MetricWindow
 from advflow.trainers import afm
 from advflow.trainers.ema import EMA
@@ -94,6 +94,8 @@ class Worker:
     d_engine: Any
     d_tags: dict[str, dict[str, torch.Tensor]]
     """D snapshots taken at phase ends, for Table 11's D reload."""
+    classifier: torch.nn.Module | None
+    """The frozen guidance classifier (`guidance.classifier`), loaded when a phase turns guidance on."""
     window: MetricWindow
     checkpointer: Checkpointer
     callbacks: list[cb.Callback]
@@ -109,7 +111,9 @@ class Worker:
         self.plan = spec.phase_plan()
         a = spec.adversarial
         self.afm_cfg = afm.AFMConfig(gp_fraction=a.gp_fraction, gp_eps=a.gp_eps, use_gradnorm=a.gradnorm,
-                                     gradnorm_momentum=a.gradnorm_momentum)
+                                     gradnorm_momentum=a.gradnorm_momentum, source=a.source,
+                                     cg_t_mode=spec.cg_t_mode)
+        self.classifier = None
         self.state = LoopState()
         self.d_tags = {}
         self.callbacks = []
@@ -144,6 +148,23 @@ class Worker:
         self.D = build_discriminator(self.spec.model.d_size or self.spec.model.size, **d_opts).to(self.device)
         self.ema = EMA(self.G, decay=self.spec.optim.ema_decay)
         self.gradnorm = afm.make_gradnorm(self.afm_cfg).to(self.device)
+        if any(p.guidance for p in self.plan.phases):
+            self.classifier = self.load_classifier()
+
+    def load_classifier(self) -> torch.nn.Module:
+        """The guidance classifier, pickle-free, frozen, on this worker's device; its data shape and
+        classes must be the run's."""
+        from advflow.platform.tracking.registry import load_classifier
+
+        ref = self.spec.guidance.classifier
+        clf = load_classifier(ref, device=self.device)
+        want = (self.data_shape, self.num_classes)
+        got = ((clf.in_channels, clf.input_size, clf.input_size), clf.num_classes)
+        if got != want:
+            raise ValueError(f"guidance.classifier={ref}: it classifies {got[0]} inputs into {got[1]} classes, "
+                             f"but this run's data is {want[0]} with {want[1]} classes; train a classifier on "
+                             "this dataset (jobs/train_classifier.py)")
+        return clf.eval().requires_grad_(False)
 
     def build_engines(self) -> None:
         o, t, dcfg = self.spec.optim, self.spec.train, self.spec.distributed
@@ -233,7 +254,8 @@ class Worker:
             gen = self._generator(step, micro, 2)
             z = torch.randn(x.shape, generator=gen, device=self.device)
             # D's plain module with frozen parameters: D's engine hooks stay silent (engines.py).
-            loss, metrics = afm.g_loss(self.g_engine, self.D, self.gradnorm, x, y, z, cfg, generator=gen)
+            loss, metrics = afm.g_loss(self.g_engine, self.D, self.gradnorm, x, y, z, cfg, self.classifier,
+                                       generator=gen)
             self.g_engine.backward(loss)
             self.g_engine.step()
         _add_grad_norm(metrics, "g_grad_norm", self.g_engine, self.device)
@@ -253,12 +275,13 @@ class Worker:
     def handle_event(self, event) -> None:
         """Phase events (Table 11): EMA reload, and D snapshots at phase ends for a later D reload.
 
-        D snapshots hold D's weights only (replicated under ZeRO 0-2, so every rank keeps its own
-        copy); a reload restores the weights and keeps the optimizer's moments, and the snapshots
+        Reloads go through the engines (`engines.write_weights`), so the optimizer's fp32 master
+        copy (ZeRO 1/2, bf16) takes the new weights too and the next step continues from them. D
+        snapshots hold D's weights only (replicated under ZeRO 0-2, so every rank keeps its own
+        copy); a reload replaces the weights and keeps the optimizer's moments, and the snapshots
         travel in every checkpoint so a restarted run can still reload."""
         if event.kind == "ema_reload":
-            with torch.no_grad():
-                self.ema.copy_to(self.G)
+            write_weights(self.g_engine, self.ema.shadow)
         elif event.kind == "save_tag":
             self.d_tags[event.tag] = {k: v.detach().to("cpu", copy=True) for k, v in self.D.state_dict().items()}
         elif event.kind == "d_reload":
@@ -268,13 +291,13 @@ class Worker:
                     f"phase {event.phase_index}: d_reload_from={event.source!r} is not a saved D snapshot; "
                     f"available: {sorted(self.d_tags)} (snapshots are taken at phase ends, named "
                     "'<phase>_end'; reloading from a step number is not supported)")
-            with torch.no_grad():
-                self.D.load_state_dict(self.d_tags[source])
+            write_weights(self.d_engine, self.d_tags[source])
         # phase_enter: recorded in the history via the phase index.
 
     def phase_metrics(self) -> dict[str, float]:
         p = self._phase
-        return {"lambda_ot": p.lambda_ot, "lambda_gp": p.lambda_gp, "lambda_cp": p.lambda_cp, "lr": p.lr,
+        return {"lambda_ot": p.lambda_ot, "lambda_gp": p.lambda_gp, "lambda_cp": p.lambda_cp,
+                "lambda_cg": p.lambda_cg, "augment_p": p.augment_p, "lr": p.lr,
                 "lr_g": p.lr * self.G.lr_scale, "lr_d": p.lr_d, "phase": float(p.phase_index)}
 
     def ema_model(self) -> torch.nn.Module:

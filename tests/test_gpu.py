@@ -1,0 +1,107 @@
+"""The GPU checks (run on a machine with CUDA: `bash infra/gpu_checks.sh`; skipped elsewhere).
+
+bf16 reloads: under bf16 DeepSpeed keeps an fp32 master of every weight at any ZeRO stage (BF16
+optimizer at stage 0, the ZeRO optimizer at 1/2), so an EMA or D reload written into the bf16
+module alone is undone by the next step. After a reload and several steps at lr ~ 0, the fp32
+master must equal the reloaded weights and the bf16 module their rounding.
+
+The same in-process procedure also runs on CPU in fp32 (ZeRO 1, one process) in the normal suite, so
+the script itself cannot rot while no GPU is around.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from advflow.platform.config import RunSpec
+
+CUDA = torch.cuda.is_available()
+
+
+class _OneProcess:
+    rank, world_size = 0, 1
+
+    def report(self, metrics, checkpoint_dir):
+        pass
+
+    def restore_dir(self):
+        return None
+
+
+@pytest.fixture(scope="module")
+def process_group():
+    import torch.distributed as dist
+
+    from advflow.infra.local.proc import free_port
+
+    env = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(free_port()))
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    dist.init_process_group("nccl" if CUDA else "gloo", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+    for k, v in saved.items():
+        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def _spec(prefix: str, stage: int, gpu: bool) -> RunSpec:
+    return RunSpec.from_dict({
+        "data": {"prefix": prefix, "shuffle_buffer": 64, "prefetch": 1},
+        "model": {"size": "tiny"},
+        "optim": {"lr": 1e-3, "ema_decay": 0.9},
+        "train": {"steps": 12, "global_batch": 8, "checkpoint_every": 12},
+        "distributed": {"workers": 1, "use_gpu": gpu, "precision": "bf16" if gpu else "fp32",
+                        "zero_stage_g": stage, "zero_stage_d": stage},
+        "phases": [{"name": "warm", "start": 0, "lr": 1e-3}, {"name": "move", "start": 3},
+                   {"name": "frozen", "start": 6, "lr": 1e-30, "d_reload_from": "warm_end", "ema_reload_every": 2}],
+    })
+
+
+def _check_reloads_last(prefix: str, stage: int, gpu: bool) -> None:
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from advflow.platform.train.worker import Worker
+
+    device = torch.device("cuda", 0) if gpu else torch.device("cpu")
+    w = Worker(_spec(prefix, stage, gpu), _OneProcess(), device=device)
+    w.setup()
+    try:
+        for step in range(12):  # D reload at 6, EMA reloads at 8 and 10; lr ~ 0 from 6 on
+            cfg = w.apply_phase(step)
+            w.d_step(step, cfg)
+            w.g_step(step, cfg)
+
+        def master(module):
+            return {n: (safe_get_full_fp32_param(p) if p.requires_grad else None) for n, p in module.named_parameters()}
+
+        snap = w.d_tags["warm_end"]
+        for name, p in w.D.named_parameters():
+            want = snap[name].to(device).float()
+            full = master(w.D)[name]
+            if full is not None:  # the optimizer's fp32 copy: exactly the snapshot
+                torch.testing.assert_close(full.float(), want, rtol=0, atol=1e-7)
+            torch.testing.assert_close(p.detach().float(), want.to(p.dtype).float(), rtol=0, atol=1e-7)
+        for name, p in w.G.named_parameters():
+            want = w.ema.shadow[name].to(device)
+            full = master(w.G)[name]
+            if full is not None:
+                torch.testing.assert_close(full.float(), want, rtol=0, atol=1e-7)
+            torch.testing.assert_close(p.detach().float(), want.to(p.dtype).float(), rtol=0, atol=1e-7)
+    finally:
+        w.close()
+
+
+def test_reloads_last_in_process_fp32_zero1(digits, process_group):
+    if CUDA:
+        pytest.skip("the CUDA variants below run instead")
+    _check_reloads_last(digits, 1, gpu=False)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (bf16 master weights)")
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_bf16_reloads_last(digits, process_group, stage):
+    _check_reloads_last(digits, stage, gpu=True)

@@ -1,0 +1,79 @@
+"""Table 11's EMA reload and D reload must last: under ZeRO 1/2 the optimizer's fp32 master copy
+would overwrite weights written into the module at its next step, so the reloads go through
+DeepSpeed (engines.write_weights). Checked where it matters, in the weights several optimizer
+steps AFTER the reload (at lr ~ 0, so the weights must stay exactly where the reload put them), and
+again after steps at a normal lr (they must move away, or the first check proves nothing).
+
+Two gloo workers per ZeRO stage. The bf16 master (any stage) needs a GPU: tests/test_gpu.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from advflow.platform.config import RunSpec
+from advflow.platform.train.local_launch import run_local
+
+TINY_LR = 1e-30  # > 0 as the config requires; Adam moves float32 weights by lr * O(1): nothing
+
+
+def reload_spec(prefix: str, stage: int) -> RunSpec:
+    return RunSpec.from_dict({
+        "data": {"prefix": prefix, "shuffle_buffer": 128, "prefetch": 2},
+        "model": {"size": "tiny"},
+        "optim": {"lr": 1e-3, "ema_decay": 0.9},
+        "adversarial": {"ot_scale": 0.1},
+        "train": {"steps": 18, "global_batch": 16, "log_every": 2, "checkpoint_every": 7},
+        "distributed": {"workers": 2, "zero_stage_g": stage, "zero_stage_d": stage},
+        "run": {"keep_checkpoints": 3},
+        "phases": [
+            {"name": "warm", "start": 0, "lr": 1e-3},
+            {"name": "move", "start": 4},  # D keeps training away from the warm_end snapshot
+            # D reloaded at 8; EMA copied into G at 10 and 12; every step of the phase at lr ~ 0.
+            {"name": "frozen", "start": 8, "lr": TINY_LR, "d_reload_from": "warm_end", "ema_reload_every": 2},
+            {"name": "normal", "start": 14, "lr": 1e-3, "ema_reload_every": 0},
+        ],
+    })
+
+
+def _module_weights(checkpoint, engine: str) -> dict[str, torch.Tensor]:
+    # DeepSpeed's own model-states file (read back from our own run folder only).
+    states = torch.load(checkpoint / engine / "ds" / "mp_rank_00_model_states.pt", map_location="cpu",
+                        weights_only=False)
+    return {k: v.float() for k, v in states["module"].items()}
+
+
+def _rel(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    keys = sorted(set(a) & set(b))
+    assert keys, "no common weights"
+    num = sum((a[k] - b[k]).square().sum() for k in keys)
+    den = sum(b[k].square().sum() for k in keys)
+    return float((num / den).sqrt())
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_reloads_survive_later_optimizer_steps(digits, tmp_path, stage):
+    run = tmp_path / f"zero{stage}"
+    history = run_local(reload_spec(digits, stage), run)
+    assert [r["phase"] for r in history if r["step"] in (8, 9, 14, 15)] == [1.0, 2.0, 2.0, 3.0]
+    after_reload, after_normal = run / "checkpoint_000014", run / "checkpoint_000018"
+    for ckpt in (after_reload, after_normal):
+        assert (ckpt / "COMPLETE").is_file()
+
+    snapshot = load_file(str(after_reload / "dtag-warm_end.safetensors"))
+    g, d = _module_weights(after_reload, "g"), _module_weights(after_reload, "d")
+    ema = load_file(str(after_reload / "ema.safetensors"))
+    # 2 G steps and 6 D steps after the last reload: still exactly the reloaded weights.
+    assert _rel(g, ema) < 1e-6, f"ZeRO-{stage}: G drifted {_rel(g, ema):.3g} from the EMA it was reloaded from"
+    assert _rel(d, snapshot) < 1e-6, f"ZeRO-{stage}: D drifted {_rel(d, snapshot):.3g} from the reloaded snapshot"
+
+    # The reload really replaced something: D had moved away from the snapshot before it.
+    assert _rel(_module_weights(run / "checkpoint_000007", "d"), snapshot) > 1e-3
+    g_end, d_end = _module_weights(after_normal, "g"), _module_weights(after_normal, "d")
+    ema_end = load_file(str(after_normal / "ema.safetensors"))
+    assert _rel(d_end, snapshot) > 1e-3, "D did not move at a normal lr after the reload"
+    assert _rel(g_end, ema_end) > 1e-4, "G did not move away from the EMA at a normal lr"
+    assert _rel(g_end, g) > 1e-3
