@@ -1,31 +1,33 @@
 """Paired discriminator augmentation in latent space (AFM guided runs).
 
-Each selected pair (real_i, fake_i) gets ONE random transform, applied identically to both, so D
-cannot tell real from fake by the augmentation itself:
-  1. integer translation by (dy, dx), |dy| <= floor(translate * H), |dx| <= floor(translate * W),
-     uniform integers ("nearest": no resampling blur). Pixels shifted in from outside are 0 (zero
-     fill, the same value erasing uses; for standardised latents 0 is the mean).
-  2. `erase_count` rectangles (after the shift) set to 0, each covering an area fraction in
-     [erase_area[0], erase_area[1]] of H*W (exact, in integer pixels; see `random_erase_masks`).
-Pairs are selected independently with probability p; unselected pairs pass through unchanged.
-All randomness comes from `generator` (on the inputs' device), so results are reproducible.
-Every op is a gather or a multiply by a 0/1 mask, so gradients flow through `fake`.
+The distribution follows the official AFM code, a `torch.nn.Sequential` of kornia's
+`RandomTranslate(translate_x=(0, 0.3), translate_y=(0, 0.3))` and three `RandomErasing(scale=(0.1, 0.5))`
+applied to the channel-concatenation of real and fake, so pair i of real and fake gets the same draw.
+Each of the 1 + `erase_count` ops has its own per-sample coin with probability p, so a pair is left
+untouched with probability (1 - p) ** 4 (0.1296 at p = 0.4). For an H x W latent:
+  1. translate: dx ~ U(0, max_translate * W), dy ~ U(0, max_translate * H) pixels, independent and
+     one-directional (never negative). kornia warps with nearest sampling and zero padding, which
+     for a pure shift is the integer shift by the rounded amount:
+     out[..., r, c] = in[..., r - round(dy), c - round(dx)], 0 where the source is outside.
+  2. `erase_count` erasings in sequence (rectangles may overlap), each set to 0 on every channel:
+     area A = U(erase_area) * H * W; ratio r ~ U(ratio_lo, 1) or U(1, ratio_hi) on a fair coin
+     (U(erase_ratio) when the range does not straddle 1); h = clamp(round(sqrt(A r)), 1, H),
+     w = clamp(round(sqrt(A / r)), 1, W); top-left x0 = floor(u1 (W - w + 1)), y0 = floor(u2 (H - h + 1)).
+All coins and parameters are drawn for the whole batch whatever p is, so the generator's stream does
+not depend on p or on which pairs were selected. Every op is a gather or a masked fill, so gradients
+flow through `fake` (1 on kept pixels, 0 on erased or shifted-out ones).
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 
 __all__ = ["paired_augment", "random_erase_masks", "translate"]
 
 
-def _randint(low: torch.Tensor, high: torch.Tensor, generator, device) -> torch.Tensor:
-    """Uniform integer in [low, high] (inclusive), elementwise over same-shape int64 tensors."""
-    u = torch.rand(low.shape, generator=generator, device=device, dtype=torch.float64)
-    span = (high - low + 1).to(torch.float64)
-    return low + torch.minimum((u * span).floor().long(), (high - low))
+def _uniform(shape, lo: float, hi: float, generator, device) -> torch.Tensor:
+    """U(lo, hi) in float64 (exact enough that rounding rules, not float error, decide sizes)."""
+    return lo + (hi - lo) * torch.rand(shape, generator=generator, device=device, dtype=torch.float64)
 
 
 def translate(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
@@ -36,25 +38,11 @@ def translate(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor) -> torch.Tens
     n, c, h, w = x.shape
     rows = torch.arange(h, device=x.device)[None, :] - dy[:, None]  # (N, H) source row
     cols = torch.arange(w, device=x.device)[None, :] - dx[:, None]  # (N, W) source col
-    valid = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]  # (N, H, W)
+    outside = ~(((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :])  # (N, H, W)
     rows = rows.clamp(0, h - 1)[:, None, :, None].expand(n, c, h, w)
     cols = cols.clamp(0, w - 1)[:, None, None, :].expand(n, c, h, w)
     out = x.gather(2, rows).gather(3, cols)  # (N, C, H, W)
-    return out * valid[:, None].to(x.dtype)
-
-
-def _sides(first: int, second: int, lo: int, hi: int, n: int, generator, device):
-    """Rectangle sides (a, b) with a <= first, b <= second and lo <= a * b <= hi, shape (N,) each.
-
-    a is uniform over the sides that admit a valid b; b is uniform over the valid range given a.
-    """
-    a_min = max(1, math.ceil(lo / second))
-    a = _randint(torch.full((n,), a_min, device=device), torch.full((n,), first, device=device), generator, device)
-    b_lo = (lo + a - 1) // a  # ceil(lo / a) <= second since a >= lo / second
-    b_hi = torch.clamp(hi // a, max=second)
-    b_hi = torch.maximum(b_hi, b_lo)  # only binds for degenerate (1-pixel) sizes
-    b = _randint(b_lo, b_hi, generator, device)
-    return a, b
+    return out.masked_fill(outside[:, None], 0)
 
 
 def random_erase_masks(
@@ -63,35 +51,37 @@ def random_erase_masks(
     width: int,
     count: int = 3,
     area: tuple[float, float] = (0.1, 0.5),
+    ratio: tuple[float, float] = (0.3, 3.3),
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """Boolean masks (N, count, H, W): True inside each random rectangle.
+    """Boolean masks (N, count, H, W): True inside each kornia-RandomErasing rectangle (module docstring).
 
-    Each rectangle covers k pixels with ceil(area[0] * H * W) <= k <= floor(area[1] * H * W) (for
-    images too small to satisfy that, the lower bound wins). To avoid a bias towards tall or wide
-    shapes, half of the rectangles pick their height first and half their width first.
+    No coin is applied here; the caller selects which rectangles are used.
     """
     if not 0.0 < area[0] <= area[1] <= 1.0:
         raise ValueError(f"erase area must satisfy 0 < lo <= hi <= 1 (got {area})")
+    if not 0.0 < ratio[0] <= ratio[1]:
+        raise ValueError(f"erase ratio must satisfy 0 < lo <= hi (got {ratio})")
     device = torch.device(device) if device is not None else torch.device("cpu")
-    total = height * width
-    lo = max(1, math.ceil(area[0] * total))
-    hi = max(lo, math.floor(area[1] * total))
-    m = n * count
-    h1, w1 = _sides(height, width, lo, hi, m, generator, device)  # height first
-    w2, h2 = _sides(width, height, lo, hi, m, generator, device)  # width first
-    coin = torch.rand(m, generator=generator, device=device) < 0.5
-    rh = torch.where(coin, h1, h2)  # (M,)
-    rw = torch.where(coin, w1, w2)
-    zero = torch.zeros(m, dtype=torch.long, device=device)
-    top = _randint(zero, height - rh, generator, device)
-    left = _randint(zero, width - rw, generator, device)
-    r = torch.arange(height, device=device)[None, :]
-    c = torch.arange(width, device=device)[None, :]
-    in_r = (r >= top[:, None]) & (r < (top + rh)[:, None])  # (M, H)
-    in_c = (c >= left[:, None]) & (c < (left + rw)[:, None])  # (M, W)
-    return (in_r[:, :, None] & in_c[:, None, :]).reshape(n, count, height, width)
+    shape = (n, count)
+    target = _uniform(shape, area[0], area[1], generator, device) * (height * width)  # (N, count) pixels
+    if ratio[0] < 1.0 < ratio[1]:
+        # kornia's mixture: as likely tall as wide, whatever the asymmetry of the range around 1.
+        narrow = _uniform(shape, ratio[0], 1.0, generator, device)
+        wide = _uniform(shape, 1.0, ratio[1], generator, device)
+        aspect = torch.where(torch.rand(shape, generator=generator, device=device) < 0.5, narrow, wide)
+    else:
+        aspect = _uniform(shape, ratio[0], ratio[1], generator, device)
+    rh = (target * aspect).sqrt().round().clamp(1, height).long()  # (N, count)
+    rw = (target / aspect).sqrt().round().clamp(1, width).long()
+    left = (_uniform(shape, 0.0, 1.0, generator, device) * (width - rw + 1)).floor().long()
+    top = (_uniform(shape, 0.0, 1.0, generator, device) * (height - rh + 1)).floor().long()
+    r = torch.arange(height, device=device)
+    c = torch.arange(width, device=device)
+    in_r = (r >= top[..., None]) & (r < (top + rh)[..., None])  # (N, count, H)
+    in_c = (c >= left[..., None]) & (c < (left + rw)[..., None])  # (N, count, W)
+    return in_r[..., :, None] & in_c[..., None, :]
 
 
 def paired_augment(
@@ -103,12 +93,12 @@ def paired_augment(
     max_translate: float = 0.3,
     erase_count: int = 3,
     erase_area: tuple[float, float] = (0.1, 0.5),
+    erase_ratio: tuple[float, float] = (0.3, 3.3),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply one random transform per pair i to real[i] and fake[i]; see the module docstring.
 
-    real, fake: (N, C, H, W) with equal shapes. p: probability that a pair is augmented (paper 0.4).
-    Returns (real_aug, fake_aug), same shapes. The same number of random draws is made whatever p
-    is, so the generator's stream does not depend on which pairs were selected.
+    real, fake: (N, C, H, W) with equal shapes. p: per-op probability (paper 0.4). Returns
+    (real_aug, fake_aug), same shapes.
     """
     if real.shape != fake.shape:
         raise ValueError(f"real {tuple(real.shape)} and fake {tuple(fake.shape)} must have the same shape")
@@ -116,25 +106,24 @@ def paired_augment(
         raise ValueError(f"expected (N, C, H, W) latents, got shape {tuple(real.shape)}")
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"augment p must be in [0, 1] (got {p})")
-    if not 0.0 <= max_translate < 1.0:
-        raise ValueError(f"max_translate must be in [0, 1) (got {max_translate})")
+    if not 0.0 <= max_translate <= 1.0:
+        raise ValueError(f"max_translate must be in [0, 1] (got {max_translate})")
     if erase_count < 0:
         raise ValueError(f"erase_count must be >= 0 (got {erase_count})")
     n, _, h, w = real.shape
     dev = real.device
+    gdev = generator.device if generator is not None else dev
 
-    selected = torch.rand(n, generator=generator, device=dev) < p  # (N,)
-    my, mx = int(max_translate * h), int(max_translate * w)
-    dy = _randint(torch.full((n,), -my, device=dev), torch.full((n,), my, device=dev), generator, dev)
-    dx = _randint(torch.full((n,), -mx, device=dev), torch.full((n,), mx, device=dev), generator, dev)
-    if erase_count:
-        erased = random_erase_masks(n, h, w, erase_count, erase_area, generator, dev).any(dim=1)  # (N, H, W)
-    else:
-        erased = torch.zeros(n, h, w, dtype=torch.bool, device=dev)
-    keep = (~erased)[:, None]  # (N, 1, H, W)
+    coins = torch.rand((n, 1 + erase_count), generator=generator, device=gdev) < p  # (N, 1 + count)
+    shift = _uniform((n, 2), 0.0, max_translate, generator, gdev)  # (N, 2) fractions of (H, W)
+    shift = (shift * torch.tensor([h, w], device=gdev, dtype=torch.float64)).round().long()
+    shift = torch.where(coins[:, :1], shift, 0)  # an unselected translate is the identity gather
+    rects = random_erase_masks(n, h, w, erase_count, erase_area, erase_ratio, generator, gdev)  # (N, count, H, W)
+    # Zero-filling in sequence is the same as zeroing the union of the selected rectangles.
+    erased = (rects & coins[:, 1:, None, None]).any(dim=1).to(dev)  # (N, H, W)
+    dy, dx = shift[:, 0].to(dev), shift[:, 1].to(dev)
 
     def apply(x: torch.Tensor) -> torch.Tensor:
-        aug = translate(x, dy, dx) * keep.to(x.dtype)
-        return torch.where(selected[:, None, None, None], aug, x)
+        return translate(x, dy, dx).masked_fill(erased[:, None], 0)
 
     return apply(real), apply(fake)
