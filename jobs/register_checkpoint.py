@@ -3,11 +3,17 @@
   python jobs/register_checkpoint.py --checkpoint afm_xl2_1nfe.pt --name afm-xl2 \
       --decoder sd-vae --vae-path /models/sd-vae-ft-ema
   python jobs/register_checkpoint.py --checkpoint g.safetensors --name digits --kind multistep --nfe 4
+  python jobs/register_checkpoint.py --checkpoint afm_xl2_deep.pt --name afm-xl2-112 --repeats 4 ...
 
 The file (.safetensors, or .pt/.pth/.ckpt/.bin read with torch.load(weights_only=True) only; the
 official DiT-layout AFM releases included) is read by advflow.trainers.dit_checkpoint, which infers
 size, kind and classes from the tensors; --kind/--nfe/--repeats/--key resolve what the weights do not
-record. A run in --experiment (default "imports") records the source path and sha256 (tags
+record. Weights with a t_embedder and no t_tgt_embedder fit both a multistep generator and a
+depth-repeated 1NFE generator (the paper's 56/112-layer models) and are refused unless
+--kind multistep --nfe K or --repeats R says which, or the kind is recorded beside the file
+(safetensors metadata advflow.kind / advflow.nfe / advflow.repeats, or a <file stem>.json /
+generator.json sidecar; see advflow.trainers.dit_checkpoint). A multistep generator needs --nfe K
+unless K is recorded. A run in --experiment (default "imports") records the source path and sha256 (tags
 source_path, source_sha256, also set on the version); the generator is logged with
 registry.log_generator(source="import"). Only the safetensors export is uploaded, never the file.
 """
@@ -48,9 +54,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--name", required=True, help="registered model name (created if new)")
     p.add_argument("--key", default=None, help="wrapper entry holding the weights (default: ema, model, state_dict)")
     p.add_argument("--kind", choices=["1nfe", "multistep", "anystep"], default=None,
-                   help="generator kind when the weights are ambiguous (multistep vs depth-repeated 1nfe)")
-    p.add_argument("--nfe", type=int, default=None, help="K steps of a multistep/anystep generator")
-    p.add_argument("--repeats", type=int, default=None, help="depth repetition R of a 1nfe generator")
+                   help="generator kind; required (or --repeats) when the weights fit both a multistep and a "
+                        "depth-repeated 1nfe generator and nothing beside the file records which")
+    p.add_argument("--nfe", type=int, default=None,
+                   help="K steps: required for a multistep generator unless recorded; an anystep generator's "
+                        "default step count (default 8)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="depth repetition R > 1 of a 1nfe generator (the same blocks run R times)")
     p.add_argument("--decoder", choices=["pixel", "sd-vae"], default="sd-vae",
                    help="how samples become images (default sd-vae: the released ImageNet latents)")
     p.add_argument("--vae-path", default=None, help="local AutoencoderKL folder for --decoder sd-vae")
@@ -64,18 +74,30 @@ def main(argv: list[str] | None = None) -> int:
     import mlflow
 
     from advflow.platform.tracking.registry import log_generator
-    from advflow.trainers.dit_checkpoint import CheckpointError, build_from_checkpoint, infer_role, read_state_dict
+    from advflow.trainers.dit_checkpoint import (
+        CheckpointError,
+        build_from_checkpoint,
+        infer_role,
+        read_recorded,
+        read_state_dict,
+    )
 
+    path = os.path.abspath(a.checkpoint)
     try:
         decoder = decoder_dict(a.decoder, a.vae_path)
-        path = os.path.abspath(a.checkpoint)
         sd = read_state_dict(path, key=a.key)
         role = infer_role(sd)
         if role != "generator":
             raise CheckpointError(f"--checkpoint {path}: holds a {role}, not a generator; pass the generator file")
         extra = {"nfe": a.nfe} if a.nfe is not None else {}
-        G = build_from_checkpoint(sd, kind=a.kind, repeats=a.repeats, **extra).eval()
-    except (ValueError, CheckpointError) as e:  # CheckpointError is a ValueError; listed for readers
+        # sd is a plain dict: pass what is recorded beside the file (metadata / sidecars) explicitly.
+        G = build_from_checkpoint(sd, kind=a.kind, repeats=a.repeats, recorded=read_recorded(path), **extra).eval()
+    except CheckpointError as e:
+        # e.cli: the one-line form naming this job's flags (--kind / --nfe / --repeats), where there is one.
+        print(f"register_checkpoint: --checkpoint {path}: {e.cli}" if e.cli else f"register_checkpoint: {e}",
+              file=sys.stderr)
+        return 2
+    except ValueError as e:
         print(f"register_checkpoint: {e}", file=sys.stderr)
         return 2
     cfg = G.config

@@ -1,12 +1,19 @@
 """Tests for advflow.trainers.dit_checkpoint.
 
+Also: the multistep / depth-repeated 1NFE ambiguity (refused unless an argument or a record beside
+the weights says which) and jobs/register_checkpoint.py's one-line error for it.
+
 State dicts are synthesised from a hand-written list of DiT names and shapes (not from the models'
 own state_dict), loaded, and the models' outputs compared with a plain functional DiT forward pass
 written here from the architecture description (explicit softmax attention, explicit patch loops).
 """
 
 import argparse
+import importlib.util
+import json
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,12 +21,16 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from advflow.trainers.dit_checkpoint import (
+    SPEC_SIDECAR,
+    AmbiguousCheckpointError,
     CheckpointError,
     build_from_checkpoint,
     infer_options,
     infer_role,
     load_dit_state_dict,
+    read_recorded,
     read_state_dict,
+    record_metadata,
 )
 from advflow.trainers.models import build_classifier, build_discriminator, build_generator
 
@@ -169,7 +180,7 @@ TOL = dict(rtol=1e-3, atol=1e-4)  # float32 vs a differently-ordered float32 ref
 @pytest.mark.parametrize("kind", ["1nfe", "multistep", "anystep"])
 def test_generator_matches_reference(kind):
     sd = synth(t_src=kind != "1nfe", t_tgt=kind == "anystep")
-    g = load_dit_state_dict(build_generator("tiny", kind=kind, **SMALL), sd)
+    g = load_dit_state_dict(build_generator("tiny", kind=kind, nfe=2 if kind == "multistep" else None, **SMALL), sd)
     x, y, s, t = _inputs()
     with torch.no_grad():
         if kind == "1nfe":
@@ -313,7 +324,6 @@ def test_discriminator_checkpoint_into_generator():
     "kw,role,expect",
     [
         (dict(), "generator", dict(kind="1nfe", repeats=1)),
-        (dict(t_src=True), "generator", dict(kind="multistep", repeats=1)),
         (dict(t_src=True, t_tgt=True), "generator", dict(kind="anystep", repeats=1)),
         (dict(role="discriminator"), "discriminator", dict(time_cond=False)),
         (dict(role="discriminator", t_src=True), "discriminator", dict(time_cond=True)),
@@ -360,9 +370,192 @@ def test_build_from_checkpoint(tmp_path):
     x, y, _, _ = _inputs()
     with torch.no_grad():
         torch.testing.assert_close(g(x, y), ref_generator(sd, x, y, repeats=2), **TOL)
-    ms = build_from_checkpoint(sd, nfe=4)
+    ms = build_from_checkpoint(sd, kind="multistep", nfe=4)
     assert (ms.kind, ms.nfe) == ("multistep", 4)
     d = build_from_checkpoint(synth(role="discriminator"))
     assert d.config == dict(name="tiny", time_cond=False, **SMALL)
     with pytest.raises(CheckpointError, match="only apply to generators"):
         build_from_checkpoint(synth(role="discriminator"), kind="1nfe")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Ambiguous layout: multistep vs depth-repeated 1NFE (t_embedder, no t_tgt_embedder)
+# ---------------------------------------------------------------------------------------------------
+
+def _assert_names_both(msg):
+    assert "multistep generator" in msg and "depth-repeated 1NFE generator" in msg
+    assert "kind='multistep' with nfe=K" in msg and "repeats=R" in msg
+    assert "--kind multistep --nfe K" in msg and "--repeats R" in msg  # the CLI flags too
+    assert "advflow.kind" in msg and "generator.json" in msg  # how to record it
+
+
+def _save(path, sd, metadata=None):
+    if str(path).endswith(".safetensors"):
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(path), metadata=metadata)
+    else:
+        torch.save(sd, path)
+    return str(path)
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_ambiguous_layout_is_refused(tmp_path, suffix):
+    sd = synth(t_src=True)
+    with pytest.raises(AmbiguousCheckpointError) as err:
+        infer_options(sd)
+    _assert_names_both(str(err.value))
+    assert "\n" not in str(err.value)
+    path = _save(tmp_path / f"g{suffix}", sd)
+    for call in (lambda: build_from_checkpoint(path), lambda: build_from_checkpoint(sd), lambda: build_from_checkpoint(path, nfe=4)):
+        with pytest.raises(AmbiguousCheckpointError) as err:
+            call()
+        _assert_names_both(str(err.value))
+        cli = err.value.cli
+        assert "\n" not in cli and "--kind multistep --nfe K" in cli and "--repeats R" in cli
+
+
+def test_ambiguous_layout_accepted_with_kind_given():
+    sd = synth(t_src=True)
+    assert infer_options(sd, kind="multistep")["kind"] == "multistep"
+    assert infer_options(sd, repeats=1)["kind"] == "multistep"  # R = 1: not depth-repeated
+    assert (infer_options(sd, repeats=2)["kind"], infer_options(sd, repeats=2)["repeats"]) == ("1nfe", 2)
+    ms = build_from_checkpoint(sd, kind="multistep", nfe=2)
+    assert (ms.kind, ms.nfe, ms.repeats) == ("multistep", 2, 1)
+    x, y, s, t = _inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(ms(x, y, s, t), ref_generator(sd, x, y, s, t), **TOL)
+    deep = build_from_checkpoint(sd, repeats=2)
+    assert (deep.kind, deep.nfe, deep.repeats) == ("1nfe", 1, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(deep(x, y), ref_generator(sd, x, y, repeats=2), **TOL)
+    with pytest.raises(CheckpointError) as err:  # the weights do not record K
+        build_from_checkpoint(sd, kind="multistep")
+    assert "nfe=K" in str(err.value) and err.value.cli.endswith("pass --nfe K")
+    with pytest.raises(CheckpointError, match="repeats>1"):
+        infer_options(sd, kind="1nfe")
+
+
+def test_ambiguous_layout_accepted_with_kind_in_safetensors_metadata(tmp_path):
+    sd = synth(t_src=True)
+    deep = _save(tmp_path / "deep.safetensors", sd, {"advflow.kind": "1nfe", "advflow.repeats": "2"})
+    assert read_recorded(deep) == {"kind": "1nfe", "repeats": 2}
+    g = build_from_checkpoint(deep)
+    assert (g.kind, g.repeats) == ("1nfe", 2)
+    x, y, s, t = _inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(g(x, y), ref_generator(sd, x, y, repeats=2), **TOL)
+    only_r = _save(tmp_path / "r4.safetensors", sd, {"advflow.repeats": "4"})  # R > 1 alone is 1NFE
+    assert build_from_checkpoint(only_r).repeats == 4
+    ms = build_from_checkpoint(_save(tmp_path / "ms.safetensors", sd, record_metadata(build_generator(
+        "tiny", kind="multistep", nfe=4, **SMALL))))
+    assert (ms.kind, ms.nfe) == ("multistep", 4)  # K comes from the record too
+    assert infer_options(read_state_dict(deep), recorded=read_recorded(deep))["repeats"] == 2
+    # the same tensors without the record are refused again
+    with pytest.raises(AmbiguousCheckpointError):
+        build_from_checkpoint(_save(tmp_path / "plain.safetensors", sd, {"format": "pt"}))
+
+
+def test_ambiguous_layout_accepted_with_kind_in_stem_sidecar(tmp_path):
+    sd = synth(t_src=True)
+    path = _save(tmp_path / "afm_deep.pt", sd)
+    (tmp_path / "afm_deep.json").write_text(json.dumps({"kind": "multistep", "nfe": 3}))
+    g = build_from_checkpoint(path)
+    assert (g.kind, g.nfe, g.repeats) == ("multistep", 3, 1)
+    assert "afm_deep.json" in read_recorded(path).sources["kind"]
+
+
+def test_ambiguous_layout_accepted_with_advflow_generator_json(tmp_path):
+    """generator.json as advflow's model folders carry it (written by model_format.write_model_data)."""
+    from advflow.platform.tracking import model_format
+
+    assert SPEC_SIDECAR == model_format.SPEC_FILE
+    src = load_dit_state_dict(build_generator("tiny", repeats=2, **SMALL), synth(t_src=True))
+    spec = model_format.GeneratorSpec(generator=src.config, decoder={"name": "pixel"}, data_shape=(C, HW, HW),
+                                      num_classes=CLASSES)
+    out = model_format.write_model_data(src, spec, tmp_path / "data")
+    weights = str(out / model_format.WEIGHTS_FILE)
+    g = build_from_checkpoint(weights)
+    assert g.config == src.config
+    x, y, _, _ = _inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(g(x, y), src(x, y), rtol=0, atol=0)
+    with pytest.raises(CheckpointError, match="repeats=2"):  # a model of another kind does not load it
+        load_dit_state_dict(build_generator("tiny", kind="multistep", nfe=2, **SMALL), weights)
+
+
+def test_recorded_kind_contradicting_an_argument_is_refused(tmp_path):
+    sd = synth(t_src=True)
+    meta = _save(tmp_path / "ms.safetensors", sd, {"advflow.kind": "multistep", "advflow.nfe": "4"})
+    with pytest.raises(CheckpointError) as err:
+        build_from_checkpoint(meta, repeats=2)
+    msg = str(err.value)
+    assert "repeats=2" in msg and "kind='multistep'" in msg and "safetensors metadata" in msg
+    assert err.value.cli.startswith("--repeats 2 contradicts kind='multistep'")
+    with pytest.raises(CheckpointError, match="nfe=2.*contradict.*nfe=4"):
+        build_from_checkpoint(meta, kind="multistep", nfe=2)  # K is part of a multistep model
+    assert build_from_checkpoint(meta, kind="multistep").nfe == 4  # agreeing argument: fine
+    side = _save(tmp_path / "deep.pt", sd)
+    (tmp_path / "deep.json").write_text(json.dumps({"kind": "1nfe", "repeats": 2}))
+    with pytest.raises(CheckpointError, match="kind='multistep'.*contradict.*kind='1nfe', repeats=2.*deep.json"):
+        build_from_checkpoint(side, kind="multistep", nfe=2)
+    # Two records that disagree (metadata vs the directory's generator.json)
+    both = _save(tmp_path / "both.safetensors", sd, {"advflow.kind": "multistep"})
+    (tmp_path / SPEC_SIDECAR).write_text(json.dumps({"format": "advflow-generator", "generator": {"kind": "1nfe", "repeats": 2}}))
+    with pytest.raises(CheckpointError, match="(?s)kind='multistep' recorded in safetensors metadata.*contradicts.*generator.json"):
+        read_recorded(both)
+
+
+def test_record_that_does_not_fit_the_tensors_or_is_invalid(tmp_path):
+    sd = synth(t_src=True)
+    with pytest.raises(CheckpointError, match="t_tgt_embedder=True.*recorded"):
+        build_from_checkpoint(_save(tmp_path / "a.safetensors", sd, {"advflow.kind": "anystep"}))
+    with pytest.raises(CheckpointError, match="diffusion"):
+        read_recorded(_save(tmp_path / "b.safetensors", sd, {"advflow.kind": "diffusion"}))
+    with pytest.raises(CheckpointError, match="repeats='two'"):
+        read_recorded(_save(tmp_path / "c.safetensors", sd, {"advflow.repeats": "two"}))
+    (tmp_path / "d.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not readable JSON"):
+        read_recorded(_save(tmp_path / "d.pt", sd))
+    (tmp_path / "e.json").write_text(json.dumps({"fid": 2.1}))  # not a record: ignored
+    assert read_recorded(_save(tmp_path / "e.pt", sd)) == {}
+
+
+def test_unambiguous_layouts_unaffected(tmp_path):
+    one = synth()  # 1NFE, no t_embedder
+    assert infer_options(one)["kind"] == "1nfe"
+    g = build_from_checkpoint(_save(tmp_path / "one.pt", one))
+    assert (g.kind, g.nfe, g.repeats) == ("1nfe", 1, 1)
+    anys = synth(t_src=True, t_tgt=True)
+    assert infer_options(anys)["kind"] == "anystep"
+    a = build_from_checkpoint(_save(tmp_path / "any.safetensors", anys))
+    assert (a.kind, a.nfe) == ("anystep", 8)  # the any-step default step count
+    assert build_from_checkpoint(anys, nfe=4).nfe == 4
+    a4 = _save(tmp_path / "any4.safetensors", anys, {"advflow.kind": "anystep", "advflow.nfe": "4"})
+    assert build_from_checkpoint(a4).nfe == 4
+    assert build_from_checkpoint(a4, nfe=2).nfe == 2  # an any-step K is only a default: may be overridden
+    # a directory-wide generator.json does not touch discriminators
+    (tmp_path / SPEC_SIDECAR).write_text(json.dumps({"generator": {"kind": "1nfe", "repeats": 2}}))
+    d = build_from_checkpoint(_save(tmp_path / "d.pt", synth(role="discriminator", t_src=True)))
+    assert d.config["time_cond"] is True
+
+
+def _register_job():
+    path = Path(__file__).resolve().parents[1] / "jobs" / "register_checkpoint.py"
+    spec = importlib.util.spec_from_file_location("register_checkpoint_job_loader", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_register_checkpoint_ambiguity_error_is_one_line_naming_the_flags(tmp_path, capsys):
+    pytest.importorskip("mlflow")
+    job = _register_job()
+    path = _save(tmp_path / "g.safetensors", synth(t_src=True))
+    assert job.main(["--checkpoint", path, "--name", "x", "--decoder", "pixel"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err
+    assert err.startswith(f"register_checkpoint: --checkpoint {path}: ambiguous")
+    assert "--kind multistep --nfe K" in err and "--repeats R" in err
+    assert job.main(["--checkpoint", path, "--name", "x", "--decoder", "pixel", "--kind", "multistep"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.endswith("pass --nfe K")

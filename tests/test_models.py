@@ -67,7 +67,8 @@ PAPER = {
 @pytest.mark.parametrize("role,name,kind", list(PAPER))
 def test_parameter_counts_match_paper(role, name, kind):
     with torch.device("meta"):
-        model = build_generator(name, kind=kind) if role == "G" else build_discriminator(name)
+        model = build_generator(name, kind=kind, nfe=2 if kind == "multistep" else None) if role == "G" \
+            else build_discriminator(name)
     count = parameter_count(model)
     size = SIZES[name]
     assert count == _hand_count(size.depth, size.width, size.patch, role, int(kind == "multistep"))
@@ -140,12 +141,12 @@ def test_determinism():
 
 def test_velocity_form_of_step_generators():
     x, y, s, t = _inputs()
-    for kind in ("multistep", "anystep"):
-        g = _randomize(build_generator("tiny", kind=kind, **SMALL))
+    for kind, nfe in (("multistep", 4), ("anystep", None)):
+        g = _randomize(build_generator("tiny", kind=kind, nfe=nfe, **SMALL))
         v = g.velocity(x, y, s, t)
         torch.testing.assert_close(g(x, y, s, t), x - (s - t)[:, None, None, None] * v)
     # multistep embeds s only; anystep also embeds t (t=None means t=s).
-    ms = _randomize(build_generator("tiny", kind="multistep", **SMALL))
+    ms = _randomize(build_generator("tiny", kind="multistep", nfe=4, **SMALL))
     torch.testing.assert_close(ms.velocity(x, y, s, t), ms.velocity(x, y, s, t * 0.5))
     anys = _randomize(build_generator("tiny", kind="anystep", **SMALL))
     assert not torch.allclose(anys.velocity(x, y, s, t), anys.velocity(x, y, s, t * 0.5))
@@ -172,7 +173,7 @@ def test_gradients_reach_trainable_weights_only():
 
 
 def test_blocks_are_identity_at_init():
-    g = build_generator("tiny", kind="multistep", **SMALL)
+    g = build_generator("tiny", kind="multistep", nfe=2, **SMALL)
     h = torch.randn(2, 16, 64)
     c = torch.randn(2, 64)
     for block in g.blocks:
@@ -183,7 +184,7 @@ def test_generator_output_at_init():
     x, y, s, t = _inputs()
     assert torch.count_nonzero(build_generator("tiny", **SMALL)(x, y)) == 0  # zero final layer
     assert torch.count_nonzero(build_generator("tiny", repeats=2, **SMALL)(x, y)) == 0
-    ms = build_generator("tiny", kind="multistep", **SMALL)
+    ms = build_generator("tiny", kind="multistep", nfe=2, **SMALL)
     torch.testing.assert_close(ms(x, y, s, t), x)  # zero velocity: the step is the identity
 
 
@@ -308,7 +309,8 @@ def test_sincos_pos_embed_formula():
         (dict(name="tiny", input_size=7), "input_size"),
         (dict(name="tiny", kind="diffusion"), "kind"),
         (dict(name="tiny", nfe=2), "nfe"),
-        (dict(name="tiny", kind="multistep", repeats=2), "repeats"),
+        (dict(name="tiny", kind="multistep", nfe=2, repeats=2), "repeats"),
+        (dict(name="tiny", kind="multistep"), "nfe=K"),  # multistep has no default K
         (dict(name="tiny", in_channels=0), "in_channels"),
         (dict(name="tiny", num_classes=2.5), "num_classes"),
         (dict(name="tiny", nfe=True), "nfe"),
@@ -344,7 +346,7 @@ def test_forward_input_errors():
         g(x, torch.tensor([0, 1, 10]))
     with pytest.raises(ValueError, match="velocity"):
         g.velocity(x, y, s)
-    ms = build_generator("tiny", kind="multistep", **SMALL)
+    ms = build_generator("tiny", kind="multistep", nfe=2, **SMALL)
     with pytest.raises(ValueError, match="s: required"):
         ms(x, y)
     with pytest.raises(ValueError, match="t: required"):
@@ -355,3 +357,107 @@ def test_forward_input_errors():
         build_discriminator("tiny", time_cond=True, **SMALL)(x, y)
     with pytest.raises(ValueError, match="t: required"):
         build_classifier("tiny", **SMALL)(x, None)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fresh init follows the official code (layers created after DiT's initialize_weights keep PyTorch's
+# default init) and the step-count defaults
+# ---------------------------------------------------------------------------------------------------
+
+
+def _assert_default_linear_init(t, fan_in, tol=0.25):
+    """nn.Linear's default: kaiming-uniform weight and bias both uniform in +-1/sqrt(fan_in)."""
+    bound = 1.0 / fan_in**0.5
+    assert t.abs().max().item() <= bound + 1e-7
+    assert torch.count_nonzero(t) == t.numel()
+    expected_std = bound / 3**0.5  # std of U(-b, b)
+    assert abs(t.std().item() / expected_std - 1) < tol, (t.std().item(), expected_std)
+
+
+def _assert_normal_002(t, tol=0.25):
+    assert abs(t.std().item() / 0.02 - 1) < tol, t.std().item()
+
+
+def _assert_dit_init(model):
+    """What DiT's initialize_weights leaves: zero adaLN modulation, zero trunk / t_embedder biases."""
+    for block in model.blocks:
+        for lin in (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2):
+            assert torch.count_nonzero(lin.bias) == 0
+        assert torch.count_nonzero(block.adaLN_modulation[-1].weight) == 0
+        assert torch.count_nonzero(block.adaLN_modulation[-1].bias) == 0
+    if hasattr(model, "t_embedder"):
+        _assert_normal_002(model.t_embedder.mlp[2].weight)
+        assert torch.count_nonzero(model.t_embedder.mlp[0].bias) == 0
+        assert torch.count_nonzero(model.t_embedder.mlp[2].bias) == 0
+    assert torch.count_nonzero(model.x_embedder.proj.bias) == 0
+
+
+def _fresh(builder, meta, **kw):
+    """A freshly built model, or one built on the meta device, materialised and re-initialised."""
+    torch.manual_seed(0)
+    if not meta:
+        return builder("tiny", **kw)
+    with torch.device("meta"):
+        model = builder("tiny", **kw)
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))  # to_empty leaves garbage; make any layer init_weights misses visible
+    model.init_weights()
+    return model
+
+
+@pytest.mark.parametrize("meta", [False, True], ids=["fresh", "meta+to_empty"])
+def test_anystep_target_time_embedder_init_follows_official(meta):
+    g = _fresh(build_generator, meta, kind="anystep", **SMALL)
+    width = SIZES["tiny"].width
+    mlp = g.t_tgt_embedder.mlp
+    _assert_normal_002(mlp[0].weight)
+    _assert_normal_002(mlp[2].weight)
+    _assert_default_linear_init(mlp[0].bias, fan_in=256)  # PyTorch default bias, not zero
+    _assert_default_linear_init(mlp[2].bias, fan_in=width)
+    _assert_dit_init(g)
+    assert torch.count_nonzero(g.final_layer.linear.weight) == 0 and torch.count_nonzero(g.final_layer.linear.bias) == 0
+    assert not any(torch.isnan(p).any() for p in g.parameters())
+
+
+@pytest.mark.parametrize("meta", [False, True], ids=["fresh", "meta+to_empty"])
+def test_classifier_head_init_follows_official(meta):
+    c = _fresh(build_classifier, meta, in_channels=3, input_size=8, num_classes=1000)
+    width = SIZES["tiny"].width
+    _assert_default_linear_init(c.final_layer[1].weight, fan_in=width)
+    _assert_default_linear_init(c.final_layer[1].bias, fan_in=width)
+    _assert_normal_002(c.cls_embed)
+    _assert_dit_init(c)
+    assert not any(torch.isnan(p).any() for p in c.parameters())
+
+
+@pytest.mark.parametrize("meta", [False, True], ids=["fresh", "meta+to_empty"])
+def test_discriminator_head_init_follows_official(meta):
+    d = _fresh(build_discriminator, meta, time_cond=True, **SMALL)
+    width = SIZES["tiny"].width
+    assert d.final_layer[1].bias is None
+    _assert_default_linear_init(d.final_layer[1].weight, fan_in=width)
+    _assert_normal_002(d.dis_embed)
+    _assert_dit_init(d)
+    assert not any(torch.isnan(p).any() for p in d.parameters())
+
+
+def test_other_generator_kinds_keep_dit_init():
+    for kw in (dict(), dict(repeats=2), dict(kind="multistep", nfe=2)):
+        g = build_generator("tiny", **kw, **SMALL)
+        _assert_dit_init(g)
+        assert torch.count_nonzero(g.final_layer.linear.weight) == 0
+
+
+def test_nfe_defaults_by_kind():
+    anys = build_generator("tiny", kind="anystep", **SMALL)
+    assert anys.nfe == 8 and anys.config["nfe"] == 8  # the official any-step inference uses 8 steps
+    assert build_generator(**anys.config).config == anys.config
+    assert build_generator("tiny", kind="anystep", nfe=3, **SMALL).nfe == 3
+    assert build_generator("tiny", **SMALL).nfe == 1
+    assert build_generator("tiny", repeats=2, **SMALL).nfe == 1
+    ms = build_generator("tiny", kind="multistep", nfe=4, **SMALL)
+    assert build_generator(**ms.config).config == ms.config
+    with pytest.raises(ValueError, match="nfe: a 'multistep' generator .* pass nfe=K"):
+        build_generator("tiny", kind="multistep", **SMALL)

@@ -14,6 +14,10 @@ t_embedder.mlp.0/.2, y_embedder.embedding_table, blocks.N.attn.qkv, ..., final_l
 D: dis_embed and final_layer.1; anystep: t_tgt_embedder; classifier: cls_embed) so the released AFM
 checkpoints load by name (see advflow.trainers.dit_checkpoint).
 
+Fresh weights follow the official code: DiT's initialize_weights(), then PyTorch's default init for
+the modules the official models add after it (see `_DiTTrunk.init_weights`). Sampling steps nfe
+default to 1 ("1nfe") and 8 ("anystep"); a "multistep" generator needs nfe=K.
+
 Conventions: images/latents (N, C, H, W); labels y (N,) long; flow times s, t (N,) float in [0, 1]
 with t = 1 noise and t = 0 data. Timesteps are embedded as sinusoids of 1000 * t (DiT scaling).
 """
@@ -46,6 +50,7 @@ __all__ = [
 ]
 
 KINDS = ("1nfe", "multistep", "anystep")
+ANYSTEP_DEFAULT_NFE = 8  # the official inference samples any-step generators with 8 steps
 TIME_FREQ_DIM = 256  # width of the sinusoidal timestep features fed to the embedder MLP (DiT value)
 LN_EPS = 1e-6
 
@@ -116,8 +121,10 @@ class GeneratorOptions:
     num_classes: rows of the class-embedding table (labels y in [0, num_classes)).
     kind: "1nfe" (G(z, y) predicts data), "multistep" (fixed K steps; velocity embeds s) or
         "anystep" (velocity embeds s and t).
-    nfe: K, the number of network evaluations used to sample (1 for "1nfe"; the default step count
-        for "anystep").
+    nfe: K, the number of network evaluations used to sample. Default (None): 1 for "1nfe", 8 for
+        "anystep" (the official inference uses 8 steps; `generate(..., nfe=...)` may pick another
+        count); "multistep" has no default, its K is part of the model (pass nfe=K). The resolved
+        value is stored, so `.config` always holds an int and `build_generator(**G.config)` rebuilds.
     repeats: R, depth repetition: the same blocks run R times (1NFE only; R > 1 adds a timestep
         embedder for the per-pass times 1 - i/R). The trainer scales G's learning rate by 1/R.
     """
@@ -127,13 +134,20 @@ class GeneratorOptions:
     input_size: int = 32
     num_classes: int = 1000
     kind: str = "1nfe"
-    nfe: int = 1
+    nfe: int | None = None
     repeats: int = 1
 
     def __post_init__(self):
         _check_common(self)
         if self.kind not in KINDS:
             raise ValueError(f"kind: unknown generator kind {self.kind!r}; choose one of {list(KINDS)}")
+        if self.nfe is None:
+            if self.kind == "multistep":
+                raise ValueError(
+                    "nfe: a 'multistep' generator is trained for a fixed number of steps K and has no default; "
+                    "pass nfe=K (e.g. nfe=2 or nfe=4)"
+                )
+            object.__setattr__(self, "nfe", 1 if self.kind == "1nfe" else ANYSTEP_DEFAULT_NFE)
         _check_int("nfe", self.nfe, 1)
         _check_int("repeats", self.repeats, 1)
         if self.kind == "1nfe" and self.nfe != 1:
@@ -371,7 +385,13 @@ class _DiTTrunk(nn.Module):
     # -- init ------------------------------------------------------------------------------------
     @torch.no_grad()
     def init_weights(self) -> None:
-        """(Re)initialise every weight: xavier linears, zeroed adaLN modulation and output layers.
+        """(Re)initialise every weight as the official AFM code does.
+
+        First DiT's `initialize_weights()`: xavier-uniform Linear weights and zero biases, the patch
+        conv as a flat xavier linear, the fixed sin-cos pos_embed, normal(0.02) timestep-MLP weights
+        and label table, zeroed adaLN modulation. Then `_init_head` handles what the official models
+        create only after that call (see the subclasses): those layers keep PyTorch's default init
+        (reset here with `reset_parameters()`) except where the official code sets them explicitly.
 
         Also usable after `to_empty()` on a model built on the meta device.
         """
@@ -396,7 +416,7 @@ class _DiTTrunk(nn.Module):
                 nn.init.zeros_(m.adaLN_modulation[-1].bias)
         self._init_head()
 
-    def _init_head(self) -> None:  # overridden per role
+    def _init_head(self) -> None:  # overridden per role: modules the official code adds after DiT's init
         pass
 
     # -- input checks ----------------------------------------------------------------------------
@@ -480,9 +500,16 @@ class Generator(_DiTTrunk):
         self.init_weights()
 
     def _init_head(self) -> None:
-        # Zero output layer: the generator starts as the zero map (adaLN-Zero).
+        # Zero output layer: the generator starts as the zero map (adaLN-Zero; DiT's init).
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
+        if self.kind == "anystep":
+            # As the official any-step model: t_tgt_embedder is created after DiT's init, its two MLP
+            # weights are then set to normal(0.02) and its biases keep PyTorch's default Linear init
+            # (uniform in +-1/sqrt(fan_in)).
+            for linear in (self.t_tgt_embedder.mlp[0], self.t_tgt_embedder.mlp[2]):
+                linear.reset_parameters()
+                nn.init.normal_(linear.weight, std=0.02)
 
     def _network(self, x, y, s, t) -> torch.Tensor:
         h = self._tokens(x)  # (N, T, D)
@@ -555,7 +582,8 @@ class Discriminator(_DiTTrunk):
     """DiT discriminator D(x, y, t=None) -> (N,) logits; see DiscriminatorOptions.
 
     Class (and with time_cond the time t) condition the blocks through adaLN; a learned [CLS] token
-    (dis_embed) is read out via LayerNorm (no affine) and a bias-free Linear(D, 1).
+    (dis_embed) is read out via LayerNorm (no affine) and a bias-free Linear(D, 1), which keeps PyTorch's
+    default init as in the official code (see init_weights).
     """
 
     def __init__(self, opts: DiscriminatorOptions):
@@ -575,8 +603,10 @@ class Discriminator(_DiTTrunk):
         self.init_weights()
 
     def _init_head(self) -> None:
+        # As the official discriminator: dis_embed = randn * 0.02; the logit Linear(D, 1, bias=False) is
+        # created after DiT's init, so it keeps PyTorch's default (kaiming-uniform) weight.
         nn.init.normal_(self.dis_embed, std=0.02)
-        nn.init.normal_(self.final_layer[1].weight, std=0.02)
+        self.final_layer[1].reset_parameters()
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
         n = self._check_x(x)
@@ -588,7 +618,11 @@ class Discriminator(_DiTTrunk):
 
 
 class Classifier(_DiTTrunk):
-    """Time-conditioned DiT classifier C(x_t, t) -> (N, num_classes) logits; no label input."""
+    """Time-conditioned DiT classifier C(x_t, t) -> (N, num_classes) logits; no label input.
+
+    The [CLS] token (cls_embed) is read out via LayerNorm (no affine) and Linear(D, num_classes), which
+    keeps PyTorch's default weight and bias init as in the official code (see init_weights).
+    """
 
     def __init__(self, opts: ClassifierOptions):
         size = _size(opts.name)
@@ -604,8 +638,10 @@ class Classifier(_DiTTrunk):
         self.init_weights()
 
     def _init_head(self) -> None:
+        # As the official classifier: cls_embed = randn * 0.02; the head Linear(D, num_classes) is
+        # created after DiT's init, so weight and bias keep PyTorch's default init.
         nn.init.normal_(self.cls_embed, std=0.02)
-        nn.init.normal_(self.final_layer[1].weight, std=0.02)
+        self.final_layer[1].reset_parameters()
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         n = self._check_x(x)
