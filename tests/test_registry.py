@@ -458,6 +458,184 @@ def test_legacy_loader_shim_reexports_the_loader_hook_only():
 
 
 # ----------------------------------------------------------------------------------------------------
+# Classifiers (classifier guidance): log_classifier / load_classifier
+# ----------------------------------------------------------------------------------------------------
+
+
+def _tiny_classifier(seed: int = 0) -> torch.nn.Module:
+    """Tiny classifier with random (not initial) weights, so logits depend on x and t."""
+    from advflow.trainers.models import build_classifier
+
+    torch.manual_seed(seed)
+    C = build_classifier("tiny", in_channels=1, input_size=8, num_classes=10)
+    with torch.no_grad():
+        for p in C.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    return C.eval()
+
+
+def _log_classifier(C, name: str | None, **kw) -> registry.RegisteredGenerator:
+    import mlflow
+
+    mlflow.set_experiment("registry-tests")
+    with mlflow.start_run():
+        return registry.log_classifier(C, data_shape=SHAPE, num_classes=10, registered_name=name, encoder=PIXEL, **kw)
+
+
+def _xt(n: int = 12, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *SHAPE, generator=g), torch.rand(n, generator=g)
+
+
+def test_log_classifier_registers_a_pickle_free_model_that_loads_everywhere(mlflow_env, tmp_path, monkeypatch):
+    import mlflow
+
+    from advflow.trainers.models import Classifier
+
+    def no_load(*a, **k):
+        raise AssertionError("log_classifier must not load the model (no serving-input validation)")
+
+    monkeypatch.setattr(model_format, "_load_pyfunc", no_load)
+    name, C = _name(), _tiny_classifier(1)
+    done = _log_classifier(C, name, step=40, tags={"data.prefix": "s3://b/d"}, metrics={"eval/acc_t0.00": 0.75},
+                           t_range=(0.0, 0.9))
+    run_id = mlflow.last_active_run().info.run_id
+    monkeypatch.undo()
+    assert done.version == "1" and done.registry_uri == f"models:/{name}/1"
+    mv = mlflow.MlflowClient().get_model_version(name, "1")
+    assert mv.tags == {"data.prefix": "s3://b/d", "metric.eval/acc_t0.00": "0.75", "run_id": run_id, "step": "40",
+                       "source": "train"}
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/1", dst_path=str(tmp_path / "dl")))
+    files = [p for p in local.rglob("*") if p.is_file()]
+    assert {"MLmodel", "weights.safetensors", "classifier.json", "input_example.json"} <= {p.name for p in files}
+    assert [p for p in files if _looks_pickled(p)] == [] and scan_model_dir(local) == len(files)
+    mlmodel = yaml.safe_load((local / "MLmodel").read_text())
+    assert mlmodel["flavors"]["python_function"]["loader_module"] == registry.LOADER_MODULE
+    assert mlmodel["metadata"] == {"advflow_format": "advflow-classifier", "advflow_format_version": 1}
+    assert [(i["name"], i["tensor-spec"]["shape"]) for i in json.loads(mlmodel["signature"]["inputs"])] == [
+        ("x", [-1, 1, 8, 8]), ("t", [-1])]
+    reqs = (local / "requirements.txt").read_text().split()
+    assert all("==" in r for r in reqs) and {r.split("==")[0] for r in reqs} >= {"torch", "safetensors", "numpy"}
+    data_dir = local / mlmodel["flavors"]["python_function"]["data"]
+    meta = json.loads((data_dir / "classifier.json").read_text())
+    assert meta["t_range"] == [0.0, 0.9] and meta["encoder"] == PIXEL and meta["classifier"] == C.config
+
+    x, t = _xt()
+    with torch.no_grad():
+        want = C(x, t)
+    mlflow.MlflowClient().set_registered_model_alias(name, "champion", "1")
+    for ref in (f"models:/{name}/1", f"models:/{name}@champion", f"models:/{done.model_id}",
+                f"runs:/{run_id}/classifier", str(local), str(data_dir), f"file://{local}"):
+        got = registry.load_classifier(ref, device="cpu")
+        assert isinstance(got, Classifier) and not got.training, ref
+        assert not any(p.requires_grad for p in got.parameters()), ref
+        assert got.spec.t_range == (0.0, 0.9) and got.spec.data_shape == SHAPE, ref
+        with torch.no_grad():
+            assert torch.equal(got(x, t), want), ref
+    assert registry.load_classifier(f"models:/{name}@champion").source["version"] == "1"
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{name}/1", model_config={"device": "cpu"})
+    out = pyfunc.predict({"x": x.numpy(), "t": t.numpy()})
+    assert out.dtype == np.float32 and np.allclose(out, want.numpy(), atol=1e-6)
+    with pytest.raises(ValueError, match=r"dict of arrays \{'x'"):
+        model_format._load_pyfunc(str(data_dir)).predict(pd.DataFrame({"t": [0.5]}))
+    # A classifier is not a generator, and the other way round: each loader says so.
+    with pytest.raises(model_format.ModelFormatError, match="load_classifier"):
+        registry.load_generator(f"models:/{name}/1")
+    gname = _name()
+    _log(_tiny(), gname)
+    with pytest.raises(model_format.ModelFormatError, match="an advflow generator"):
+        registry.load_classifier(f"models:/{gname}/1")
+
+
+def test_log_classifier_rejects_bad_input(mlflow_env):
+    C = _tiny_classifier()
+    with pytest.raises(ValueError, match="expected an advflow Classifier"):
+        _log_classifier(torch.nn.Linear(2, 2), None)
+    with pytest.raises(model_format.ModelFormatError, match="data_shape"):
+        registry.log_classifier(C, data_shape=(3, 8, 8), num_classes=10, registered_name=None)
+    with pytest.raises(model_format.ModelFormatError, match="num_classes"):
+        registry.log_classifier(C, data_shape=SHAPE, num_classes=7, registered_name=None)
+    with pytest.raises(ValueError, match="metrics"):
+        registry.log_classifier(C, data_shape=SHAPE, num_classes=10, registered_name=None,
+                                metrics={"eval/acc_t0.00": float("nan")})
+
+
+def test_tampered_classifier_versions_are_refused_and_never_unpickled(mlflow_env, tmp_path):
+    import mlflow
+
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps(Evil(marker), protocol=4)
+    name = _name()
+    _log_classifier(_tiny_classifier(), name)
+    clean = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/1", dst_path=str(tmp_path / "dl")))
+    data_rel = yaml.safe_load((clean / "MLmodel").read_text())["flavors"]["python_function"]["data"]
+    copy = tmp_path / "copy"
+    shutil.copytree(clean, copy)
+    (copy / data_rel / "classifier_notes.json").write_bytes(payload)
+    client = mlflow.MlflowClient()
+    exp = mlflow.get_experiment_by_name("registry-tests").experiment_id
+    evil = client.create_logged_model(exp, name="classifier")
+    client.log_model_artifacts(evil.model_id, str(copy))
+    client.finalize_logged_model(evil.model_id, "READY")
+    assert mlflow.register_model(f"models:/{evil.model_id}", name).version == "2"
+    for ref in (str(copy), str(copy / data_rel), f"models:/{name}/2"):
+        with pytest.raises(UnsafeArtifactError, match=r"classifier_notes.json.*never pickle"):
+            registry.load_classifier(ref)
+    with pytest.raises(UnsafeArtifactError, match="classifier_notes.json"):
+        mlflow.pyfunc.load_model(f"models:/{name}/2")
+    text = (clean / "MLmodel").read_text().replace(registry.LOADER_MODULE, "mlflow.sklearn")
+    (clean / "MLmodel").write_text(text)
+    with pytest.raises(UnsafeArtifactError, match="loader_module='mlflow.sklearn'"):
+        registry.load_classifier(str(clean))
+    assert not marker.exists()
+    registry.load_classifier(f"models:/{name}/1")  # the untampered version still loads
+    pickle.loads(payload)
+    assert marker.exists()
+
+
+def _checkpoint_like(root: Path, C, marker: Path) -> Path:
+    """The classifier files of a classifier-job checkpoint, next to a pickle where DeepSpeed's files go."""
+    from safetensors.torch import save_file
+
+    spec = model_format.ClassifierSpec(classifier=C.config, data_shape=SHAPE, num_classes=10, encoder=PIXEL)
+    root.mkdir(parents=True, exist_ok=True)
+    model_format.write_classifier_spec(spec, root)
+    save_file({k: v.contiguous() for k, v in C.state_dict().items()}, str(root / model_format.CHECKPOINT_WEIGHTS_FILE))
+    (root / "c" / "ds").mkdir(parents=True)
+    (root / "c" / "ds" / "mp_rank_00_model_states.pt").write_bytes(pickle.dumps(Evil(marker), protocol=4))
+    (root / "trainer.json").write_text(json.dumps({"format": 1, "step": 10}))
+    return root
+
+
+def test_load_classifier_from_local_and_s3_checkpoints_reads_only_its_two_files(tmp_path, s3_prefix):
+    from advflow.platform.data.storage import Storage
+
+    marker = tmp_path / "pwned"
+    C = _tiny_classifier(2)
+    ckpt = _checkpoint_like(tmp_path / "checkpoint_000010", C, marker)
+    storage = Storage(s3_prefix)
+    for p in ckpt.rglob("*"):
+        if p.is_file():
+            storage.write_atomic(str(p.relative_to(ckpt)), p.read_bytes())
+    x, t = _xt(seed=1)
+    with torch.no_grad():
+        want = C(x, t)
+    for ref in (str(ckpt), s3_prefix, s3_prefix + "/"):
+        got = registry.load_classifier(ref, device="cpu")
+        assert got.source["kind"] == "checkpoint" and not got.training, ref
+        with torch.no_grad():
+            assert torch.equal(got(x, t), want), ref
+    assert not marker.exists()  # the DeepSpeed-place pickle was never opened
+    with pytest.raises(model_format.ModelFormatError, match="checkpoint_000010"):
+        registry.load_classifier(str(tmp_path))  # a run folder: names the checkpoints to pass instead
+    (ckpt / "classifier.json").unlink()
+    with pytest.raises(model_format.ModelFormatError, match="classifier.json missing"):
+        registry.load_classifier(str(ckpt))  # e.g. an AFM checkpoint (ema.safetensors, no classifier.json)
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        registry.load_classifier(str(tmp_path / "nowhere"))
+
+
+# ----------------------------------------------------------------------------------------------------
 # Import of external checkpoints
 # ----------------------------------------------------------------------------------------------------
 

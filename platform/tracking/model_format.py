@@ -21,6 +21,16 @@ machine that loads the model, or be overridden: `load_generator(uri, vae_path=..
 `mlflow.pyfunc.load_model(uri, model_config={"vae_path": ...})` or the environment variable
 ADVFLOW_VAE_PATH (argument > model_config > env var > recorded path). The device is chosen the same
 way ("device" / ADVFLOW_DEVICE; default: cuda if available, else cpu).
+
+Classifiers (format "advflow-classifier", written by `write_classifier_data`; the time-conditioned
+classifier of classifier guidance, trained by jobs/train_classifier.py): the same folder layout with
+classifier.json (`ClassifierSpec`: builder config = C.config, data_shape, num_classes, the latents'
+encoder record, the training time range) instead of generator.json, and the same loader module:
+`_load_pyfunc` sees classifier.json and returns a `ClassifierModel`, whose `predict` takes a dict of
+float32 arrays {"x": (N, C, H, W) latents, "t": (N,) flow times} and returns float32 logits
+(N, num_classes). A classifier-job checkpoint holds the same classifier.json next to its EMA weights
+(ema.safetensors, `CHECKPOINT_WEIGHTS_FILE`), so `load_classifier_data(dir, weights_file=...)` reads
+either.
 """
 
 from __future__ import annotations
@@ -227,6 +237,9 @@ def load_model_data(data_dir: str | os.PathLike, *, vae_path: str | None = None,
 
     data_dir = Path(data_dir)
     spec_path, weights_path = data_dir / SPEC_FILE, data_dir / WEIGHTS_FILE
+    if not spec_path.is_file() and (data_dir / CLASSIFIER_SPEC_FILE).is_file():
+        raise ModelFormatError(f"model data {data_dir}: holds an advflow classifier ({CLASSIFIER_SPEC_FILE}), not a "
+                               "generator; load it with advflow.platform.tracking.registry.load_classifier")
     for p in (spec_path, weights_path):
         if not p.is_file():
             raise ModelFormatError(f"model data {data_dir}: {p.name} missing; this is not an advflow generator model")
@@ -256,8 +269,179 @@ def model_root(data_path: str | os.PathLike) -> Path:
     return p  # a bare data folder: scan what there is
 
 
-def _load_pyfunc(data_path: str, model_config: dict[str, Any] | None = None) -> GeneratorModel:
-    """MLflow's loader-module hook. Scans the whole model directory before reading anything."""
+def _load_pyfunc(data_path: str, model_config: dict[str, Any] | None = None) -> GeneratorModel | ClassifierModel:
+    """MLflow's loader-module hook. Scans the whole model directory before reading anything; a
+    folder with classifier.json is a classifier, anything else is read as a generator."""
     scan_model_dir(model_root(data_path))
     cfg = dict(model_config or {})
+    if (Path(data_path) / CLASSIFIER_SPEC_FILE).is_file():
+        return ClassifierModel.load(data_path, device=cfg.get("device"))
     return load_model_data(data_path, vae_path=cfg.get("vae_path"), device=cfg.get("device"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Classifier (format "advflow-classifier")
+# ----------------------------------------------------------------------------------------------------
+
+CLASSIFIER_SPEC_FILE = "classifier.json"
+CLASSIFIER_FORMAT = "advflow-classifier"
+CLASSIFIER_FORMAT_VERSION = 1
+CHECKPOINT_WEIGHTS_FILE = "ema.safetensors"
+"""The EMA weights in a classifier-job checkpoint (train.checkpoint.EMAState's file), next to classifier.json."""
+
+
+@dataclass(frozen=True)
+class ClassifierSpec:
+    """Everything besides the weights needed to rebuild a classifier (classifier.json).
+
+    classifier: C.config; `build_classifier(**classifier)` rebuilds the network.
+    data_shape: (C, H, W) of the latents it classifies. num_classes: logits per sample.
+    encoder: the dataset manifest's encoder record (which latent space the inputs must be in).
+    t_range: the flow times it was trained on (x_t = (1 - t) x + t z with t in t_range).
+    """
+
+    classifier: dict[str, Any]
+    data_shape: tuple[int, int, int]
+    num_classes: int
+    encoder: dict[str, Any] = field(default_factory=dict)
+    t_range: tuple[float, float] = (0.0, 1.0)
+
+    def __post_init__(self) -> None:
+        shape = tuple(int(s) for s in self.data_shape)
+        if len(shape) != 3 or min(shape) < 1:
+            raise ModelFormatError(f"data_shape: expected (C, H, W) of positive ints, got {self.data_shape!r}")
+        object.__setattr__(self, "data_shape", shape)
+        c = self.classifier
+        want = (c.get("in_channels"), c.get("input_size"), c.get("input_size"))
+        if shape != want:
+            raise ModelFormatError(
+                f"data_shape: {shape} does not match the classifier's (in_channels, input_size, input_size) = "
+                f"{want}; pass the shape of the latents the classifier was trained on")
+        if int(self.num_classes) != c.get("num_classes"):
+            raise ModelFormatError(f"num_classes: {self.num_classes} but the classifier has {c.get('num_classes')} "
+                                   "classes; pass the classifier's num_classes")
+        lo, hi = (float(v) for v in self.t_range)
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ModelFormatError(f"t_range: {list(self.t_range)} is not an interval inside [0, 1]")
+        object.__setattr__(self, "t_range", (lo, hi))
+        if not isinstance(self.encoder, dict):
+            raise ModelFormatError(f"encoder: expected the manifest's encoder dict, got {self.encoder!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": CLASSIFIER_FORMAT, "format_version": CLASSIFIER_FORMAT_VERSION,
+                "classifier": dict(self.classifier), "data_shape": list(self.data_shape),
+                "num_classes": int(self.num_classes), "encoder": dict(self.encoder), "t_range": list(self.t_range)}
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str) -> ClassifierSpec:
+        if not isinstance(obj, dict) or obj.get("format") != CLASSIFIER_FORMAT:
+            raise ModelFormatError(f"{where}: not an advflow classifier spec (format != {CLASSIFIER_FORMAT!r})")
+        if obj.get("format_version") != CLASSIFIER_FORMAT_VERSION:
+            raise ModelFormatError(f"{where}: format_version {obj.get('format_version')!r} is not supported "
+                                   f"(this advflow reads {CLASSIFIER_FORMAT_VERSION}); upgrade advflow")
+        try:
+            return cls(classifier=dict(obj["classifier"]), data_shape=tuple(obj["data_shape"]),
+                       num_classes=int(obj["num_classes"]), encoder=dict(obj.get("encoder") or {}),
+                       t_range=tuple(obj.get("t_range", (0.0, 1.0))))
+        except (KeyError, TypeError, ValueError) as e:
+            if isinstance(e, ModelFormatError):
+                raise ModelFormatError(f"{where}: {e}") from e
+            raise ModelFormatError(f"{where}: missing or malformed field ({e})") from e
+
+
+def write_classifier_data(classifier: torch.nn.Module, spec: ClassifierSpec, out_dir: str | os.PathLike) -> Path:
+    """Write weights.safetensors + classifier.json into out_dir (created); returns it."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in classifier.state_dict().items()}
+    save_file(state, str(out / WEIGHTS_FILE), metadata={"format": CLASSIFIER_FORMAT})
+    write_classifier_spec(spec, out)
+    return out
+
+
+def write_classifier_spec(spec: ClassifierSpec, out_dir: str | os.PathLike) -> Path:
+    """classifier.json alone (a classifier-job checkpoint writes it next to its EMA weights)."""
+    path = Path(out_dir) / CLASSIFIER_SPEC_FILE
+    path.write_text(json.dumps(spec.to_json(), indent=2, sort_keys=True))
+    return path
+
+
+def read_classifier_spec(data_dir: str | os.PathLike) -> ClassifierSpec:
+    path = Path(data_dir) / CLASSIFIER_SPEC_FILE
+    if not path.is_file():
+        raise ModelFormatError(f"{data_dir}: no {CLASSIFIER_SPEC_FILE}; this is not an advflow classifier")
+    try:
+        obj = json.loads(path.read_text())
+    except ValueError as e:
+        raise ModelFormatError(f"{path}: not valid JSON ({e})") from e
+    return ClassifierSpec.from_json(obj, str(path))
+
+
+def load_classifier_data(data_dir: str | os.PathLike, *, device: str | torch.device | None = None,
+                         weights_file: str = WEIGHTS_FILE):
+    """The classifier in data_dir (classifier.json + `weights_file`, safetensors), in eval mode with
+    requires_grad False, on `device` (argument > ADVFLOW_DEVICE > cuda if available, else cpu).
+    Reads only those two files; callers check them for pickle data first (registry.load_classifier,
+    `_load_pyfunc`)."""
+    from safetensors.torch import load_file
+
+    from advflow.trainers.models import build_classifier
+
+    data_dir = Path(data_dir)
+    spec = read_classifier_spec(data_dir)
+    weights_path = data_dir / weights_file
+    if not weights_path.is_file():
+        raise ModelFormatError(f"model data {data_dir}: {weights_file} missing; this is not a complete advflow "
+                               "classifier")
+    cfg = dict(spec.classifier)
+    try:
+        C = build_classifier(cfg.pop("name"), **cfg)
+    except (KeyError, ValueError) as e:
+        raise ModelFormatError(f"{data_dir / CLASSIFIER_SPEC_FILE}: classifier config does not build ({e})") from e
+    try:
+        C.load_state_dict(load_file(str(weights_path), device="cpu"), strict=True)
+    except RuntimeError as e:
+        raise ModelFormatError(f"{weights_path}: weights do not fit the classifier in {CLASSIFIER_SPEC_FILE} ({e})") from e
+    dev = device if isinstance(device, torch.device) else resolve_device(device or os.environ.get(DEVICE_ENV) or None)
+    C = C.to(dev).eval().requires_grad_(False)
+    C.spec = spec  # the ClassifierSpec it was loaded with (plain attribute, not a parameter)
+    return C
+
+
+class ClassifierModel:
+    """A loaded classifier as an MLflow pyfunc model: `.predict({"x": (N, C, H, W), "t": (N,)})` ->
+    float32 logits (N, num_classes). `.classifier` is the torch module, `.config` the spec dict."""
+
+    def __init__(self, classifier: torch.nn.Module, spec: ClassifierSpec) -> None:
+        self.classifier, self.spec = classifier, spec
+        self.device = next(classifier.parameters()).device
+
+    @classmethod
+    def load(cls, data_dir: str | os.PathLike, device: str | None = None) -> ClassifierModel:
+        C = load_classifier_data(data_dir, device=device)
+        return cls(C, C.spec)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.spec.to_json()
+
+    @torch.no_grad()
+    def logits(self, x: np.ndarray | torch.Tensor, t: np.ndarray | torch.Tensor) -> np.ndarray:
+        x = torch.as_tensor(np.asarray(x, dtype=np.float32))
+        t = torch.as_tensor(np.asarray(t, dtype=np.float32)).reshape(-1)
+        if x.ndim != 4 or tuple(x.shape[1:]) != self.spec.data_shape:
+            raise ValueError(f"x: expected float32 latents of shape (N, {', '.join(map(str, self.spec.data_shape))}), "
+                             f"got {tuple(x.shape)}")
+        if t.shape != (x.shape[0],):
+            raise ValueError(f"t: expected one flow time per row, shape ({x.shape[0]},), got {tuple(t.shape)}")
+        out = [self.classifier(x[i:i + MAX_BATCH].to(self.device), t[i:i + MAX_BATCH].to(self.device)).float().cpu()
+               for i in range(0, len(x), MAX_BATCH)]
+        return (torch.cat(out) if out else torch.empty(0, self.spec.num_classes)).numpy()
+
+    def predict(self, model_input, params: dict[str, Any] | None = None) -> np.ndarray:
+        if not isinstance(model_input, dict) or "x" not in model_input or "t" not in model_input:
+            raise ValueError("model input: a dict of arrays {'x': float32 (N, C, H, W) latents, 't': float32 (N,) "
+                             "flow times} is required (JSON: {\"inputs\": {\"x\": [...], \"t\": [...]}})")
+        return self.logits(model_input["x"], model_input["t"])

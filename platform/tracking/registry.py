@@ -12,6 +12,12 @@
   for pickle data before reading anything, and returns a GeneratorModel (.generate(labels, seeds),
   .images(...), .config, .source). Versions whose MLmodel names the previous release's loader module
   (`advflow.platform.generator_pyfunc`, `LEGACY_LOADER_MODULES`) load too.
+- `log_classifier(C, ...)` logs the (EMA) time-conditioned classifier the same way (same loader
+  module, classifier.json instead of generator.json; signature: tensors `x` float32 (-1, C, H, W)
+  and `t` float32 (-1,) -> float32 `logits` (-1, num_classes)), registers and tags it likewise.
+- `load_classifier(ref, device)` returns the classifier module itself (eval mode, frozen) from a
+  registry / run URI, a local registered-model folder or a classifier-job checkpoint, never
+  unpickling anything: the AFM worker's entry point for classifier guidance.
 """
 
 from __future__ import annotations
@@ -77,7 +83,10 @@ class _PyfuncWithoutServingCheck:
 
 
 def _pip_requirements(decoder: dict[str, Any]) -> list[str]:
-    names = list(_REQUIREMENTS) + (["diffusers"] if decoder.get("name") == "sd-vae" else [])
+    return _pinned(list(_REQUIREMENTS) + (["diffusers"] if decoder.get("name") == "sd-vae" else []))
+
+
+def _pinned(names: list[str]) -> list[str]:
     reqs = []
     for name in names:
         try:
@@ -140,9 +149,6 @@ def log_generator(
     results written as `metric.<key>` version tags (jobs/promote.py --best-metric reads them).
     source: "train" (the training loop) or "import" (jobs/register_checkpoint.py).
     """
-    import mlflow
-    from mlflow.models import Model
-
     if source not in SOURCES:
         raise ValueError(f"source: {source!r} unknown; use one of {list(SOURCES)}")
     config = getattr(generator, "config", None)
@@ -151,29 +157,50 @@ def log_generator(
                          "pass the plain (EMA) module, not a DeepSpeed/DDP wrapper")
     spec = fmt.GeneratorSpec(generator=dict(config), decoder=dict(decoder), data_shape=tuple(data_shape),
                              num_classes=int(num_classes))
-    extra = _check_tags(tags, metrics)
-    if run_id is None and mlflow.active_run() is not None:
-        run_id = mlflow.active_run().info.run_id
-    version_tags = {**extra, "run_id": run_id or "none", "step": "none" if step is None else str(int(step)),
-                    "source": source}
+    run_id, version_tags = _version_tags(tags, metrics, run_id, step, source)
 
     with tempfile.TemporaryDirectory(prefix="advflow-model-") as tmp:
         data_dir = fmt.write_model_data(generator, spec, Path(tmp) / "generator")
-        info = Model.log(
-            artifact_path=None,
-            name=name,
-            flavor=_PyfuncWithoutServingCheck,
-            flavor_name="pyfunc",
-            loader_module=LOADER_MODULE,
-            data_path=str(data_dir),
-            signature=_signature(spec),
-            input_example=_input_example(spec.num_classes),
+        return _log_and_register(
+            data_dir, name=name, signature=_signature(spec), input_example=_input_example(spec.num_classes),
             pip_requirements=_pip_requirements(spec.decoder),
             metadata={"advflow_format": fmt.FORMAT, "advflow_format_version": fmt.FORMAT_VERSION},
-            run_id=run_id,
-            step=int(step or 0),
-            tags=version_tags,
-        )
+            run_id=run_id, step=step, version_tags=version_tags, registered_name=registered_name)
+
+
+def _log_and_register(data_dir: Path, *, name: str, signature, input_example, pip_requirements: list[str],
+                      metadata: dict[str, Any], run_id: str | None, step: int | None, version_tags: dict[str, str],
+                      registered_name: str | None, in_run_experiment: bool = False) -> RegisteredGenerator:
+    """Log `data_dir` as a pyfunc model with advflow's loader module (no code paths); register it.
+
+    in_run_experiment: file the LoggedModel under `run_id`'s experiment. Without an active run MLflow
+    files it under the process's active experiment, which in a training worker is the Default one,
+    so `runs:/RUN_ID/NAME` (resolved within the run's experiment) would not find it."""
+    import mlflow
+    from mlflow.models import Model
+
+    model_id = None
+    if in_run_experiment and run_id is not None and mlflow.active_run() is None:
+        run = mlflow.MlflowClient().get_run(run_id)
+        model_id = mlflow.initialize_logged_model(
+            name=name, source_run_id=run_id, experiment_id=run.info.experiment_id, tags=version_tags,
+            params={k: str(v) for k, v in run.data.params.items()}).model_id
+    info = Model.log(
+        artifact_path=None,
+        name=name,
+        flavor=_PyfuncWithoutServingCheck,
+        flavor_name="pyfunc",
+        loader_module=LOADER_MODULE,
+        data_path=str(data_dir),
+        signature=signature,
+        input_example=input_example,
+        pip_requirements=pip_requirements,
+        metadata=metadata,
+        run_id=run_id,
+        step=int(step or 0),
+        tags=version_tags,
+        **({"model_id": model_id} if model_id else {}),
+    )
     version = None
     if registered_name:
         mv = mlflow.register_model(info.model_uri, registered_name, await_registration_for=REGISTRY_WAIT_S,
@@ -181,6 +208,81 @@ def log_generator(
         version = str(mv.version)
     return RegisteredGenerator(model_uri=info.model_uri, model_id=info.model_id, version=version,
                                name=registered_name)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Classifiers (classifier guidance)
+# ----------------------------------------------------------------------------------------------------
+
+_CLASSIFIER_REQUIREMENTS = ("torch", "safetensors", "numpy")
+
+
+def _classifier_signature(spec: fmt.ClassifierSpec):
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    f32 = np.dtype(np.float32)
+    return ModelSignature(
+        inputs=Schema([TensorSpec(f32, (-1, *spec.data_shape), "x"), TensorSpec(f32, (-1,), "t")]),
+        outputs=Schema([TensorSpec(f32, (-1, spec.num_classes), "logits")]),
+    )
+
+
+def _classifier_input_example(spec: fmt.ClassifierSpec) -> dict:
+    import numpy as np
+
+    return {"x": np.zeros((2, *spec.data_shape), dtype=np.float32), "t": np.array([0.0, 0.5], dtype=np.float32)}
+
+
+def log_classifier(
+    classifier: torch.nn.Module,
+    *,
+    data_shape: tuple[int, int, int],
+    num_classes: int,
+    registered_name: str | None,
+    encoder: dict | None = None,
+    t_range: tuple[float, float] = (0.0, 1.0),
+    tags: dict[str, str] | None = None,
+    name: str = "classifier",
+    step: int | None = None,
+    run_id: str | None = None,
+    metrics: dict[str, float] | None = None,
+    source: str = "train",
+) -> RegisteredGenerator:
+    """Log `classifier` (pass the EMA module) as a pickle-free pyfunc model; optionally register it.
+
+    data_shape: (C, H, W) of the latents it classifies. encoder: the dataset manifest's encoder record
+    (the latent space of its inputs). t_range: the flow times it was trained on. run_id, step,
+    metrics (`metric.<key>` version tags), tags, source: as for `log_generator`. Returns the same
+    record as `log_generator` (model_uri, model_id, version, name)."""
+    if source not in SOURCES:
+        raise ValueError(f"source: {source!r} unknown; use one of {list(SOURCES)}")
+    config = getattr(classifier, "config", None)
+    if not isinstance(config, dict) or "name" not in config or "num_classes" not in config:
+        raise ValueError("classifier: expected an advflow Classifier (with .config from build_classifier); "
+                         "pass the plain (EMA) module, not a DeepSpeed/DDP wrapper")
+    spec = fmt.ClassifierSpec(classifier=dict(config), data_shape=tuple(data_shape), num_classes=int(num_classes),
+                              encoder=dict(encoder or {}), t_range=tuple(t_range))
+    run_id, version_tags = _version_tags(tags, metrics, run_id, step, source)
+    with tempfile.TemporaryDirectory(prefix="advflow-model-") as tmp:
+        data_dir = fmt.write_classifier_data(classifier, spec, Path(tmp) / "classifier")
+        return _log_and_register(
+            data_dir, name=name, signature=_classifier_signature(spec), input_example=_classifier_input_example(spec),
+            pip_requirements=_pinned(list(_CLASSIFIER_REQUIREMENTS)),
+            metadata={"advflow_format": fmt.CLASSIFIER_FORMAT, "advflow_format_version": fmt.CLASSIFIER_FORMAT_VERSION},
+            run_id=run_id, step=step, version_tags=version_tags, registered_name=registered_name,
+            in_run_experiment=True)
+
+
+def _version_tags(tags, metrics, run_id, step, source) -> tuple[str | None, dict[str, str]]:
+    import mlflow
+
+    extra = _check_tags(tags, metrics)
+    if run_id is None and mlflow.active_run() is not None:
+        run_id = mlflow.active_run().info.run_id
+    return run_id, {**extra, "run_id": run_id or "none", "step": "none" if step is None else str(int(step)),
+                    "source": source}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -255,3 +357,104 @@ def load_generator(model_uri: str, *, vae_path: str | None = None, device: str |
         model = fmt.load_model_data(data_dir, vae_path=vae_path, device=device)
     model.source = info
     return model
+
+
+def load_classifier(ref: str, device: str | torch.device | None = None) -> torch.nn.Module:
+    """The EMA classifier at `ref`, in eval mode with requires_grad False, on `device` (default:
+    ADVFLOW_DEVICE, else cuda if available, else cpu). Nothing is ever unpickled.
+
+    ref: `models:/NAME/VERSION`, `models:/NAME@alias` (pinned to its version first), `models:/<model_id>`,
+    `runs:/RUN_ID/PATH` (PATH: the name of a model the run logged, e.g. `classifier`, or a model folder
+    logged as run artifacts) — MLflow downloads it, every file of the model is scanned for pickle data
+    before anything is read, and MLmodel must name advflow's loader module with no code; a local folder of
+    that format (the downloaded model, holding MLmodel, or its bare data folder: weights.safetensors +
+    classifier.json; scanned whole); or a checkpoint directory written by the classifier job, local or
+    `s3://...`, of which only classifier.json and the EMA weights (ema.safetensors) are checked and
+    read (its DeepSpeed files are never opened).
+
+    The returned `advflow.trainers.models.Classifier` has `.spec` (the ClassifierSpec: data shape,
+    num_classes, encoder, t_range) and `.source` (what was loaded: uri, name, version, run_id)."""
+    ref = os.fspath(ref)
+    if ref.startswith("s3://"):
+        with tempfile.TemporaryDirectory(prefix="advflow-classifier-") as tmp:
+            local = _download_checkpoint_files(ref, Path(tmp))
+            C = _load_checkpoint_classifier(local, device, where=ref)
+        C.source = {"requested": ref, "uri": ref, "name": None, "version": None, "run_id": None, "kind": "checkpoint"}
+        return C
+    if ref.startswith("file://"):
+        return _load_local_classifier(Path(ref[len("file://"):]), device)
+    if not ref.startswith(("models:", "runs:")) and "://" not in ref:
+        return _load_local_classifier(Path(ref), device)
+
+    import mlflow
+
+    info = resolve_model_uri(ref)
+    with tempfile.TemporaryDirectory(prefix="advflow-load-") as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=info["uri"], dst_path=tmp))
+        C = _load_model_folder(local, device)
+    C.source = {**info, "kind": "model"}
+    return C
+
+
+def _load_local_classifier(path: Path, device) -> torch.nn.Module:
+    if not path.is_dir():
+        raise FileNotFoundError(f"classifier {path}: no such directory; pass models:/NAME/VERSION, runs:/..., a "
+                                "downloaded classifier model folder or a classifier-job checkpoint directory")
+    info = {"requested": str(path), "uri": str(path.resolve()), "name": None, "version": None, "run_id": None}
+    if (path / "MLmodel").is_file() or ((path / fmt.WEIGHTS_FILE).is_file() and not (path / "trainer.json").is_file()):
+        C = _load_model_folder(path, device)
+        C.source = {**info, "kind": "model"}
+    elif (path / fmt.CHECKPOINT_WEIGHTS_FILE).is_file() or (path / "trainer.json").is_file():
+        C = _load_checkpoint_classifier(path, device, where=str(path))
+        C.source = {**info, "kind": "checkpoint"}
+    else:
+        inside = sorted(p.name for p in path.glob("checkpoint_*"))
+        hint = f" It holds {inside[-3:]}: pass one of those checkpoint directories." if inside else ""
+        raise fmt.ModelFormatError(
+            f"classifier {path}: neither an MLflow model (MLmodel), a classifier model folder "
+            f"({fmt.WEIGHTS_FILE} + {fmt.CLASSIFIER_SPEC_FILE}) nor a classifier-job checkpoint "
+            f"({fmt.CHECKPOINT_WEIGHTS_FILE} + {fmt.CLASSIFIER_SPEC_FILE}).{hint}")
+    return C
+
+
+def _load_model_folder(path: Path, device) -> torch.nn.Module:
+    """A registered-model folder (MLmodel + data/...) or its bare data folder: scanned whole first."""
+    scan_model_dir(path)  # before anything in it is parsed beyond raw bytes
+    data_dir = _check_mlmodel(path) if (path / "MLmodel").is_file() else path
+    if not (data_dir / fmt.CLASSIFIER_SPEC_FILE).is_file():
+        what = "an advflow generator" if (data_dir / fmt.SPEC_FILE).is_file() else "not an advflow classifier"
+        raise fmt.ModelFormatError(f"model {path}: {what} (no {fmt.CLASSIFIER_SPEC_FILE} in {data_dir}); "
+                                   "pass a model logged by registry.log_classifier / jobs/train_classifier.py")
+    return fmt.load_classifier_data(data_dir, device=device)
+
+
+def _load_checkpoint_classifier(path: Path, device, where: str) -> torch.nn.Module:
+    """A classifier-job checkpoint: only classifier.json and ema.safetensors are checked and read."""
+    from advflow.platform.tracking.artifact_scan import file_problem
+
+    for name in (fmt.CLASSIFIER_SPEC_FILE, fmt.CHECKPOINT_WEIGHTS_FILE):
+        p = path / name
+        if not p.exists() and not p.is_symlink():
+            raise fmt.ModelFormatError(
+                f"checkpoint {where}: {name} missing; a classifier-job checkpoint holds {fmt.CLASSIFIER_SPEC_FILE} "
+                f"and {fmt.CHECKPOINT_WEIGHTS_FILE} (is this an AFM checkpoint, or an incomplete one?)")
+        why = file_problem(p)
+        if why is not None:
+            raise UnsafeArtifactError(
+                f"refusing to load classifier checkpoint {where}: file {name} {why}. A classifier checkpoint's "
+                "classifier.json and ema.safetensors are JSON and safetensors, never pickle, so this checkpoint "
+                "was tampered with or is not a classifier checkpoint; nothing in it was loaded.")
+    return fmt.load_classifier_data(path, device=device, weights_file=fmt.CHECKPOINT_WEIGHTS_FILE)
+
+
+def _download_checkpoint_files(uri: str, dst: Path) -> Path:
+    """classifier.json and ema.safetensors of an s3:// checkpoint, as raw bytes into dst."""
+    from advflow.platform.data.storage import Storage
+
+    storage = Storage(uri.rstrip("/"))
+    for name in (fmt.CLASSIFIER_SPEC_FILE, fmt.CHECKPOINT_WEIGHTS_FILE):
+        if not storage.exists(name):
+            raise fmt.ModelFormatError(f"checkpoint {uri}: {name} missing; a classifier-job checkpoint holds "
+                                       f"{fmt.CLASSIFIER_SPEC_FILE} and {fmt.CHECKPOINT_WEIGHTS_FILE}")
+        (dst / name).write_bytes(storage.read(name))
+    return dst

@@ -4,14 +4,21 @@ For debugging on a laptop and for tests that compare ZeRO stages (the Ray path a
 numerics; `ray_launch` runs the same `worker.run_worker`). The checkpoint protocol mirrors
 Ray Train's: every rank stages its files, they are merged into `checkpoint_{step:06d}/`, and the
 checkpoint counts only once rank 0 has written `COMPLETE` after a barrier.
+
+The per-worker entry is `worker.run_worker` (the AFM loop) unless the launch names another one as
+"module:function" (`entry=`; e.g. the classifier job's `advflow.platform.train.classifier:run_classifier_worker`);
+`resolve_entry` is shared with `ray_launch`. Every entry is called as `entry(config, ctx, device=...)`
+and returns a state with `.history`.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any, Callable
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -22,6 +29,19 @@ from advflow.platform.tracking.runs import tracking_uri
 from advflow.platform.train.worker import run_worker
 
 COMPLETE = "COMPLETE"
+
+
+def resolve_entry(entry: str | None) -> Callable[..., Any]:
+    """The per-worker entry named "module:function" (None: the AFM loop, `worker.run_worker`)."""
+    if entry is None:
+        return run_worker
+    module, sep, name = entry.partition(":")
+    if not sep or not module or not name:
+        raise ValueError(f"entry {entry!r}: expected 'package.module:function'")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"entry {entry!r}: cannot be imported ({err})") from err
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -62,22 +82,26 @@ def _worker(rank: int, world_size: int, port: int, config: dict, run_dir: str, o
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         ctx = LocalContext(rank, world_size, Path(run_dir), config["spec"]["run"]["keep_checkpoints"])
-        state = run_worker(config, ctx)
+        state = resolve_entry(config.get("entry"))(config, ctx)
         if rank == 0:
             Path(out_dir, "history.json").write_text(json.dumps(state.history))
     finally:
         dist.destroy_process_group()
 
 
-def run_local(spec: RunSpec, run_dir: str | Path, run_id: str | None = None) -> list[dict]:
+def run_local(spec: RunSpec, run_dir: str | Path, run_id: str | None = None, entry: str | None = None) -> list[dict]:
     """Train with `spec.distributed.workers` local processes; returns the per-step history.
-    `run_id`: the MLflow run rank 0 logs to (`tracking.open_run`), None for untracked."""
+    `run_id`: the MLflow run rank 0 logs to (`tracking.open_run`), None for untracked. `entry`: the
+    per-worker entry as "module:function" (None: the AFM loop); `spec` is whatever spec it reads."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     out = run_dir / "_out"
     out.mkdir(exist_ok=True)
     world = spec.distributed.workers
     config = {"spec": spec.to_dict(), "mlflow_run_id": run_id, "mlflow_uri": tracking_uri(spec) if run_id else None}
+    if entry is not None:
+        resolve_entry(entry)  # fail here, not in every spawned process
+        config["entry"] = entry
     mp.start_processes(_worker, args=(world, free_port(), config, str(run_dir), str(out)),
                        nprocs=world, join=True, start_method="spawn")
     return json.loads((out / "history.json").read_text())

@@ -22,7 +22,7 @@ from advflow.platform.config import RunSpec
 from advflow.platform.log import get_logger
 from advflow.platform.tracking.runs import tracking_uri
 from advflow.platform.train.callbacks import ProgressMeter
-from advflow.platform.train.worker import run_worker
+from advflow.platform.train.local_launch import resolve_entry
 
 log = get_logger(__name__)
 
@@ -54,17 +54,18 @@ class RayContext:
 
 
 def train_fn_per_worker(config: dict) -> None:
-    """Runs on every Ray Train worker: the shared worker entry with Ray Train's context."""
+    """Runs on every Ray Train worker: the shared worker entry with Ray Train's context
+    (`config["entry"]`, "module:function", when the launch named one; else the AFM loop)."""
     use_gpu = config["spec"]["distributed"]["use_gpu"]
     device = torch.device("cuda", ray.train.torch.get_device().index or 0) if use_gpu else torch.device("cpu")
-    run_worker(config, RayContext(), device=device)
+    resolve_entry(config.get("entry"))(config, RayContext(), device=device)
 
 
 class ProgressCallback(UserCallback):
     """Driver-side progress line at each checkpoint report (runs in Ray's controller)."""
 
-    def __init__(self, total_steps: int, global_batch: int):
-        self.meter = ProgressMeter(total_steps, global_batch)
+    def __init__(self, total_steps: int, global_batch: int, meter: ProgressMeter | None = None):
+        self.meter = meter or ProgressMeter(total_steps, global_batch)
 
     def after_report(self, run_context, metrics, checkpoint):
         m = metrics[0] if metrics else {}
@@ -91,15 +92,23 @@ def storage(spec: RunSpec) -> tuple[str, object | None]:
 
 
 def build_torch_trainer(spec: RunSpec, callbacks: list | None = None, run_id: str | None = None,
-                        progress: bool = True) -> TorchTrainer:
-    """The TorchTrainer for `spec`; `run_id` is the MLflow run rank 0 logs to (`tracking.open_run`)."""
+                        progress: bool = True, entry: str | None = None,
+                        meter: ProgressMeter | None = None) -> TorchTrainer:
+    """The TorchTrainer for `spec`; `run_id` is the MLflow run rank 0 logs to (`tracking.open_run`).
+
+    entry: the per-worker entry as "module:function" (None: the AFM loop, `worker.run_worker`); `spec`
+    is then that entry's spec (it needs `distributed`, `run`, `train`, `tracking` and `to_dict()`).
+    meter: the driver's progress line at each checkpoint (default: the AFM job's ProgressMeter)."""
     d = spec.distributed
     storage_path, fs = storage(spec)
     resources = {"CPU": d.cpus_per_worker}
+    loop_config = {"spec": spec.to_dict(), "mlflow_run_id": run_id, "mlflow_uri": tracking_uri(spec) if run_id else None}
+    if entry is not None:
+        resolve_entry(entry)  # fail on the driver, not on every worker
+        loop_config["entry"] = entry
     return TorchTrainer(
         train_fn_per_worker,
-        train_loop_config={"spec": spec.to_dict(), "mlflow_run_id": run_id,
-                           "mlflow_uri": tracking_uri(spec) if run_id else None},
+        train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=d.workers, use_gpu=d.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
@@ -108,7 +117,7 @@ def build_torch_trainer(spec: RunSpec, callbacks: list | None = None, run_id: st
             storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=spec.run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=spec.run.keep_checkpoints),
-            callbacks=[*([ProgressCallback(spec.train.steps, spec.train.global_batch)] if progress else []),
+            callbacks=[*([ProgressCallback(spec.train.steps, spec.train.global_batch, meter)] if progress else []),
                        *(callbacks or [])],
         ),
     )
