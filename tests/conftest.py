@@ -7,7 +7,6 @@ it would reach AWS S3 or MinIO.
 
 from __future__ import annotations
 
-import os
 import uuid
 
 import pytest
@@ -105,27 +104,3 @@ def digits(tmp_path_factory):
     out = tmp_path_factory.mktemp("digits")
     prepare(PrepareConfig(source="digits", out=str(out), encoder="pixel", shard_records=512))
     return str(out)
-
-
-@pytest.fixture(scope="session")
-def single_process_group():
-    """One world-size-1 process group for every in-process DeepSpeed engine of the session: DeepSpeed
-    caches the group it first saw, so the group must outlive every engine built in any test module
-    (a second group after a destroyed first one fails with "Group ... is not registered")."""
-    import torch
-    import torch.distributed as dist
-
-    from advflow.infra.local.proc import free_port
-
-    env = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(free_port()))
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v

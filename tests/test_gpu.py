@@ -11,6 +11,8 @@ the script itself cannot rot while no GPU is around.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -27,6 +29,23 @@ class _OneProcess:
 
     def restore_dir(self):
         return None
+
+
+@pytest.fixture(scope="module")
+def process_group():
+    import torch.distributed as dist
+
+    from advflow.infra.local.proc import free_port
+
+    env = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(free_port()))
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    dist.init_process_group("nccl" if CUDA else "gloo", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+    for k, v in saved.items():
+        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
 def _spec(prefix: str, stage: int, gpu: bool) -> RunSpec:
@@ -76,7 +95,7 @@ def _check_reloads_last(prefix: str, stage: int, gpu: bool) -> None:
         w.close()
 
 
-def test_reloads_last_in_process_fp32_zero1(digits, single_process_group):
+def test_reloads_last_in_process_fp32_zero1(digits, process_group):
     if CUDA:
         pytest.skip("the CUDA variants below run instead")
     _check_reloads_last(digits, 1, gpu=False)
@@ -84,5 +103,5 @@ def test_reloads_last_in_process_fp32_zero1(digits, single_process_group):
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (bf16 master weights)")
 @pytest.mark.parametrize("stage", [0, 1, 2])
-def test_bf16_reloads_last(digits, single_process_group, stage):
+def test_bf16_reloads_last(digits, process_group, stage):
     _check_reloads_last(digits, stage, gpu=True)

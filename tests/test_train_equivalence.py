@@ -124,6 +124,29 @@ class _OneProcess:
         return None
 
 
+@pytest.fixture(scope="module")
+def single_process_group():
+    """One gloo group for the whole module: DeepSpeed caches the group it first saw, so the group
+    must outlive every engine built here."""
+    import os
+
+    import torch.distributed as dist
+    from advflow.infra.local.proc import free_port
+
+    env = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(free_port()))
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @pytest.mark.parametrize("stage", [0, 1, 2])
 def test_steps_touch_only_their_own_network(digits, stage, single_process_group):
     """A G step leaves D's weights, gradients and optimizer state alone, and vice versa."""
