@@ -5,8 +5,8 @@ optimizer at stage 0, the ZeRO optimizer at 1/2), so an EMA or D reload written 
 module alone is undone by the next step. After a reload and several steps at lr ~ 0, the fp32
 master must equal the reloaded weights and the bf16 module their rounding.
 
-The same in-process procedure also runs on CPU in fp32 (ZeRO 1, one process) in the normal suite, so
-the script itself cannot rot while no GPU is around.
+Skipped, not run, on CPU: these tests create their own process group, and DeepSpeed caches the first
+group it sees, so a second one would break tests/test_train_equivalence.py in the same session.
 """
 
 from __future__ import annotations
@@ -93,12 +93,6 @@ def _check_reloads_last(prefix: str, stage: int, gpu: bool) -> None:
             torch.testing.assert_close(p.detach().float(), want.to(p.dtype).float(), rtol=0, atol=1e-7)
     finally:
         w.close()
-
-
-def test_reloads_last_in_process_fp32_zero1(digits, process_group):
-    if CUDA:
-        pytest.skip("the CUDA variants below run instead")
-    _check_reloads_last(digits, 1, gpu=False)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (bf16 master weights)")
