@@ -247,6 +247,36 @@ def test_discriminator_depends_on_x_y_and_t():
     assert not hasattr(d0, "t_embedder")
 
 
+@pytest.mark.parametrize("role,kind", [("g", "1nfe"), ("g", "multistep"), ("g", "anystep"), ("g", "deep"),
+                                       ("d", None), ("d", "time"), ("c", None)])
+def test_bf16_weights_take_fp32_inputs_and_return_fp32(role, kind):
+    """DeepSpeed's bf16 mode casts the module to bf16 but passes the caller's fp32 tensors through:
+    every network must run in its weights' dtype and hand back the caller's dtype, with gradients
+    w.r.t. its fp32 inputs (gradnorm and R1/R2 read them) in fp32."""
+    x, y, s, t = _inputs()
+    if role == "g":
+        opts = dict(kind="1nfe" if kind == "deep" else kind, repeats=2 if kind == "deep" else 1)
+        opts["nfe"] = 2 if kind == "multistep" else None
+        net = _randomize(build_generator("tiny", **opts, **SMALL))
+        call = (lambda m, xi: m(xi, y)) if opts["kind"] == "1nfe" else (lambda m, xi: m(xi, y, s, t))
+    elif role == "d":
+        net = _randomize(build_discriminator("tiny", time_cond=kind == "time", **SMALL))
+        call = lambda m, xi: m(xi, y, t)  # noqa: E731
+    else:
+        net = _randomize(build_classifier("tiny", **SMALL))
+        call = lambda m, xi: m(xi, t)  # noqa: E731
+    want = call(net, x).detach()
+    low = net.to(torch.bfloat16)
+    xi = x.clone().requires_grad_(True)
+    out = call(low, xi)
+    assert out.dtype == torch.float32 and out.shape == want.shape
+    err = (out.detach() - want).norm() / want.norm()
+    assert err < 5e-2, f"bf16 output far from fp32: rel {err:.3g}"
+    assert err > 0  # it really computed in bf16
+    out.square().sum().backward()
+    assert xi.grad.dtype == torch.float32 and torch.isfinite(xi.grad).all() and xi.grad.abs().sum() > 0
+
+
 def test_discriminator_is_constant_in_x_at_init():
     """adaLN-Zero blocks are identities, so the [CLS] readout ignores the image until trained."""
     d = build_discriminator("tiny", **SMALL)

@@ -457,7 +457,17 @@ class _DiTTrunk(nn.Module):
         return v
 
     # -- tokens ----------------------------------------------------------------------------------
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the network computes in: its weights' (bf16 under DeepSpeed's bf16 mode)."""
+        return self.x_embedder.proj.weight.dtype
+
     def _tokens(self, x: torch.Tensor) -> torch.Tensor:
+        # Inputs arrive in the caller's dtype (fp32 latents, noise, interpolations) and are cast to
+        # the weights' dtype here, the one place every image input enters; outputs are cast back by
+        # the heads (see `forward`), so losses, R1/R2 differences and gradients w.r.t. the inputs
+        # stay in the caller's fp32 while the network runs in bf16.
+        x = x.to(self.compute_dtype)
         return self.x_embedder(x) + self.pos_embed.to(x.dtype)  # (N, T, D)
 
     def _unpatchify(self, x: torch.Tensor, channels: int) -> torch.Tensor:
@@ -548,13 +558,13 @@ class Generator(_DiTTrunk):
         s = self._check_time(s, n, "s", f"for a {self.kind!r} generator")
         if self.kind == "anystep":
             t = s if t is None else self._check_time(t, n, "t", "")
-        return self._network(x, y, s, t)
+        return self._network(x, y, s, t).to(x.dtype)  # (N, C, H, W) in the input's dtype
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, s: torch.Tensor | None = None, t: torch.Tensor | None = None):
         if self.kind == "1nfe":
             n = self._check_x(x, "z")
             self._check_y(y, n, self.num_classes)
-            return self._network(x, y, None, None)
+            return self._network(x, y, None, None).to(x.dtype)  # (N, C, H, W) in the input's dtype
         n = self._check_x(x)
         why = f"for a {self.kind!r} generator (G maps x_s at time s to time t)"
         s = self._check_time(s, n, "s", why)
@@ -614,7 +624,7 @@ class Discriminator(_DiTTrunk):
         c = self.y_embedder(y)  # (N, D)
         if self.time_cond:
             c = c + self.t_embedder(self._check_time(t, n, "t", "for a time_cond discriminator"))
-        return self.final_layer(_run_with_token(self, self.dis_embed, x, c)).squeeze(1)  # (N,)
+        return self.final_layer(_run_with_token(self, self.dis_embed, x, c)).squeeze(1).to(x.dtype)  # (N,)
 
 
 class Classifier(_DiTTrunk):
@@ -646,7 +656,7 @@ class Classifier(_DiTTrunk):
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         n = self._check_x(x)
         c = self.t_embedder(self._check_time(t, n, "t", "for the classifier (time of the noised input)"))
-        return self.final_layer(_run_with_token(self, self.cls_embed, x, c))  # (N, num_classes)
+        return self.final_layer(_run_with_token(self, self.cls_embed, x, c)).to(x.dtype)  # (N, num_classes)
 
 
 # ----------------------------------------------------------------------------------------------------
