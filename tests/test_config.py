@@ -54,7 +54,7 @@ def test_recipes_cover_the_paper():
     ("distributed", {"zero_stage_g": 5}, "distributed.zero_stage_g"),
     ("distributed", {"zero_stage_d": 3}, "distributed.zero_stage_d"),
     ("distributed", {"workers": 3}, "train.global_batch"),
-    ("distributed", {"precision": "bf16"}, "distributed.precision"),
+    ("distributed", {"precision": "half"}, "distributed.precision"),
     ("adversarial", {"gp_fraction": 1.5}, "adversarial.gp_fraction"),
     ("train", {"grad_accum": 0}, "train.grad_accum"),
 ])

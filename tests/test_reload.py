@@ -4,7 +4,10 @@ DeepSpeed (engines.write_weights). Checked where it matters, in the weights seve
 steps AFTER the reload (at lr ~ 0, so the weights must stay exactly where the reload put them), and
 again after steps at a normal lr (they must move away, or the first check proves nothing).
 
-Two gloo workers per ZeRO stage. The bf16 master (any stage) needs a GPU: tests/test_gpu.py.
+Two gloo workers per ZeRO stage, in fp32 and in bf16. Under bf16 DeepSpeed keeps an fp32 master of
+every weight at any stage (the BF16 optimizer at stage 0) and copies it, rounded, into the bf16
+module after each step: the module several steps after the reload equals the reloaded weights
+rounded to bf16 only if the master took them. The same check runs on a GPU in tests/test_gpu.py.
 """
 
 from __future__ import annotations
@@ -19,14 +22,14 @@ from advflow.platform.train.local_launch import run_local
 TINY_LR = 1e-30  # > 0 as the config requires; Adam moves float32 weights by lr * O(1): nothing
 
 
-def reload_spec(prefix: str, stage: int) -> RunSpec:
+def reload_spec(prefix: str, stage: int, precision: str = "fp32") -> RunSpec:
     return RunSpec.from_dict({
         "data": {"prefix": prefix, "shuffle_buffer": 128, "prefetch": 2},
         "model": {"size": "tiny"},
         "optim": {"lr": 1e-3, "ema_decay": 0.9},
         "adversarial": {"ot_scale": 0.1},
         "train": {"steps": 18, "global_batch": 16, "log_every": 2, "checkpoint_every": 7},
-        "distributed": {"workers": 2, "zero_stage_g": stage, "zero_stage_d": stage},
+        "distributed": {"workers": 2, "zero_stage_g": stage, "zero_stage_d": stage, "precision": precision},
         "run": {"keep_checkpoints": 3},
         "phases": [
             {"name": "warm", "start": 0, "lr": 1e-3},
@@ -45,6 +48,13 @@ def _module_weights(checkpoint, engine: str) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in states["module"].items()}
 
 
+def _as(weights: dict[str, torch.Tensor], precision: str) -> dict[str, torch.Tensor]:
+    """What the module holds after a step whose master is `weights`: bf16 rounds them."""
+    if precision == "fp32":
+        return weights
+    return {k: v.to(torch.bfloat16).float() for k, v in weights.items()}
+
+
 def _rel(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     keys = sorted(set(a) & set(b))
     assert keys, "no common weights"
@@ -54,10 +64,10 @@ def _rel(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("stage", [0, 1, 2])
-def test_reloads_survive_later_optimizer_steps(digits, tmp_path, stage):
-    run = tmp_path / f"zero{stage}"
-    history = run_local(reload_spec(digits, stage), run)
+@pytest.mark.parametrize("stage,precision", [(0, "fp32"), (1, "fp32"), (2, "fp32"), (0, "bf16"), (2, "bf16")])
+def test_reloads_survive_later_optimizer_steps(digits, tmp_path, stage, precision):
+    run = tmp_path / f"zero{stage}-{precision}"
+    history = run_local(reload_spec(digits, stage, precision), run)
     assert [r["phase"] for r in history if r["step"] in (8, 9, 14, 15)] == [1.0, 2.0, 2.0, 3.0]
     after_reload, after_normal = run / "checkpoint_000014", run / "checkpoint_000018"
     for ckpt in (after_reload, after_normal):
@@ -67,8 +77,12 @@ def test_reloads_survive_later_optimizer_steps(digits, tmp_path, stage):
     g, d = _module_weights(after_reload, "g"), _module_weights(after_reload, "d")
     ema = load_file(str(after_reload / "ema.safetensors"))
     # 2 G steps and 6 D steps after the last reload: still exactly the reloaded weights.
-    assert _rel(g, ema) < 1e-6, f"ZeRO-{stage}: G drifted {_rel(g, ema):.3g} from the EMA it was reloaded from"
-    assert _rel(d, snapshot) < 1e-6, f"ZeRO-{stage}: D drifted {_rel(d, snapshot):.3g} from the reloaded snapshot"
+    g_gap, d_gap = _rel(g, _as(ema, precision)), _rel(d, _as(snapshot, precision))
+    assert g_gap < 1e-6, f"ZeRO-{stage} {precision}: G drifted {g_gap:.3g} from the EMA it was reloaded from"
+    assert d_gap < 1e-6, f"ZeRO-{stage} {precision}: D drifted {d_gap:.3g} from the reloaded snapshot"
+    if precision == "bf16":  # the snapshot is the fp32 master, not the bf16 module (engines.read_weights)
+        assert all(v.dtype == torch.float32 for v in snapshot.values())
+        assert _rel(snapshot, _as(snapshot, "bf16")) > 1e-4
 
     # The reload really replaced something: D had moved away from the snapshot before it.
     assert _rel(_module_weights(run / "checkpoint_000007", "d"), snapshot) > 1e-3

@@ -64,6 +64,22 @@ def build_engine(model: torch.nn.Module, spec: EngineSpec):
     return engine
 
 
+def _masters(engine) -> dict[int, torch.Tensor] | None:
+    """{id(param): its fp32 master tensor} for optimizers that keep per-parameter masters in
+    `fp16_groups`/`fp32_groups` (DeepSpeed's FP16_UnfusedOptimizer: bf16 at ZeRO-0 with a client
+    optimizer), else None. ZeRO 1/2 and the BF16 optimizer link each parameter to its master
+    fragment instead (`_hp_mapping`, read and written through safe_get/set_full_fp32_param)."""
+    opt = engine.optimizer
+    lp, hp = getattr(opt, "fp16_groups", None), getattr(opt, "fp32_groups", None)
+    if not lp or not hp or not isinstance(hp[0], list):
+        return None
+    return {id(p): m for lp_group, hp_group in zip(lp, hp) for p, m in zip(lp_group, hp_group)}
+
+
+def _has_master(engine) -> bool:
+    return bool(engine.bfloat16_enabled() or engine.fp16_enabled() or engine.zero_optimization_stage() > 0)
+
+
 @torch.no_grad()
 def write_weights(engine, tensors) -> None:
     """Replace the engine's weights by `tensors` ({parameter or buffer name: tensor}) so that the
@@ -72,11 +88,14 @@ def write_weights(engine, tensors) -> None:
     Writing into the module alone is not enough: under ZeRO 1/2, and under bf16 at any stage, the
     optimizer keeps an fp32 master copy of every trainable weight and copies it back over the module
     after each step, which would undo the write (measured: D back at its pre-reload weights exactly).
-    So each trainable parameter is written twice, into the module (what the next forward uses) and,
-    through DeepSpeed's `safe_set_full_fp32_param`, into this rank's fragment of the fp32 master
-    (every rank passes the full tensor; DeepSpeed keeps the slice that rank owns). Without a master
-    (ZeRO-0 in fp32) the module is the only copy. The optimizer's moments are kept as they are.
-    ZeRO-3 is refused at config validation, so parameters are never partitioned here."""
+    So each trainable parameter is written twice, into the module (what the next forward uses) and
+    into its fp32 master: through DeepSpeed's `safe_set_full_fp32_param` under ZeRO 1/2 and the BF16
+    optimizer (every rank passes the full tensor; DeepSpeed keeps the slice that rank owns), and into
+    the per-parameter master of the FP16_UnfusedOptimizer that DeepSpeed uses for bf16 at ZeRO-0
+    (`safe_set_full_fp32_param` silently does nothing there: measured, the reload was undone). A
+    master this function cannot find is an error, never a silent no-op. Without a master (ZeRO-0 in
+    fp32) the module is the only copy. The optimizer's moments are kept as they are. ZeRO-3 is
+    refused at config validation, so parameters are never partitioned here."""
     from deepspeed.utils import safe_set_full_fp32_param
 
     module = engine.module
@@ -85,14 +104,49 @@ def write_weights(engine, tensors) -> None:
     missing = sorted(set(params) - set(tensors))
     if missing:
         raise KeyError(f"write_weights: no value for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    masters = _masters(engine)
     for name, p in params.items():
         value = tensors[name].to(device=p.device)
         p.data.copy_(value.to(p.dtype))
-        if p.requires_grad:
+        if not p.requires_grad:
+            continue
+        if hasattr(p, "_hp_mapping"):
             safe_set_full_fp32_param(p, value.float())
+        elif masters is not None and id(p) in masters:
+            masters[id(p)].copy_(value.to(masters[id(p)].dtype))
+        elif _has_master(engine):
+            raise RuntimeError(
+                f"write_weights: {type(engine.optimizer).__name__} keeps an fp32 master of {name!r} that "
+                "advflow cannot reach (unknown DeepSpeed optimizer layout); a reload would be undone by the "
+                "next step. Use precision fp32 with ZeRO-0, or a DeepSpeed release in the pinned range")
     for name, b in buffers.items():
         if name in tensors:
             b.copy_(tensors[name].to(device=b.device, dtype=b.dtype))
+
+
+@torch.no_grad()
+def read_weights(engine) -> dict[str, torch.Tensor]:
+    """The engine's weights at full precision, on the CPU: {parameter or buffer name: tensor}.
+
+    Trainable parameters come from the optimizer's fp32 master where there is one (ZeRO 1/2, bf16
+    at any stage; see write_weights for where it lives), so a snapshot taken in a bf16 run is not
+    rounded to bf16 and the D reload restores the master exactly; elsewhere from the module.
+    Collective under ZeRO 1/2 (each parameter's fragments are all-reduced): every rank must call it
+    at the same point, as phase events are."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    masters = _masters(engine)
+    out = {}
+    for name, p in engine.module.named_parameters():
+        full = None
+        if p.requires_grad and hasattr(p, "_hp_mapping"):
+            full = safe_get_full_fp32_param(p)
+        elif p.requires_grad and masters is not None:
+            full = masters.get(id(p))
+        out[name] = (full if full is not None else p.detach()).float().to("cpu", copy=True)
+    for name, b in engine.module.named_buffers():
+        out[name] = b.detach().to("cpu", copy=True)
+    return out
 
 
 def set_lr(engine, lr: float) -> None:

@@ -30,7 +30,7 @@ from advflow.platform.train import callbacks as cb
 from advflow.platform.train.cadence import Cadence
 from advflow.platform.train.checkpoint import (Checkpointer, EMAState, JSONEntries, PerRankJSON, SnapshotFiles,
                                                TensorFile, staging_dir)
-from advflow.platform.train.engines import EngineSpec, EngineState, build_engine, set_lr, write_weights
+from advflow.platform.train.engines import EngineSpec, EngineState, build_engine, read_weights, set_lr, write_weights
 from advflow.platform.train.metrics import MetricWindow
 from advflow.trainers import afm
 from advflow.trainers.ema import EMA
@@ -283,7 +283,7 @@ class Worker:
         if event.kind == "ema_reload":
             write_weights(self.g_engine, self.ema.shadow)
         elif event.kind == "save_tag":
-            self.d_tags[event.tag] = {k: v.detach().to("cpu", copy=True) for k, v in self.D.state_dict().items()}
+            self.d_tags[event.tag] = read_weights(self.d_engine)  # fp32 master where there is one
         elif event.kind == "d_reload":
             source = event.source if isinstance(event.source, str) else None
             if source not in self.d_tags:
