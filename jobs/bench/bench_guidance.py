@@ -8,7 +8,10 @@ in the guided phase (steps 1000-1250 of jobs/configs/digits_guided.yaml), the wa
         --set data.prefix=/tmp/gm/digits --set run.storage_path=/tmp/gm/runs --set run.name=$run \
         --set tracking.enabled=false --set guidance.classifier=/tmp/gm/runs/digits_classifier/checkpoint_000600
         (plain: --set 'phases=[{name: main, start: 0}, {name: guided, start: 1000}]')
-    python jobs/bench/bench_guidance.py /tmp/gm/digits /tmp/gm/runs
+    python jobs/bench/bench_guidance.py /tmp/gm/digits /tmp/gm/runs [RUN ...]   # default: guided plain
+
+A third run isolates the augmentation: augment_only = the guided phase with augment_p 0.4 and no guidance
+    (--set 'phases=[{name: main, start: 0}, {name: guided, start: 1000, augment_p: 0.4}]').
 """
 import json
 import sys
@@ -24,7 +27,7 @@ from advflow.trainers.models import build_generator
 
 m = read_manifest(sys.argv[1])
 shape, nc = tuple(m.shape), int(m.num_classes)
-for run in ("guided", "plain"):
+for run in sys.argv[3:] or ("guided", "plain"):
     for step in (1000, 1250):
         ck = Path(f"{sys.argv[2]}/{run}/checkpoint_{step:06d}")
         spec = RunSpec.from_dict(json.loads((ck / "trainer.json").read_text())["config"])
