@@ -91,3 +91,21 @@ def test_reloads_survive_later_optimizer_steps(digits, tmp_path, stage, precisio
     assert _rel(d_end, snapshot) > 1e-3, "D did not move at a normal lr after the reload"
     assert _rel(g_end, ema_end) > 1e-4, "G did not move away from the EMA at a normal lr"
     assert _rel(g_end, g) > 1e-3
+
+
+def test_a_master_write_weights_cannot_reach_is_an_error():
+    """An engine that keeps an fp32 master in a layout advflow does not know must refuse the reload,
+    never write the module alone (the next step would silently undo it)."""
+    from types import SimpleNamespace
+
+    from advflow.platform.train.engines import write_weights
+
+    module = torch.nn.Linear(2, 2)
+    engine = SimpleNamespace(module=module, optimizer=SimpleNamespace(),  # no fp32_groups, no _hp_mapping
+                             bfloat16_enabled=lambda: True, fp16_enabled=lambda: False,
+                             zero_optimization_stage=lambda: 0)
+    with pytest.raises(RuntimeError, match="cannot reach"):
+        write_weights(engine, {k: torch.zeros_like(v) for k, v in module.state_dict().items()})
+    engine.bfloat16_enabled = lambda: False  # fp32 at ZeRO-0: the module is the only copy
+    write_weights(engine, {k: torch.zeros_like(v) for k, v in module.state_dict().items()})
+    assert all(float(p.abs().sum()) == 0 for p in module.parameters())
