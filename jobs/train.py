@@ -45,7 +45,7 @@ def main(argv=None) -> int:
 
     log = get_logger("jobs.train")
     d, t, m = spec.distributed, spec.train, spec.model
-    log.info(f"{spec.run.name}: G {m.size} ({m.kind}, K={m.nfe}, R={m.repeats}), {t.steps} steps x global batch "
+    log.info(f"{spec.run.name}: {m.method.upper()} G {m.size} ({m.kind}, K={m.nfe}, R={m.repeats}), {t.steps} steps x global batch "
              f"{t.global_batch} on {d.workers} worker(s), ZeRO G/D {d.zero_stage_g}/{d.zero_stage_d}, "
              f"data {spec.data.prefix}")
     with tracked_run(spec, config_yaml=config_yaml(spec), data_tags=dataset_tags(spec.data.prefix)) as run:
@@ -81,8 +81,9 @@ def train_local(spec, run_id, log) -> bool:
     run_dir = Path(spec.run.storage_path) / spec.run.name
     history = run_local(spec, run_dir, run_id=run_id)
     last = latest_checkpoint(run_dir)
-    log.info(f"done: {len(history)} steps; final D {history[-1]['d_loss']:.4f} G {history[-1]['g_loss']:.4f}; "
-             f"checkpoint {last}; samples {last / 'samples.png'}")
+    last_row = history[-1] if history else {}
+    losses = " ".join(f"{k} {last_row[k]:.4f}" for k in ("d_loss", "g_loss", "fm_loss") if k in last_row)
+    log.info(f"done: {len(history)} steps; final {losses}; checkpoint {last}; samples {last / 'samples.png'}")
     return True
 
 
@@ -94,8 +95,8 @@ def train_on_ray(spec, run_id, log) -> bool:
     if result.error:
         log.error("training failed: %s", result.error)
         return False
-    nan = float("nan")
-    log.info(f"done: final metrics D {result.metrics.get('d_loss', nan):.4f} G {result.metrics.get('g_loss', nan):.4f}")
+    losses = " ".join(f"{k} {result.metrics[k]:.4f}" for k in ("d_loss", "g_loss", "fm_loss") if k in result.metrics)
+    log.info(f"done: final metrics {losses}")
     where = checkpoint_uri(spec, result.checkpoint)
     log.info("checkpoint: %s", where)
     if where:

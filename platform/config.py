@@ -14,6 +14,7 @@ Ray or DeepSpeed, so the driver can validate a config before it touches the clus
 
 from __future__ import annotations
 
+import re
 import typing
 from pathlib import Path
 from typing import Annotated, Any
@@ -51,6 +52,8 @@ def _list_to_tuple(value: Any) -> Any:
 
 # A float field: ints and numeric strings are accepted (as floats), bools are not (strict mode).
 Number = Annotated[float, BeforeValidator(_yaml_float)]
+# A list of ints; one int is accepted as a one-element list.
+IntList = Annotated[list[int], BeforeValidator(lambda v: [v] if isinstance(v, int) and not isinstance(v, bool) else v)]
 # A fixed-length tuple given as a YAML list.
 NumberPair = Annotated[tuple[Number, Number], BeforeValidator(_list_to_tuple)]
 
@@ -86,9 +89,18 @@ class DataConfig(_Section):
         return self
 
 
+METHODS = ("afm", "fm")
+
+
 class ModelConfig(_Section):
     """Generator and discriminator architecture (sizes from `advflow.trainers.models.SIZES`)."""
 
+    method: str = "afm"
+    """`afm` (adversarial flow model: generator + discriminator, two engines) or `fm` (the
+    flow-matching baseline: the same DiT trained as a velocity field with the flow-matching loss,
+    one engine, sampled with `nfe` Euler steps; its kind is `multistep`)."""
+    fm_times: str = "uniform"
+    """method `fm`: training-time distribution, `uniform` or `logit_normal` (SD3's, mean 0, std 1)."""
     size: str = "tiny"
     """Generator size, e.g. `tiny`, `B/2`, `XL/2`."""
     d_size: str | None = None
@@ -107,6 +119,19 @@ class ModelConfig(_Section):
             value = getattr(self, name)
             if value is not None and value not in SIZES:
                 _fail(name, f"{value!r} is not a known size", f"use one of {sorted(SIZES)}")
+        if self.method not in METHODS:
+            _fail("method", f"{self.method!r} is unknown", "use afm (adversarial flow model) or fm (flow matching)")
+        if self.method == "fm":
+            if "kind" not in self.model_fields_set:
+                self.kind = "multistep"  # FM's network: one time embedding, stepped by Euler
+            if self.kind != "multistep":
+                _fail("kind", f"{self.kind!r} with method fm", "flow matching trains a velocity field: set "
+                      "model.kind=multistep (or leave it unset)")
+            if self.nfe is None:
+                _fail("nfe", "is not set for method fm", "set model.nfe=K, the Euler steps the registered model "
+                      "samples with (evaluate more K with eval.nfe: [1, 2, 4, ...])")
+            if self.fm_times not in ("uniform", "logit_normal"):
+                _fail("fm_times", f"{self.fm_times!r} is unknown", "use uniform or logit_normal")
         if self.kind not in ("1nfe", "multistep", "anystep"):
             _fail("kind", f"{self.kind!r} is unknown", "use 1nfe, multistep or anystep")
         if self.repeats < 1:
@@ -342,6 +367,10 @@ class EvalConfig(_Section):
     """kind `fid`: path to the FID Inception weights (pt_inception-2015-12-05 state dict)."""
     reference_stats: str | None = None
     """kind `fid`: .npz with `mu` and `sigma` of the reference set."""
+    nfe: IntList | None = None
+    """Sampling steps K to evaluate at, each reported as `<metric>@K` (e.g. `eval/fd@4`); the
+    unsuffixed metrics are always those at the model's own K (`model.nfe`). Several K need a model
+    that can sample with any K: method `fm` (Euler) or kind `anystep`. None: the model's K only."""
 
     # What to set a field to, for the error when a kind requires it (`EVALUATORS[kind].required`).
     _SET_TO: typing.ClassVar[dict[str, str]] = {
@@ -356,6 +385,8 @@ class EvalConfig(_Section):
             _fail("kind", f"{self.kind!r} is unknown", f"use {_one_of(kinds)}")
         if self.every < 0:
             _fail("every", "is negative", "use 0 (end only) or a positive cadence")
+        if self.nfe is not None and (not self.nfe or min(self.nfe) < 1 or len(set(self.nfe)) != len(self.nfe)):
+            _fail("nfe", f"{self.nfe!r} is not a list of distinct K >= 1", "use e.g. [1, 2, 4, 8]")
         if self.num_samples < 2 or self.batch_size < 1:
             _fail("num_samples/batch_size", "too small", "use num_samples >= 2 and batch_size >= 1")
         required = EVALUATORS[self.kind].required if self.kind != "none" else ()
@@ -364,6 +395,96 @@ class EvalConfig(_Section):
             to = " and ".join(self._SET_TO.get(name, f"a {name}") for name in required)
             _fail("/".join(required), f"kind {self.kind} needs {needs}",
                   f"set {'it' if len(required) == 1 else 'them'} to {to}")
+        return self
+
+
+class WatchdogConfig(_Section):
+    """Divergence watchdog (`advflow.trainers.watchdog`): on non-finite losses or gradients,
+    exploding D logits, a gradient-norm spike or a sustained rise of the evaluation metric, every
+    rank rolls back to the last checkpoint that passed every check, skips `skip_batches` batches of
+    each data stream (a new data order from there on), reseeds its noise, optionally scales the
+    learning rate by `lr_factor`, and goes on. After `max_rollbacks` the next trigger fails the run
+    with a message naming the trigger, the step and the checkpoint. Checked at every metric window
+    (`train.log_every`) and evaluation; a checkpoint is only written, reported or registered after
+    its window passed."""
+
+    enabled: bool = True
+    max_rollbacks: int = 3
+    logit_bound: Number = 1e4
+    """|mean D logit| above this (or the logit-centering term above its square) is divergence."""
+    grad_spike: Number = 100.0
+    """A gradient norm above this many times the median of the last `grad_window` norms (0: off)."""
+    grad_window: int = 50
+    rise_patience: int = 2
+    """Evaluations in a row worse than the best by more than `rise_tolerance` that trigger (0: off).
+    The rollback goes to the checkpoint before the rise, so keep enough (`run.keep_checkpoints` >=
+    rise_patience x checkpoints per evaluation); a rollback target no longer kept fails the run."""
+    rise_tolerance: Number = 0.5
+    skip_batches: int = 7
+    """Batches of each data stream skipped after each rollback (changes the data order; resumable)."""
+    lr_factor: Number = 1.0
+    """Learning rate multiplier applied per rollback (1: unchanged; e.g. 0.5 halves it each time)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> WatchdogConfig:
+        if self.max_rollbacks < 0 or self.grad_window < 1 or self.rise_patience < 0 or self.skip_batches < 0:
+            _fail("max_rollbacks/grad_window/rise_patience/skip_batches", "out of range",
+                  "use max_rollbacks >= 0, grad_window >= 1, rise_patience >= 0, skip_batches >= 0")
+        if self.logit_bound <= 0 or self.grad_spike < 0 or self.rise_tolerance < 0:
+            _fail("logit_bound/grad_spike/rise_tolerance", "out of range", "use logit_bound > 0, grad_spike >= 0 "
+                  "(0: off), rise_tolerance >= 0")
+        if not 0 < self.lr_factor <= 1:
+            _fail("lr_factor", f"{self.lr_factor} is outside (0, 1]", "use 1 (keep the lr) or e.g. 0.5")
+        return self
+
+
+class AutoPhasesConfig(_Section):
+    """`phases: auto`: Table 11's phases advanced by a plateau of the evaluation metric
+    (`advflow.trainers.schedules.AutoPhases`), decided at evaluations (`eval.every`)."""
+
+    metric: str | None = None
+    """The metric to watch; None: the evaluator's primary (`eval/fd` on digits, `eval/fid`)."""
+    mode: str = "min"
+    patience: int = 3
+    """Evaluations in a row without a `min_delta` improvement that end a phase."""
+    min_delta: Number = 0.02
+    """Relative improvement on the best value that counts (0.02 = 2 %)."""
+    min_phase_steps: int = 0
+    """No phase ends before it ran this many iterations."""
+    ema_reload_every: int = 100
+    """Default templates: the EMA-reload phase copies EMA(G) into G every N iterations (the paper:
+    once per epoch)."""
+    templates: list[dict] | None = None
+    """The phases in order, without `start`. None: Table 11's order, from the top-level settings:
+    `decay` (optim.lr, adversarial.ot_scale), `ema` (0.8 lr, lambda_ot fixed at the schedule's end,
+    EMA reload), `low_lr` (0.3 lr, D reloaded from the best evaluation so far: d_reload_from best),
+    and `guided` (classifier guidance, only when guidance.classifier is set)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> AutoPhasesConfig:
+        if self.mode not in ("min", "max"):
+            _fail("mode", f"{self.mode!r} is unknown", "use min (lower is better) or max")
+        if self.patience < 1 or self.min_phase_steps < 0 or self.min_delta < 0 or self.ema_reload_every < 1:
+            _fail("patience/min_phase_steps/min_delta/ema_reload_every", "out of range",
+                  "use patience >= 1, min_phase_steps >= 0, min_delta >= 0, ema_reload_every >= 1")
+        return self
+
+
+class DebugConfig(_Section):
+    """Fault injection for tests and debugging only (never set in a recipe)."""
+
+    inject_nan_step: int | None = None
+    """Make G's loss NaN at this iteration (the watchdog's test)."""
+    inject_nan_attempts: int = 1
+    """How many attempts at that iteration get the NaN: 1 = only the first (a rollback then gets
+    past it); 0 = every attempt (the run must fail once the rollbacks are used up)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> DebugConfig:
+        if self.inject_nan_step is not None and self.inject_nan_step < 0:
+            _fail("inject_nan_step", "is negative", "use an iteration >= 0 or remove it")
+        if self.inject_nan_attempts < 0:
+            _fail("inject_nan_attempts", "is negative", "use 1 (first attempt) or 0 (every attempt)")
         return self
 
 
@@ -385,8 +506,12 @@ class RunSpec(BaseModel):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     guidance: GuidanceConfig = Field(default_factory=GuidanceConfig)
-    phases: list[dict] = Field(default_factory=list)
-    """Table-11-style phases (see `advflow.trainers.schedules.PhasePlan`); empty = one phase."""
+    watchdog: WatchdogConfig = Field(default_factory=WatchdogConfig)
+    auto_phases: AutoPhasesConfig = Field(default_factory=AutoPhasesConfig)
+    debug: DebugConfig = Field(default_factory=DebugConfig)
+    phases: list[dict] | str = Field(default_factory=list)
+    """Table-11-style phases (see `advflow.trainers.schedules.PhasePlan`); empty = one phase;
+    `auto` = placed by the plateau rule of the `auto_phases` section."""
 
     # ------------------------------------------------------------------ construction
 
@@ -413,7 +538,11 @@ class RunSpec(BaseModel):
 
     @field_validator("phases")
     @classmethod
-    def _check_phases(cls, phases: list[dict]) -> list[dict]:
+    def _check_phases(cls, phases: list[dict] | str) -> list[dict] | str:
+        if isinstance(phases, str):
+            if phases != "auto":
+                raise ConfigError(f": {phases!r} is not a phase list; give a list of phases, or `auto`")
+            return phases
         for i, phase in enumerate(phases):
             if isinstance(phase.get("d_reload_from"), int):
                 _fail(f"[{i}].d_reload_from", "a step number is not supported",
@@ -426,7 +555,10 @@ class RunSpec(BaseModel):
         if t.global_batch % (d.workers * t.grad_accum):
             _fail("train.global_batch", f"{t.global_batch} is not divisible by workers x grad_accum = "
                   f"{d.workers} x {t.grad_accum}", "pick a global batch that is a multiple of their product")
-        guided = [p.get("name", f"phase{i + 1}") for i, p in enumerate(self.phases) if p.get("guidance")]
+        self._check_method_and_eval()
+        if self.phases == "auto":
+            self._check_auto_phases()
+        guided = [p.get("name", f"phase{i + 1}") for i, p in enumerate(self.phase_dicts()) if p.get("guidance")]
         if guided and not self.guidance.classifier:
             _fail("guidance.classifier", f"phase(s) {guided} turn guidance on but no classifier is set",
                   "train one with jobs/train_classifier.py and set guidance.classifier=models:/NAME/VERSION "
@@ -438,7 +570,76 @@ class RunSpec(BaseModel):
             raise ConfigError(f"phases / adversarial.ot_scale: {err}") from None
         return self
 
+    def _check_method_and_eval(self) -> None:
+        m, ev = self.model, self.eval
+        if m.method == "fm" and self.phases == "auto":
+            _fail("phases", "auto is for method afm (its templates fix lambda_ot and reload D)",
+                  "give FM an explicit phase list, or none")
+        if ev.nfe is not None and m.method == "afm" and m.kind != "anystep" and set(ev.nfe) != {m.nfe}:
+            _fail("eval.nfe", f"{ev.nfe} for a {m.kind} AFM generator, which samples with exactly K={m.nfe}",
+                  f"remove eval.nfe or set it to [{m.nfe}]; several K need method fm or kind anystep")
+        if m.method == "fm":
+            bad = [p.get("name", f"phase{i + 1}") for i, p in enumerate(self.phase_dicts())
+                   if p.get("guidance") or p.get("d_reload_from") is not None]
+            if bad:
+                _fail("phases", f"phase(s) {bad} use guidance or a D reload, which method fm has no use for "
+                      "(no discriminator)", "drop those keys; FM phases may set lr and ema_reload_every")
+
+    def _check_auto_phases(self) -> None:
+        if self.eval.kind == "none":
+            _fail("phases", "auto needs an evaluation metric, but eval.kind is none",
+                  "set eval.kind (digits or fid) and eval.every (the decision cadence)")
+        if self.eval.every < 1:
+            _fail("eval.every", "is 0, so phases: auto would see one evaluation at the end only",
+                  "set eval.every to the cadence the plateau rule decides at, e.g. 250")
+        metric, primary = self.auto_phases.metric, EVALUATORS[self.eval.kind].primary
+        if metric is not None and metric != primary and not metric.startswith("eval/"):
+            _fail("auto_phases.metric", f"{metric!r} is not an evaluation metric", f"use {primary} (or leave it unset)")
+
     # ------------------------------------------------------------------ derived
+
+    @property
+    def auto_metric(self) -> str:
+        """The metric `phases: auto` and the watchdog's rise check watch (the evaluator's primary)."""
+        if self.auto_phases.metric:
+            return self.auto_phases.metric
+        return EVALUATORS[self.eval.kind].primary if self.eval.kind != "none" else "eval/fd"
+
+    def auto_templates(self) -> list[dict]:
+        """The phase templates of `phases: auto` (see AutoPhasesConfig.templates)."""
+        a = self.auto_phases
+        if a.templates is not None:
+            return [dict(t) for t in a.templates]
+        from advflow.trainers.schedules import Schedule
+
+        lr = self.optim.lr
+        ot = Schedule.coerce(self.adversarial.ot_scale, "adversarial.ot_scale")
+        out = [{"name": "decay"},
+               {"name": "ema", "lr": 0.8 * lr, "lambda_ot": ot.end if ot.end is not None else ot.start,
+                "ema_reload_every": a.ema_reload_every},
+               {"name": "low_lr", "lr": 0.3 * lr, "d_reload_from": "best"}]
+        if self.guidance.classifier:
+            out.append({"name": "guided", "guidance": True, "lambda_cg": 0.003, "cg_t_range": [0.0, 0.1],
+                        "augment_p": 0.4})
+        return out
+
+    def auto_controller(self):
+        """A fresh `AutoPhases` for `phases: auto` (None otherwise)."""
+        if self.phases != "auto":
+            return None
+        from advflow.trainers.schedules import AutoPhases
+
+        a = self.auto_phases
+        base = {"lr": self.optim.lr, "lambda_ot": self.adversarial.ot_scale,
+                "lambda_gp": self.adversarial.gp_scale, "lambda_cp": self.adversarial.cp_scale}
+        templates = self.auto_templates()
+        templates[0] = {**base, **templates[0]}
+        return AutoPhases(templates, patience=a.patience, min_delta=a.min_delta, min_phase_steps=a.min_phase_steps,
+                          mode=a.mode)
+
+    def phase_dicts(self) -> list[dict]:
+        """The explicit phases, or the auto templates (without starts)."""
+        return self.auto_templates() if self.phases == "auto" else [dict(p) for p in self.phases]
 
     @property
     def cg_t_mode(self) -> str:
@@ -453,9 +654,12 @@ class RunSpec(BaseModel):
 
     def phase_plan(self):
         """The resolved phase plan; an empty `phases` list means one phase built from the top-level
-        optimiser and loss settings."""
+        optimiser and loss settings. For `phases: auto` it is the plan at the start (the first
+        template); the worker's `AutoPhases` extends it as it decides."""
         from advflow.trainers.schedules import PhasePlan
 
+        if self.phases == "auto":
+            return self.auto_controller().plan()
         base = {"lr": self.optim.lr, "lambda_ot": self.adversarial.ot_scale,
                 "lambda_gp": self.adversarial.gp_scale, "lambda_cp": self.adversarial.cp_scale}
         phases = [dict(p) for p in self.phases] or [{"name": "main", "start": 0}]
@@ -503,10 +707,16 @@ def _input_at(raw: Any, loc: tuple, default: Any) -> Any:
     return raw
 
 
+_UNION_MEMBER = re.compile(r"^(list|dict|str|int|float|bool|literal|function-[a-z]+)(\[.*\])?$")
+
+
 def _config_error(err: ValidationError, raw: Any) -> ConfigError:
     """The first error (unknown keys and wrong types before impossible values, as a user fixes them)
     as a ConfigError `<dotted.field>: <problem>[; <fix>]`."""
-    errors = err.errors()
+    # A union field (`phases: list | str`) reports which member failed as an extra loc part
+    # ('list[dict[any,any]]', 'str'); drop those, so paths read `phases[0]`.
+    errors = [{**e, "loc": tuple(p for p in e["loc"] if not (isinstance(p, str) and _UNION_MEMBER.match(p)))}
+              for e in err.errors()]
     unknown = [e for e in errors if e["type"] == "extra_forbidden"]
     if unknown:
         parent = unknown[0]["loc"][:-1]
@@ -518,7 +728,7 @@ def _config_error(err: ValidationError, raw: Any) -> ConfigError:
     path, value = _path(e["loc"]), _input_at(raw, e["loc"], e.get("input"))
     if e["type"] == "value_error":  # raised by a validator: "<field relative to loc>: <problem>; <fix>"
         msg = e["msg"].removeprefix("Value error, ")
-        return ConfigError(f"{path}{'' if msg.startswith('[') else '.'}{msg}" if path else msg)
+        return ConfigError(f"{path}{'' if msg.startswith(('[', ':')) else '.'}{msg}" if path else msg.lstrip(": "))
     loc = e["loc"][:-1] if e["type"] == "missing" else e["loc"]  # too short a tuple: its last item is missing
     info = _field_at(loc)
     if info is not None and typing.get_origin(info.annotation) is tuple:

@@ -26,7 +26,7 @@ CUDA = torch.cuda.is_available()
 class _OneProcess:
     rank, world_size = 0, 1
 
-    def report(self, metrics, checkpoint_dir):
+    def report(self, metrics, checkpoint_dir, name=None):
         pass
 
     def restore_dir(self):

@@ -83,7 +83,7 @@ def test_a_classifier_for_other_data_is_refused(digits, classifier_dir, tmp_path
     class Ctx:
         rank, world_size = 0, 1
 
-        def report(self, metrics, checkpoint_dir):
+        def report(self, metrics, checkpoint_dir, name=None):
             pass
 
         def restore_dir(self):

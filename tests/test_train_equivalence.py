@@ -117,7 +117,7 @@ def test_zero_stages_match_each_other_and_a_single_process_reference(digits, tmp
 class _OneProcess:
     rank, world_size = 0, 1
 
-    def report(self, metrics, checkpoint_dir):
+    def report(self, metrics, checkpoint_dir, name=None):
         pass
 
     def restore_dir(self):

@@ -43,7 +43,7 @@ class Ctx:
     def __init__(self):
         self.reports = []
 
-    def report(self, metrics, checkpoint_dir):
+    def report(self, metrics, checkpoint_dir, name=None):
         files = sorted(p.name for p in __import__("pathlib").Path(checkpoint_dir).iterdir())
         self.reports.append((metrics["step"], files, metrics))
 
@@ -71,7 +71,7 @@ class FakeSamples:
         self.data_shape, self.num_classes, self.device, self.encoder = (real.data_shape, real.num_classes,
                                                                         real.device, real.encoder)
 
-    def images(self, model, labels, gen, batch_size=None):
+    def images(self, model, labels, gen, batch_size=None, nfe=None):
         return torch.zeros(len(labels), *self.data_shape)
 
     def grid(self, model, path):
@@ -89,6 +89,7 @@ def worker_for(tmp_path, monkeypatch, **sections) -> tuple[Worker, Ctx, FakeLogg
     ctx, logger = Ctx(), FakeLogger()
     w = Worker(spec, ctx)
     w.logger, w.data_shape, w.num_classes, w.streams = logger, (1, 8, 8), 10, {"d": FakeStream()}
+    w.manifest = FakeStream.manifest
     w.G = torch.nn.Linear(1, 1)
     w.ema_model = lambda: torch.nn.Identity()
     w.window = MetricWindow(torch.device("cpu"), 1, 16)

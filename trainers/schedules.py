@@ -408,3 +408,111 @@ class PhasePlan:
                 kw["cg_t_range"] = tuple(kw["cg_t_range"])
             phases.append(Phase(**kw))
         return cls(tuple(phases))
+
+
+# ----------------------------------------------------------------------------- automatic phases
+
+
+@dataclass(frozen=True)
+class Transition:
+    """One automatic phase change: the phase `to_index` starts at global step `step`."""
+
+    step: int
+    from_name: str
+    to_name: str
+    to_index: int
+    reason: str
+
+    def to_dict(self) -> dict:
+        return {"step": self.step, "from": self.from_name, "to": self.to_name, "to_index": self.to_index,
+                "reason": self.reason}
+
+
+class AutoPhases:
+    """Table 11's phases placed by a plateau rule instead of by hand.
+
+    `templates` are phases without `start` (the first is the phase training starts in). At each
+    evaluation the trainer calls `observe(step, value)` with the metric (lower is better for mode
+    `min`). A value counts as an improvement when it beats the best so far by more than `min_delta`
+    (relative: 0.02 = 2 %). After `patience` evaluations in a row without improvement, and once the
+    current phase has run `min_phase_steps`, the next template starts at `step` (the step the
+    trainer runs next). The last template runs to the end. The best value and its step are kept
+    across phases (a D reload `from: best` restores D as it was at `best_step`).
+
+    Decisions depend only on the observed values, so every rank that observes the same values makes
+    the same decisions, and `state_dict`/`load_state_dict` make them survive a restart.
+    """
+
+    def __init__(self, templates: list[Mapping], *, patience: int, min_delta: float, min_phase_steps: int,
+                 mode: str = "min"):
+        if not templates:
+            raise ValueError("auto phases: templates must list at least one phase")
+        if patience < 1 or min_phase_steps < 0 or min_delta < 0:
+            raise ValueError("auto phases: need patience >= 1, min_phase_steps >= 0, min_delta >= 0")
+        if mode not in ("min", "max"):
+            raise ValueError(f"auto phases: mode {mode!r} is not min or max")
+        for k, t in enumerate(templates):
+            if "start" in t:
+                raise ValueError(f"auto phases: template #{k + 1} ({t.get('name', '?')}) sets `start`; the "
+                                 "automatic schedule decides the starts, remove it")
+        self.templates = [dict(t, name=t.get("name", f"phase{k + 1}")) for k, t in enumerate(templates)]
+        self.patience, self.min_delta, self.min_phase_steps, self.mode = patience, min_delta, min_phase_steps, mode
+        self.starts: list[int] = [0]
+        self.best: float | None = None
+        self.best_step: int | None = None
+        self.stale = 0
+        self.transitions: list[Transition] = []
+        PhasePlan.from_dict([dict(t, start=k) for k, t in enumerate(self.templates)])  # validate them all now
+
+    @property
+    def index(self) -> int:
+        return len(self.starts) - 1
+
+    def plan(self) -> PhasePlan:
+        """The phases entered so far (the current one runs until a transition adds the next)."""
+        return PhasePlan.from_dict([dict(t, start=s) for t, s in zip(self.templates, self.starts)])
+
+    def _improved(self, value: float) -> bool:
+        if self.best is None:
+            return True
+        if self.mode == "min":
+            return value < self.best * (1 - self.min_delta)
+        return value > self.best * (1 + self.min_delta)
+
+    def observe(self, step: int, value: float) -> Transition | None:
+        """Feed the evaluation at `step`; returns the transition it decides, if any."""
+        if value is None or not math.isfinite(value):
+            return None
+        if self._improved(value):
+            self.best, self.best_step, self.stale = float(value), int(step), 0
+            return None
+        if self.mode == "min" and self.best is not None and value < self.best:
+            self.best, self.best_step = float(value), int(step)  # a new best, but within min_delta
+        elif self.mode == "max" and self.best is not None and value > self.best:
+            self.best, self.best_step = float(value), int(step)
+        self.stale += 1
+        ran = step - self.starts[-1]
+        if self.stale < self.patience or ran < self.min_phase_steps or self.index + 1 >= len(self.templates):
+            return None
+        cur, nxt = self.templates[self.index], self.templates[self.index + 1]
+        reason = (f"eval plateau: no {self.min_delta:.0%} improvement on best {self.best:.4g} (step "
+                  f"{self.best_step}) in {self.stale} evaluations; phase {cur['name']!r} ran {ran} steps")
+        self.starts.append(int(step))
+        self.stale = 0
+        tr = Transition(int(step), cur["name"], nxt["name"], self.index, reason)
+        self.transitions.append(tr)
+        return tr
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"starts": list(self.starts), "best": self.best, "best_step": self.best_step, "stale": self.stale,
+                "transitions": [t.to_dict() for t in self.transitions]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        starts = [int(s) for s in state["starts"]]
+        if len(starts) > len(self.templates):
+            raise ValueError(f"auto phases: the checkpoint entered {len(starts)} phases, the config has only "
+                             f"{len(self.templates)} templates; resume with the config it was written with")
+        self.starts, self.best, self.best_step = starts, state["best"], state["best_step"]
+        self.stale = int(state["stale"])
+        self.transitions = [Transition(t["step"], t["from"], t["to"], t["to_index"], t["reason"])
+                            for t in state["transitions"]]

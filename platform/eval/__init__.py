@@ -49,6 +49,8 @@ class EvaluatorKind:
     required: tuple[str, ...]
     build: Callable[..., Any]
     doc: str = ""
+    primary: str = "eval/fd"
+    """The key the built evaluator's `primary` names (known before building it: config checks)."""
 
 
 def _build_digits(ev, *, encoder: dict, data_shape: tuple[int, ...], num_classes: int) -> Evaluator:
@@ -99,7 +101,7 @@ EVALUATORS: dict[str, EvaluatorKind] = {
             "class accuracy. Recommended samples: `evaluator.required_samples` (the train split, ~1438), so "
             "eval/fd is comparable to eval/fd_floor."),
     "fid": EvaluatorKind(
-        required=tuple(_FID_REQUIRED), build=_build_fid,
+        required=tuple(_FID_REQUIRED), build=_build_fid, primary="eval/fid",
         doc="FID with user-provided Inception weights and reference stats. Recommended samples: 50_000 for "
             "numbers comparable with papers; >= 5_000 for a sweep signal (FID is biased upwards at small N, so "
             "only compare runs evaluated with the same N)."),

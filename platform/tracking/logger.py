@@ -40,7 +40,7 @@ class RunLogger:
         tags = self.client.get_run(run_id).data.tags
         self.data_tags = {k: v for k, v in tags.items() if k.startswith("data.")}
         # Steps a previous attempt already logged (the restored replay reproduces them exactly).
-        history = self.client.get_metric_history(run_id, "d_loss")
+        history = self.client.get_metric_history(run_id, "fm_loss" if spec.model.method == "fm" else "d_loss")
         self.last_logged_step = max((m.step for m in history), default=0)
         # Grids and evaluations at or before this step were logged by that attempt too.
         self.resumed_through = self.last_logged_step
@@ -94,6 +94,20 @@ class RunLogger:
             self.client.log_image(self.run_id, img.copy(), key="samples", step=step)
         self.client.log_artifact(self.run_id, str(png_path), artifact_path="samples")  # latest grid
 
+    def log_event(self, tags: dict[str, str], metrics: dict[str, float], step: int) -> None:
+        """A decision of the loop (phase transition, watchdog rollback): tags plus stepped metrics."""
+        from mlflow.entities import Metric, RunTag
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(_metric_key(k), float(v), now, step)
+                                                    for k, v in metrics.items()],
+                              tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
+
+    def rewind(self, step: int) -> None:
+        """A rollback went back to `step`: the steps after it are trained again and logged again."""
+        self.last_logged_step = min(self.last_logged_step, step)
+        self.resumed_through = min(self.resumed_through, step)
+
     def log_final(self, metrics: dict[str, Any]) -> None:
         self.client.log_text(self.run_id, json.dumps(scrub(metrics, self._secrets), indent=1, sort_keys=True),
                              "final_metrics.json")
@@ -123,6 +137,12 @@ class NullRunLogger:
         pass
 
     def log_grid(self, png_path: str | Path, step: int) -> None:
+        pass
+
+    def log_event(self, tags: dict[str, str], metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def rewind(self, step: int) -> None:
         pass
 
     def log_final(self, metrics: dict[str, Any]) -> None:

@@ -26,7 +26,7 @@ from advflow.platform.eval import EVALUATORS
 from advflow.platform.images import save_grid
 from advflow.platform.log import get_logger
 from advflow.platform.train.cadence import Cadence
-from advflow.trainers.flow import generate
+from advflow.trainers.flow import euler_sample, generate
 
 log = get_logger(__name__)
 
@@ -70,17 +70,28 @@ class Samples:
     device: torch.device
     encoder: dict[str, Any]
     """The manifest's encoder record: latents are decoded the way they were made (VAE for sd-vae)."""
+    method: str = "afm"
+    """`afm` or `fm` (model.method): how a K other than the model's own is sampled."""
+
+    def sample(self, model: torch.nn.Module, z: torch.Tensor, y: torch.Tensor, nfe: int | None = None):
+        """The model's samples from noise z with K = nfe steps (None: its own K). FM: Euler steps of
+        its velocity (at its own K this is exactly `generate`, which a registered model uses)."""
+        if nfe is None or nfe == model.nfe:
+            return generate(model, z, y)
+        if self.method == "fm":
+            return euler_sample(model, z, y, nfe)
+        return generate(model, z, y, nfe=nfe)  # anystep; the config refuses other K for 1nfe/multistep
 
     @torch.no_grad()
     def images(self, model: torch.nn.Module, labels: torch.Tensor, gen: torch.Generator,
-               batch_size: int | None = None) -> torch.Tensor:
+               batch_size: int | None = None, nfe: int | None = None) -> torch.Tensor:
         """(N,) labels -> decoded images (N, C, H, W) in [-1, 1], noise drawn from `gen` batch by batch."""
         batch_size = batch_size or len(labels)
         out = []
         for i in range(0, len(labels), batch_size):
             y = labels[i:i + batch_size].to(self.device)
             z = torch.randn((len(y), *self.data_shape), generator=gen, device=self.device)
-            out.append(decode_latents(generate(model, z, y).cpu(), self.encoder))
+            out.append(decode_latents(self.sample(model, z, y, nfe).cpu(), self.encoder))
         return torch.cat(out)
 
     def grid(self, model: torch.nn.Module, path: Path) -> None:
@@ -122,8 +133,14 @@ class SampleGrid:
                 self.logger.log_grid(path, m.step)
 
 
+# Evaluation keys that do not depend on the samples: not repeated per K.
+_NOT_PER_K = ("eval/fd_floor", "eval/classifier_heldout_acc", "eval/num_samples", "eval/seconds")
+
+
 class Evaluation:
-    """Sample quality (`eval.kind`) of the EMA generator with fixed seeds and class-balanced labels."""
+    """Sample quality (`eval.kind`) of the EMA generator with fixed seeds and class-balanced labels:
+    at the model's own K as `eval/...`, and at every K of `eval.nfe` as `eval/...@K` (the same
+    noise for every K)."""
 
     def __init__(self, samples: Samples, eval_cfg, logger, cadence: Cadence):
         self.samples, self.cfg, self.logger, self.cadence = samples, eval_cfg, logger, cadence
@@ -138,9 +155,21 @@ class Evaluation:
             self._evaluator = EVALUATORS[ev.kind].build(ev, encoder=s.encoder, data_shape=s.data_shape,
                                                         num_classes=s.num_classes)
         labels = torch.arange(ev.num_samples) % s.num_classes
-        gen = torch.Generator(device=s.device).manual_seed(EVAL_SEED)
-        out = dict(self._evaluator.evaluate(s.images(m.ema(), labels, gen, ev.batch_size), labels))
+        model = m.ema()
+
+        def at(nfe: int | None) -> dict[str, float]:
+            gen = torch.Generator(device=s.device).manual_seed(EVAL_SEED)
+            return dict(self._evaluator.evaluate(s.images(model, labels, gen, ev.batch_size, nfe), labels))
+
+        own = at(None)
+        out = dict(own)
+        for k in ev.nfe or []:
+            per_k = own if k == model.nfe else at(k)
+            out.update({f"{key}@{k}": v for key, v in per_k.items() if key not in _NOT_PER_K})
         out["eval/seconds"] = time.perf_counter() - t0
+        shown = {k: v for k, v in out.items() if k.split("@")[0] in ("eval/fd", "eval/fid", "eval/cls_acc")}
+        log.info("eval at step %d: %s (%.1f s)", m.step, ", ".join(f"{k} {v:.4g}" for k, v in shown.items()),
+                 out["eval/seconds"])
         self.logger.log_metrics(out, m.step)
         m.metrics.update(out)
 
@@ -148,8 +177,10 @@ class Evaluation:
 class Registration:
     """Log and register the EMA generator (pickle-free pyfunc) with this checkpoint's eval metrics."""
 
-    def __init__(self, samples: Samples, logger, name: str, data_prefix: str, cadence: Cadence):
+    def __init__(self, samples: Samples, logger, name: str, data_prefix: str, cadence: Cadence,
+                 tags: dict[str, str] | None = None):
         self.samples, self.logger, self.name, self.prefix, self.cadence = samples, logger, name, data_prefix, cadence
+        self.tags = tags or {}
         self.registered: list[dict] = []
 
     def __call__(self, m: Moment) -> None:
@@ -159,7 +190,7 @@ class Registration:
 
         s = self.samples
         # log_generator adds run_id, step and one `metric.<key>` tag per evaluation result.
-        tags = {"data.prefix": self.prefix, **self.logger.data_tags}
+        tags = {"data.prefix": self.prefix, **self.logger.data_tags, **self.tags}
         metrics = {k: v for k, v in m.metrics.items() if k != "eval/seconds"}
         reg = log_generator(m.ema(), decoder=s.encoder, data_shape=s.data_shape, num_classes=s.num_classes,
                             registered_name=self.name, tags=tags, step=m.step, run_id=self.logger.run_id,
@@ -188,8 +219,9 @@ class ProgressMeter:
         self._mark = (now, step)
         eta = (self.total - step) / rate if rate > 0 else float("nan")
         nan = float("nan")
-        return (f"step {step}/{self.total} | {rate * self.batch:.1f} samples/s | "
-                f"D {metrics.get('d_loss', nan):.4f} G {metrics.get('g_loss', nan):.4f} | "
+        losses = (f"FM {metrics['fm_loss']:.4f}" if "fm_loss" in metrics else
+                  f"D {metrics.get('d_loss', nan):.4f} G {metrics.get('g_loss', nan):.4f}")
+        return (f"step {step}/{self.total} | {rate * self.batch:.1f} samples/s | {losses} | "
                 f"data wait {100 * metrics.get('time/data_wait_frac', 0.0):.1f}% | ETA {eta:.0f}s{suffix}")
 
 

@@ -232,3 +232,21 @@ class JSONEntries:
 
     def required(self, world_size: int) -> list[str]:
         return []
+
+
+class NamedJSON:
+    """An object with a JSON-able state_dict() under one trainer.json key `name` (rank 0). A
+    checkpoint without the key (written before the part existed) leaves the object as it is."""
+
+    def __init__(self, name: str, obj):
+        self.name, self.obj = name, obj
+
+    def save(self, root: Path, rank: int) -> dict[str, Any] | None:
+        return {self.name: self.obj.state_dict()} if rank == 0 else None
+
+    def load(self, root: Path, rank: int, meta: dict[str, Any]) -> None:
+        if self.name in meta:
+            self.obj.load_state_dict(meta[self.name])
+
+    def required(self, world_size: int) -> list[str]:
+        return []

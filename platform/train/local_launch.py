@@ -44,9 +44,15 @@ def resolve_entry(entry: str | None) -> Callable[..., Any]:
         raise ValueError(f"entry {entry!r}: cannot be imported ({err})") from err
 
 
+def completed(run_dir: str | Path) -> list[Path]:
+    """The complete checkpoints, oldest report first (after a watchdog rollback a replayed step is
+    reported again under a new name, later than the abandoned ones it replaces)."""
+    done = [p for p in Path(run_dir).glob("checkpoint_*") if (p / COMPLETE).is_file()]
+    return sorted(done, key=lambda p: ((p / COMPLETE).stat().st_mtime_ns, p.name))
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    run_dir = Path(run_dir)
-    done = sorted(p for p in run_dir.glob("checkpoint_*") if (p / COMPLETE).is_file())
+    done = completed(run_dir)
     return done[-1] if done else None
 
 
@@ -58,22 +64,27 @@ class LocalContext:
         if self.world_size > 1:
             dist.barrier()
 
-    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+    def report(self, metrics: dict, checkpoint_dir: str | None, name: str | None = None) -> None:
         if checkpoint_dir is None:
             return
-        dest = self.run_dir / f"checkpoint_{int(metrics['step']):06d}"
+        dest = self.run_dir / (name or f"checkpoint_{int(metrics['step']):06d}")
         shutil.copytree(checkpoint_dir, dest, dirs_exist_ok=True)
         self._barrier()  # every rank's files are in place
         if self.rank == 0:
             (dest / COMPLETE).write_text(json.dumps({"step": metrics["step"]}))
-            done = sorted(p for p in self.run_dir.glob("checkpoint_*") if (p / COMPLETE).is_file())
-            for old in done[: -self.keep]:
+            for old in completed(self.run_dir)[: -self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
         self._barrier()
 
     def restore_dir(self) -> str | None:
         latest = latest_checkpoint(self.run_dir)
         return str(latest) if latest else None
+
+    def fetch_checkpoint(self, name: str) -> str:
+        path = self.run_dir / name
+        if not (path / COMPLETE).is_file():
+            raise FileNotFoundError(f"{path}: the checkpoint to roll back to is gone; raise run.keep_checkpoints")
+        return str(path)
 
 
 def _worker(rank: int, world_size: int, port: int, config: dict, run_dir: str, out_dir: str) -> None:

@@ -35,15 +35,32 @@ PASS_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "A
 class RayContext:
     """The loop's view of Ray Train: rank, report, and the checkpoint to resume from."""
 
-    def __init__(self):
+    def __init__(self, spec: dict | None = None):
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+        self.spec = spec  # the run's spec dict: where its checkpoints are stored (fetch_checkpoint)
         self._restore_tmp: tempfile.TemporaryDirectory | None = None
+        self._fetch_tmp: tempfile.TemporaryDirectory | None = None
 
-    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+    def report(self, metrics: dict, checkpoint_dir: str | None, name: str | None = None) -> None:
         checkpoint = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        # Only rank 0's metrics are read by the driver; every rank must still call report.
-        ray.train.report(metrics, checkpoint=checkpoint)
+        # Only rank 0's metrics are read by the driver; every rank must still call report. Named
+        # checkpoints land at <storage_path>/<run.name>/<name>, where fetch_checkpoint finds them.
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name if checkpoint else None)
+
+    def fetch_checkpoint(self, name: str) -> str:
+        """Download this run's checkpoint `name` from its storage (the watchdog's rollback)."""
+        spec = RunSpec.from_dict(self.spec)
+        root, fs = storage(spec)
+        path = f"{root.rstrip('/')}/{spec.run.name}/{name}"
+        if self._fetch_tmp is not None:
+            self._fetch_tmp.cleanup()
+        self._fetch_tmp = tempfile.TemporaryDirectory(prefix="advflow-rollback-")
+        try:
+            return Checkpoint(path=path, filesystem=fs).to_directory(self._fetch_tmp.name)
+        except Exception as err:  # noqa: BLE001 - pyarrow raises several kinds for a missing path
+            raise FileNotFoundError(f"{path}: the checkpoint to roll back to cannot be read ({err}); "
+                                    "raise run.keep_checkpoints") from err
 
     def restore_dir(self) -> str | None:
         checkpoint = ray.train.get_checkpoint()
@@ -58,7 +75,7 @@ def train_fn_per_worker(config: dict) -> None:
     (`config["entry"]`, "module:function", when the launch named one; else the AFM loop)."""
     use_gpu = config["spec"]["distributed"]["use_gpu"]
     device = torch.device("cuda", ray.train.torch.get_device().index or 0) if use_gpu else torch.device("cpu")
-    resolve_entry(config.get("entry"))(config, RayContext(), device=device)
+    resolve_entry(config.get("entry"))(config, RayContext(config["spec"]), device=device)
 
 
 class ProgressCallback(UserCallback):
