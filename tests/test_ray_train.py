@@ -129,6 +129,30 @@ def test_sigkilled_worker_is_restarted_and_resumes_exactly(digits, tmp_path, loc
         assert math.isclose(m.value, reference[m.step - 1]["d_loss"], rel_tol=1e-5, abs_tol=1e-7)
 
 
+@pytest.mark.timeout(900)
+def test_watchdog_rolls_back_through_ray_storage_as_it_does_locally(digits, tmp_path, local_ray):
+    """Issue 12 §4 on Ray Train: the rollback fetches the named checkpoint back from the run's
+    storage; the run then ends exactly as the same rollback does with local processes."""
+    from advflow.platform.train.ray_launch import build_torch_trainer
+
+    def spec_at(storage: str) -> RunSpec:
+        raw = kill_spec(digits, storage).to_dict()
+        raw["debug"] = {"inject_nan_step": 44, "inject_nan_attempts": 1}  # after the checkpoint of step 40
+        return RunSpec.from_dict(raw)
+
+    result = build_torch_trainer(spec_at(str(tmp_path / "ray")), progress=False).fit()
+    assert result.error is None, f"the rolled-back run failed: {result.error}"
+    assert Path(result.checkpoint.path).name == f"checkpoint_{STEPS:06d}_r1"
+    meta = json.loads((Path(result.checkpoint.path) / "trainer.json").read_text())
+    assert meta["watchdog"]["rollbacks"] == 1 and meta["watchdog"]["events"][0]["good_step"] == 40
+    local = run_local(spec_at(str(tmp_path / "plain")), tmp_path / "plain" / "killed")
+    assert [r["step"] for r in meta["history"]] == [r["step"] for r in local] == list(range(1, STEPS + 1))
+    for got, want in zip(meta["history"], local):
+        assert math.isfinite(got["g_loss"])
+        for key in ("d_loss", "g_loss"):
+            assert math.isclose(got[key], want[key], rel_tol=1e-5, abs_tol=1e-7), (got["step"], key)
+
+
 # ----------------------------------------------------------------------------- ray job submit
 
 
