@@ -225,6 +225,8 @@ def report_input(done: dict, runs: list[dict], base, args, parent: str | None, o
 
 
 def fill_from_mlflow(client, row: dict, rec: dict, spec, out: Path) -> None:
+    from advflow.platform.tracking.logger import mlflow_metric_key
+
     run_id = rec["run_id"]
     data = client.get_run(run_id).data
 
@@ -235,7 +237,7 @@ def fill_from_mlflow(client, row: dict, rec: dict, spec, out: Path) -> None:
     row["params"] = int(data.metrics["model/g_params"]) if "model/g_params" in data.metrics else None
     row["curve"] = history("eval/fd")
     for k in spec.eval.nfe or []:
-        key = f"eval/fd@{k}"
+        key = mlflow_metric_key(f"eval/fd@{k}")
         if key in data.metrics:
             row["fd_at"][str(k)] = data.metrics[key]
             row["curve_at"][str(k)] = history(key)

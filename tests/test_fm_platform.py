@@ -148,3 +148,33 @@ def test_anystep_afm_and_fm_accept_several_k():
         spec = RunSpec.from_dict({"data": {"prefix": "/x"}, "model": model, "eval": {"nfe": [1, 2, 8]}})
         assert spec.eval.nfe == [1, 2, 8]
     assert RunSpec.from_dict({"data": {"prefix": "/x"}, "model": {"method": "fm", "nfe": 8}}).model.kind == "multistep"
+
+
+@pytest.mark.timeout(900)
+def test_a_registered_fm_model_carries_its_k_and_per_k_metrics(digits, tmp_path, mlflow_env):
+    import secrets
+
+    from mlflow.tracking import MlflowClient
+    from safetensors.torch import load_file
+
+    from advflow.platform.tracking.registry import load_generator
+    from advflow.platform.tracking.runs import tracked_run
+    from advflow.platform.train.local_launch import latest_checkpoint, run_local
+
+    name = "fm-" + secrets.token_hex(3)
+    spec = spec_for(digits, 2, train={"steps": 8, "checkpoint_every": 8},
+                    eval={"kind": "digits", "num_samples": 100, "batch_size": 100, "nfe": [2, 4]},
+                    tracking={"register_name": name, "system_metrics": False})
+    with tracked_run(spec) as run:
+        run_local(spec, tmp_path / "fm", run_id=run.run_id)
+        run.ok = True
+    version = MlflowClient().get_model_version(name, "1")
+    assert version.tags["method"] == "fm"
+    assert float(version.tags["metric.eval/fd_at_4"]) == float(version.tags["metric.eval/fd"])
+    assert "metric.eval/fd_at_2" in version.tags
+    model = load_generator(f"models:/{name}/1")
+    G = model.generator
+    assert (G.kind, G.nfe) == ("multistep", 4)  # its sampler: 4 Euler steps (first test of this file)
+    ema = load_file(str(latest_checkpoint(tmp_path / "fm") / "ema.safetensors"))
+    for key, value in G.state_dict().items():
+        torch.testing.assert_close(value.cpu(), ema[key], rtol=0, atol=0)

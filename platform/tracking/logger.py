@@ -66,7 +66,7 @@ class RunLogger:
             if step <= self.last_logged_step:
                 continue
             values = {**row, **(extra or {})} if i == len(rows) - 1 else row
-            metrics += [Metric(_metric_key(k), float(v), now, step) for k, v in values.items() if k != "step"]
+            metrics += [Metric(mlflow_metric_key(k), float(v), now, step) for k, v in values.items() if k != "step"]
         for i in range(0, len(metrics), 900):  # MLflow caps a batch at 1000 metrics
             self.client.log_batch(self.run_id, metrics=metrics[i:i + 900])
         if rows:
@@ -79,7 +79,7 @@ class RunLogger:
         if step <= self.resumed_through:
             return
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(_metric_key(k), float(v), now, step)
+        self.client.log_batch(self.run_id, metrics=[Metric(mlflow_metric_key(k), float(v), now, step)
                                                     for k, v in metrics.items()])
 
     def log_grid(self, png_path: str | Path, step: int) -> None:
@@ -99,7 +99,7 @@ class RunLogger:
         from mlflow.entities import Metric, RunTag
 
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(_metric_key(k), float(v), now, step)
+        self.client.log_batch(self.run_id, metrics=[Metric(mlflow_metric_key(k), float(v), now, step)
                                                     for k, v in metrics.items()],
                               tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
 
@@ -159,5 +159,7 @@ def run_logger(spec: RunSpec, run_id: str | None) -> RunLogger | NullRunLogger:
     return RunLogger(spec, run_id)
 
 
-def _metric_key(key: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_\-. /]", "_", key)
+def mlflow_metric_key(key: str) -> str:
+    """The MLflow name of a metric: MLflow refuses '@', so `eval/fd@4` is logged as `eval/fd_at_4`;
+    other characters it refuses become '_'."""
+    return re.sub(r"[^A-Za-z0-9_\-. /]", "_", key.replace("@", "_at_"))

@@ -61,8 +61,11 @@ class RegisteredGenerator:
 
 
 def metric_tag(key: str) -> str:
-    """Version tag that carries metric `key` (e.g. "eval/fd" -> "metric.eval/fd")."""
-    return METRIC_TAG_PREFIX + key
+    """Version tag that carries metric `key` (e.g. "eval/fd" -> "metric.eval/fd"; "eval/fd@4" ->
+    "metric.eval/fd_at_4": tag names follow MLflow's metric-name rules)."""
+    from advflow.platform.tracking.logger import mlflow_metric_key
+
+    return METRIC_TAG_PREFIX + mlflow_metric_key(key)
 
 
 class _PyfuncWithoutServingCheck:
