@@ -412,8 +412,10 @@ class WatchdogConfig(_Section):
     max_rollbacks: int = 3
     logit_bound: Number = 1e4
     """|mean D logit| above this (or the logit-centering term above its square) is divergence."""
-    grad_spike: Number = 100.0
-    """A gradient norm above this many times the median of the last `grad_window` norms (0: off)."""
+    grad_spike: Number = 0.0
+    """A gradient norm above this many times the median of the last `grad_window` norms (0: off,
+    the default: AFM's D gradient norm moves over orders of magnitude in healthy runs, e.g. a digits
+    R=4 run at 330x its recent median with no divergence; clipping bounds the step anyway)."""
     grad_window: int = 50
     rise_patience: int = 2
     """Evaluations in a row worse than the best by more than `rise_tolerance` that trigger (0: off).

@@ -9,8 +9,8 @@ What counts as diverged (each threshold is a field of `WatchdogParams`):
 - a non-finite loss or gradient norm (NaN/inf in any watched key);
 - exploding discriminator logits: |mean logit| beyond `logit_bound`, or the logit-centering term
   `cp` (the mean squared logit) beyond `logit_bound`**2;
-- a gradient-norm spike: a norm above `grad_spike` times the median of the last `grad_window`
-  healthy norms of the same key (after `grad_window` of them were seen);
+- a gradient-norm spike (off unless `grad_spike` > 0): a norm above `grad_spike` times the median
+  of the last `grad_window` healthy norms of the same key (after `grad_window` of them were seen);
 - a sustained rise of the evaluation metric: `rise_patience` evaluations in a row worse than the
   best so far by more than `rise_tolerance` (relative).
 
@@ -37,7 +37,7 @@ class WatchdogParams:
     """Rollbacks allowed over the whole run; the next trigger fails the run."""
     logit_bound: float = 1e4
     """|mean D logit| above this (or cp above its square) counts as exploding logits."""
-    grad_spike: float = 100.0
+    grad_spike: float = 0.0
     """A gradient norm above this many times the recent median is a spike (0 disables)."""
     grad_window: int = 50
     """How many recent healthy norms the median is taken over."""
