@@ -84,7 +84,9 @@ def spec_for(run: dict, args, base):
     every = max(1, run_steps // EVALS)  # the same images between evaluations in every run
     common = {"train.steps": steps, "train.checkpoint_every": every, "eval.every": every,
               "tracking.register_name": None,  # comparisons, not models to ship
-              "auto_phases.patience": 2, "auto_phases.min_phase_steps": max(1, steps // 5)}
+              # phases: auto gets the hand-placed phases' contents (runs_for); only the placement differs.
+              "auto_phases.patience": 2, "auto_phases.min_phase_steps": max(1, steps // 5),
+              "auto_phases.ema_reload_every": max(1, steps // 20)}
     for key, value in {**common, **run["set"], "run.name": f"{args.name}_{run['name']}"}.items():
         apply_override(raw, f"{key}={json.dumps(value)}")
     if "phases" in run:

@@ -182,3 +182,12 @@ def test_a_nan_at_every_attempt_fails_after_the_bound_naming_trigger_step_and_ch
     versions = _versions(client, model)
     assert [int(v.tags["step"]) for v in versions] == [6, 12]
     assert all(_finite_weights(f"models:/{model}/{v.version}") for v in versions)
+
+
+def test_a_new_phase_starts_a_new_comparison():
+    wd = Watchdog(WatchdogParams(rise_patience=2, rise_tolerance=0.5))
+    wd.check_eval(100, 10.0)
+    assert wd.check_eval(200, 30.0) is None and wd.rising == 1
+    wd.new_phase()  # e.g. lambda_ot fixed and EMA reloads from here: compared from its first evaluation on
+    assert wd.check_eval(300, 31.0) is None and wd.best == 31.0 and wd.rising == 0
+    assert Watchdog().params.rise_patience == 0  # off unless configured

@@ -41,7 +41,7 @@ class WatchdogParams:
     """A gradient norm above this many times the recent median is a spike (0 disables)."""
     grad_window: int = 50
     """How many recent healthy norms the median is taken over."""
-    rise_patience: int = 2
+    rise_patience: int = 0
     """Evaluations in a row above the best (by more than rise_tolerance) that trigger (0 disables)."""
     rise_tolerance: float = 0.5
     """Relative margin above the best evaluation that counts as a rise (0.5 = 50 % worse)."""
@@ -123,6 +123,11 @@ class Watchdog:
             return self._fire("metric_rise", step, f"evaluation metric {value:.4g} vs best {self.best:.4g}: "
                                                    f"{self.rising} evaluations in a row beyond {p.rise_tolerance:.0%}")
         return None
+
+    def new_phase(self) -> None:
+        """A phase started: its evaluations are compared from here (a planned change of the
+        objective may worsen the metric for a while; that is no divergence)."""
+        self.best, self.rising = None, 0
 
     def _better(self, a: float, b: float) -> bool:
         return a < b if self.params.mode == "min" else a > b

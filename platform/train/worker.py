@@ -407,7 +407,9 @@ class Worker:
                     "'<phase>_end', and under phases: auto at the best evaluation, named 'best'; reloading "
                     "from a step number is not supported)")
             write_weights(self.d_engine, self.d_tags[source])
-        # phase_enter: recorded in the history via the phase index.
+        elif event.kind == "phase_enter" and event.phase_index > 0 and self.watchdog:
+            self.watchdog.new_phase()
+        # phase_enter is also recorded in the history via the phase index.
 
     def phase_metrics(self) -> dict[str, float]:
         p, f = self._phase, self.lr_factor()
