@@ -40,7 +40,9 @@ class RunLogger:
         tags = self.client.get_run(run_id).data.tags
         self.data_tags = {k: v for k, v in tags.items() if k.startswith("data.")}
         # Steps a previous attempt already logged (the restored replay reproduces them exactly).
-        history = self.client.get_metric_history(run_id, "fm_loss" if spec.model.method == "fm" else "d_loss")
+        # (The classifier job's spec has no `model.method`: it keeps the AFM key, as before.)
+        fm = getattr(getattr(spec, "model", None), "method", "afm") == "fm"
+        history = self.client.get_metric_history(run_id, "fm_loss" if fm else "d_loss")
         self.last_logged_step = max((m.step for m in history), default=0)
         # Grids and evaluations at or before this step were logged by that attempt too.
         self.resumed_through = self.last_logged_step
