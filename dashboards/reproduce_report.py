@@ -22,13 +22,13 @@ from __future__ import annotations
 import argparse
 import base64
 import datetime as dt
-import html
 import json
 import math
 import sys
 from pathlib import Path
 from typing import Any
 
+from advflow.dashboards.page import BASE_CSS, esc, na
 from advflow.dashboards.sweep_grids import GridUnavailable, image_mime, load_grid
 from advflow.platform.atomic import write_text
 
@@ -60,17 +60,7 @@ _PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#
             "#bcbd22", "#7f7f7f", "#393b79", "#637939")
 _FM_K_PALETTE = ("#08306b", "#08519c", "#2171b5", "#4292c6", "#6baed6", "#9ecae1")
 
-_CSS = """
-body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0; color: #1d2330;
-       background: #f5f6f8; }
-main { max-width: 1280px; margin: 0 auto; padding: 16px 24px 48px; }
-header { background: #1d2330; color: #fff; padding: 20px 24px; }
-header h1 { margin: 0 0 6px; font-size: 22px; }
-header .meta span { margin-right: 18px; }
-header code { background: #323a4d; padding: 1px 5px; border-radius: 3px; }
-section { background: #fff; border-radius: 6px; padding: 12px 18px; margin-top: 18px;
-          box-shadow: 0 1px 2px rgba(0,0,0,.08); }
-h2 { font-size: 17px; margin: 4px 0 10px; }
+_CSS = BASE_CSS + """
 h3 { font-size: 15px; margin: 12px 0 4px; }
 .note { color: #6b7385; font-style: italic; padding: 8px 12px; background: #f5f6f8; border-radius: 4px; }
 ol.claims { padding-left: 22px; margin: 0; }
@@ -91,28 +81,10 @@ table.data th, table.data td { border-bottom: 1px solid #e3e6eb; padding: 4px 8p
 table.data td.num { font-variant-numeric: tabular-nums; text-align: right; }
 table.data td.reason { white-space: normal; max-width: 640px; }
 #runs-table { width: 100%; }
-.na { color: #aab0bc; }
-.table-wrap { overflow-x: auto; }
-.gallery { display: flex; flex-wrap: wrap; gap: 14px; }
-figure.grid { margin: 0; width: 260px; }
-figure.grid img { width: 100%; image-rendering: pixelated; border: 1px solid #e3e6eb; }
-figure.grid .placeholder { width: 100%; aspect-ratio: 1; display: flex; align-items: center;
-    justify-content: center; text-align: center; background: #f5f6f8; color: #6b7385;
-    border: 1px dashed #c3c8d2; font-size: 12px; padding: 8px; box-sizing: border-box; word-break: break-all; }
-figcaption { font-size: 13px; margin-top: 4px; }
-footer { color: #8a91a0; font-size: 12px; margin-top: 24px; }
 """
 
 
 # -- small helpers -----------------------------------------------------------------------------------
-def _esc(value: Any) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def _na() -> str:
-    return '<span class="na">&mdash;</span>'
-
-
 def _finite(value: Any) -> float | None:
     """`value` as a float when it is a finite real number (bools excluded), else None."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -128,8 +100,8 @@ def _num(value: float) -> str:
 
 def _cell_num(value: Any) -> str:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return _na() if value is None else _esc(value)
-    return _num(float(value)) if math.isfinite(float(value)) else _esc(value)  # nan/inf shown as such
+        return na() if value is None else esc(value)
+    return _num(float(value)) if math.isfinite(float(value)) else esc(value)  # nan/inf shown as such
 
 
 def _fmt_seconds(seconds: Any) -> str:
@@ -146,7 +118,7 @@ def _fmt_seconds(seconds: Any) -> str:
 
 def _fmt_int(value: Any) -> str:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return _na() if value is None else _esc(value)
+        return na() if value is None else esc(value)
     return f"{round(value):,}"
 
 
@@ -364,13 +336,13 @@ def _render_header(results: dict, title: str) -> str:
     images = results.get("images_per_run")
     parent = results.get("parent_run_id")
     spans = [
-        f"<span>created {_esc(created) if created else 'unknown'}</span>",
-        f'<span id="wall-time">wall time {_esc(wall) if wall else "unknown"}</span>',
+        f"<span>created {esc(created) if created else 'unknown'}</span>",
+        f'<span id="wall-time">wall time {esc(wall) if wall else "unknown"}</span>',
         f'<span id="images-per-run">{_fmt_int(images) if images is not None else "unknown"} images per run</span>',
         ('<span id="parent-run">parent run '
-         + (f"<code>{_esc(parent)}</code>" if parent else "none") + "</span>"),
+         + (f"<code>{esc(parent)}</code>" if parent else "none") + "</span>"),
     ]
-    return f'<header><h1>{_esc(title)}</h1><div class="meta">{"".join(spans)}</div></header>'
+    return f'<header><h1>{esc(title)}</h1><div class="meta">{"".join(spans)}</div></header>'
 
 
 def _render_claims(claims: list[dict]) -> str:
@@ -378,10 +350,10 @@ def _render_claims(claims: list[dict]) -> str:
     for i, c in enumerate(claims):
         verdict = c["verdict"]
         items.append(
-            f'<li class="claim" data-claim="{i}" data-verdict="{_esc(verdict)}">'
-            f'<span class="verdict {_verdict_class(verdict)}">{_esc(verdict)}</span>'
-            f'<span class="claim-text">{_esc(c["claim"])}</span>'
-            f'<p class="sentence">{_esc(c["sentence"])}</p></li>')
+            f'<li class="claim" data-claim="{i}" data-verdict="{esc(verdict)}">'
+            f'<span class="verdict {_verdict_class(verdict)}">{esc(verdict)}</span>'
+            f'<span class="claim-text">{esc(c["claim"])}</span>'
+            f'<p class="sentence">{esc(c["sentence"])}</p></li>')
     return ('<section id="claims"><h2>Claims of the paper</h2>'
             f'<ol class="claims">{"".join(items)}</ol>'
             '<p class="note">Lower eval/fd is better. Thresholds for "approaches" and "works" '
@@ -399,32 +371,32 @@ def _render_fd_at(run: dict) -> str:
         return ""
     head = "".join(f"<th>K={k}</th>" for k in fd_at)
     cells = "".join(f'<td class="num" data-k="{k}">{_cell_num(v)}</td>' for k, v in fd_at.items())
-    return (f'<h3>{_esc(run.get("label") or run["name"])}: final eval/fd per sampling steps K</h3>'
-            f'<div class="table-wrap"><table class="data fd-at" data-run="{_esc(run["name"])}">'
+    return (f'<h3>{esc(run.get("label") or run["name"])}: final eval/fd per sampling steps K</h3>'
+            f'<div class="table-wrap"><table class="data fd-at" data-run="{esc(run["name"])}">'
             f"<thead><tr><th></th>{head}</tr></thead><tbody><tr><th>eval/fd</th>{cells}</tr></tbody></table></div>")
 
 
 def _render_table(runs: dict[str, dict]) -> str:
-    thead = "".join(f"<th>{_esc(c)}</th>" for c in _COLUMNS)
+    thead = "".join(f"<th>{esc(c)}</th>" for c in _COLUMNS)
     rows = []
     for name, run in runs.items():
         status = str(run.get("status") or "MISSING")
         cells = [
-            f'<td title="{_esc(name)}">{_esc(run.get("label") or name)}</td>',
-            f"<td>{_esc(run['method']) if run.get('method') else _na()}</td>",
+            f'<td title="{esc(name)}">{esc(run.get("label") or name)}</td>',
+            f"<td>{esc(run['method']) if run.get('method') else na()}</td>",
             f'<td class="num">{_fmt_int(run.get("nfe"))}</td>',
             f'<td class="num">{_fmt_int(run.get("repeats"))}</td>',
             f'<td class="num">{_fmt_int(run.get("params"))}</td>',
-            f'<td class="num">{_esc(_fmt_seconds(run.get("train_seconds"))) or _na()}</td>',
+            f'<td class="num">{esc(_fmt_seconds(run.get("train_seconds"))) or na()}</td>',
         ]
         cells += [f'<td class="num" data-metric="{key}">{_cell_num(_metric(run, key))}</td>'
                   for key in ("eval/fd", "eval/fd_floor", "eval/cls_acc")]
-        cells.append(f'<td><span class="badge status-{_esc(status)}">{_esc(status)}</span></td>')
-        cells.append(f"<td><code>{_esc(run['run_id'])}</code></td>" if run.get("run_id") else f"<td>{_na()}</td>")
-        rows.append(f'<tr data-run="{_esc(name)}" data-status="{_esc(status)}">{"".join(cells)}</tr>')
+        cells.append(f'<td><span class="badge status-{esc(status)}">{esc(status)}</span></td>')
+        cells.append(f"<td><code>{esc(run['run_id'])}</code></td>" if run.get("run_id") else f"<td>{na()}</td>")
+        rows.append(f'<tr data-run="{esc(name)}" data-status="{esc(status)}">{"".join(cells)}</tr>')
     body = "".join(rows) or f'<tr><td colspan="{len(_COLUMNS)}" class="na">no runs</td></tr>'
     absent = [n for n in EXPECTED_RUNS if n not in runs]
-    note = (f'<p class="note" id="absent-runs">Not in the results: {_esc(", ".join(absent))}.</p>'
+    note = (f'<p class="note" id="absent-runs">Not in the results: {esc(", ".join(absent))}.</p>'
             if absent else "")
     fd_at = "".join(_render_fd_at(r) for r in runs.values() if r.get("method") == "fm")
     return ('<section id="runs"><h2>Runs</h2><div class="table-wrap"><table class="data" id="runs-table">'
@@ -537,7 +509,7 @@ def _render_plots(runs: dict[str, dict]) -> str:
              ("fd-vs-compute", "Final eval/fd against compute", _compute_figure,
               "No finished run has a finite final eval/fd to draw."))
     for key, heading, factory, note in specs:
-        body = f'<p class="note">{_esc(note)}</p>'
+        body = f'<p class="note">{esc(note)}</p>'
         try:
             fig = factory(runs)
             if fig is not None:
@@ -545,8 +517,8 @@ def _render_plots(runs: dict[str, dict]) -> str:
                                    config={"displaylogo": False, "responsive": True})
                 plotly_inlined = True
         except Exception as e:  # noqa: BLE001 - one bad plot must not take the report down
-            body = f'<p class="note">Could not draw this plot: {_esc(type(e).__name__)}: {_esc(e)}</p>'
-        parts.append(f'<div class="plot" id="plot-{key}" data-plot="{key}"><h3>{_esc(heading)}</h3>{body}</div>')
+            body = f'<p class="note">Could not draw this plot: {esc(type(e).__name__)}: {esc(e)}</p>'
+        parts.append(f'<div class="plot" id="plot-{key}" data-plot="{key}"><h3>{esc(heading)}</h3>{body}</div>')
     return '<section id="curves"><h2>Curves</h2>' + "".join(parts) + "</section>"
 
 
@@ -558,16 +530,16 @@ def _render_phases(runs: dict[str, dict]) -> str:
                 '<p class="note">No phase-schedule runs in the results.</p></section>')
     rows, quiet = [], []
     for name, run in shown:
-        label = _esc(run.get("label") or name)
+        label = esc(run.get("label") or name)
         items = _transitions(run)
         if not items:
             quiet.append(label)
         for t in items:
             step = _finite(t.get("step"))
-            rows.append(f'<tr data-run="{_esc(name)}"><td>{label}</td>'
-                        f'<td class="num">{_fmt_int(step) if step is not None else _na()}</td>'
-                        f"<td>{_esc(t.get('from'))} &rarr; {_esc(t.get('to'))}</td>"
-                        f'<td class="reason">{_esc(t.get("reason") or "")}</td></tr>')
+            rows.append(f'<tr data-run="{esc(name)}"><td>{label}</td>'
+                        f'<td class="num">{_fmt_int(step) if step is not None else na()}</td>'
+                        f"<td>{esc(t.get('from'))} &rarr; {esc(t.get('to'))}</td>"
+                        f'<td class="reason">{esc(t.get("reason") or "")}</td></tr>')
     table = ('<div class="table-wrap"><table class="data" id="phase-transitions"><thead><tr><th>run</th>'
              f"<th>step</th><th>phase</th><th>reason</th></tr></thead><tbody>{''.join(rows)}</tbody></table></div>"
              if rows else "")
@@ -595,10 +567,10 @@ def _render_grids(runs: dict[str, dict]) -> str:
     for name, run in runs.items():
         label = str(run.get("label") or name)
         fd = _finite(_metric(run, "eval/fd"))
-        caption = f"{_esc(label)} &middot; eval/fd {_num(fd) if fd is not None else 'n/a'}"
+        caption = f"{esc(label)} &middot; eval/fd {_num(fd) if fd is not None else 'n/a'}"
         status = run.get("status") or "MISSING"
         if status != "FINISHED":
-            caption += f" &middot; {_esc(status)}"
+            caption += f" &middot; {esc(status)}"
         grid = run.get("grid_png")
         if grid is None:
             body = '<div class="placeholder">no grid</div>'
@@ -606,10 +578,10 @@ def _render_grids(runs: dict[str, dict]) -> str:
             try:
                 data = _grid_bytes(grid)
                 src = f"data:{image_mime(data)};base64,{base64.b64encode(data).decode('ascii')}"
-                body = f'<img class="grid-img" alt="samples of {_esc(label)}" src="{src}">'
+                body = f'<img class="grid-img" alt="samples of {esc(label)}" src="{src}">'
             except GridUnavailable as e:
-                body = f'<div class="placeholder">no grid: {_esc(e)}</div>'
-        figures.append(f'<figure class="grid" data-run="{_esc(name)}">{body}'
+                body = f'<div class="placeholder">no grid: {esc(e)}</div>'
+        figures.append(f'<figure class="grid" data-run="{esc(name)}">{body}'
                        f"<figcaption>{caption}</figcaption></figure>")
     return f'<section id="grids"><h2>Sample grids</h2><div class="gallery">{"".join(figures)}</div></section>'
 
@@ -636,7 +608,7 @@ def build_report(results: dict) -> str:
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{_esc(title)}</title><style>{_CSS}</style></head><body>",
+        f"<title>{esc(title)}</title><style>{_CSS}</style></head><body>",
         _render_header(results, title),
         "<main>",
         _render_claims(claims),

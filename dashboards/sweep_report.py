@@ -18,7 +18,6 @@ import argparse
 import base64
 import copy
 import datetime as dt
-import html
 import logging
 import math
 import sys
@@ -31,27 +30,18 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from advflow.dashboards.page import BASE_CSS, esc, na
 from advflow.dashboards.sweep_grids import SAMPLE_GRID_ATTR, GridUnavailable, image_mime, load_grid
 from advflow.platform.atomic import write_text
 
 # User attributes advflow's sweep job records; shown as table columns when any trial has them.
 DEFAULT_ATTR_COLUMNS = ("mlflow_run_id", "stopped_early", "steps")
 
-_CSS = """
-body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0; color: #1d2330;
-       background: #f5f6f8; }
-main { max-width: 1280px; margin: 0 auto; padding: 16px 24px 48px; }
-header { background: #1d2330; color: #fff; padding: 20px 24px; }
-header h1 { margin: 0 0 6px; font-size: 22px; }
-header .meta span { margin-right: 18px; }
-header code { background: #323a4d; padding: 1px 5px; border-radius: 3px; }
+_CSS = BASE_CSS + """
 .badge { display: inline-block; padding: 1px 8px; border-radius: 10px; font-size: 12px; margin-right: 6px;
          background: #dfe3ea; color: #1d2330; }
 .state-COMPLETE { background: #cdebd6; } .state-PRUNED { background: #fbe7c0; }
 .state-FAIL { background: #f6c9c9; } .state-RUNNING, .state-WAITING { background: #d4e2f7; }
-section { background: #fff; border-radius: 6px; padding: 12px 18px; margin-top: 18px;
-          box-shadow: 0 1px 2px rgba(0,0,0,.08); }
-h2 { font-size: 17px; margin: 4px 0 10px; }
 h3 { font-size: 15px; margin: 8px 0 4px; }
 .note { color: #6b7385; font-style: italic; padding: 12px; background: #f5f6f8; border-radius: 4px; }
 table.trials { border-collapse: collapse; width: 100%; font-size: 13px; }
@@ -59,16 +49,6 @@ table.trials th, table.trials td { border-bottom: 1px solid #e3e6eb; padding: 4p
                                    white-space: nowrap; }
 table.trials td.num { font-variant-numeric: tabular-nums; }
 table.trials tr.best { background: #eef8f1; }
-.na { color: #aab0bc; }
-.table-wrap { overflow-x: auto; }
-.gallery { display: flex; flex-wrap: wrap; gap: 14px; }
-figure.grid { margin: 0; width: 280px; }
-figure.grid img { width: 100%; image-rendering: pixelated; border: 1px solid #e3e6eb; }
-figure.grid .placeholder { width: 100%; aspect-ratio: 1; display: flex; align-items: center;
-    justify-content: center; text-align: center; background: #f5f6f8; color: #6b7385;
-    border: 1px dashed #c3c8d2; font-size: 12px; padding: 8px; box-sizing: border-box; word-break: break-all; }
-figcaption { font-size: 13px; margin-top: 4px; }
-footer { color: #8a91a0; font-size: 12px; margin-top: 24px; }
 """
 
 
@@ -77,13 +57,9 @@ class StudyNotFoundError(LookupError):
 
 
 # -- small formatting helpers ------------------------------------------------------------------------
-def _esc(value: Any) -> str:
-    return html.escape(str(value), quote=True)
-
-
 def _fmt_num(value: Any) -> str:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return _esc(value)
+        return esc(value)
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     return f"{value:.6g}" if isinstance(value, float) else str(value)
@@ -98,10 +74,6 @@ def _fmt_duration(delta: dt.timedelta | None) -> str:
     minutes, secs = divmod(round(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h {minutes:02d}m {secs:02d}s" if hours else f"{minutes}m {secs:02d}s"
-
-
-def _na() -> str:
-    return '<span class="na">&mdash;</span>'
 
 
 # -- study-level facts -------------------------------------------------------------------------------
@@ -165,7 +137,7 @@ def _render_plots(study: optuna.Study, complete: list[FrozenTrial], metric_name:
     parts: list[str] = []
     plotly_inlined = False
     for key, heading, factory, note in _plot_specs(study, complete, metric_name):
-        body = f'<p class="note">{_esc(note)}</p>'
+        body = f'<p class="note">{esc(note)}</p>'
         if factory is not None:
             try:
                 with warnings.catch_warnings():
@@ -178,8 +150,8 @@ def _render_plots(study: optuna.Study, complete: list[FrozenTrial], metric_name:
                                    div_id=f"fig-{key}", config={"displaylogo": False, "responsive": True})
                 plotly_inlined = True
             except Exception as e:  # noqa: BLE001 - one bad plot must not take the report down
-                body = f'<p class="note">Could not draw this plot: {_esc(type(e).__name__)}: {_esc(e)}</p>'
-        parts.append(f'<div class="plot" id="plot-{key}" data-plot="{key}"><h3>{_esc(heading)}</h3>{body}</div>')
+                body = f'<p class="note">Could not draw this plot: {esc(type(e).__name__)}: {esc(e)}</p>'
+        parts.append(f'<div class="plot" id="plot-{key}" data-plot="{key}"><h3>{esc(heading)}</h3>{body}</div>')
     return '<section id="plots"><h2>Plots</h2>' + "".join(parts) + "</section>"
 
 
@@ -191,14 +163,14 @@ def _render_header(study: optuna.Study, title: str, trials: list[FrozenTrial],
                      for s in sorted(counts)) or '<span class="badge">no trials</span>'
     if complete:
         best = complete[0]
-        params = ", ".join(f"{_esc(k)}={_fmt_num(v)}" for k, v in best.params.items()) or "none"
-        best_html = (f'<span>best {_esc(metric_name)}: <b>{_fmt_num(_objective(best))}</b> '
+        params = ", ".join(f"{esc(k)}={_fmt_num(v)}" for k, v in best.params.items()) or "none"
+        best_html = (f'<span>best {esc(metric_name)}: <b>{_fmt_num(_objective(best))}</b> '
                      f'(trial #{best.number})</span><span>params: <code>{params}</code></span>')
     else:
         best_html = "<span>best: no completed trials yet</span>"
-    return (f"<header><h1>{_esc(title)}</h1><div class=\"meta\">"
-            f"<span>study <code>{_esc(study.study_name)}</code></span>"
-            f"<span>direction: {_esc(_directions_text(study))}</span>"
+    return (f"<header><h1>{esc(title)}</h1><div class=\"meta\">"
+            f"<span>study <code>{esc(study.study_name)}</code></span>"
+            f"<span>direction: {esc(_directions_text(study))}</span>"
             f"<span>{len(trials)} trials</span></div>"
             f'<div class="meta">{best_html}</div><div class="meta" style="margin-top:6px">{badges}</div>'
             "</header>")
@@ -215,17 +187,17 @@ def _render_table(trials: list[FrozenTrial], best_number: int | None, metric_nam
     params = sorted({name for t in trials for name in t.params})
     attrs = _attr_columns(trials, extra_columns)
     head = ["#", "state", metric_name] + params + ["duration"] + attrs
-    thead = "".join(f"<th>{_esc(h)}</th>" for h in head)
+    thead = "".join(f"<th>{esc(h)}</th>" for h in head)
     rows = []
     for t in trials:
-        value = ", ".join(_fmt_num(v) for v in t.values) if t.values else _na()
+        value = ", ".join(_fmt_num(v) for v in t.values) if t.values else na()
         cells = [f'<td class="num">{t.number}</td>',
                  f'<td><span class="badge state-{t.state.name}">{t.state.name.lower()}</span></td>',
                  f'<td class="num">{value}</td>']
-        cells += [f'<td class="num">{_fmt_num(t.params[p])}</td>' if p in t.params else f"<td>{_na()}</td>"
+        cells += [f'<td class="num">{_fmt_num(t.params[p])}</td>' if p in t.params else f"<td>{na()}</td>"
                   for p in params]
-        cells.append(f'<td class="num">{_fmt_duration(t.duration) or _na()}</td>')
-        cells += [f"<td>{_fmt_num(t.user_attrs[a])}</td>" if a in t.user_attrs else f"<td>{_na()}</td>"
+        cells.append(f'<td class="num">{_fmt_duration(t.duration) or na()}</td>')
+        cells += [f"<td>{_fmt_num(t.user_attrs[a])}</td>" if a in t.user_attrs else f"<td>{na()}</td>"
                   for a in attrs]
         cls = ' class="best"' if t.number == best_number else ""
         rows.append(f'<tr data-trial="{t.number}"{cls}>{"".join(cells)}</tr>')
@@ -236,7 +208,7 @@ def _render_table(trials: list[FrozenTrial], best_number: int | None, metric_nam
 # -- sample grids ------------------------------------------------------------------------------------
 def _grid_figure(trial: FrozenTrial, grids: dict[int, bytes], metric_name: str, best: bool) -> str:
     value = _fmt_num(_objective(trial)) if trial.values else trial.state.name.lower()
-    caption = f"#{trial.number} &middot; {_esc(metric_name)} {value}"
+    caption = f"#{trial.number} &middot; {esc(metric_name)} {value}"
     if best:
         caption += " &middot; <b>best</b>"
     elif trial.state != TrialState.COMPLETE:
@@ -254,7 +226,7 @@ def _grid_figure(trial: FrozenTrial, grids: dict[int, bytes], metric_name: str, 
         src = f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
         body = f'<img class="grid-img" alt="samples of trial {trial.number}" src="{src}">'
     except GridUnavailable as e:
-        body = f'<div class="placeholder">no sample grid: {_esc(e)}</div>'
+        body = f'<div class="placeholder">no sample grid: {esc(e)}</div>'
     return f'<figure class="grid" data-trial="{trial.number}">{body}<figcaption>{caption}</figcaption></figure>'
 
 
@@ -308,7 +280,7 @@ def build_report(study: optuna.Study, *, title: str | None = None, grids: dict[i
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{_esc(title)}</title><style>{_CSS}</style></head><body>",
+        f"<title>{esc(title)}</title><style>{_CSS}</style></head><body>",
         _render_header(study, title, trials, complete, metric_name),
         "<main>",
         plots,

@@ -104,3 +104,20 @@ def run_headless(html_path: str | Path, *, dump_dom: bool = False, screenshot: s
         raise ChromiumError(f"chromium wrote no screenshot to {screenshot}; stderr tail:\n"
                             f"{err.decode(errors='replace')[-2000:]}")
     return out.decode("utf-8", errors="replace") if dump_dom else ""
+
+
+def output_dir() -> Path:
+    """Where tests leave pages and screenshots for people to look at (ADVFLOW_TEST_OUTPUT or test-output/)."""
+    out = Path(os.environ.get("ADVFLOW_TEST_OUTPUT") or Path(__file__).resolve().parents[1] / "test-output")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def chromium_or_fail() -> str:
+    """The browser, or a test failure: a missing browser is a setup failure, never a skip."""
+    import pytest
+
+    try:
+        return find_chromium()
+    except ChromiumError as e:
+        pytest.fail(str(e))

@@ -29,9 +29,8 @@ from PIL import Image
 
 from advflow.dashboards import reproduce_report
 from advflow.dashboards.reproduce_report import assess_claims, build_report, write_report
-from chromium import ChromiumError, find_chromium, run_headless
+from chromium import chromium_or_fail, output_dir, run_headless
 
-REPO = Path(__file__).resolve().parents[1]
 
 # Probes added to the written page before Chromium loads it: the first (in <head>, so it sees errors of
 # every later script) records JavaScript errors on <html>; the second marks each image's decoded width.
@@ -342,16 +341,7 @@ def test_bad_runs_are_refused():
 # -- the page in Chromium ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def chromium_binary() -> str:
-    try:
-        return find_chromium()
-    except ChromiumError as e:  # a missing browser is a setup failure, never a skip
-        pytest.fail(str(e))
-
-
-def output_dir() -> Path:
-    out = Path(os.environ.get("ADVFLOW_TEST_OUTPUT") or REPO / "test-output")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+    return chromium_or_fail()
 
 
 def render(page: str, tmp_path: Path, name: str, screenshot: Path | None = None) -> Node:

@@ -21,9 +21,8 @@ from PIL import Image
 from advflow.dashboards import sweep_report
 from advflow.dashboards.sweep_grids import GridUnavailable, load_grid
 from advflow.dashboards.sweep_report import StudyNotFoundError, build_report, write_report
-from chromium import ChromiumError, find_chromium, run_headless
+from chromium import ChromiumError, chromium_or_fail, output_dir, run_headless
 
-REPO = Path(__file__).resolve().parents[1]
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
 # Marks every <img> with its decoded width once the page (and so every image) has loaded.
 DECODE_PROBE = ("<script>window.addEventListener('load', () => { for (const img of document.images) "
@@ -157,16 +156,7 @@ def make_sweep(tmp_path: Path) -> tuple[str, dict]:
 
 @pytest.fixture(scope="module")
 def chromium_binary() -> str:
-    try:
-        return find_chromium()
-    except ChromiumError as e:  # a missing browser is a setup failure, never a skip
-        pytest.fail(str(e))
-
-
-def output_dir() -> Path:
-    out = Path(os.environ.get("ADVFLOW_TEST_OUTPUT") or REPO / "test-output")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+    return chromium_or_fail()
 
 
 def test_report_renders_in_chromium(tmp_path, chromium_binary):
