@@ -419,10 +419,10 @@ class WatchdogConfig(_Section):
     grad_window: int = 50
     rise_patience: int = 0
     """Evaluations in a row worse than the best by more than `rise_tolerance` that trigger (0: off,
-    the default: on digits, planned phase changes raised eval/fd 2-3x for 2 evaluations, and R=2
-    runs rose and failed to recover). The best is reset when a phase starts. The rollback goes to
-    the checkpoint before the rise, so keep enough (`run.keep_checkpoints` > rise_patience x
-    checkpoints per evaluation); a rollback target no longer kept fails the run with that fix."""
+    the default: on digits, the planned end of the lambda_ot decay raised eval/fd 2-3x for 2
+    evaluations, and R=2 runs rose and failed to recover). The best is reset when a phase starts.
+    The rollback goes to the checkpoint before the rise, so keep enough (`run.keep_checkpoints` >
+    rise_patience x checkpoints per evaluation); a target no longer kept fails the run with that fix."""
     rise_tolerance: Number = 0.5
     skip_batches: int = 7
     """Batches of each data stream skipped after each rollback (changes the data order; resumable)."""
