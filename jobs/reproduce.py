@@ -150,7 +150,7 @@ def main(argv=None) -> int:
     done["seconds"] = float(done.get("seconds", 0.0)) + time.perf_counter() - t_job
     write_text(results_path, json.dumps(done, indent=1))
 
-    results = report_input(done, runs, base, args, parent, out)
+    results = report_input(done, runs, specs, base, args, parent, out)
     report = write_report(results, out / "report.html")
     log.info("report: %s", report)
     if parent and tracking_uri(base):
@@ -175,7 +175,7 @@ def train_one(spec, run: dict, parent: str | None, no_ray: bool, log) -> dict:
     from advflow.platform.tracking.runs import tracked_run
 
     t0 = time.perf_counter()
-    record = {"status": "FAILED", "run_id": None, "train_seconds": None}
+    record = {"status": "FAILED", "run_id": None}
     try:
         with tracked_run(spec, config_yaml=config_yaml(spec), parent_run_id=parent,
                          extra_tags={"advflow.reproduce.run": run["name"]},
@@ -189,7 +189,7 @@ def train_one(spec, run: dict, parent: str | None, no_ray: bool, log) -> dict:
     return record
 
 
-def report_input(done: dict, runs: list[dict], base, args, parent: str | None, out: Path) -> dict:
+def report_input(done: dict, runs: list[dict], specs: dict, base, args, parent: str | None, out: Path) -> dict:
     """The report's input (dashboards.reproduce_report): each run's final metrics, curves, grid and
     phase transitions, read back from its MLflow run."""
     from advflow.dashboards.reproduce_report import assess_claims
@@ -204,9 +204,8 @@ def report_input(done: dict, runs: list[dict], base, args, parent: str | None, o
     rows = []
     steps = args.steps or base.train.steps
     for run in runs:
-        name = "afm_1nfe" if run["name"] == "phases_none" else run["name"]
-        rec = done["runs"].get(name, {})
-        spec = spec_for(run, args, base)
+        rec = done["runs"].get(run["name"], {})
+        spec = specs[run["name"]]
         row = {"name": run["name"], "label": run["label"], "group": run["group"], "method": spec.model.method,
                "nfe": spec.model.nfe, "repeats": spec.model.repeats, "params": None,
                "train_seconds": None, "status": rec.get("status", "MISSING"), "run_id": rec.get("run_id"),

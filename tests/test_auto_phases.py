@@ -164,3 +164,16 @@ def test_the_worker_decides_logs_snapshots_d_and_checkpoints_the_transition(tmp_
     assert w.d_tags["best"]["w"].item() == 3.0
     # The decision is in the checkpoints from step 24 on.
     assert saved[18]["auto_phases"]["starts"] == [0] and saved[24]["auto_phases"]["starts"] == [0, 24]
+
+
+def test_d_is_snapshotted_at_the_best_only_when_a_phase_reloads_from_it(tmp_path, monkeypatch):
+    from test_worker import worker_for
+
+    templates = [{"name": "decay"}, {"name": "ema", "lr": 5e-4}]  # no d_reload_from: best
+    w, _, _, _ = worker_for(tmp_path, monkeypatch, eval={"every": 6}, auto_phases={"templates": templates})
+    w.spec.phases = "auto"
+    w.auto = w.spec.auto_controller()
+    assert not w.snapshot_best and w.uses_metric
+    w.spec.auto_phases.templates = None  # the defaults' low_lr phase reloads D from the best evaluation
+    w.auto = w.spec.auto_controller()
+    assert w.snapshot_best

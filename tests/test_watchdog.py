@@ -191,3 +191,35 @@ def test_a_new_phase_starts_a_new_comparison():
     wd.new_phase()  # e.g. lambda_ot fixed and EMA reloads from here: compared from its first evaluation on
     assert wd.check_eval(300, 31.0) is None and wd.best == 31.0 and wd.rising == 0
     assert Watchdog().params.rise_patience == 0  # off unless configured
+
+
+@pytest.mark.parametrize("section, value, field", [
+    ("watchdog", {"lr_factor": 0.0}, "watchdog.lr_factor"),
+    ("watchdog", {"lr_factor": 2.0}, "watchdog.lr_factor"),
+    ("watchdog", {"max_rollbacks": -1}, "watchdog.max_rollbacks"),
+    ("watchdog", {"logit_bound": 0.0}, "watchdog.logit_bound"),
+    ("debug", {"inject_nan_step": -1}, "debug.inject_nan_step"),
+    ("debug", {"inject_nan_attempts": -1}, "debug.inject_nan_attempts"),
+])
+def test_bad_watchdog_and_debug_settings_name_the_field(section, value, field):
+    from advflow.platform.config import ConfigError, RunSpec
+
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        RunSpec.from_dict({"data": {"prefix": "/x"}, section: value})
+
+
+def test_a_rollback_target_no_longer_kept_is_named_with_the_fix(tmp_path):
+    import os
+
+    from advflow.platform.train.local_launch import COMPLETE, LocalContext, latest_checkpoint
+
+    ctx = LocalContext(0, 1, tmp_path, keep=2)
+    with pytest.raises(FileNotFoundError, match="checkpoint_000400.*raise run.keep_checkpoints"):
+        ctx.fetch_checkpoint("checkpoint_000400")
+    # After a rollback the replayed checkpoint is the latest, although an abandoned one has a later step.
+    for name, when in (("checkpoint_000500", 100), ("checkpoint_000400_r1", 200)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / COMPLETE).write_text("{}")
+        os.utime(tmp_path / name / COMPLETE, (when, when))
+    assert latest_checkpoint(tmp_path).name == "checkpoint_000400_r1"
+    assert ctx.fetch_checkpoint("checkpoint_000400_r1") == str(tmp_path / "checkpoint_000400_r1")

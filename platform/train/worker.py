@@ -474,7 +474,7 @@ class Worker:
             moment = self.run_callbacks(cb.Moment.at(step, step == self.spec.train.steps, self.ema_model,
                                                      since=since, checkpoint_dir=Path(tmp), rows=rows,
                                                      window=window))
-            value = self.shared_metric(moment.metrics.get(self.spec.auto_metric))
+            value = self.shared_metric(moment.metrics.get(self.spec.auto_metric)) if self.uses_metric else float("nan")
             trigger = self.watchdog.check_eval(step, value) if self.watchdog else None
             if trigger:
                 del moment
@@ -496,6 +496,16 @@ class Worker:
 
     # ------------------------------------------------------------------ decisions every rank agrees on
 
+    @property
+    def uses_metric(self) -> bool:
+        """Whether rank 0's evaluation metric is shared with every rank at checkpoints (a collective)."""
+        return self.auto is not None or bool(self.watchdog and self.watchdog.params.rise_patience)
+
+    @property
+    def snapshot_best(self) -> bool:
+        """Whether D is snapshotted at each new best evaluation: only if a phase reloads it from there."""
+        return self.auto is not None and any(t.get("d_reload_from") == "best" for t in self.auto.templates)
+
     def shared_metric(self, value: float | None) -> float:
         """Rank 0's evaluation value (NaN where there was none) on every rank."""
         out = torch.tensor([float("nan") if value is None else float(value)], dtype=torch.float64,
@@ -511,7 +521,7 @@ class Worker:
             return
         best_before = self.auto.best_step
         transition = self.auto.observe(step, value)
-        if self.auto.best_step != best_before and self.d_engine is not None:
+        if self.auto.best_step != best_before and self.snapshot_best and self.d_engine is not None:
             self.d_tags["best"] = read_weights(self.d_engine)
         if transition is None:
             return
