@@ -5,11 +5,15 @@ worker builds its evaluator from it, so a kind is declared once.
 
 A trial generates images (decoded to pixels in [-1, 1]) with the labels they were conditioned on and
 hands them to an `Evaluator`; it returns `eval/...` metrics, one of which (`evaluator.primary`, lower
-is better) is what a sweep optimises. Two kinds:
+is better) is what a sweep optimises. During training every rank computes `features` of its share of
+the samples and rank 0 computes `metrics_from_features` over all of them (`train/callbacks.Evaluation`).
+Two kinds:
 
 - "digits": Fréchet distance in the feature space of a small classifier trained on the train split of
   scikit-learn's digits, against the held-out split (`eval/digits.py`). Cheap (CPU, < 1 s per call).
-- "fid": FID with the FID Inception-v3 network against reference statistics from an .npz (`eval/fid.py`).
+- "fid": FID as ADM's evaluation suite computes it (uint8 samples, the FID Inception-v3 network with
+  the TF graph's resize) against reference statistics from an .npz, ADM's batches included
+  (`eval/fid.py`; `jobs/fid_reference.py` makes them).
 
 The shared Fréchet maths and .npz stats I/O are `eval/frechet.py`. The builders import their
 evaluator module when called, so reading the table (config validation) loads no model code.
@@ -22,6 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 
@@ -35,7 +40,17 @@ class Evaluator(Protocol):
 
     def evaluate(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         """images: generated, decoded pixels (N, C, H, W) in [-1, 1]; labels: (N,) the classes
-        they were conditioned on. Returns metrics keyed `eval/...`."""
+        they were conditioned on. Returns metrics keyed `eval/...`. The same as
+        `metrics_from_features(features(images), labels)`."""
+        ...
+
+    def features(self, images: torch.Tensor) -> np.ndarray:
+        """Per-sample rows (N, F) float64 of some of the images; what a rank of a distributed
+        evaluation computes for its share. Rows of one image do not depend on the others in the call."""
+        ...
+
+    def metrics_from_features(self, features: np.ndarray, labels: torch.Tensor) -> dict[str, float]:
+        """Every image's rows (N, F), in the order of `labels` (N,) -> metrics keyed `eval/...`."""
         ...
 
 

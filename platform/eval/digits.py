@@ -172,7 +172,8 @@ class DigitsEvaluator:
 
     evaluate() returns eval/fd (primary), eval/fd_floor, eval/cls_acc, eval/classifier_heldout_acc and
     eval/num_samples. required_samples: the train split size, the N at which eval/fd is comparable
-    to eval/fd_floor.
+    to eval/fd_floor. Split for evaluation on many ranks: `features` per rank, `metrics_from_features`
+    on one rank over every rank's rows (`evaluate` is both).
     """
 
     primary = "eval/fd"
@@ -209,26 +210,43 @@ class DigitsEvaluator:
             logits.append(self.net.head(f).double().cpu())
         return torch.cat(feats).numpy(), torch.cat(logits).numpy()
 
-    def evaluate(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    def features(self, images: torch.Tensor) -> np.ndarray:
+        """Generated images (N, C, H, W) in [-1, 1] -> (N, feature_dim + 10) float64: the Fréchet
+        features, then the classifier's logits (what `metrics_from_features` reads)."""
         if images.ndim == 4 and images.shape[0]:
             bad = int((~torch.isfinite(images.detach())).flatten(1).any(1).sum())
             if bad:
                 raise ValueError(f"{bad} of {len(images)} generated images contain NaN/Inf: the generator diverged")
-        x = to_digit_pixels(images)
+        feats, logits = self._run(to_digit_pixels(images))
+        return np.concatenate([feats, logits], axis=1)
+
+    def metrics_from_features(self, features: np.ndarray, labels: torch.Tensor) -> dict[str, float]:
+        """Every generated image's `features` rows (N, feature_dim + 10), with the (N,) labels they were
+        conditioned on -> eval/fd, eval/fd_floor, eval/cls_acc, eval/classifier_heldout_acc, eval/num_samples."""
+        rows = np.asarray(features, dtype=np.float64)
+        width = self.config.feature_dim + NUM_CLASSES
+        assert rows.ndim == 2 and rows.shape[1] == width, f"features rows must be (N, {width}), got {rows.shape}"
         y = torch.as_tensor(labels).detach().cpu().long().reshape(-1)
-        if len(y) != len(x):
-            raise ValueError(f"{len(x)} images but {len(y)} labels: pass the label each image was generated with")
-        if len(x) < 2:
-            raise ValueError(f"need at least 2 images for a Fréchet distance, got {len(x)} "
+        if len(y) != len(rows):
+            raise ValueError(f"{len(rows)} images but {len(y)} labels: pass the label each image was generated with")
+        if len(rows) < 2:
+            raise ValueError(f"need at least 2 images for a Fréchet distance, got {len(rows)} "
                              f"(recommended: {self.required_samples})")
         if y.numel() and (y.min() < 0 or y.max() >= NUM_CLASSES):
             raise ValueError(f"labels must be digit classes in [0, {NUM_CLASSES}), got range "
                              f"[{int(y.min())}, {int(y.max())}]")
-        feats, logits = self._run(x)
+        feats, logits = rows[:, :self.config.feature_dim], rows[:, self.config.feature_dim:]
         return {
             "eval/fd": self.reference.distance_to_features(feats, "generated images"),
             "eval/fd_floor": self.fd_floor,
             "eval/cls_acc": float((logits.argmax(1) == y.numpy()).mean()),
             "eval/classifier_heldout_acc": self.heldout_acc,
-            "eval/num_samples": float(len(x)),
+            "eval/num_samples": float(len(rows)),
         }
+
+    def evaluate(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        """`metrics_from_features(features(images), labels)`: the whole evaluation in one process."""
+        y = torch.as_tensor(labels).detach().cpu().long().reshape(-1)
+        if images.ndim == 4 and len(y) != len(images):  # before the network runs: the cheaper error first
+            raise ValueError(f"{len(images)} images but {len(y)} labels: pass the label each image was generated with")
+        return self.metrics_from_features(self.features(images), y)

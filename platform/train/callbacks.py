@@ -1,6 +1,7 @@
-"""What runs around the step cycle on rank 0: metric rows to MLflow, sample grids, evaluation,
-registration and the progress line. Each is a callback with its own `Cadence` (one rule, in
-cadence.py), called by the worker after every step with a `Moment`.
+"""What runs around the step cycle: metric rows to MLflow, sample grids, registration and the
+progress line on rank 0, and evaluation on every rank (a collective: each rank samples its share).
+Each is a callback with its own `Cadence` (one rule, in cadence.py), called by the worker after
+every step with a `Moment`.
 
 Two kinds of moments: ordinary steps, and checkpoint steps (`moment.checkpoint_dir` is set, every
 rank's state is consistent, and whatever lands in `moment.metrics` is reported with the
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
+import numpy as np
 import torch
 
 from advflow.platform.data.encoders import decode_latents
@@ -26,6 +28,7 @@ from advflow.platform.eval import EVALUATORS
 from advflow.platform.images import save_grid
 from advflow.platform.log import get_logger
 from advflow.platform.train.cadence import Cadence
+from advflow.platform.train.gather import block_range, gather_rows
 from advflow.trainers.flow import euler_sample, generate
 
 log = get_logger(__name__)
@@ -140,11 +143,34 @@ _NOT_PER_K = ("eval/fd_floor", "eval/classifier_heldout_acc", "eval/num_samples"
 class Evaluation:
     """Sample quality (`eval.kind`) of the EMA generator with fixed seeds and class-balanced labels:
     at the model's own K as `eval/...`, and at every K of `eval.nfe` as `eval/...@K` (the same
-    noise for every K)."""
+    noise for every K).
 
-    def __init__(self, samples: Samples, eval_cfg, logger, cadence: Cadence):
+    Collective: every rank runs it at the same checkpoints (the cadence sees the same step and
+    `since` everywhere). Sample i has label i % num_classes and lies in block i // eval.batch_size;
+    a block's noise comes from a generator seeded by its index, and each rank samples and featurises
+    whole blocks of its contiguous share (`gather.block_range`), so sample i's noise and features do
+    not depend on the world size. Rank 0 gathers every rank's feature rows in sample order, computes
+    the metrics, logs them and puts them in `moment.metrics`; the other ranks return with none (the
+    worker broadcasts the metric it decides on)."""
+
+    def __init__(self, samples: Samples, eval_cfg, logger, cadence: Cadence, *, rank: int = 0, world_size: int = 1):
         self.samples, self.cfg, self.logger, self.cadence = samples, eval_cfg, logger, cadence
+        self.rank, self.world_size = rank, world_size
         self._evaluator = None  # built at the first evaluation (the digits classifier trains once)
+
+    @staticmethod
+    def block_seed(block: int) -> int:
+        return EVAL_SEED * 1_000_003 + block  # one stream per block, and never a grid's seed
+
+    def features(self, model: torch.nn.Module, labels: torch.Tensor, nfe: int | None):
+        """This rank's rows: its blocks sampled and featurised one block at a time, in sample order."""
+        s, b = self.samples, int(self.cfg.batch_size)
+        rows = []
+        for block in block_range(len(labels), b, self.rank, self.world_size):
+            gen = torch.Generator(device=s.device).manual_seed(self.block_seed(block))
+            y = labels[block * b:(block + 1) * b]
+            rows.append(self._evaluator.features(s.images(model, y, gen, b, nfe)))
+        return np.concatenate(rows) if rows else np.zeros((0, 0))
 
     def __call__(self, m: Moment) -> None:
         if m.checkpoint_dir is None or not self.cadence.due(m.step, m.since):
@@ -158,14 +184,20 @@ class Evaluation:
         model = m.ema()
 
         def at(nfe: int | None) -> dict[str, float]:
-            gen = torch.Generator(device=s.device).manual_seed(EVAL_SEED)
-            return dict(self._evaluator.evaluate(s.images(model, labels, gen, ev.batch_size, nfe), labels))
+            try:
+                local, error = self.features(model, labels, nfe), None
+            except Exception as exc:  # told to the other ranks first, so none waits for this one's rows
+                local, error = None, exc
+            rows = gather_rows(local, rank=self.rank, world_size=self.world_size, device=s.device, error=error)
+            return dict(self._evaluator.metrics_from_features(rows, labels)) if self.rank == 0 else {}
 
         own = at(None)
         out = dict(own)
         for k in ev.nfe or []:
             per_k = own if k == model.nfe else at(k)
             out.update({f"{key}@{k}": v for key, v in per_k.items() if key not in _NOT_PER_K})
+        if self.rank != 0:
+            return
         out["eval/seconds"] = time.perf_counter() - t0
         shown = {k: v for k, v in out.items() if k.split("@")[0] in ("eval/fd", "eval/fid", "eval/cls_acc")}
         log.info("eval at step %d: %s (%.1f s)", m.step, ", ".join(f"{k} {v:.4g}" for k, v in shown.items()),

@@ -241,19 +241,21 @@ class Worker:
             config=self.spec.to_dict())
 
     def build_callbacks(self) -> None:
-        """Rank 0's callbacks, in the order they run at a step (evaluation before registration,
-        which tags the model with the evaluation)."""
-        if self.ctx.rank != 0:
-            return
+        """The callbacks, in the order they run at a step. Evaluation runs on every rank (a
+        collective: each samples its share) and first, so no rank waits for rank 0's grid before it;
+        it precedes registration, which tags the model with it. The rest are rank 0's."""
         t, tr, ev = self.spec.train, self.spec.tracking, self.spec.eval
-        tracked = self.logger.run_id is not None
         samples = cb.Samples(self.data_shape, self.num_classes, self.device, self.manifest.encoder,
                              method=self.spec.model.method)
+        evaluation = [cb.Evaluation(samples, ev, self.logger, Cadence(ev.every, t.steps), rank=self.ctx.rank,
+                                    world_size=self.ctx.world_size)] if ev.kind != "none" else []
+        if self.ctx.rank != 0:
+            self.callbacks = evaluation
+            return
+        tracked = self.logger.run_id is not None
         image = Cadence(tr.image_every or t.checkpoint_every, t.steps) if tracked else None
-        self.callbacks = [cb.MetricRows(self.logger),
+        self.callbacks = [cb.MetricRows(self.logger), *evaluation,
                           cb.SampleGrid(samples, self.logger, image, Cadence(t.sample_every, t.steps))]
-        if ev.kind != "none":
-            self.callbacks.append(cb.Evaluation(samples, ev, self.logger, Cadence(ev.every, t.steps)))
         if tracked and tr.register_name:
             self.registration = cb.Registration(samples, self.logger, tr.register_name, self.spec.data.prefix,
                                                 Cadence(tr.register_every, t.steps),
