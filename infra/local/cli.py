@@ -28,6 +28,7 @@ def _stack_up(args: argparse.Namespace) -> int:
     overrides.update(
         state_dir=args.state_dir,
         s3_endpoint=args.s3_endpoint,
+        s3_memory=args.s3_memory,
         bucket=args.bucket,
         num_cpus=args.num_cpus,
         object_store_mb=args.object_store_mb,
@@ -78,7 +79,7 @@ def _add_stack(groups: argparse._SubParsersAction) -> None:
 
     parser = groups.add_parser(
         "stack",
-        help="local Ray head (token auth) + S3 (moto) + MLflow, all on 127.0.0.1",
+        help="local Ray head (token auth) + S3 (moto, kept on disk) + MLflow, all on 127.0.0.1",
         description="Start, check and stop the local stack. State and logs live in "
         "--state-dir (default $ADVFLOW_STACK_DIR or ./.advflow/stack).",
     )
@@ -111,6 +112,14 @@ def _add_stack(groups: argparse._SubParsersAction) -> None:
         metavar="URL",
         help="use this S3/MinIO endpoint instead of starting moto (default: $AWS_ENDPOINT_URL; "
         "credentials come from the environment)",
+    )
+    up.add_argument(
+        "--s3-memory",
+        action="store_const",
+        const=True,
+        default=None,
+        help="run moto in memory instead of keeping buckets on disk in STATE_DIR/s3: `down` then "
+        "drops every bucket and moves mlflow.db aside (default: $ADVFLOW_S3_MEMORY or off)",
     )
     up.add_argument(
         "--bucket", default=None, help=f"bucket to create (default: $ADVFLOW_BUCKET or {StackConfig.bucket})"

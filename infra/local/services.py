@@ -67,7 +67,7 @@ class ServiceHandle:
     """
 
     name: str  # "s3", "mlflow" or "ray"
-    kind: str  # "moto", "external-s3", "mlflow" or "ray-head"
+    kind: str  # "moto", "moto-disk", "external-s3", "mlflow" or "ray-head"
     url: str
     pid: int | None  # session leader (the service's whole process tree); None for an external endpoint
     log_path: Path | None
@@ -187,11 +187,18 @@ def ensure_bucket(s3: ServiceHandle, bucket: str) -> None:
 
 
 def start_moto(
-    state_dir: Path, port: int | None = None, *, timeout_s: float = 60.0, wait: bool = True
+    state_dir: Path,
+    port: int | None = None,
+    *,
+    timeout_s: float = 60.0,
+    wait: bool = True,
+    store_id: str | None = None,
 ) -> ServiceHandle:
     """Start an in-memory moto S3 server on 127.0.0.1 (``port=None``: a free port).
 
-    Data lives only as long as the process: stopping it drops every bucket.
+    Data lives only as long as the process: stopping it drops every bucket. ``info["store"]`` is
+    ``store_id`` or a fresh "memory:<hex>": a database bound to it never matches a later start.
+    ``start_persistent_s3`` is the variant that keeps its buckets on disk.
     """
     state_dir = _service_dir(state_dir)
     port = port or free_port()
@@ -200,7 +207,41 @@ def start_moto(
     return _launch(
         "s3", "moto", url, argv, state_dir, os.environ,
         client_env={"AWS_ENDPOINT_URL": url, "MLFLOW_S3_ENDPOINT_URL": url, **MOTO_CREDENTIALS},
-        info={"port": port},
+        info={"port": port, "store": store_id or f"memory:{secrets.token_hex(8)}"},
+        timeout_s=timeout_s,
+        wait=wait,
+    )  # fmt: skip
+
+
+def start_persistent_s3(
+    state_dir: Path,
+    data_dir: Path,
+    port: int | None = None,
+    *,
+    timeout_s: float = 120.0,
+    wait: bool = True,
+) -> ServiceHandle:
+    """Start moto's S3 server with every bucket kept in ``data_dir`` (``advflow.infra.local.s3_store``).
+
+    Each change is on disk before the client gets its answer, so stopping or killing the server
+    (or the machine) loses nothing; the next start loads ``data_dir`` back before the port opens.
+    ``info["store"]`` is the store's id, which the stack binds MLflow's database to.
+    """
+    from advflow.infra.local.s3_store import ensure_store
+
+    state_dir = _service_dir(state_dir)
+    data_dir = Path(data_dir).resolve()
+    store = ensure_store(data_dir)
+    port = port or free_port()
+    url = f"http://{LOCALHOST}:{port}"
+    argv = [
+        sys.executable, "-m", "advflow.infra.local.s3_store",
+        "--data-dir", str(data_dir), "--host", LOCALHOST, "--port", str(port),
+    ]  # fmt: skip
+    return _launch(
+        "s3", "moto-disk", url, argv, state_dir, os.environ,
+        client_env={"AWS_ENDPOINT_URL": url, "MLFLOW_S3_ENDPOINT_URL": url, **MOTO_CREDENTIALS},
+        info={"port": port, "data_dir": str(data_dir), "store": f"disk:{store}"},
         timeout_s=timeout_s,
         wait=wait,
     )  # fmt: skip
@@ -215,6 +256,7 @@ def external_s3(url: str, *, timeout_s: float = 30.0) -> ServiceHandle:
         pid=None,
         log_path=None,
         env={"AWS_ENDPOINT_URL": url.rstrip("/"), "MLFLOW_S3_ENDPOINT_URL": url.rstrip("/")},
+        info={"store": f"external:{url.rstrip('/')}"},
     )
     deadline = time.monotonic() + timeout_s
     while (reason := handle.health()) and time.monotonic() < deadline:
@@ -428,6 +470,7 @@ def start_ray_head(
 
 _PROBES = {
     "moto": _probe_s3,
+    "moto-disk": _probe_s3,
     "external-s3": _probe_s3,
     "mlflow": _probe_mlflow,
     "ray-head": _probe_ray,

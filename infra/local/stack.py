@@ -2,15 +2,20 @@
 
 Three services, all bound to 127.0.0.1, started detached so they outlive the CLI:
 
-- ``s3``: an in-memory moto S3 server, or the S3/MinIO endpoint already named by AWS_ENDPOINT_URL
-  (then it is only health-checked and the bucket is created);
+- ``s3``: moto's S3 server with every bucket kept on disk in ``<state dir>/s3``
+  (``advflow.infra.local.s3_store``; ``--s3-memory``: plain in-memory moto), or the S3/MinIO
+  endpoint already named by AWS_ENDPOINT_URL (then it is only health-checked and the bucket created);
 - ``ray``: a single-node Ray head with token authentication (RAY_AUTH_MODE=token);
 - ``mlflow``: an MLflow tracking server, SQLite backend, artifacts proxied to ``s3://BUCKET/mlflow``.
 
-State (``stack.json`` with pids, ports and URLs), logs, the Ray token and the SQLite db live in one
-project-local directory (``./.advflow/stack``, or ``--state-dir`` / ADVFLOW_STACK_DIR). Every
-command is idempotent: ``up`` keeps healthy services and starts only the missing ones, ``down`` on a
-stopped stack only says so. The single services come from ``advflow.infra.local.services``;
+State (``stack.json`` with pids, ports and URLs), logs, the Ray token, the S3 store and the SQLite
+db live in one project-local directory (``./.advflow/stack``, or ``--state-dir`` /
+ADVFLOW_STACK_DIR). Every command is idempotent: ``up`` keeps healthy services and starts only the
+missing ones, ``down`` on a stopped stack only says so.
+
+MLflow's db is bound to the S3 store its artifacts are in (``mlflow_artifacts.json``): when that
+store is gone (an in-memory S3 stopped, a deleted store folder, another endpoint or bucket), the db
+is moved aside with a message, never served pointing at artifacts that no longer exist. The single services come from ``advflow.infra.local.services``;
 ``up`` and ``down`` report progress through ``echo`` (default: this module's ``advflow.platform.log``
 logger, "[advflow] ..." on stdout).
 """
@@ -21,6 +26,7 @@ import fcntl
 import json
 import os
 import re
+import secrets
 import shlex
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -40,6 +46,11 @@ log = get_logger(__name__)
 STATE_DIR_ENV = "ADVFLOW_STACK_DIR"
 DEFAULT_STATE_DIR = Path(".advflow") / "stack"
 STATE_FILE = "stack.json"
+S3_DATA_DIR = "s3"  # the persistent S3 store, under the state dir
+MLFLOW_DB = "mlflow.db"
+MLFLOW_BINDING = "mlflow_artifacts.json"  # which S3 store and bucket mlflow.db's artifacts are in
+MLFLOW_PREFIX = "mlflow"
+_TRUE = ("1", "true", "yes", "on")
 SERVICE_ORDER = ("s3", "ray", "mlflow")  # start order; stop runs in reverse
 
 
@@ -99,6 +110,9 @@ class StackConfig:
     mlflow_port: int = 25000
     s3_endpoint: str | None = None
     """An existing S3/MinIO endpoint to use instead of moto (default: AWS_ENDPOINT_URL)."""
+    s3_memory: bool = False
+    """Plain in-memory moto instead of the on-disk store: ``down`` drops every bucket (and moves
+    mlflow.db aside). For throw-away stacks (--s3-memory / ADVFLOW_S3_MEMORY=1)."""
     bucket: str = "advflow"
     """Bucket for data, checkpoints and MLflow artifacts (exported as ADVFLOW_BUCKET)."""
     num_cpus: int = 2
@@ -142,6 +156,11 @@ class StackConfig:
             )
         if self.timeout_s <= 0:
             raise ValueError(f"timeout_s={self.timeout_s} must be > 0 (--timeout)")
+        if self.s3_memory and self.s3_endpoint:
+            raise ValueError(
+                f"s3_memory (--s3-memory) applies to the stack's own moto server, but s3_endpoint="
+                f"{self.s3_endpoint!r} (--s3-endpoint or AWS_ENDPOINT_URL) replaces it; drop one"
+            )
         if self.s3_endpoint and not self.s3_endpoint.startswith(("http://", "https://")):
             raise ValueError(
                 f"s3_endpoint={self.s3_endpoint!r} must be an http(s):// URL (--s3-endpoint or "
@@ -177,6 +196,10 @@ class StackConfig:
         for name in ("num_cpus", "object_store_mb", "timeout_s"):
             if name in overrides:
                 values[name] = overrides[name]
+        if "s3_memory" in overrides:
+            values["s3_memory"] = bool(overrides["s3_memory"])
+        elif environ.get("ADVFLOW_S3_MEMORY"):
+            values["s3_memory"] = environ["ADVFLOW_S3_MEMORY"].strip().lower() in _TRUE
         endpoint = overrides.get("s3_endpoint") or environ.get("AWS_ENDPOINT_URL") or None
         own_moto = f"http://{LOCALHOST}:{values.get('s3_port', cls.s3_port)}"
         if endpoint and "s3_endpoint" not in overrides and endpoint.rstrip("/") == own_moto:
@@ -195,6 +218,10 @@ class StackConfig:
         values = {k: v for k, v in data.items() if k in known}
         values["state_dir"] = Path(values["state_dir"])
         return cls(**values)
+
+    @property
+    def s3_data_dir(self) -> Path:
+        return self.state_dir / S3_DATA_DIR
 
 
 def resolve_state_dir(
@@ -215,6 +242,17 @@ class StackState:
 
     config: StackConfig
     services: dict[str, ServiceHandle] = field(default_factory=dict)
+    earlier_boot: dict[str, ServiceHandle] = field(default_factory=dict)
+    """Services recorded before the machine restarted: none of them runs, and their pids may now
+    belong to unrelated processes, so they are never signalled."""
+
+
+def boot_id() -> str | None:
+    """This boot's id (Linux); pids recorded under another one mean nothing any more."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
 
 
 def load_state(state_dir: Path) -> StackState | None:
@@ -227,10 +265,14 @@ def load_state(state_dir: Path) -> StackState | None:
         raise ServiceError(
             f"{path} is not valid JSON ({exc}); stop leftover services by hand and delete it"
         ) from exc
-    return StackState(
-        config=StackConfig.from_json(data["config"]),
-        services={name: ServiceHandle.from_record(rec) for name, rec in data["services"].items()},
-    )
+    handles = {name: ServiceHandle.from_record(rec) for name, rec in data["services"].items()}
+    state = StackState(config=StackConfig.from_json(data["config"]))
+    recorded_boot, current_boot = data.get("boot_id"), boot_id()
+    if recorded_boot and current_boot and recorded_boot != current_boot:
+        state.earlier_boot = handles
+    else:
+        state.services = handles
+    return state
 
 
 def save_state(state: StackState) -> None:
@@ -238,6 +280,7 @@ def save_state(state: StackState) -> None:
     path = state.config.state_dir / STATE_FILE
     payload = {
         "version": 1,
+        "boot_id": boot_id(),
         "config": state.config.to_json(),
         "services": {name: handle.to_record() for name, handle in state.services.items()},
     }
@@ -288,12 +331,18 @@ def _check_ports(config: StackConfig, names: list[str]) -> None:
             require_free_port(getattr(config, port_field), option.service, _how_to_change(option))
 
 
-def _spawn(name: str, config: StackConfig, s3: ServiceHandle | None) -> ServiceHandle:
+def _spawn(
+    name: str, config: StackConfig, s3: ServiceHandle | None, store: str
+) -> ServiceHandle:
     state_dir = config.state_dir
     if name == "s3":
         if config.s3_endpoint:
             return services.external_s3(config.s3_endpoint, timeout_s=min(config.timeout_s, 30.0))
-        return services.start_moto(state_dir, config.s3_port, wait=False)
+        if config.s3_memory:
+            return services.start_moto(state_dir, config.s3_port, wait=False, store_id=store)
+        return services.start_persistent_s3(
+            state_dir, config.s3_data_dir, config.s3_port, wait=False
+        )
     if name == "ray":
         return services.start_ray_head(
             state_dir,
@@ -307,11 +356,100 @@ def _spawn(name: str, config: StackConfig, s3: ServiceHandle | None) -> ServiceH
             wait=False,
         )
     assert name == "mlflow" and s3 is not None, name
-    return services.start_mlflow(state_dir, config.mlflow_port, s3=s3, bucket=config.bucket, wait=False)
+    # From here on the db may hold runs whose artifacts are in this store: record which one.
+    _write_binding(config, store)
+    return services.start_mlflow(
+        state_dir, config.mlflow_port, s3=s3, bucket=config.bucket, prefix=MLFLOW_PREFIX, wait=False
+    )
+
+
+# ------------------------------------------------------------- MLflow's db and its artifacts
+
+
+def _store_of(config: StackConfig, healthy: Mapping[str, ServiceHandle]) -> str:
+    """Id of the S3 store MLflow's artifacts go to under this config: the running one's, else the
+    one `up` is about to start (creating the on-disk store if there is none yet)."""
+    if "s3" in healthy:
+        handle = healthy["s3"]
+        # A stack started before stores had ids ran plain moto in memory.
+        return str(handle.info.get("store") or f"memory:legacy-{handle.pid}")
+    if config.s3_endpoint:
+        return f"external:{config.s3_endpoint}"
+    if config.s3_memory:
+        return f"memory:{secrets.token_hex(8)}"
+    from advflow.infra.local.s3_store import ensure_store
+
+    return f"disk:{ensure_store(config.s3_data_dir)}"
+
+
+def _binding(config: StackConfig, store: str) -> dict[str, str]:
+    return {"store": store, "artifacts": f"s3://{config.bucket}/{MLFLOW_PREFIX}"}
+
+
+def _write_binding(config: StackConfig, store: str) -> None:
+    write_text(config.state_dir / MLFLOW_BINDING, json.dumps(_binding(config, store), indent=2) + "\n")
+
+
+def _read_binding(state_dir: Path) -> dict[str, str] | None:
+    try:
+        return dict(json.loads((state_dir / MLFLOW_BINDING).read_text()))
+    except (OSError, ValueError):
+        return None
+
+
+def _why_unbound(recorded: dict[str, str] | None, wanted: dict[str, str]) -> str | None:
+    """None when mlflow.db's artifacts are in the store about to be used, else why not."""
+    if recorded == wanted:
+        return None
+    if recorded is None:
+        return "it has no record of where its artifacts are (made before the stack kept them)"
+    if recorded.get("artifacts") != wanted["artifacts"]:
+        return f"its artifacts are under {recorded.get('artifacts')}, this stack uses {wanted['artifacts']}"
+    old, new = str(recorded.get("store")), wanted["store"]
+    if old.startswith("memory:"):
+        return "its artifacts were in an in-memory S3 server (--s3-memory) that has stopped"
+    if old.startswith("external:") or new.startswith("external:"):
+        return f"its artifacts are on {old.split(':', 1)[1] if ':' in old else old}, this stack uses {new}"
+    return f"its S3 store ({old}) is gone; {new} is a new, empty one"
+
+
+def move_db_aside(state_dir: Path, why: str, echo: Callable[[str], None]) -> Path | None:
+    """Rename mlflow.db to mlflow.db.orphaned-<time> (kept, not deleted) and drop its binding."""
+    db = Path(state_dir) / MLFLOW_DB
+    if not db.exists():
+        (Path(state_dir) / MLFLOW_BINDING).unlink(missing_ok=True)
+        return None
+    target = db.with_name(f"{MLFLOW_DB}.orphaned-{time.strftime('%Y%m%d-%H%M%S')}")
+    echo(
+        f"{db} lists runs and models whose artifacts no longer exist: {why}. Moving it to "
+        f"{target.name}; MLflow starts with an empty database. (Move it back only together "
+        "with the S3 data it was made with.)"
+    )
+    os.replace(db, target)
+    (Path(state_dir) / MLFLOW_BINDING).unlink(missing_ok=True)
+    return target
+
+
+def _check_db_binding(
+    config: StackConfig,
+    store: str,
+    healthy: dict[str, ServiceHandle],
+    echo: Callable[[str], None],
+) -> None:
+    """Before MLflow (re)starts: move mlflow.db aside unless its artifacts are in ``store``."""
+    if not (config.state_dir / MLFLOW_DB).exists():
+        return
+    why = _why_unbound(_read_binding(config.state_dir), _binding(config, store))
+    if why is None:
+        return
+    if "mlflow" in healthy:
+        echo("mlflow is serving a database whose artifacts are gone; stopping it")
+        healthy.pop("mlflow").stop()
+    move_db_aside(config.state_dir, why, echo)
 
 
 def _differences(requested: StackConfig, running: StackConfig) -> list[str]:
-    keys = [o.field for o in PORT_OPTIONS] + ["bucket", "s3_endpoint", "num_cpus"]
+    keys = [o.field for o in PORT_OPTIONS] + ["bucket", "s3_endpoint", "s3_memory", "num_cpus"]
     return [
         f"{k}={getattr(running, k)!r} (asked {getattr(requested, k)!r})"
         for k in keys
@@ -326,6 +464,11 @@ def up(config: StackConfig, echo: Callable[[str], None] = log.info) -> StackStat
     with _locked(config.state_dir):
         state = load_state(config.state_dir)
         healthy: dict[str, ServiceHandle] = {}
+        if state is not None and state.earlier_boot:
+            echo(
+                f"{STATE_FILE} was written before the machine restarted: none of its services "
+                "runs any more; starting them afresh"
+            )
         if state is not None:
             for name, handle in state.services.items():
                 reason = handle.health()
@@ -348,14 +491,20 @@ def up(config: StackConfig, echo: Callable[[str], None] = log.info) -> StackStat
             echo(f"advflow stack is already running (state: {config.state_dir})")
             return StackState(config, healthy)
 
+        store = _store_of(config, healthy)
+        _check_db_binding(config, store, healthy, echo)
         missing = [name for name in SERVICE_ORDER if name not in healthy]
         _check_ports(config, missing)
+        if "s3" in missing and store.startswith("disk:"):
+            _, objects, size = _store_stats(config.s3_data_dir)
+            if objects:
+                echo(f"s3     restoring {objects} objects ({size / 1e6:.1f} MB) from {config.s3_data_dir}")
         state = StackState(config, dict(healthy))
         started: list[ServiceHandle] = []
         deadline = started_at + config.timeout_s
         try:
             for name in missing:
-                handle = _spawn(name, config, state.services.get("s3"))
+                handle = _spawn(name, config, state.services.get("s3"), store)
                 echo(f"starting {name:<6} {handle.url}")
                 state.services[name] = handle
                 if not handle.external:
@@ -380,24 +529,74 @@ def up(config: StackConfig, echo: Callable[[str], None] = log.info) -> StackStat
 
 
 def down(state_dir: Path, echo: Callable[[str], None] = log.info) -> bool:
-    """Stop every service of the stack in ``state_dir``; False when nothing was recorded."""
+    """Stop every service of the stack in ``state_dir``; False when nothing was recorded.
+
+    What stopping drops is said before it goes: an in-memory S3 server's buckets (and then
+    mlflow.db, whose runs would point at them, is moved aside). The on-disk store and mlflow.db
+    are kept, and the last lines say where.
+    """
     state_dir = Path(state_dir)
     with _locked(state_dir):
         state = load_state(state_dir)
         if state is None:
             echo(f"advflow stack is not running (no {STATE_FILE} in {state_dir})")
             return False
+        if state.earlier_boot:
+            echo(f"{STATE_FILE} was written before the machine restarted: nothing of it runs")
+        s3 = state.services.get("s3") or state.earlier_boot.get("s3")
+        drops_artifacts = s3 is not None and s3.kind == "moto"
+        if drops_artifacts and "s3" in state.services and s3.alive():
+            _warn_memory_drop(s3, echo)
         for name in reversed(SERVICE_ORDER):
             handle = state.services.get(name)
             if handle is None or handle.external:
                 continue
             was_running = handle.stop()
             echo(f"{name:<6} {'stopped' if was_running else 'was not running'}")
+        if drops_artifacts:
+            move_db_aside(
+                state_dir, "its artifacts were in the in-memory S3 server (--s3-memory) that stopped", echo
+            )
         (state_dir / STATE_FILE).unlink(missing_ok=True)
         # The token only guards the head that just stopped; the next `up` writes a new one.
         (state_dir / "ray_auth_token").unlink(missing_ok=True)
+        if s3 is not None and s3.kind == "moto-disk":
+            _, objects, size = _store_stats(Path(s3.info["data_dir"]))
+            echo(
+                f"kept: {objects} S3 objects ({size / 1e6:.1f} MB) in {s3.info['data_dir']} and "
+                f"{MLFLOW_DB} (runs, models, aliases); `advflow stack up` serves them again"
+            )
+        if "ray" in state.services:
+            echo("not kept: Ray's job list (each job's driver log stays in "
+                 f"{state.services['ray'].info.get('temp_dir', 'ray')}/session_*/logs)")  # fmt: skip
     echo("advflow stack is down")
     return True
+
+
+def _store_stats(data_dir: Path) -> tuple[int, int, int]:
+    from advflow.infra.local.s3_store import store_stats
+
+    return store_stats(data_dir)
+
+
+def _warn_memory_drop(s3: ServiceHandle, echo: Callable[[str], None]) -> None:
+    """Say what stopping an in-memory S3 server loses, before it is stopped."""
+    buckets = objects = size = 0
+    try:
+        client = services.s3_client(s3)
+        for bucket in client.list_buckets()["Buckets"]:
+            buckets += 1
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket["Name"]):
+                for obj in page.get("Contents", []):
+                    objects += 1
+                    size += obj["Size"]
+        what = f"{objects} objects ({size / 1e6:.1f} MB) in {buckets} buckets"
+    except Exception as exc:  # noqa: BLE001 - the warning must come even when counting fails
+        what = f"every bucket (could not count them: {exc})"
+    echo(
+        f"WARNING: s3 keeps its buckets in memory (started with --s3-memory): stopping it drops "
+        f"{what}, MLflow's artifacts among them. Start the stack without --s3-memory to keep data."
+    )
 
 
 # ---------------------------------------------------------------------------- status / env
@@ -431,7 +630,9 @@ def status(state_dir: Path) -> list[ServiceStatus]:
 
 def _detail(handle: ServiceHandle) -> str:
     if handle.kind == "moto":
-        return "moto (in-memory)"
+        return "moto in memory (--s3-memory): `down` drops its buckets"
+    if handle.kind == "moto-disk":
+        return f"moto, buckets kept in {handle.info['data_dir']}"
     if handle.kind == "external-s3":
         return "external endpoint (AWS_ENDPOINT_URL)"
     if handle.kind == "mlflow":
