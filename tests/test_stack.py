@@ -3,7 +3,9 @@
 The end-to-end tests drive the real console script against real services (moto, MLflow, a Ray head
 with token auth) on free ports in a temporary state dir, so a developer's running stack is never
 touched. They run in file order on one module-scoped stack: up -> status -> env -> S3 -> MLflow ->
-Ray jobs (with and without the token) -> up again -> down.
+Ray jobs (with and without the token) -> up again -> seed what a restart must keep -> down -> up
+(everything is back) -> SIGKILL every process, as a machine restart would -> up (everything is
+back again). The fixture takes the stack down at the end.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import pytest
 
 from advflow.infra.local import services
 from advflow.infra.local.proc import ServiceError, free_port, free_ports, port_in_use, session_alive
-from advflow.infra.local.stack import PORT_OPTIONS, StackConfig, format_exports
+from advflow.infra.local import stack as stack_mod
+from advflow.infra.local.stack import PORT_OPTIONS, StackConfig, StackState, format_exports
 
 BIN = Path(sys.executable).parent
 # Prefer the installed console script (what users run); fall back to the module.
@@ -33,6 +36,7 @@ ADVFLOW = (
     else [sys.executable, "-m", "advflow.infra.local.cli"]
 )
 RAY = str(BIN / "ray")
+PROBE = Path(__file__).resolve().parent / "stack_probe.py"
 
 # Keep a developer's shell (an earlier `eval "$(advflow stack env)"`, own Ray token) out of the tests.
 _LEAKY_PREFIXES = ("RAY_", "AWS_", "MLFLOW_", "ADVFLOW_")
@@ -414,6 +418,33 @@ def test_up_again_is_a_no_op(stack):
     assert pids_after == pids_before
 
 
+def _exported_env(stack) -> dict[str, str]:
+    """`advflow stack env` of the running stack, on top of a clean environment."""
+    result = _advflow("stack", "env", "--state-dir", str(stack["state_dir"]), cwd=stack["root"], timeout=60)
+    assert result.returncode == 0, result.stderr
+    exports = dict(line[len("export "):].split("=", 1) for line in result.stdout.splitlines())
+    return _clean_env(**{k: v.strip("'") for k, v in exports.items()}, OMP_NUM_THREADS="1")
+
+
+def _probe(stack, *args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, str(PROBE), *args], cwd=stack["root"], env=_exported_env(stack),
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+@pytest.mark.slow
+def test_seed_what_a_restart_must_keep(stack):
+    # A dataset, a checkpoint (one multipart object), an MLflow run with an artifact, a registered
+    # generator with the alias `champion`, and the images `jobs/generate.py` makes from it.
+    stack["probe_dir"] = stack["root"] / "probe"
+    result = _probe(stack, "seed", str(stack["probe_dir"]))
+    assert "SEEDED" in result.stdout
+    assert (stack["probe_dir"] / "reference.npz").exists()
+
+
 @pytest.mark.slow
 def test_down_stops_everything_and_is_idempotent(stack):
     state_dir, root = stack["state_dir"], stack["root"]
@@ -422,6 +453,8 @@ def test_down_stops_everything_and_is_idempotent(stack):
     assert result.returncode == 0, result.stderr
     for name in ("mlflow", "ray", "s3"):
         assert f"{name:<6} stopped" in result.stdout
+    assert "WARNING" not in result.stdout  # the on-disk store drops nothing
+    assert f"in {stack['state_dir'].resolve() / 's3'} and mlflow.db" in result.stdout  # what is kept, where
     assert not any(session_alive(pid) for pid in pids)
     assert not any(port_in_use(port) for port in stack["ports"].values())
 
@@ -435,3 +468,161 @@ def test_down_stops_everything_and_is_idempotent(stack):
     env = _advflow("stack", "env", "--state-dir", str(state_dir), cwd=root, timeout=60)
     assert env.returncode == 1 and env.stdout == ""
     assert "advflow stack up" in env.stderr
+
+
+def _up_again(stack) -> subprocess.CompletedProcess:
+    result = _advflow(
+        "stack", "up", "--state-dir", str(stack["state_dir"]), *_port_flags(list(stack["ports"].values())),
+        "--num-cpus", "1", "--object-store-mb", "100", "--bucket", "advflow-test",
+        cwd=stack["root"],
+    )  # fmt: skip
+    assert result.returncode == 0, f"stack up failed:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+@pytest.mark.slow
+def test_up_after_down_serves_everything_again(stack):
+    if "probe_dir" not in stack:
+        pytest.skip("needs test_seed_what_a_restart_must_keep")
+    result = _up_again(stack)
+    assert "restoring" in result.stdout and "objects" in result.stdout
+    assert "orphaned" not in result.stdout  # mlflow.db stays: its artifacts are all there
+    assert "ALL KEPT" in _probe(stack, "check", str(stack["probe_dir"]), "down-up").stdout
+
+
+@pytest.mark.slow
+def test_a_killed_stack_comes_back_with_everything(stack):
+    """A machine restart: every process dies at once, nothing runs `down`, then `up` again."""
+    import boto3
+
+    if "probe_dir" not in stack:
+        pytest.skip("needs test_seed_what_a_restart_must_keep")
+    env = _exported_env(stack)
+    client = boto3.client(
+        "s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name=env["AWS_DEFAULT_REGION"],
+    )  # fmt: skip
+    client.put_object(Bucket="advflow-test", Key="last-write-before-the-crash", Body=b"acknowledged")
+    from advflow.infra.local.proc import session_members
+
+    records = json.loads((stack["state_dir"] / "stack.json").read_text())["services"]
+    leaders = [rec["pid"] for rec in records.values()]
+    for leader in leaders:
+        for pid in [leader, *session_members(leader)]:
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + 30
+    while any(session_alive(pid) for pid in leaders) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(session_alive(pid) for pid in leaders)
+
+    result = _up_again(stack)
+    assert "starting s3" in result.stdout and "starting mlflow" in result.stdout
+    assert "orphaned" not in result.stdout
+    assert "ALL KEPT" in _probe(stack, "check", str(stack["probe_dir"]), "kill-up").stdout
+    got = boto3.client(
+        "s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name=env["AWS_DEFAULT_REGION"],
+    ).get_object(Bucket="advflow-test", Key="last-write-before-the-crash")  # fmt: skip
+    assert got["Body"].read() == b"acknowledged"
+
+
+# ------------------------------------------------- what cannot be kept is said before it goes
+
+
+def test_down_of_an_in_memory_s3_warns_before_dropping_and_moves_the_db_aside(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    state_dir = tmp_path / "st"
+    config = StackConfig.resolve({"state_dir": state_dir, "s3_memory": True}, {})
+    s3 = services.start_moto(state_dir, store_id="memory:test")
+    services.ensure_bucket(s3, config.bucket)
+    stack_mod._write_binding(config, s3.info["store"])
+    mlflow_srv = services.start_mlflow(state_dir, s3=s3, bucket=config.bucket)
+    try:
+        client = MlflowClient(tracking_uri=mlflow_srv.url)
+        run = client.create_run(client.create_experiment("memory-stack"))
+        (tmp_path / "a.txt").write_text("lost at down")
+        client.log_artifact(run.info.run_id, str(tmp_path / "a.txt"))
+        stack_mod.save_state(StackState(config, {"s3": s3, "mlflow": mlflow_srv}))
+
+        seen = []  # each line, with whether the data it talks about still existed at that moment
+        db = state_dir / "mlflow.db"
+        stack_mod.down(state_dir, echo=lambda line: seen.append((line, s3.alive(), db.exists())))
+    finally:
+        mlflow_srv.stop()
+        s3.stop()
+    lines = [line for line, _, _ in seen]
+    warning = next(i for i, line in enumerate(lines) if line.startswith("WARNING"))
+    assert "in memory" in lines[warning] and "--s3-memory" in lines[warning]
+    assert "1 objects" in lines[warning] and "MLflow's artifacts" in lines[warning]
+    assert seen[warning][1] and seen[warning][2]  # said while S3 and the db were still there
+    assert warning < lines.index("s3     stopped")
+    moved = next(line for line in lines if "orphaned-" in line)
+    assert "mlflow.db" in moved and "no longer exist" in moved and "--s3-memory" in moved
+    assert not db.exists() and len(list(state_dir.glob("mlflow.db.orphaned-*"))) == 1
+    assert not (state_dir / stack_mod.MLFLOW_BINDING).exists()
+    assert not any(line.startswith("kept:") for line in lines)
+
+
+@pytest.mark.parametrize(
+    "recorded, current, words",
+    [
+        ({"store": "memory:abc", "artifacts": "s3://advflow/mlflow"}, "disk:1", ["in-memory", "stopped"]),
+        ({"store": "disk:0", "artifacts": "s3://advflow/mlflow"}, "disk:1", ["disk:0", "is gone", "empty"]),
+        ({"store": "disk:1", "artifacts": "s3://other/mlflow"}, "disk:1", ["s3://other/mlflow"]),
+        ({"store": "external:http://minio:9000", "artifacts": "s3://advflow/mlflow"}, "disk:1", ["minio"]),
+        (None, "disk:1", ["no record"]),
+    ],
+)
+def test_up_moves_a_db_whose_artifacts_are_gone_aside(tmp_path, recorded, current, words):
+    config = StackConfig.resolve({"state_dir": tmp_path}, {})
+    (tmp_path / "mlflow.db").write_bytes(b"runs")
+    if recorded is not None:
+        (tmp_path / stack_mod.MLFLOW_BINDING).write_text(json.dumps(recorded))
+    lines: list[str] = []
+    stack_mod._check_db_binding(config, current, {}, lines.append)
+    assert not (tmp_path / "mlflow.db").exists()
+    [aside] = tmp_path.glob("mlflow.db.orphaned-*")
+    assert aside.read_bytes() == b"runs"  # kept for the user, not deleted
+    assert len(lines) == 1 and aside.name in lines[0] and "no longer exist" in lines[0]
+    for word in words:
+        assert word in lines[0]
+
+
+def test_up_keeps_a_db_whose_artifacts_are_in_the_store(tmp_path):
+    config = StackConfig.resolve({"state_dir": tmp_path}, {})
+    (tmp_path / "mlflow.db").write_bytes(b"runs")
+    stack_mod._write_binding(config, "disk:1")
+    lines: list[str] = []
+    stack_mod._check_db_binding(config, "disk:1", {}, lines.append)
+    assert (tmp_path / "mlflow.db").read_bytes() == b"runs" and lines == []
+
+
+def test_memory_flag_and_an_external_endpoint_exclude_each_other(tmp_path):
+    assert StackConfig.resolve({"state_dir": tmp_path}, {"ADVFLOW_S3_MEMORY": "1"}).s3_memory
+    with pytest.raises(ValueError, match="--s3-memory"):
+        StackConfig.resolve({"state_dir": tmp_path, "s3_memory": True}, {"AWS_ENDPOINT_URL": "http://minio:9000"})
+
+
+def test_pids_from_before_a_machine_restart_are_never_signalled(tmp_path):
+    from advflow.infra.local.proc import spawn_detached
+
+    # Stands for an unrelated process that got a recorded pid after the reboot.
+    bystander = spawn_detached(["sleep", "60"], tmp_path / "sleep.log", os.environ, tmp_path)
+    try:
+        config = StackConfig.resolve({"state_dir": tmp_path / "st"}, {})
+        handle = services.ServiceHandle("mlflow", "mlflow", "http://127.0.0.1:1", bystander.pid, None)
+        stack_mod.save_state(StackState(config, {"mlflow": handle}))
+        path = tmp_path / "st" / "stack.json"
+        path.write_text(path.read_text().replace(stack_mod.boot_id(), "an-earlier-boot"))
+        lines: list[str] = []
+        stack_mod.down(tmp_path / "st", echo=lines.append)
+        assert session_alive(bystander.pid)
+        assert any("before the machine restarted" in line for line in lines)
+        assert not any("stopped" in line for line in lines)
+    finally:
+        bystander.kill()
+        bystander.wait()
