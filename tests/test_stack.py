@@ -568,17 +568,18 @@ def test_down_of_an_in_memory_s3_warns_before_dropping_and_moves_the_db_aside(tm
 
 
 @pytest.mark.parametrize(
-    "recorded, current, words",
+    "recorded, words",
     [
-        ({"store": "memory:abc", "artifacts": "s3://advflow/mlflow"}, "disk:1", ["in-memory", "stopped"]),
-        ({"store": "disk:0", "artifacts": "s3://advflow/mlflow"}, "disk:1", ["disk:0", "is gone", "empty"]),
-        ({"store": "disk:1", "artifacts": "s3://other/mlflow"}, "disk:1", ["s3://other/mlflow"]),
-        ({"store": "external:http://minio:9000", "artifacts": "s3://advflow/mlflow"}, "disk:1", ["minio"]),
-        (None, "disk:1", ["no record"]),
+        ({"store": "memory:abc", "artifacts": "s3://advflow/mlflow"}, ["in-memory", "stopped"]),
+        ({"store": "disk:0", "artifacts": "s3://advflow/mlflow"}, ["disk:0", "is gone"]),
+        (None, ["no record"]),
     ],
 )
-def test_up_moves_a_db_whose_artifacts_are_gone_aside(tmp_path, recorded, current, words):
+def test_up_moves_a_db_whose_artifacts_are_gone_aside(tmp_path, recorded, words):
+    from advflow.infra.local.s3_store import ensure_store
+
     config = StackConfig.resolve({"state_dir": tmp_path}, {})
+    current = f"disk:{ensure_store(config.s3_data_dir)}"  # a new, empty store
     (tmp_path / "mlflow.db").write_bytes(b"runs")
     if recorded is not None:
         (tmp_path / stack_mod.MLFLOW_BINDING).write_text(json.dumps(recorded))
@@ -590,6 +591,34 @@ def test_up_moves_a_db_whose_artifacts_are_gone_aside(tmp_path, recorded, curren
     assert len(lines) == 1 and aside.name in lines[0] and "no longer exist" in lines[0]
     for word in words:
         assert word in lines[0]
+
+
+@pytest.mark.parametrize(
+    "recorded_store, recorded_bucket, flags, words",
+    [
+        ("disk", "advflow", {"s3_memory": True}, ["without --s3-memory", "--state-dir"]),
+        ("disk", "other", {}, ["--bucket other", "s3://other/mlflow"]),
+        ("external:http://minio:9000", "advflow", {}, ["--s3-endpoint http://minio:9000"]),
+    ],
+)
+def test_up_refuses_to_hide_a_db_whose_artifacts_are_elsewhere(
+    tmp_path, recorded_store, recorded_bucket, flags, words
+):
+    from advflow.infra.local.s3_store import ensure_store
+
+    config = StackConfig.resolve({"state_dir": tmp_path, **flags}, {})
+    disk = f"disk:{ensure_store(config.s3_data_dir)}"
+    store = disk if recorded_store == "disk" else recorded_store
+    (tmp_path / "mlflow.db").write_bytes(b"runs")
+    (tmp_path / stack_mod.MLFLOW_BINDING).write_text(
+        json.dumps({"store": store, "artifacts": f"s3://{recorded_bucket}/mlflow"})
+    )
+    current = "memory:new" if flags.get("s3_memory") else disk
+    with pytest.raises(ServiceError) as info:
+        stack_mod._check_db_binding(config, current, {}, lambda line: None)
+    for word in words:
+        assert word in str(info.value)
+    assert (tmp_path / "mlflow.db").read_bytes() == b"runs"  # untouched
 
 
 def test_up_keeps_a_db_whose_artifacts_are_in_the_store(tmp_path):

@@ -397,20 +397,38 @@ def _read_binding(state_dir: Path) -> dict[str, str] | None:
         return None
 
 
-def _why_unbound(recorded: dict[str, str] | None, wanted: dict[str, str]) -> str | None:
-    """None when mlflow.db's artifacts are in the store about to be used, else why not."""
+def _db_verdict(
+    config: StackConfig, recorded: dict[str, str] | None, wanted: dict[str, str]
+) -> tuple[str, str]:
+    """What to do with mlflow.db before MLflow starts against ``wanted``: ("keep", ""), ("move",
+    why its artifacts are gone) or ("refuse", why they still exist elsewhere and how to reach them).
+
+    A db whose artifacts are gone for good is moved aside; one whose artifacts still exist in
+    another store or bucket is never hidden: `up` refuses and says which settings reach them.
+    """
     if recorded == wanted:
-        return None
+        return "keep", ""
     if recorded is None:
-        return "it has no record of where its artifacts are (made before the stack kept them)"
-    if recorded.get("artifacts") != wanted["artifacts"]:
-        return f"its artifacts are under {recorded.get('artifacts')}, this stack uses {wanted['artifacts']}"
+        return "move", "it has no record of where its artifacts are (made before the stack kept them)"
     old, new = str(recorded.get("store")), wanted["store"]
     if old.startswith("memory:"):
-        return "its artifacts were in an in-memory S3 server (--s3-memory) that has stopped"
-    if old.startswith("external:") or new.startswith("external:"):
-        return f"its artifacts are on {old.split(':', 1)[1] if ':' in old else old}, this stack uses {new}"
-    return f"its S3 store ({old}) is gone; {new} is a new, empty one"
+        return "move", "its artifacts were in an in-memory S3 server (--s3-memory) that has stopped"
+    if old.startswith("disk:"):
+        from advflow.infra.local.s3_store import store_id
+
+        if store_id(config.s3_data_dir) != old.split(":", 1)[1]:
+            return "move", f"its S3 store in {config.s3_data_dir} ({old}) is gone"
+        how = "start without --s3-memory and --s3-endpoint (and unset AWS_ENDPOINT_URL)"
+    else:
+        how = f"start with --s3-endpoint {old.split(':', 1)[1]}"
+    if recorded.get("artifacts") != wanted["artifacts"]:
+        bucket = str(recorded.get("artifacts", "")).removeprefix("s3://").split("/", 1)[0]
+        how = f"{how}, --bucket {bucket}" if old != new else f"start with --bucket {bucket}"
+    return "refuse", (
+        f"{config.state_dir / MLFLOW_DB} holds runs and models whose artifacts are under "
+        f"{recorded.get('artifacts')} in {old}, but this stack would use {wanted['artifacts']} in "
+        f"{new}. To reach them, {how}; for a separate stack, pass another --state-dir."
+    )
 
 
 def move_db_aside(state_dir: Path, why: str, echo: Callable[[str], None]) -> Path | None:
@@ -436,12 +454,15 @@ def _check_db_binding(
     healthy: dict[str, ServiceHandle],
     echo: Callable[[str], None],
 ) -> None:
-    """Before MLflow (re)starts: move mlflow.db aside unless its artifacts are in ``store``."""
+    """Before MLflow (re)starts: keep mlflow.db when its artifacts are in ``store``, move it aside
+    when they are gone, refuse (ServiceError) when they are in a store this config does not use."""
     if not (config.state_dir / MLFLOW_DB).exists():
         return
-    why = _why_unbound(_read_binding(config.state_dir), _binding(config, store))
-    if why is None:
+    verdict, why = _db_verdict(config, _read_binding(config.state_dir), _binding(config, store))
+    if verdict == "keep":
         return
+    if verdict == "refuse":
+        raise ServiceError(why)
     if "mlflow" in healthy:
         echo("mlflow is serving a database whose artifacts are gone; stopping it")
         healthy.pop("mlflow").stop()
