@@ -139,7 +139,8 @@ def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray, **extra: Any) -> No
 
 def load_stats(path: str, dim: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Read (mu, sigma) from an .npz; clear errors for a missing, unreadable or malformed file."""
-    fix = "create it with advflow.platform.eval.fid.write_reference_stats (arrays `mu` (D,) and `sigma` (D, D))"
+    fix = ("create it with jobs/fid_reference.py or advflow.platform.eval.fid.write_reference_stats (arrays `mu` "
+           "(D,) and `sigma` (D, D))")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"reference stats {path}: no such file; {fix}")
     try:

@@ -6,6 +6,12 @@ Module and parameter names follow that port's state dict (`Conv2d_1a_3x3.conv.we
 classification Inception-v3 in the average pools of the A, C and E_1 blocks (padding excluded from
 the mean, as TF does) and in the last block, whose pool branch is a max-pool; the fc has 1008 classes.
 Features are the 2048-d global average pool ("pool3"). No weights ship with advflow: pass a path.
+
+Input is what the TF graph's `ExpandDims:0` takes, the tensor ADM's evaluator feeds: RGB pixel values
+in [0, 255] (uint8 images cast to float). The graph then resizes to 299x299 with TF1's ResizeBilinear
+(legacy coordinates: source = destination * in/out, no half-pixel offset, no antialias) and maps
+[0, 255] to [-1, 1] as (x - 128) / 128; `features` does the same, so features match the network ADM's
+suite runs (torch's bilinear `interpolate` samples at half-pixel centres: a different image).
 """
 
 from __future__ import annotations
@@ -150,8 +156,31 @@ class InceptionE(nn.Module):
         return torch.cat([self.branch1x1(x), b3, d, self.branch_pool(pooled)], dim=1)
 
 
+def _tf1_taps(n_in: int, n_out: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """TF1 legacy bilinear taps along one axis: source = destination * (n_in / n_out) in float32;
+    the lower neighbour, the upper one (clamped to the edge) and the weight of the upper one."""
+    scale = torch.tensor(n_in / n_out, dtype=torch.float32)
+    src = torch.arange(n_out, dtype=torch.float32) * scale  # (n_out,)
+    lo = src.floor().long().clamp(max=n_in - 1)
+    hi = (lo + 1).clamp(max=n_in - 1)
+    return lo.to(device), hi.to(device), (src - lo.float()).to(device)
+
+
+def tf1_resize_bilinear(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, C, H, W) float -> (N, C, size, size) as TF1's ResizeBilinear (align_corners=False, no
+    half-pixel centres): interpolate along the width first, then the height, each as lo + (hi - lo) * w."""
+    n_h, n_w = x.shape[-2:]
+    if (n_h, n_w) == (size, size):
+        return x
+    lo, hi, w = _tf1_taps(n_w, size, x.device)
+    x = x[..., lo] + (x[..., hi] - x[..., lo]) * w  # (N, C, H, size)
+    lo, hi, w = _tf1_taps(n_h, size, x.device)
+    top, bottom = x[..., lo, :], x[..., hi, :]
+    return top + (bottom - top) * w[:, None]  # (N, C, size, size)
+
+
 class FIDInceptionV3(nn.Module):
-    """(N, 3, H, W) images in [-1, 1], any H, W -> (N, 2048) pool3 features (or 1008 logits)."""
+    """(N, 3, H, W) pixel values in [0, 255], any H, W -> (N, 2048) pool3 features (or 1008 logits)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -174,11 +203,11 @@ class FIDInceptionV3(nn.Module):
         self.fc = nn.Linear(FEATURE_DIM, NUM_LOGITS)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) pixel values in [0, 255] (uint8, or float holding uint8 values) -> (N, 2048)."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"Inception input must be RGB (N, 3, H, W), got {tuple(images.shape)}")
-        x = images.float()
-        if tuple(x.shape[-2:]) != (INPUT_SIZE, INPUT_SIZE):
-            x = F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
+        x = tf1_resize_bilinear(images.float(), INPUT_SIZE)
+        x = (x - 128.0) / 128.0  # the graph's Sub 128, Mul 1/128 (exact in float: 1/128 is a power of 2)
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))  # (N, 64, 147, 147)
         x = F.max_pool2d(x, 3, stride=2)  # (N, 64, 73, 73)
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))  # (N, 192, 71, 71)
