@@ -22,6 +22,7 @@ from typing import Annotated, Any
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from advflow.platform.data.reader import ORDERS
 from advflow.platform.eval import EVALUATORS
 from advflow.trainers.models import SIZES
 
@@ -80,12 +81,20 @@ class DataConfig(_Section):
     """Records held in the in-memory shuffle buffer of each stream."""
     prefetch: int = 4
     """Shards fetched ahead of the reader by the background thread."""
+    order: str = "global"
+    """How the workers share the record sequence (platform/data/reader.py). `global`: every worker
+    reads the whole sequence and keeps its slots of each global batch, so the global batches do not
+    depend on the number of workers and a run resumes exactly on another number (elastic);
+    each worker reads all chunks (workers-fold read amplification). `partitioned`: each worker reads
+    only its slice (1/workers of the I/O), and a run resumes only on the same number of workers."""
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
         if not self.prefix:
             _fail("prefix", "is empty", "set it to the dataset prefix written by jobs/prepare_latents.py, "
                   "e.g. --set data.prefix=s3://advflow/digits")
+        if self.order not in ORDERS:
+            _fail("order", f"{self.order!r} is unknown", f"use one of {', '.join(ORDERS)}")
         return self
 
 

@@ -5,17 +5,29 @@ about it depends on timing, so it can be recomputed after a restart without read
 1. Epoch e: the dataset's chunks (fixed runs of records, each checksummed in the manifest; a shard
    is one or more chunks) are permuted with a generator seeded by (seed, stream, e). Concatenated,
    they form one sequence of N records, the same on every rank.
-2. That sequence is cut into P = world_size * num_workers contiguous slices of N//P or N//P+1
-   records; partition p = rank * num_workers + worker reads slice p only. Within an epoch the slices
-   are disjoint and cover every record exactly once.
-3. Each slice is cut into blocks of `shuffle_buffer` records; a block is loaded into memory in a
-   permuted order drawn from a generator seeded by (seed, stream, e, p, block). This is the
-   in-memory shuffle buffer; unlike a reservoir buffer its state is just "which block, how far
-   in", so resume reloads one block instead of replaying the epoch.
-4. Batches are consecutive records of this order; they run across block and epoch boundaries.
+2. How that sequence is shared among the P = world_size * num_workers partitions (partition
+   p = rank * num_workers + worker) depends on `order`:
+   - "global" (the default): the sequence is read whole; it is cut into slots of `batch_size`
+     records, and partition p takes slots p, p + P, p + 2P, ... So P consecutive slots form one
+     global batch of P * batch_size records, and the global batches are the same for any P with
+     the same P * batch_size: a run can resume on another number of workers (elastic) and see the
+     same global batches. Every partition reads every chunk (P-fold read amplification; each keeps
+     1/P of the records).
+   - "partitioned": the sequence is cut into P contiguous slices of N//P or N//P+1 records and
+     partition p reads slice p only (no amplification), so the data seen depends on P and resume
+     needs the same P.
+   Either way, within an epoch every record is read exactly once across the partitions.
+3. The sequence a partition reads (the whole epoch, or its slice) is cut into blocks of
+   `shuffle_buffer` records; a block is loaded into memory in a permuted order drawn from a
+   generator seeded by (seed, stream, e, p, block) ("global": p = 0, the same on every partition).
+   This is the in-memory shuffle buffer; unlike a reservoir buffer its state is just "which block,
+   how far in", so resume reloads one block instead of replaying the epoch.
+4. Batches are consecutive records (of this partition's slots); they run across block and epoch
+   boundaries.
 
 Resume state is therefore one number, `records_consumed` (equal on every rank, since all ranks take
-the same number of steps), plus the arguments that define the order (checked on load).
+the same number of steps; "global": records of the global sequence, whatever P), plus the arguments
+that define the order (checked on load).
 
 Reads: each chunk is one HTTP range GET (or file read). A background thread keeps `prefetch`
 chunk reads in flight on an I/O pool; each I/O thread checks its chunk's sha256 against the
@@ -46,7 +58,8 @@ from advflow.platform.data.storage import RetryPolicy, Storage
 
 __all__ = ["LatentStream", "read_manifest"]
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: `order` ("global" streams resume on another world size)
+ORDERS = ("global", "partitioned")
 _POLL_S = 0.1
 _LIVE_PRODUCERS: "weakref.WeakSet[_Producer]" = weakref.WeakSet()
 
@@ -72,6 +85,14 @@ def _manifest_digest(m: Manifest) -> str:
         h.update(f"{s.name}:{s.records}:{s.sha256};".encode())
     h.update(f"chunk={m.chunk_records}".encode())
     return h.hexdigest()[:16]
+
+
+_RESUME_HINTS = {
+    "world_size": "order 'partitioned' ties the data to the number of workers: resume with the same number, "
+                  "or train with data.order 'global' (resumes on any number of workers)",
+    "global_batch": "the global batch (workers x micro batch) must stay the same to resume exactly: keep "
+                    "train.global_batch and train.grad_accum as the run had them",
+}
 
 
 class _Plan:
@@ -177,11 +198,15 @@ class _Producer(threading.Thread):
     blocks into batches (cast to the output dtype; batches own their memory, so block buffers
     are recycled) and queues them in order. Any error is forwarded to the consumer."""
 
-    def __init__(self, ds: "LatentStream", plan: _Plan, start: int):
+    def __init__(self, ds: "LatentStream", plan: _Plan, start: int, slot: tuple[int, int] = (0, 1)):
         super().__init__(daemon=True, name=f"LatentStream-{ds.stream}")
         self.ds, self.plan = ds, plan
         self.epoch, offset = divmod(start, plan.size)
         self.block, self.skip = divmod(offset, plan.block)
+        # order "global": this partition keeps the batch_size-record slots s with s % slots == mine
+        # of the sequence it reads; `pos` is that sequence's position (start is slot-aligned).
+        self.mine, self.slots = slot
+        self.pos = start
         # Ready batches: about two shuffle blocks' worth, at least two.
         self.out: queue.Queue = queue.Queue(maxsize=max(2, min(64, 2 * plan.block // ds.batch_size)))
         self.stop_event = threading.Event()
@@ -261,12 +286,18 @@ class _Producer(threading.Thread):
         pos, self.skip = self.skip, 0  # resuming mid-block: drop what the last run consumed
         bsz = self.ds.batch_size
         while pos < blk.n:
-            take = min(bsz - self._have, blk.n - pos)
-            self._parts.append((blk, pos, pos + take))
-            self._have += take
+            slot, into = divmod(self.pos, bsz)
+            take = min(bsz - into, blk.n - pos)
+            if slot % self.slots == self.mine:  # another partition's slot is skipped whole
+                self._parts.append((blk, pos, pos + take))
+                self._have += take
             pos += take
+            self.pos += take
             if self._have == bsz and not self._put(self._make_batch()):
                 return False
+        if blk.buf is not None and all(b is not blk for b, _, _ in self._parts):
+            self._free.append(blk.buf)  # none of its records wait in a batch being cut: recycle it
+            blk.buf = None
         return True
 
     def _make_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -299,7 +330,7 @@ class _StreamIterator:
 
     def __init__(self, ds: "LatentStream", plan: _Plan):
         self.ds = ds
-        self.producer = _Producer(ds, plan, ds._consumed)
+        self.producer = _Producer(ds, plan, ds._consumed, ds._slot())
         _LIVE_PRODUCERS.add(self.producer)
         self.producer.start()
         self._closed = False
@@ -321,7 +352,7 @@ class _StreamIterator:
             if isinstance(item, _Failure):
                 self.close()
                 raise item.exc
-            self.ds._consumed += self.ds.batch_size  # counted before the caller sees the batch
+            self.ds._consumed += self.ds._stride  # counted before the caller sees the batch
             return item
 
     def close(self, wait: bool = True) -> None:
@@ -341,6 +372,10 @@ class LatentStream(IterableDataset):
     stream: name of this stream; different names give independent orders over the same data
         (the trainer uses "d" and "g" for the discriminator and generator batches).
     shuffle: False streams chunks in manifest order without block shuffling (evaluation).
+    order: "global" (default: the global batches are the same for any world_size with the same
+        world_size * batch_size, so a run resumes on another number of workers) or "partitioned"
+        (each partition reads only its slice: 1/world_size of the I/O, resume on the same world
+        size only). See the module doc.
     shuffle_buffer: records per in-memory shuffle block (memory ~ 3 blocks of float32 latents).
     prefetch: chunk reads kept in flight by the background thread (also its I/O threads). Each
         is one chunk (<= ~16 MiB), so 4 in flight is ~64 MiB ahead of the trainer; raise it on
@@ -368,6 +403,7 @@ class LatentStream(IterableDataset):
         seed: int = 0,
         stream: str = "main",
         shuffle: bool = True,
+        order: str = "global",
         shuffle_buffer: int = 4096,
         prefetch: int = 4,
         out_dtype: str = "float32",
@@ -390,6 +426,8 @@ class LatentStream(IterableDataset):
             raise ValueError(f"shuffle_buffer must be >= 1 record, got {shuffle_buffer}")
         if prefetch < 1:
             raise ValueError(f"prefetch must be >= 1, got {prefetch}")
+        if order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
         if out_dtype not in ("float32", "stored"):
             raise ValueError(f"out_dtype must be 'float32' or 'stored', got {out_dtype!r}")
         if (num_workers is None) != (worker_id is None):
@@ -399,6 +437,7 @@ class LatentStream(IterableDataset):
         self.prefix, self.batch_size = prefix, int(batch_size)
         self.rank, self.world_size, self.seed, self.stream = rank, world_size, int(seed), str(stream)
         self.shuffle, self.shuffle_buffer, self.prefetch = bool(shuffle), int(shuffle_buffer), int(prefetch)
+        self.order = order
         self._worker_override = (num_workers, worker_id) if num_workers is not None else None
         self.storage = Storage(prefix, endpoint_url=endpoint_url, retry=retry, storage_options=storage_options)
         self.manifest = read_manifest(self.storage)
@@ -443,12 +482,22 @@ class LatentStream(IterableDataset):
         return self.rank * nw + wid, self.world_size * nw
 
     def _plan(self) -> _Plan:
-        part, parts = self._partition()
+        part, parts = self._partition() if self.order == "partitioned" else (0, 1)
         return _Plan(self.manifest, self.seed, self.stream, part, parts, self.shuffle, self.shuffle_buffer)
+
+    def _slot(self) -> tuple[int, int]:
+        """(mine, slots): which batch_size-record slots of the sequence it reads this partition keeps."""
+        return self._partition() if self.order == "global" else (0, 1)
+
+    @property
+    def _stride(self) -> int:
+        """Records of the read sequence that one batch of this partition advances (every partition
+        takes one batch per step, so "global" advances by all P slots)."""
+        return self.batch_size * self._slot()[1]
 
     @property
     def epoch_records(self) -> int:
-        """Records this partition reads per epoch."""
+        """Records of the sequence this partition reads per epoch (its slice, or the whole epoch)."""
         return self._plan().size
 
     def _check_sizes(self) -> None:
@@ -512,16 +561,21 @@ class LatentStream(IterableDataset):
 
     # -- resume ------------------------------------------------------------------------------------
     def _identity(self) -> dict[str, Any]:
-        return {
-            "seed": self.seed, "stream": self.stream, "world_size": self.world_size,
-            "num_workers": self._partition()[1] // self.world_size, "shuffle": self.shuffle,
-            "shuffle_buffer": self.shuffle_buffer, "num_records": self.manifest.num_records,
-            "dataset": self._digest,
-        }
+        """What defines the record order. "global" does not depend on the number of partitions,
+        only on the global batch (P * batch_size), so it resumes on any world size that keeps it."""
+        out = {"seed": self.seed, "stream": self.stream, "order": self.order, "shuffle": self.shuffle,
+               "shuffle_buffer": self.shuffle_buffer, "num_records": self.manifest.num_records,
+               "dataset": self._digest}
+        if self.order == "partitioned":
+            out.update(world_size=self.world_size, num_workers=self._partition()[1] // self.world_size)
+        else:
+            out["global_batch"] = self._stride
+        return out
 
     def state_dict(self) -> dict[str, Any]:
-        """JSON-serialisable position: `records_consumed` (the same on every rank) plus the
-        arguments that define the order. epoch / offset_in_epoch are for humans (this rank)."""
+        """JSON-serialisable position: `records_consumed` (the same on every rank; "global": of the
+        global sequence) plus the arguments that define the order. epoch / offset_in_epoch are for
+        humans (of the sequence this partition reads)."""
         epoch, offset = divmod(self._consumed, self._plan().size)
         return {"version": STATE_VERSION, "records_consumed": self._consumed, "epoch": epoch,
                 "offset_in_epoch": offset, **self._identity()}
@@ -536,7 +590,7 @@ class LatentStream(IterableDataset):
             if state.get(key) != mine:
                 raise ValueError(
                     f"reader state field {key!r} is {state.get(key)!r} but this stream has {mine!r}; "
-                    "build the LatentStream with the same arguments and data to resume exactly"
+                    f"{_RESUME_HINTS.get(key, 'build the LatentStream with the same arguments and data to resume exactly')}"
                 )
         consumed = state.get("records_consumed")
         if not isinstance(consumed, int) or consumed < 0:
