@@ -82,17 +82,18 @@ def _ref_d_loss(G, D, x, y, z, x_src, y_src, s, t, noise, cfg, seed, one_step):
         else:
             fake, real, y_f = G(_hand_interp(x_src, z, s), y_src, s, t), _hand_interp(x, noise, t), y_src
     m = _official_gp_size(cfg.gp_fraction, N)
+    sel = [i * N // m for i in range(m)]  # evenly spaced (the official code takes the first m: same law)
     g = torch.Generator().manual_seed(seed)
     n_real = torch.randn((m, C, H, H), generator=g)
     n_fake = torch.randn((m, C, H, H), generator=g)
     eps = cfg.gp_eps
     w = torch.maximum((s - t).abs(), torch.tensor(1e-3))
     dr, df = D(real, y, t), D(fake, y_f, t)
-    drp = D(real[:m] + eps * n_real, y[:m], t[:m])
-    dfp = D(fake[:m] + eps * n_fake, y_f[:m], t[:m])
+    drp = D(real[sel] + eps * n_real, y[sel], t[sel])
+    dfp = D(fake[sel] + eps * n_fake, y_f[sel], t[sel])
     adv = _softplus_neg(dr - df).mean()
-    r1 = (w[:m] * (drp - dr[:m]) ** 2).mean() / eps**2
-    r2 = (w[:m] * (dfp - df[:m]) ** 2).mean() / eps**2
+    r1 = (w[sel] * (drp - dr[sel]) ** 2).mean() / eps**2
+    r2 = (w[sel] * (dfp - df[sel]) ** 2).mean() / eps**2
     cp = ((dr + df) ** 2).mean()
     return adv + cfg.lambda_gp * (r1 + r2) + cfg.lambda_cp * cp, (adv, r1, r2, cp)
 

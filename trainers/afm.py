@@ -33,6 +33,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from advflow.trainers import draws
 from advflow.trainers.augment import paired_augment
 from advflow.trainers.flow import interp, sample_times
 from advflow.trainers.gradnorm import GradNormalizer
@@ -137,6 +138,16 @@ def gp_size(fraction: float, n: int) -> int:
     return max(round(fraction * n), 1)
 
 
+def gp_indices(n: int, m: int, device=None) -> torch.Tensor:
+    """Which m of a batch of n samples get R1/R2: evenly spaced, floor(i * n / m) for i < m.
+
+    The official code takes the first m. In a shuffled batch any fixed choice of positions is the
+    same in distribution; evenly spaced positions are also the same samples whatever the number of
+    workers the global batch is split over (worker r's positions, offset by r * n, are exactly the
+    global batch's when m / n is the same on every worker), which elastic resume needs."""
+    return torch.arange(m, device=device) * n // m  # (m,)
+
+
 def make_gradnorm(cfg: AFMConfig) -> GradNormalizer:
     """The GradNormalizer g_loss expects (keep it alive and checkpoint its state_dict)."""
     return GradNormalizer(momentum=cfg.gradnorm_momentum)
@@ -196,7 +207,10 @@ def _prepare(G, x_real, y, z, cfg, x_src, y_src, s, t, noise, generator) -> _Inp
             raise ValueError("y_src was given without x_src; pass both or neither")
         if cfg.source == "permute":
             gdev = generator.device if generator is not None else x_real.device
-            perm = torch.randperm(n, generator=generator, device=gdev).to(x_real.device)
+            # A permutation pairs samples of one worker's batch; it is not per-sample randomness,
+            # so under a BatchSlice every worker permutes alike (elastic resume is exact for `same` only).
+            gen = generator.generator if isinstance(generator, draws.BatchSlice) else generator
+            perm = torch.randperm(n, generator=gen, device=gdev).to(x_real.device)
             x_src, y_src = x_real[perm], y[perm]
         else:
             x_src, y_src = x_real, y
@@ -205,7 +219,7 @@ def _prepare(G, x_real, y, z, cfg, x_src, y_src, s, t, noise, generator) -> _Inp
             raise ValueError(f"x_src {tuple(x_src.shape)} must have the shape of x_real {tuple(x_real.shape)}")
         y_src = y if y_src is None else y_src
     if noise is None:
-        noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+        noise = draws.randn(z.shape, generator, device=z.device, dtype=z.dtype)
     return _Inputs(interp(x_src, z, s), y_src, s, t, interp(x_real, noise, t))
 
 
@@ -235,7 +249,8 @@ def d_loss(
     x_real: (N, C, H, W) data, y: (N,) labels, z: (N, C, H, W) noise. Optional: x_src/y_src (source
     batch), s/t (N,) times, noise (N, C, H, W) for the real target, generator for every draw.
     adv = softplus(-(D(real_t) - D(fake))) averaged; R1/R2 = finite-difference penalties on the
-    first gp_size(gp_fraction, N) real/fake samples, weighted by w(s, t); cp = mean (D(real) + D(fake))^2.
+    gp_size(gp_fraction, N) evenly spaced real/fake samples (gp_indices), weighted by w(s, t);
+    cp = mean (D(real) + D(fake))^2.
     Metrics are detached 0-dim tensors (no host sync).
     """
     b = _prepare(G, x_real, y, z, cfg, x_src, y_src, s, t, noise, generator)
@@ -248,13 +263,14 @@ def d_loss(
     w = st_weight(b.s, b.t, cfg.st_floor)  # (N,)
     m = gp_size(cfg.gp_fraction, n) if cfg.lambda_gp > 0 else 0
     if m:
-        real_p, _ = perturb(real[:m], cfg.gp_eps, generator)  # (m, C, H, W)
-        fake_p, _ = perturb(fake[:m], cfg.gp_eps, generator)
+        idx = gp_indices(n, m, device=real.device)  # (m,)
+        real_p, _ = perturb(real[idx], cfg.gp_eps, generator)  # (m, C, H, W)
+        fake_p, _ = perturb(fake[idx], cfg.gp_eps, generator)
     if cfg.fused_d:
         # One D call on the whole stack: one launch sequence, better utilisation than four.
         xs = [real, fake] + ([real_p, fake_p] if m else [])
-        ys = [y, b.y_src] + ([y[:m], b.y_src[:m]] if m else [])
-        ts = [b.t, b.t] + ([b.t[:m], b.t[:m]] if m else [])
+        ys = [y, b.y_src] + ([y[idx], b.y_src[idx]] if m else [])
+        ts = [b.t, b.t] + ([b.t[idx], b.t[idx]] if m else [])
         logits = D(torch.cat(xs), torch.cat(ys), torch.cat(ts))  # (2N + 2m,)
         d_real, d_fake = logits[:n], logits[n : 2 * n]
         if m:
@@ -263,12 +279,12 @@ def d_loss(
         d_real = D(real, y, b.t)
         d_fake = D(fake, b.y_src, b.t)
         if m:
-            d_real_p = D(real_p, y[:m], b.t[:m])
-            d_fake_p = D(fake_p, b.y_src[:m], b.t[:m])
+            d_real_p = D(real_p, y[idx], b.t[idx])
+            d_fake_p = D(fake_p, b.y_src[idx], b.t[idx])
     adv = relativistic_loss(d_real, d_fake)
     if m:
-        r1 = fd_penalty(d_real[:m], d_real_p, cfg.gp_eps, weight=w[:m])
-        r2 = fd_penalty(d_fake[:m], d_fake_p, cfg.gp_eps, weight=w[:m])
+        r1 = fd_penalty(d_real[idx], d_real_p, cfg.gp_eps, weight=w[idx])
+        r2 = fd_penalty(d_fake[idx], d_fake_p, cfg.gp_eps, weight=w[idx])
     else:
         r1 = r2 = adv.new_zeros(())
     cp = logit_centering(d_real, d_fake)
@@ -290,7 +306,7 @@ def _guidance_times(cfg: AFMConfig, t: torch.Tensor, generator) -> tuple[torch.T
     lo, hi = cfg.cg_t_range
     if cfg.cg_t_mode == "uniform":
         gdev = generator.device if generator is not None else t.device
-        u = torch.rand(t.shape, generator=generator, device=gdev).to(device=t.device, dtype=t.dtype)
+        u = draws.rand(t.shape, generator, device=gdev).to(device=t.device, dtype=t.dtype)
         return lo + (hi - lo) * u, None
     return t, (t >= lo) & (t <= hi)
 
@@ -345,7 +361,7 @@ def g_loss(
         tp, mask = _guidance_times(cfg, b.t, generator)
         if mask is None:  # "uniform": the fake is re-noised to t' (paper, 1NFE)
             if cg_noise is None:
-                cg_noise = torch.randn(fake.shape, generator=generator, device=fake.device, dtype=fake.dtype)
+                cg_noise = draws.randn(fake.shape, generator, device=fake.device, dtype=fake.dtype)
         else:  # "target": G's output is a sample at t' = t already; it is fed as it is
             cg_noise = None
         with frozen(classifier if cfg.freeze_d_in_g else None):

@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import torch
 
+from advflow.trainers import draws
+
 __all__ = ["paired_augment", "random_erase_masks", "translate"]
 
 
 def _uniform(shape, lo: float, hi: float, generator, device) -> torch.Tensor:
     """U(lo, hi) in float64 (exact enough that rounding rules, not float error, decide sizes)."""
-    return lo + (hi - lo) * torch.rand(shape, generator=generator, device=device, dtype=torch.float64)
+    return lo + (hi - lo) * draws.rand(shape, generator, device=device, dtype=torch.float64)
 
 
 def translate(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
@@ -70,7 +72,7 @@ def random_erase_masks(
         # kornia's mixture: as likely tall as wide, whatever the asymmetry of the range around 1.
         narrow = _uniform(shape, ratio[0], 1.0, generator, device)
         wide = _uniform(shape, 1.0, ratio[1], generator, device)
-        aspect = torch.where(torch.rand(shape, generator=generator, device=device) < 0.5, narrow, wide)
+        aspect = torch.where(draws.rand(shape, generator, device=device) < 0.5, narrow, wide)
     else:
         aspect = _uniform(shape, ratio[0], ratio[1], generator, device)
     rh = (target * aspect).sqrt().round().clamp(1, height).long()  # (N, count)
@@ -114,7 +116,7 @@ def paired_augment(
     dev = real.device
     gdev = generator.device if generator is not None else dev
 
-    coins = torch.rand((n, 1 + erase_count), generator=generator, device=gdev) < p  # (N, 1 + count)
+    coins = draws.rand((n, 1 + erase_count), generator, device=gdev) < p  # (N, 1 + count)
     shift = _uniform((n, 2), 0.0, max_translate, generator, gdev)  # (N, 2) fractions of (H, W)
     shift = (shift * torch.tensor([h, w], device=gdev, dtype=torch.float64)).round().long()
     shift = torch.where(coins[:, :1], shift, 0)  # an unselected translate is the identity gather

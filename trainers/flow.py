@@ -13,6 +13,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from advflow.trainers import draws
+
 KINDS = ("1nfe", "multistep", "anystep")
 
 
@@ -69,10 +71,10 @@ def sample_times(
             raise ValueError(f"sample_times: nfe={nfe} must be >= 1 for kind='multistep'")
         # Draw on the generator's device so seeded runs are reproducible, then move.
         gdev = generator.device if generator is not None else device
-        k = torch.randint(0, nfe, (n,), generator=generator, device=gdev).to(device=device, dtype=dtype)
+        k = draws.randint(0, nfe, (n,), generator, device=gdev).to(device=device, dtype=dtype)
         return (k + 1) / nfe, k / nfe
     gdev = generator.device if generator is not None else device
-    u = torch.rand(2, n, generator=generator, device=gdev).to(device=device, dtype=dtype)
+    u = draws.rand((2, n), generator, device=gdev, batch_dim=1).to(device=device, dtype=dtype)
     s = u[0]
     return s, s * u[1]
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from advflow.trainers import draws
 from advflow.trainers.flow import interp
 
 FM_TIME_DISTS = ("uniform", "logit_normal")
@@ -31,10 +32,10 @@ def sample_fm_times(
         raise ValueError(f"dist={dist!r} is not one of {FM_TIME_DISTS}")
     gdev = generator.device if generator is not None else device
     if dist == "uniform":
-        return torch.rand(n, generator=generator, device=gdev).to(device)
+        return draws.rand((n,), generator, device=gdev).to(device)
     if std <= 0:
         raise ValueError(f"std={std} must be > 0 for the logit-normal time distribution")
-    e = torch.randn(n, generator=generator, device=gdev).to(device)
+    e = draws.randn((n,), generator, device=gdev).to(device)
     return torch.sigmoid(mean + std * e)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from advflow.trainers import draws
 # flow.py owns the interpolation (one definition package-wide); re-exported here for loss callers.
 from advflow.trainers.flow import interp
 
@@ -69,7 +70,7 @@ def perturb(
     """
     if eps <= 0:
         raise ValueError(f"eps must be > 0 (got {eps}); the paper uses 0.01")
-    n = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+    n = draws.randn(x.shape, generator, dtype=x.dtype, device=x.device)
     return x + eps * n, n
 
 
