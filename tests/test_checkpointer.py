@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from advflow.platform.train.checkpoint import META_NAME, Checkpointer, JSONEntries, PerRankJSON, ResumeError
+from advflow.platform.train.checkpoint import (META_NAME, Checkpointer, JSONEntries, PerRankJSON, ResumeError,
+                                               SharedJSON)
 
 
 class FakePart:
@@ -111,36 +112,21 @@ def test_json_adapters(tmp_path):
     assert (fresh["d"].n, fresh["g"].n, fresh_loop.n, reloaded) == (13, 14, 7, [True])
 
 
-class FakeEngine:
-    """DeepSpeed's checkpoint API as EngineState uses it: save_checkpoint(dir, tag) writes dir/tag/,
-    load_checkpoint returns (path, client_state), path None when nothing is found under the tag."""
-
-    def __init__(self, found: bool = True):
-        self.found, self.loaded = found, []
-
-    def save_checkpoint(self, save_dir, tag):
-        (Path(save_dir) / tag).mkdir(parents=True)
-        (Path(save_dir) / tag / "mp_rank_00_model_states.pt").write_bytes(b"x")
-
-    def load_checkpoint(self, load_dir, tag, **kw):
-        self.loaded.append((load_dir, tag, kw))
-        return (str(Path(load_dir) / tag) if self.found else None), {}
-
-
-def test_engine_state_part(tmp_path):
-    from advflow.platform.train.engines import EngineState
-
-    Checkpointer({"g": EngineState(FakeEngine(), "g")}, rank=0, world_size=1, every=1, last_step=1,
-                 config={}).save(tmp_path, 1)
-    engine = FakeEngine()
-    Checkpointer({"g": EngineState(engine, "g")}, rank=0, world_size=1, every=1, last_step=1, config={}).load(tmp_path)
-    assert engine.loaded[0][1] == "ds" and engine.loaded[0][2]["load_optimizer_states"] is True
-    with pytest.raises(ResumeError, match="DeepSpeed found no checkpoint under tag 'ds'"):
-        Checkpointer({"g": EngineState(FakeEngine(found=False), "g")}, rank=0, world_size=1, every=1,
-                     last_step=1, config={}).load(tmp_path)
-    import shutil
-
-    shutil.rmtree(tmp_path / "g" / "ds")
-    with pytest.raises(ResumeError, match=r"missing \['g/ds'\]"):
-        Checkpointer({"g": EngineState(FakeEngine(), "g")}, rank=0, world_size=1, every=1, last_step=1,
-                     config={}).load(tmp_path)
+def test_elastic_checkpointer_loads_another_world_size_and_checks_the_writers_files(tmp_path):
+    """elastic=True (data.order global): a checkpoint of 2 ranks loads on 1 and on 3; the files it
+    must have are those of the world that wrote it."""
+    loop, streams = Counter(7), {"d": Counter(3)}
+    for rank in (1, 0):
+        Checkpointer({"readers": SharedJSON(streams), "loop": JSONEntries(loop), "a": FakePart("a", rank, [])},
+                     rank=rank, world_size=2, every=1, last_step=1, config={}, elastic=True).save(tmp_path, 1)
+    assert json.loads((tmp_path / "readers.json").read_text()) == {"d": {"n": 3}}
+    for world in (1, 3):
+        fresh = {"d": Counter()}
+        parts = {"readers": SharedJSON(fresh), "loop": JSONEntries(Counter()), "a": FakePart("a", -1, [])}
+        step = Checkpointer(parts, rank=0, world_size=world, every=1, last_step=1, config={},
+                            elastic=True).load(tmp_path)
+        assert (step, fresh["d"].n) == (1, 3)
+    (tmp_path / "a-1.txt").unlink()  # a file of the writing world (rank 1 of 2) is gone
+    with pytest.raises(ResumeError, match=r"missing \['a-1.txt'\]"):
+        Checkpointer({"a": FakePart("a", -1, [])}, rank=0, world_size=1, every=1, last_step=1, config={},
+                     elastic=True).load(tmp_path)

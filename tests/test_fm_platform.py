@@ -46,16 +46,16 @@ def spec_for(prefix: str, stage: int, **sections) -> RunSpec:
 
 
 def reference_losses(spec: RunSpec) -> list[float]:
-    """Data parallelism by hand: each rank's stream and noise, the mean of the ranks' losses, one AdamW."""
+    """The whole global batch in one process: the global stream, each sample's noise and time drawn
+    for the whole batch, one loss, one AdamW (what the workers' halves must add up to)."""
     from advflow.platform.data.reader import LatentStream
     from advflow.platform.train.worker import step_seed
 
     torch.manual_seed(spec.train.seed)
-    streams = [LatentStream(spec.data.prefix, spec.micro_batch, rank=r, world_size=WORKERS, seed=spec.train.seed,
-                            stream="g", shuffle_buffer=spec.data.shuffle_buffer, prefetch=spec.data.prefetch)
-               for r in range(WORKERS)]
-    iters = [iter(s) for s in streams]
-    m = streams[0].manifest
+    stream = LatentStream(spec.data.prefix, spec.train.global_batch, seed=spec.train.seed, stream="g",
+                          shuffle_buffer=spec.data.shuffle_buffer, prefetch=spec.data.prefetch)
+    it = iter(stream)
+    m = stream.manifest
     G = build_generator("tiny", kind="multistep", nfe=4, in_channels=m.shape[0], input_size=m.shape[1],
                         num_classes=m.num_classes)
     o = spec.optim
@@ -63,22 +63,18 @@ def reference_losses(spec: RunSpec) -> list[float]:
     out = []
     for step in range(STEPS):
         opt.zero_grad(set_to_none=True)
-        losses = []
-        for r in range(WORKERS):
-            x, y = next(iters[r])
-            gen = torch.Generator().manual_seed(step_seed(spec.train.seed, step, 0, r, 2))
-            z = torch.randn(x.shape, generator=gen)
-            t = fm.sample_fm_times(len(x), "uniform", generator=gen, device="cpu")
-            # The loss written out (not fm.fm_loss): || v(x_t, y, t) - (z - x) ||^2, x_t on the straight path.
-            xt = (1 - t.view(-1, 1, 1, 1)) * x + t.view(-1, 1, 1, 1) * z
-            losses.append(((G.velocity(xt, y, t) - (z - x)) ** 2).mean())
-        loss = sum(losses) / WORKERS
+        x, y = next(it)
+        gen = torch.Generator().manual_seed(step_seed(spec.train.seed, step, 0, 2))
+        z = torch.randn(x.shape, generator=gen)
+        t = fm.sample_fm_times(len(x), "uniform", generator=gen, device="cpu")
+        # The loss written out (not fm.fm_loss): || v(x_t, y, t) - (z - x) ||^2, x_t on the straight path.
+        xt = (1 - t.view(-1, 1, 1, 1)) * x + t.view(-1, 1, 1, 1) * z
+        loss = ((G.velocity(xt, y, t) - (z - x)) ** 2).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(G.parameters(), o.grad_clip)
         opt.step()
         out.append(loss.item())
-    for s in streams:
-        s.close()
+    stream.close()
     return out
 
 

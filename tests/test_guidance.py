@@ -55,8 +55,9 @@ def _spec(prefix: str, classifier: str | None, guided: bool) -> RunSpec:
 
 
 def _g(checkpoint: Path) -> dict[str, torch.Tensor]:
-    return torch.load(checkpoint / "g" / "ds" / "mp_rank_00_model_states.pt", map_location="cpu",
-                      weights_only=False)["module"]
+    from safetensors.torch import load_file
+
+    return load_file(str(checkpoint / "g" / "weights.safetensors"))
 
 
 @pytest.mark.timeout(600)

@@ -42,10 +42,9 @@ def reload_spec(prefix: str, stage: int, precision: str = "fp32") -> RunSpec:
 
 
 def _module_weights(checkpoint, engine: str) -> dict[str, torch.Tensor]:
-    # DeepSpeed's own model-states file (read back from our own run folder only).
-    states = torch.load(checkpoint / engine / "ds" / "mp_rank_00_model_states.pt", map_location="cpu",
-                        weights_only=False)
-    return {k: v.float() for k, v in states["module"].items()}
+    # The engine's weights as the checkpoint holds them: the optimizer's fp32 masters (what the next
+    # step continues from; under bf16 the module is their bf16 rounding).
+    return load_file(str(checkpoint / engine / "weights.safetensors"))
 
 
 def _as(weights: dict[str, torch.Tensor], precision: str) -> dict[str, torch.Tensor]:
@@ -76,8 +75,12 @@ def test_reloads_survive_later_optimizer_steps(digits, tmp_path, stage, precisio
     snapshot = load_file(str(after_reload / "dtag-warm_end.safetensors"))
     g, d = _module_weights(after_reload, "g"), _module_weights(after_reload, "d")
     ema = load_file(str(after_reload / "ema.safetensors"))
-    # 2 G steps and 6 D steps after the last reload: still exactly the reloaded weights.
-    g_gap, d_gap = _rel(g, _as(ema, precision)), _rel(d, _as(snapshot, precision))
+    # 2 G steps and 6 D steps after the last reload: the fp32 masters are still exactly the reloaded
+    # weights. D's in bf16 too: the master holds the snapshot itself, not its bf16 rounding. G is
+    # compared in the module's precision: after the reload the EMA keeps averaging in the bf16
+    # module (its rounding of the master), so in bf16 the EMA of this later step moved off the EMA
+    # that was reloaded by a fraction of a bf16 rounding step.
+    g_gap, d_gap = _rel(_as(g, precision), _as(ema, precision)), _rel(d, snapshot)
     assert g_gap < 1e-6, f"ZeRO-{stage} {precision}: G drifted {g_gap:.3g} from the EMA it was reloaded from"
     assert d_gap < 1e-6, f"ZeRO-{stage} {precision}: D drifted {d_gap:.3g} from the reloaded snapshot"
     if precision == "bf16":  # the snapshot is the fp32 master, not the bf16 module (engines.read_weights)

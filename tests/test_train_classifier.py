@@ -32,6 +32,7 @@ from advflow.platform.tracking import registry
 from advflow.platform.tracking.artifact_scan import UnsafeArtifactError
 from advflow.platform.train.classifier import ENTRY
 from advflow.platform.train.local_launch import latest_checkpoint, run_local
+from advflow.platform.train.metrics_log import MetricsLog
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "jobs" / "configs" / "digits_classifier.yaml"
@@ -88,7 +89,7 @@ def trained(digits, tmp_path_factory, mlflow_server, moto_endpoint):
         runs = MlflowClient().search_runs([exp.experiment_id], filter_string=f"tags.`advflow.run_key` = "
                                           f"'{spec.run.storage_path}/{spec.run.name}'")
     run_dir = root / "runs" / "clf"
-    history = json.loads((latest_checkpoint(run_dir) / "trainer.json").read_text())["history"]
+    history = MetricsLog(str(run_dir)).read()
     print(f"\ntrained: {STEPS} steps x 2 workers in {wall:.1f} s (CLI, incl. process start-up)")
     return spec, runs[0].info.run_id, history, run_dir, wall
 
@@ -402,12 +403,13 @@ def test_ray_train_runs_the_classifier_entry(trained, digits, tmp_path):
     assert result.error is None, result.error
     ckpt = Path(result.checkpoint.path)
     meta = json.loads((ckpt / "trainer.json").read_text())
-    assert meta["step"] == 20 and [r["step"] for r in meta["history"]] == list(range(1, 21))
+    rows = MetricsLog(str(ckpt.parent)).read()
+    assert meta["step"] == 20 and [r["step"] for r in rows] == list(range(1, 21))
     assert {"reader-rank0.json", "reader-rank1.json", "classifier.json", "ema.safetensors"} <= {p.name for p in ckpt.iterdir()}
     assert result.metrics["step"] == 20 and "eval/acc_t0.00" in result.metrics
     C = registry.load_classifier(str(ckpt), device="cpu")
     assert C.spec.data_shape == (1, 8, 8)
     # The same numbers as the first 20 steps of the local launcher's run (same entry, same seeds).
-    for got, want in zip(meta["history"], trained[2][:20]):
+    for got, want in zip(rows, trained[2][:20]):
         for key in ("loss", "acc"):
             assert math.isclose(got[key], want[key], rel_tol=1e-5, abs_tol=1e-7), (got["step"], key)

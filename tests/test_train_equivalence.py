@@ -1,9 +1,10 @@
 """Data-parallel correctness of the worker loop (issue 4, section 4).
 
 Two gloo workers with DeepSpeed ZeRO 0, 1 and 2 must give the same per-step D and G losses, and those
-must equal a single-process reference written here by hand: plain torch modules and AdamW, the same
-global batch (both ranks' data and noise), gradients averaged over the two ranks' losses, the same
-clipping, no DeepSpeed and no torch.distributed. DeepSpeed has had CPU all-reduce and two-engine GAN
+must equal a single-process reference written here by hand: plain torch modules and AdamW, the whole
+global batch in one call (the same data and per-sample noise as the two workers' halves), the same
+clipping, no DeepSpeed and no torch.distributed. That the reference is one process on the whole batch
+is also what elastic resume needs: the numbers must not depend on the number of workers. DeepSpeed has had CPU all-reduce and two-engine GAN
 bugs (issues 4923, 399, 5639); this test is what catches a regression when versions move.
 """
 
@@ -39,14 +40,17 @@ def spec_for(prefix: str, stage: int, workers: int = WORKERS) -> RunSpec:
 
 
 def reference_losses(spec: RunSpec) -> list[tuple[float, float]]:
-    """Hand-written data parallelism in one process: per-rank losses averaged, one optimizer."""
+    """The whole global batch in one process: plain torch modules and AdamW, one loss per step.
+
+    What the workers must add up to: each worker's rows of the global batch (data.order global)
+    with each sample's noise drawn from the step's generator as if the whole batch were one
+    (trainers/draws.py), per-worker mean losses whose averaged gradients are the global mean's."""
     torch.manual_seed(spec.train.seed)
-    streams = {(r, name): LatentStream(spec.data.prefix, spec.micro_batch, rank=r, world_size=WORKERS,
-                                       seed=spec.train.seed, stream=name, shuffle_buffer=spec.data.shuffle_buffer,
-                                       prefetch=spec.data.prefetch)
-               for r in range(WORKERS) for name in ("d", "g")}
+    streams = {name: LatentStream(spec.data.prefix, spec.train.global_batch, seed=spec.train.seed, stream=name,
+                                  shuffle_buffer=spec.data.shuffle_buffer, prefetch=spec.data.prefetch)
+               for name in ("d", "g")}
     iters = {k: iter(s) for k, s in streams.items()}
-    m = streams[(0, "d")].manifest
+    m = streams["d"].manifest
     c, h, w = m.shape
     common = dict(in_channels=c, input_size=h, num_classes=m.num_classes)
     G = build_generator("tiny", kind="1nfe", **common)
@@ -63,32 +67,22 @@ def reference_losses(spec: RunSpec) -> list[tuple[float, float]]:
     out = []
     for step in range(STEPS):
         cfg = base.with_phase(plan.at(step))
-        # D step: mean over ranks of each rank's loss == what averaged gradients optimise.
-        opt_d.zero_grad(set_to_none=True)
-        d_losses = []
-        for r in range(WORKERS):
-            x, y = next(iters[(r, "d")])
-            gen = torch.Generator().manual_seed(step_seed(spec.train.seed, step, 0, r, 1))
+        losses = []
+        for purpose, name, opt, net in ((1, "d", opt_d, D), (2, "g", opt_g, G)):
+            opt.zero_grad(set_to_none=True)
+            x, y = next(iters[name])
+            gen = torch.Generator().manual_seed(step_seed(spec.train.seed, step, 0, purpose))
             z = torch.randn(x.shape, generator=gen)
-            loss, _ = afm.d_loss(G, D, x, y, z, cfg, generator=gen)
-            d_losses.append(loss)
-        d_loss = sum(d_losses) / WORKERS
-        d_loss.backward()
-        torch.nn.utils.clip_grad_norm_(D.parameters(), o.grad_clip)
-        opt_d.step()
-        # G step: one call on the concatenated global batch (the 1NFE G step draws nothing else).
-        opt_g.zero_grad(set_to_none=True)
-        xs, ys, zs = [], [], []
-        for r in range(WORKERS):
-            x, y = next(iters[(r, "g")])
-            gen = torch.Generator().manual_seed(step_seed(spec.train.seed, step, 0, r, 2))
-            xs.append(x), ys.append(y), zs.append(torch.randn(x.shape, generator=gen))
-        g_loss, _ = afm.g_loss(G, D, gradnorm, torch.cat(xs), torch.cat(ys), torch.cat(zs), cfg)
-        g_loss.backward()
-        torch.nn.utils.clip_grad_norm_(G.parameters(), o.grad_clip)
-        opt_g.step()
+            if name == "d":
+                loss, _ = afm.d_loss(G, D, x, y, z, cfg, generator=gen)
+            else:
+                loss, _ = afm.g_loss(G, D, gradnorm, x, y, z, cfg, generator=gen)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), o.grad_clip)
+            opt.step()
+            losses.append(loss.item())
         ema.update(G)
-        out.append((d_loss.item(), g_loss.item()))
+        out.append(tuple(losses))
     for s in streams.values():
         s.close()
     return out

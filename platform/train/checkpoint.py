@@ -10,17 +10,23 @@ Layout of one checkpoint directory (each rank writes its part into its own stagi
 Train merges the ranks' directories into one under `storage_path` and registers the checkpoint only
 after every rank has uploaded, so a checkpoint becomes visible only when complete):
 
-    g/ds/...                DeepSpeed engine of G (model states from rank 0, one ZeRO shard per rank)
-    d/ds/...                the same for D
-    ema.safetensors         EMA(G) weights                      (rank 0)
-    gradnorm.safetensors    GradNormalizer buffers              (rank 0)
-    dtag-<tag>.safetensors  D snapshots taken at phase ends     (rank 0; for Table 11's D reload)
-    reader-rank{r}.json     data-stream states of rank r        (every rank)
-    trainer.json            format, step, world size, config, and the parts' JSON state
-                            (EMA counters, history, resumes)    (rank 0, written last)
+    g/weights.safetensors   G's weights at full precision (fp32 masters)      (rank 0)
+    g/optim.safetensors     G's optimizer moments per parameter               (rank 0)
+    d/...                   the same for D
+    ema.safetensors         EMA(G) weights                                    (rank 0)
+    gradnorm.safetensors    GradNormalizer buffers                            (rank 0)
+    dtag-<tag>.safetensors  D snapshots taken at phase ends                   (rank 0; Table 11's D reload)
+    readers.json            data-stream states, data.order global             (rank 0; the same on every rank)
+    reader-rank{r}.json     data-stream states of rank r, data.order partitioned (every rank)
+    trainer.json            format, step, world size, config, and the parts' JSON state (EMA
+                            counters, engine step counters, resumes)          (rank 0, written last)
 
-Our own files are safetensors/JSON (no pickle); DeepSpeed's engine files are its own format and are
-only ever read back from our own storage.
+Every file is safetensors or JSON: nothing in a checkpoint is a pickle, so nothing read back on
+resume can run code. The size does not grow with the step: the per-step metric rows live in the
+run's metrics log (metrics_log.py), not here. Nothing depends on the number of workers that wrote
+it except the per-rank reader files of data.order partitioned, so a checkpoint of a global-order
+run resumes on any number of workers (`Checkpointer(elastic=True)`): the engines re-partition the
+full tensors (engines.EngineState) and the streams continue the global sequence.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from safetensors.torch import load_file, save_file
 from advflow.platform.atomic import write_text
 from advflow.platform.train.cadence import Cadence
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: engines as safetensors (no DeepSpeed pickles), no metric history, elastic
 META_NAME = "trainer.json"
 
 
@@ -89,8 +95,9 @@ class Checkpointer:
     directory whose parts were all written."""
 
     def __init__(self, parts: dict[str, Part], *, rank: int, world_size: int, every: int, last_step: int,
-                 config: dict[str, Any]):
+                 config: dict[str, Any], elastic: bool = False):
         self.parts, self.rank, self.world_size = parts, rank, world_size
+        self.elastic = elastic  # every part re-shards: a checkpoint of N workers loads on M
         self.cadence = Cadence(every, last_step)
         self.config = config
         self.last_saved = 0  # the step of the latest checkpoint (restored or written)
@@ -115,11 +122,13 @@ class Checkpointer:
         """Restore every part from `directory`; returns the checkpoint's step."""
         root = Path(directory)
         meta = read_meta(root)
-        if meta["world_size"] != self.world_size:
+        written_by = int(meta["world_size"])
+        if written_by != self.world_size and not self.elastic:
             raise ResumeError(
-                f"{directory}: written by {meta['world_size']} workers, resuming with {self.world_size}; ZeRO "
-                f"shards are per worker, so set distributed.workers={meta['world_size']} to resume this run")
-        missing = [f for part in self.parts.values() for f in part.required(self.world_size)
+                f"{directory}: written by {written_by} workers, resuming with {self.world_size}; this run's "
+                f"data streams are per worker (data.order partitioned), so set distributed.workers={written_by} "
+                "to resume it (runs with data.order global resume on any number of workers)")
+        missing = [f for part in self.parts.values() for f in part.required(written_by)
                    if not (root / f).exists()]
         if missing:
             raise ResumeError(f"{directory}: incomplete checkpoint, missing {missing}")
@@ -216,6 +225,29 @@ class PerRankJSON:
 
     def required(self, world_size: int) -> list[str]:
         return [self.pattern.format(rank=r) for r in range(world_size)]
+
+
+class SharedJSON:
+    """Objects with JSON state_dicts that are the same on every rank (the data streams of
+    data.order global), in one file written by rank 0 and read by every rank: `{name: state}`."""
+
+    def __init__(self, objects: dict[str, Any], filename: str = "readers.json",
+                 after_load: Callable[[], None] | None = None):
+        self.objects, self.filename, self.after_load = objects, filename, after_load
+
+    def save(self, root: Path, rank: int) -> None:
+        if rank == 0:
+            _write_json(root / self.filename, {k: o.state_dict() for k, o in self.objects.items()})
+
+    def load(self, root: Path, rank: int, meta: dict[str, Any]) -> None:
+        states = json.loads((root / self.filename).read_text())
+        for name, obj in self.objects.items():
+            obj.load_state_dict(states[name])
+        if self.after_load is not None:
+            self.after_load()
+
+    def required(self, world_size: int) -> list[str]:
+        return [self.filename]
 
 
 class JSONEntries:

@@ -43,7 +43,7 @@ from advflow.platform.train.checkpoint import (Checkpointer, EMAState, JSONEntri
                                                staging_dir)
 from advflow.platform.train.engines import EngineSpec, EngineState, build_engine
 from advflow.platform.train.metrics import MetricWindow
-from advflow.platform.train.worker import LoopState, WorkerContext, step_seed
+from advflow.platform.train.worker import LoopState, WorkerContext, metrics_log, step_seed
 from advflow.trainers.ema import EMA
 from advflow.trainers.flow import interp
 from advflow.trainers.models import build_classifier
@@ -191,7 +191,7 @@ class ClassifierWorker:
         self.device = device or torch.device("cpu")
         self.run_id = run_id  # the MLflow run opened by the driver; only rank 0 logs to it
         self.stream_factory = stream_factory or LatentStream
-        self.state = LoopState()
+        self.state = LoopState(log=metrics_log(ctx))
         self.registered: list[dict] = []
         self.last_report: dict = {}
         self.eval_data: EvalSet | None = None
@@ -202,7 +202,7 @@ class ClassifierWorker:
         d = self.spec.data
         self.stream = self.stream_factory(d.prefix, self.spec.micro_batch, stream="c", rank=self.ctx.rank,
                                           world_size=self.ctx.world_size, seed=self.spec.train.seed,
-                                          shuffle_buffer=d.shuffle_buffer, prefetch=d.prefetch)
+                                          order=d.order, shuffle_buffer=d.shuffle_buffer, prefetch=d.prefetch)
         m = self.stream.manifest
         self.data_shape, self.num_classes = tuple(m.shape), int(m.num_classes)
         if self.spec.eval.split == "heldout" and heldout_split(m) is None:  # on every rank: all fail together
@@ -257,6 +257,7 @@ class ClassifierWorker:
         restore = self.ctx.restore_dir()
         if restore:
             self.checkpointer.load(restore)  # the "loop" part restores state.step
+        self.state.continue_from(self.state.step)
         t, tr = self.spec.train, self.spec.tracking
         self.window = MetricWindow(self.device, self.ctx.world_size, t.global_batch)
         self.window.restart(self.state.step)
@@ -330,7 +331,7 @@ class ClassifierWorker:
             at_checkpoint = self.checkpointer.due(step)
             if log_cadence.due(step) or at_checkpoint:
                 rows, window = self.window.flush()  # collective, at the same steps on every rank
-                self.state.history.extend(rows)
+                self.state.record(rows)
                 if self.ctx.rank == 0:
                     self.logger.log_rows(rows, window)
                     if not at_checkpoint:  # at checkpoints the driver (Ray) prints the line
@@ -350,7 +351,7 @@ class ClassifierWorker:
             self.checkpointer.save(tmp, step)
             extra = self.at_checkpoint(step, since) if self.ctx.rank == 0 else {}
             self.window.times.checkpoint += time.perf_counter() - t0
-            metrics = {**(self.state.history[-1] if self.state.history else {}), **extra, "step": step,
+            metrics = {**self.state.last_row, **extra, "step": step,
                        "time/data_wait_frac": window["data_wait_frac"], "samples_per_s": window["samples_per_s"],
                        "time/checkpoint": self.window.times.checkpoint}
             self.last_report = metrics

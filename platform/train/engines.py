@@ -13,8 +13,11 @@ equivalence test in tests/test_train_equivalence.py checks it for ZeRO 0, 1 and 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from advflow.platform.train.checkpoint import ResumeError
 
@@ -107,6 +110,8 @@ def write_weights(engine, tensors) -> None:
     masters = _masters(engine)
     for name, p in params.items():
         value = tensors[name].to(device=p.device)
+        if value.shape != p.shape:
+            raise KeyError(f"write_weights: {name!r} has shape {tuple(value.shape)}, the model's is {tuple(p.shape)}")
         p.data.copy_(value.to(p.dtype))
         if not p.requires_grad:
             continue
@@ -155,25 +160,157 @@ def set_lr(engine, lr: float) -> None:
         group["lr"] = lr
 
 
+def _zero_partitions(engine) -> list[torch.Tensor] | None:
+    """The flat fp32 partitions ZeRO 1/2 hands the inner optimizer (one per param group), else None."""
+    return getattr(engine.optimizer, "single_partition_of_fp32_groups", None)
+
+
+def _inner(engine) -> torch.optim.Optimizer:
+    """The torch optimizer that holds the moments (DeepSpeed's wrappers keep it as `.optimizer`)."""
+    opt = engine.optimizer
+    return opt if isinstance(opt, torch.optim.Optimizer) else opt.optimizer
+
+
+def _state_owners(engine) -> dict[str, torch.Tensor]:
+    """{trainable parameter name: the tensor the inner optimizer keys its per-parameter state by}
+    for the layouts without ZeRO partitions: the parameter itself (ZeRO-0, fp32) or its fp32 master
+    (FP16_UnfusedOptimizer, bf16 at ZeRO-0)."""
+    masters = _masters(engine)
+    return {name: (masters[id(p)] if masters is not None else p)
+            for name, p in engine.module.named_parameters() if p.requires_grad}
+
+
+def _step_of(states) -> int:
+    steps = {int(s["step"]) for s in states if "step" in s}
+    assert len(steps) <= 1, f"parameters disagree on the optimizer step: {sorted(steps)}"
+    return steps.pop() if steps else 0
+
+
+@torch.no_grad()
+def read_optimizer_state(engine) -> tuple[dict[str, torch.Tensor], int]:
+    """The optimizer's moments per trainable parameter at full size, on the CPU, and its step count:
+    ({"<key>/<parameter name>": tensor}, step), independent of the ZeRO stage and the world size.
+
+    Under ZeRO 1/2 each moment is gathered from its fragments (`safe_get_full_optimizer_state`, an
+    all-reduce: collective, every rank calls it in the same order). Elsewhere the state is
+    replicated and read in place."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    inner = _inner(engine)
+    flats = _zero_partitions(engine)
+    out: dict[str, torch.Tensor] = {}
+    if flats is not None:
+        states = [inner.state[f] for f in flats if f in inner.state]
+        keys = sorted(k for s in states[:1] for k, v in s.items() if torch.is_tensor(v) and v.dim() == 1)
+        for name, p in engine.module.named_parameters():
+            if p.requires_grad and states:
+                for key in keys:
+                    out[f"{key}/{name}"] = safe_get_full_optimizer_state(p, key).float().to("cpu", copy=True)
+        return out, _step_of(states)
+    owners = _state_owners(engine)
+    states = [inner.state[o] for o in owners.values() if o in inner.state]
+    for name, owner in owners.items():
+        for key, v in inner.state.get(owner, {}).items():
+            if torch.is_tensor(v) and v.shape == owner.shape and v.dim() > 0:
+                out[f"{key}/{name}"] = v.float().to("cpu", copy=True)
+    return out, _step_of(states)
+
+
+def _new_state(like: torch.Tensor, keys: set[str], step: int) -> dict[str, torch.Tensor]:
+    # torch's AdamW keeps `step` as a float32 CPU scalar (not capturable, not fused), moments like the weights.
+    return {"step": torch.tensor(float(step), dtype=torch.float32), **{k: torch.zeros_like(like) for k in keys}}
+
+
+@torch.no_grad()
+def write_optimizer_state(engine, tensors: dict[str, torch.Tensor], step: int) -> None:
+    """Restore what `read_optimizer_state` returned into a freshly built engine of any ZeRO stage
+    and world size: each rank keeps the slice it owns. The inner optimizer's state is created here
+    when the engine has not stepped yet (torch and DeepSpeed create it lazily at the first step,
+    and a first step would decay the moments before they are overwritten)."""
+    from deepspeed.utils import safe_set_full_optimizer_state
+
+    inner = _inner(engine)
+    keys = {k.split("/", 1)[0] for k in tensors}
+    named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
+    missing = sorted({n for n, _ in named} - {k.split("/", 1)[1] for k in tensors}) if tensors else []
+    if missing:
+        raise KeyError(f"optimizer state: no moments for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    flats = _zero_partitions(engine)
+    if flats is not None:
+        for f in flats:
+            if not inner.state.get(f):
+                inner.state[f] = _new_state(f, keys, step)
+            inner.state[f]["step"].fill_(float(step))
+        # Point every parameter's fragment at the state just created (DeepSpeed links lazily, at
+        # its first step, to whatever state exists then: these tensors, updated in place).
+        engine.optimizer._hp_optimizer_states_linked = False
+        engine.optimizer._lazy_init_hp_params_optimizer_state()
+        for name, p in named:
+            for key in sorted(keys):
+                safe_set_full_optimizer_state(p, tensors[f"{key}/{name}"].to(p.device, torch.float32), key)
+        return
+    for name, owner in _state_owners(engine).items():
+        state = inner.state.get(owner)
+        if not state:
+            state = inner.state[owner] = _new_state(owner, keys, step)
+        state["step"].fill_(float(step))
+        for key in keys:
+            state[key].copy_(tensors[f"{key}/{name}"].to(owner.device, state[key].dtype))
+
+
+ENGINE_COUNTERS = ("global_steps", "global_samples", "micro_steps", "skipped_steps")
+
+
 class EngineState:
-    """A DeepSpeed engine as a checkpoint part (`checkpoint.Part`): its own files under `<name>/`.
+    """A DeepSpeed engine as a checkpoint part (`checkpoint.Part`), in a format that is the same
+    whatever the ZeRO stage and the number of workers, with no pickle anywhere:
 
-    Collective on save and load (every rank writes / reads its ZeRO shard). LR-scheduler state is
-    not loaded: the phase plan sets the learning rate at every step."""
+        <name>/weights.safetensors   every parameter and buffer at full precision (the fp32 master
+                                     where there is one, see read_weights)
+        <name>/optim.safetensors     the optimizer's moments per parameter ("exp_avg/<param>", ...)
+        trainer.json["engine.<name>"]  the optimizer step and DeepSpeed's step counters
 
-    TAG = "ds"
+    Why not DeepSpeed's own save_checkpoint: its files are pickles (read with
+    torch.load(weights_only=False), so a file planted in storage would run code on resume), and its
+    ZeRO shards are per worker, so a run could only resume on the number of workers that wrote it.
+    Gathering costs one all-reduce per parameter and moment at a checkpoint (collective; rank 0
+    writes); loading re-partitions on any world size. The learning rate is not stored: the phase
+    plan sets it at every step."""
 
     def __init__(self, engine, name: str):
         self.engine, self.name = engine, name
 
-    def save(self, root, rank: int) -> None:
-        self.engine.save_checkpoint(str(root / self.name), tag=self.TAG)
+    @property
+    def key(self) -> str:
+        return f"engine.{self.name}"
+
+    def save(self, root, rank: int) -> dict[str, Any] | None:
+        weights = read_weights(self.engine)
+        moments, step = read_optimizer_state(self.engine)
+        if rank != 0:
+            return None
+        folder = Path(root) / self.name
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / "weights.safetensors"))
+        save_file({k: v.contiguous() for k, v in moments.items()}, str(folder / "optim.safetensors"))
+        return {self.key: {"optimizer_step": step, "zero_stage": self.engine.zero_optimization_stage(),
+                           **{c: int(getattr(self.engine, c)) for c in ENGINE_COUNTERS}}}
 
     def load(self, root, rank: int, meta: dict) -> None:
-        path, _ = self.engine.load_checkpoint(str(root / self.name), tag=self.TAG, load_optimizer_states=True,
-                                              load_lr_scheduler_states=False)
-        if path is None:
-            raise ResumeError(f"{root}/{self.name}: DeepSpeed found no checkpoint under tag {self.TAG!r}")
+        folder = Path(root) / self.name
+        entry = meta.get(self.key)
+        if entry is None:
+            raise ResumeError(f"{root}: trainer.json has no {self.key!r} entry; this checkpoint was not "
+                              "written by this advflow version")
+        try:
+            write_weights(self.engine, load_file(str(folder / "weights.safetensors")))
+            write_optimizer_state(self.engine, load_file(str(folder / "optim.safetensors")),
+                                  int(entry["optimizer_step"]))
+        except KeyError as err:
+            raise ResumeError(f"{folder}: {err.args[0]}; the checkpoint belongs to another model "
+                              "(model.size / model.kind differ from the run that wrote it)") from None
+        for c in ENGINE_COUNTERS:
+            setattr(self.engine, c, int(entry[c]))
 
     def required(self, world_size: int) -> list[str]:
-        return [f"{self.name}/{self.TAG}"]
+        return [f"{self.name}/weights.safetensors", f"{self.name}/optim.safetensors"]

@@ -7,8 +7,8 @@ checkpoint counts only once rank 0 has written `COMPLETE` after a barrier.
 
 The per-worker entry is `worker.run_worker` (the AFM loop) unless the launch names another one as
 "module:function" (`entry=`; e.g. the classifier job's `advflow.platform.train.classifier:run_classifier_worker`);
-`resolve_entry` is shared with `ray_launch`. Every entry is called as `entry(config, ctx, device=...)`
-and returns a state with `.history`.
+`resolve_entry` is shared with `ray_launch`. Every entry is called as `entry(config, ctx, device=...)`;
+rank 0 writes the per-step rows into the run's metrics log (`ctx.run_storage()`, metrics_log.py).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import torch.multiprocessing as mp
 from advflow.infra.local.proc import free_port
 from advflow.platform.config import RunSpec
 from advflow.platform.tracking.runs import tracking_uri
+from advflow.platform.train.metrics_log import MetricsLog
 from advflow.platform.train.worker import run_worker
 
 COMPLETE = "COMPLETE"
@@ -80,6 +81,9 @@ class LocalContext:
         latest = latest_checkpoint(self.run_dir)
         return str(latest) if latest else None
 
+    def run_storage(self) -> str:
+        return str(self.run_dir)
+
     def fetch_checkpoint(self, name: str) -> str:
         path = self.run_dir / name
         if not (path / COMPLETE).is_file():
@@ -87,32 +91,29 @@ class LocalContext:
         return str(path)
 
 
-def _worker(rank: int, world_size: int, port: int, config: dict, run_dir: str, out_dir: str) -> None:
+def _worker(rank: int, world_size: int, port: int, config: dict, run_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         ctx = LocalContext(rank, world_size, Path(run_dir), config["spec"]["run"]["keep_checkpoints"])
-        state = resolve_entry(config.get("entry"))(config, ctx)
-        if rank == 0:
-            Path(out_dir, "history.json").write_text(json.dumps(state.history))
+        resolve_entry(config.get("entry"))(config, ctx)
     finally:
         dist.destroy_process_group()
 
 
 def run_local(spec: RunSpec, run_dir: str | Path, run_id: str | None = None, entry: str | None = None) -> list[dict]:
-    """Train with `spec.distributed.workers` local processes; returns the per-step history.
+    """Train with `spec.distributed.workers` local processes; returns the per-step metric rows of
+    the whole run (its metrics log, including steps of earlier attempts that this one resumed).
     `run_id`: the MLflow run rank 0 logs to (`tracking.open_run`), None for untracked. `entry`: the
     per-worker entry as "module:function" (None: the AFM loop); `spec` is whatever spec it reads."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    out = run_dir / "_out"
-    out.mkdir(exist_ok=True)
     world = spec.distributed.workers
     config = {"spec": spec.to_dict(), "mlflow_run_id": run_id, "mlflow_uri": tracking_uri(spec) if run_id else None}
     if entry is not None:
         resolve_entry(entry)  # fail here, not in every spawned process
         config["entry"] = entry
-    mp.start_processes(_worker, args=(world, free_port(), config, str(run_dir), str(out)),
+    mp.start_processes(_worker, args=(world, free_port(), config, str(run_dir)),
                        nprocs=world, join=True, start_method="spawn")
-    return json.loads((out / "history.json").read_text())
+    return MetricsLog(str(run_dir)).read()

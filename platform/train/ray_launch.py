@@ -62,6 +62,13 @@ class RayContext:
             raise FileNotFoundError(f"{path}: the checkpoint to roll back to cannot be read ({err}); "
                                     "raise run.keep_checkpoints") from err
 
+    def run_storage(self) -> str:
+        """`<run.storage_path>/<run.name>`: where Ray Train keeps this run's checkpoints."""
+        run = self.spec["run"]  # the AFM or the classifier job's spec: both have `run`
+        path = run["storage_path"]
+        root = path.rstrip("/") if path.startswith("s3://") else os.path.abspath(path)
+        return f"{root}/{run['name']}"
+
     def restore_dir(self) -> str | None:
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:

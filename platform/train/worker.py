@@ -6,10 +6,11 @@ and tests give it a plain torch.distributed one. The worker owns the step cycle 
 are the `Checkpointer`'s (given named parts), and grids, evaluation, registration and progress are
 callbacks (callbacks.py), each with its own cadence.
 
-Determinism (what makes resume and the ZeRO-equivalence test exact): every random draw of step k on
-rank r comes from a generator seeded by (seed, k, r, purpose[, rollbacks]), and the data streams
-resume from their own state, so a restored run replays the same numbers without saving RNG states
-mid-step.
+Determinism (what makes resume and the ZeRO-equivalence test exact): every random draw of step k
+comes from a generator seeded by (seed, k, micro-batch, purpose[, rollbacks]) and is keyed by the
+sample's row in the global batch, not by the rank (trainers/draws.py); the data streams read one
+global order and resume from their own state. So a restored run replays the same numbers without
+saving RNG states mid-step, on the same number of workers or another (elastic resume).
 
 Two methods share the loop (`model.method`): `afm` alternates a D step and a G step (two engines);
 `fm`, the flow-matching baseline, takes one velocity-regression step of G (one engine, one data
@@ -38,10 +39,11 @@ from advflow.platform.tracking.logger import run_logger
 from advflow.platform.train import callbacks as cb
 from advflow.platform.train.cadence import Cadence
 from advflow.platform.train.checkpoint import (Checkpointer, EMAState, JSONEntries, NamedJSON, PerRankJSON,
-                                               SnapshotFiles, TensorFile, staging_dir)
+                                               SharedJSON, SnapshotFiles, TensorFile, staging_dir)
 from advflow.platform.train.engines import EngineSpec, EngineState, build_engine, read_weights, set_lr, write_weights
 from advflow.platform.train.metrics import MetricWindow
-from advflow.trainers import afm, fm
+from advflow.platform.train.metrics_log import MetricsLog
+from advflow.trainers import afm, draws, fm
 from advflow.trainers.ema import EMA
 from advflow.trainers.models import build_discriminator, build_generator
 from advflow.trainers.schedules import AutoPhases, PhasePlan
@@ -66,6 +68,10 @@ class WorkerContext(Protocol):
         """A local directory holding this run's reported checkpoint `name` (the watchdog's
         rollback); raises if it is no longer kept."""
 
+    def run_storage(self) -> str:
+        """This run's storage (`<run.storage_path>/<run.name>`, local or s3://): where the
+        checkpoints and the metrics log live."""
+
 
 class WatchdogError(RuntimeError):
     """The watchdog fired after its rollbacks were used up (the message names trigger, step and checkpoint)."""
@@ -73,24 +79,49 @@ class WatchdogError(RuntimeError):
 
 @dataclass
 class LoopState:
+    """The loop's position. Checkpointed: the step and the resumes (constant size). The per-step
+    metric rows are not: rank 0 appends them to the run's metrics log (metrics_log.py) and MLflow."""
+
     step: int = 0
-    history: list[dict] = field(default_factory=list)
     resumes: list[int] = field(default_factory=list)
     """Steps this run was resumed from after a failure or restart (observability)."""
+    last_row: dict = field(default_factory=dict)
+    """The latest metric row (reported with each checkpoint)."""
+    log: MetricsLog | None = field(default=None, repr=False)
+    """Rank 0's metrics log under the run's storage; None on other ranks and with test contexts."""
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history, "resumes": self.resumes}
+        return {"resumes": self.resumes}
+
+    def record(self, rows: list[dict]) -> None:
+        """A closed window's rows (all-reduced, the same on every rank)."""
+        if rows:
+            self.last_row = rows[-1]
+            if self.log is not None:
+                self.log.append(rows)
+
+    def continue_from(self, step: int) -> None:
+        """Training continues after `step` (a fresh start, a resume, a rollback): the rows after it
+        that an earlier attempt logged are dropped, they will be trained and logged again."""
+        if self.log is not None:
+            self.log.truncate(step)
 
     def rewind(self, meta_step: int) -> None:
         """After a rollback loaded the state of `meta_step`: that was no resume (drop the entry the
-        load added) and the history ends there."""
+        load added) and the rows end there."""
         self.resumes.pop()
-        self.history = [row for row in self.history if row["step"] <= meta_step]
+        self.continue_from(meta_step)
 
     def load_state_dict(self, meta: dict[str, Any]) -> None:
         self.step = int(meta["step"])
-        self.history = list(meta["history"])
         self.resumes = list(meta.get("resumes", [])) + [self.step]
+
+
+def metrics_log(ctx: WorkerContext) -> MetricsLog | None:
+    """Rank 0's metrics log under the run's storage (`ctx.run_storage()`; test contexts without
+    one keep no log)."""
+    where = getattr(ctx, "run_storage", None)
+    return MetricsLog(where()) if ctx.rank == 0 and where is not None else None
 
 
 def checkpoint_name(step: int, rollbacks: int = 0) -> str:
@@ -157,7 +188,7 @@ class Worker:
                                      gradnorm_momentum=a.gradnorm_momentum, source=a.source,
                                      cg_t_mode=spec.cg_t_mode)
         self.classifier = None
-        self.state = LoopState()
+        self.state = LoopState(log=metrics_log(ctx))
         self.d_tags = {}
         self.callbacks = []
         self.registration: cb.Registration | None = None
@@ -171,7 +202,7 @@ class Worker:
             s.close()  # a rollback to the initial state rebuilds the streams
         names = ("g",) if self.fm else ("d", "g")  # FM: one step per iteration, one stream
         self.streams = {name: self.stream_factory(d.prefix, self.spec.micro_batch, stream=name, rank=rank,
-                                                  world_size=world, seed=self.spec.train.seed,
+                                                  world_size=world, seed=self.spec.train.seed, order=d.order,
                                                   shuffle_buffer=d.shuffle_buffer, prefetch=d.prefetch)
                         for name in names}
         m = self.manifest = self.streams[names[0]].manifest
@@ -230,15 +261,18 @@ class Worker:
             parts.update({"d": EngineState(self.d_engine, "d"),
                           "gradnorm": TensorFile(self.gradnorm, "gradnorm.safetensors"),
                           "d_tags": SnapshotFiles(self.d_tags)})
-        parts.update({"readers": PerRankJSON(self.streams, after_load=self.reset_iterators),
-                      "loop": JSONEntries(self.state)})
+        # data.order global: the streams' state is the same on every rank and the whole checkpoint
+        # is independent of the number of workers (elastic resume); partitioned: one file per rank.
+        elastic = self.spec.data.order == "global"
+        readers = (SharedJSON if elastic else PerRankJSON)(self.streams, after_load=self.reset_iterators)
+        parts.update({"readers": readers, "loop": JSONEntries(self.state)})
         if self.watchdog:
             parts["watchdog"] = NamedJSON("watchdog", self.watchdog)
         if self.auto:
             parts["auto_phases"] = NamedJSON("auto_phases", self.auto)
         self.checkpointer = Checkpointer(
             parts, rank=self.ctx.rank, world_size=self.ctx.world_size, every=t.checkpoint_every, last_step=t.steps,
-            config=self.spec.to_dict())
+            config=self.spec.to_dict(), elastic=elastic)
 
     def build_callbacks(self) -> None:
         """The callbacks, in the order they run at a step. Evaluation runs on every rank (a
@@ -275,6 +309,7 @@ class Worker:
             self.checkpointer.load(restore)  # the "loop" part restores state.step
             if self.auto:
                 self.plan = self.auto.plan()  # the phases the checkpointed run had decided
+        self.state.continue_from(self.state.step)
         if self.state.step == 0:  # sizes, for reports (jobs/reproduce.py's table)
             sizes = {"model/g_params": float(sum(p.numel() for p in self.G.parameters()))}
             if self.D is not None:
@@ -292,13 +327,17 @@ class Worker:
         self.window.times.data += time.perf_counter() - t0
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
-    def _generator(self, step: int, micro: int, purpose: int) -> torch.Generator:
+    def _generator(self, step: int, micro: int, purpose: int) -> draws.BatchSlice:
+        """The draws of one micro-batch: seeded alike on every rank, keyed by each sample's row in
+        the global micro-batch (trainers/draws.py), so the noise does not depend on the number of
+        workers and a run resumes exactly on another number (the data streams' order is global too)."""
         g = torch.Generator(device=self.device)
-        parts = [self.spec.train.seed, step, micro, self.ctx.rank, purpose]
+        parts = [self.spec.train.seed, step, micro, purpose]
         if self.watchdog and self.watchdog.rollbacks:
             parts.append(self.watchdog.rollbacks)  # new noise after a rollback (checkpointed: resumable)
         g.manual_seed(step_seed(*parts))
-        return g
+        mb = self.spec.micro_batch
+        return draws.BatchSlice(g, start=self.ctx.rank * mb, rows=mb, total=self.ctx.world_size * mb)
 
     def _inject_nan(self, step: int) -> bool:
         """debug.inject_nan_step: the fault the watchdog's tests inject into G's loss."""
@@ -314,7 +353,7 @@ class Worker:
         for micro in range(self.spec.train.grad_accum):
             x, y = self.next_batch("d")
             gen = self._generator(step, micro, 1)
-            z = torch.randn(x.shape, generator=gen, device=self.device)
+            z = draws.randn(x.shape, gen, device=self.device)
             # G's plain module under no_grad inside d_loss: G's engine never sees this graph.
             loss, metrics = afm.d_loss(self.G, self.d_engine, x, y, z, cfg, generator=gen)
             self.d_engine.backward(loss)
@@ -329,7 +368,7 @@ class Worker:
         for micro in range(self.spec.train.grad_accum):
             x, y = self.next_batch("g")
             gen = self._generator(step, micro, 2)
-            z = torch.randn(x.shape, generator=gen, device=self.device)
+            z = draws.randn(x.shape, gen, device=self.device)
             # D's plain module with frozen parameters: D's engine hooks stay silent (engines.py).
             loss, metrics = afm.g_loss(self.g_engine, self.D, self.gradnorm, x, y, z, cfg, self.classifier,
                                        generator=gen)
@@ -353,7 +392,7 @@ class Worker:
         for micro in range(self.spec.train.grad_accum):
             x, y = self.next_batch("g")
             gen = self._generator(step, micro, 2)
-            z = torch.randn(x.shape, generator=gen, device=self.device)
+            z = draws.randn(x.shape, gen, device=self.device)
             t = fm.sample_fm_times(len(x), self.spec.model.fm_times, generator=gen, device=self.device)
             loss = fm.fm_loss(self.g_engine.module, x, y, z, t)
             if self._inject_nan(step):
@@ -447,7 +486,7 @@ class Worker:
                 if trigger:  # the rows are all-reduced: every rank sees the same trigger
                     self.rollback(trigger)
                     continue
-                self.state.history.extend(rows)
+                self.state.record(rows)
                 if at_checkpoint:
                     self.save_checkpoint(step, rows, window)
                 else:
@@ -490,7 +529,7 @@ class Worker:
             if self.registration:
                 self.registration(moment)
             self.window.times.checkpoint += time.perf_counter() - t0
-            metrics = {**(self.state.history[-1] if self.state.history else {}),
+            metrics = {**self.state.last_row,
                        **self.window.times.as_metrics(), **moment.metrics, "step": step}
             del moment  # drop the EMA copy before the checkpoint is reported
             self.last_report = metrics
@@ -548,6 +587,7 @@ class Worker:
         rollbacks, events = wd.rollbacks, list(wd.events)
         if good == 0:
             self.reset_to_initial()
+            self.state.continue_from(0)
         else:
             try:
                 restored = self.ctx.fetch_checkpoint(trigger.good_name)
@@ -572,8 +612,7 @@ class Worker:
     def reset_to_initial(self) -> None:
         """The state of step 0, rebuilt as at the start (seeded: identical weights and streams)."""
         self.d_tags.clear()
-        resumes = self.state.resumes
-        self.state = LoopState(resumes=resumes)
+        self.state = LoopState(resumes=self.state.resumes, log=self.state.log)
         self.build_data()
         self.build_models()
         self.build_engines()
