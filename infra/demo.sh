@@ -41,7 +41,8 @@ if not grids:
 final = grids[-1].rsplit("/", 1)[0]
 s3.download_file(bucket, grids[-1], f"{out}/samples.png")
 meta = json.loads(s3.get_object(Bucket=bucket, Key=final + "/trainer.json")["Body"].read())
-last = meta["history"][-1]
+from advflow.platform.train.metrics_log import MetricsLog  # the run's per-step rows (not in checkpoints)
+last = MetricsLog(f"s3://{bucket}/{prefix}").read()[-1]
 print(f"\n[advflow] demo finished: {meta['step']} steps, final D loss {last['d_loss']:.4f}, G loss {last['g_loss']:.4f}")
 print(f"[advflow] checkpoint:  s3://{bucket}/{final}/")
 print(f"[advflow] sample grid: {out}/samples.png  (1NFE samples from the EMA generator, one row per digit)")

@@ -56,7 +56,7 @@ class AFMConfig:
     """Loss weights and switches of one AFM step (the paper's defaults).
 
     lambda_gp:     weight of R1 + R2 (finite-difference gradient penalties), 0.25.
-    gp_fraction:   share of the batch that gets R1/R2: its first max(round(fraction * N), 1) samples
+    gp_fraction:   share of the batch that gets R1/R2: max(round(fraction * N), 1) evenly spaced samples
                    (the official size; Python's round, so halves go to the even neighbour), 0.25.
     gp_eps:        finite-difference step, 0.01.
     lambda_cp:     logit-centering weight, 0.01.
