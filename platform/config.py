@@ -256,6 +256,12 @@ class DistributedConfig(_Section):
     """Ray Train workers and the two DeepSpeed engines."""
 
     workers: int = 1
+    min_workers: int = 0
+    """Elastic training under Ray Train: with 1 <= min_workers < workers, Ray runs the job on any
+    number of workers in [min_workers, workers] that the cluster can place, and resizes the group
+    (from the latest checkpoint) when nodes come or go. 0: exactly `workers`. Needs
+    `data.order: global`, and `train.global_batch` divisible by every count x grad_accum, so the
+    global batch (and the run's numbers) stay the same whatever the count."""
     use_gpu: bool = False
     cpus_per_worker: int = 1
     zero_stage_g: int = 2
@@ -270,6 +276,9 @@ class DistributedConfig(_Section):
     def _check(self) -> DistributedConfig:
         if self.workers < 1:
             _fail("workers", f"must be >= 1, got {self.workers}", "use at least one worker")
+        if self.min_workers and not 1 <= self.min_workers < self.workers:
+            _fail("min_workers", f"{self.min_workers} is not in [1, workers - 1 = {self.workers - 1}]",
+                  "set it below distributed.workers for an elastic range, or 0 for a fixed size")
         for name in ("zero_stage_g", "zero_stage_d"):
             stage = getattr(self, name)
             if stage not in (0, 1, 2, 3):
@@ -568,6 +577,16 @@ class RunSpec(BaseModel):
         if t.global_batch % (d.workers * t.grad_accum):
             _fail("train.global_batch", f"{t.global_batch} is not divisible by workers x grad_accum = "
                   f"{d.workers} x {t.grad_accum}", "pick a global batch that is a multiple of their product")
+        if d.min_workers:
+            if self.data.order != "global":
+                _fail("distributed.min_workers", "an elastic worker range needs data.order global (partitioned "
+                      "data resumes only on the same number of workers)", "set data.order: global")
+            odd = [w for w in range(d.min_workers, d.workers + 1) if t.global_batch % (w * t.grad_accum)]
+            if odd:
+                _fail("distributed.min_workers", f"train.global_batch {t.global_batch} is not divisible by "
+                      f"{odd} workers x grad_accum {t.grad_accum}, and Ray may pick any count in "
+                      f"[{d.min_workers}, {d.workers}]", "narrow the range or pick a global batch every "
+                      "count divides (e.g. a multiple of their least common multiple)")
         self._check_method_and_eval()
         if self.phases == "auto":
             self._check_auto_phases()
@@ -662,8 +681,14 @@ class RunSpec(BaseModel):
 
     @property
     def micro_batch(self) -> int:
-        t, d = self.train, self.distributed
-        return t.global_batch // (d.workers * t.grad_accum)
+        return self.micro_batch_for(self.distributed.workers)
+
+    def micro_batch_for(self, world_size: int) -> int:
+        """Samples per worker and micro-step on `world_size` workers (elastic runs: the actual
+        count; the global batch stays `train.global_batch`)."""
+        t = self.train
+        assert t.global_batch % (world_size * t.grad_accum) == 0, (t.global_batch, world_size, t.grad_accum)
+        return t.global_batch // (world_size * t.grad_accum)
 
     def phase_plan(self):
         """The resolved phase plan; an empty `phases` list means one phase built from the top-level

@@ -104,6 +104,9 @@ class ClassifierDistributedConfig(DistributedConfig):
             for name in ("zero_stage_g", "zero_stage_d"):
                 if name in data:
                     _fail(name, "the classifier job has one DeepSpeed engine", "set distributed.zero_stage instead")
+            if data.get("min_workers"):
+                _fail("min_workers", "the classifier job resumes only on the number of workers that wrote its "
+                      "checkpoint (its noise is drawn per worker)", "remove it (a fixed distributed.workers)")
         return data
 
     @model_validator(mode="after")

@@ -200,3 +200,23 @@ def test_guided_phase_needs_a_classifier_and_kind_defaults():
     assert spec(model={"kind": "anystep"}).model.nfe == 8
     assert spec(model={"kind": "anystep"}, guidance={"t_mode": "auto"}).cg_t_mode == "target"
     assert spec(model={"kind": "multistep", "nfe": 2}, guidance={"t_mode": "uniform"}).cg_t_mode == "uniform"
+
+
+def test_elastic_worker_range_is_validated_where_it_is_defined(tmp_path):
+    """distributed.min_workers: a range Ray may pick any count from; every count must keep the
+    global batch, and the data order must be the one that resumes on any count."""
+    from advflow.platform.train.ray_launch import workers
+
+    base = {"data": {"prefix": str(tmp_path)}, "train": {"global_batch": 24}}
+    spec = RunSpec.from_dict({**base, "distributed": {"workers": 4, "min_workers": 2}})
+    assert workers(spec) == (2, 4) and spec.micro_batch_for(3) == 8 and spec.micro_batch == 6
+    assert workers(RunSpec.from_dict({**base, "distributed": {"workers": 4}})) == 4
+    with pytest.raises(ConfigError, match=r"distributed.min_workers.*not divisible by \[5\] workers"):
+        RunSpec.from_dict({**base, "distributed": {"workers": 6, "min_workers": 4}})
+    with pytest.raises(ConfigError, match="min_workers.*not in \\[1, workers - 1 = 3\\]"):
+        RunSpec.from_dict({**base, "distributed": {"workers": 4, "min_workers": 4}})
+    with pytest.raises(ConfigError, match="needs data.order global"):
+        RunSpec.from_dict({**base, "data": {"prefix": str(tmp_path), "order": "partitioned"},
+                           "distributed": {"workers": 4, "min_workers": 2}})
+    with pytest.raises(ConfigError, match="data.order.*'sorted' is unknown"):
+        RunSpec.from_dict({**base, "data": {"prefix": str(tmp_path), "order": "sorted"}})

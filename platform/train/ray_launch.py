@@ -115,6 +115,15 @@ def storage(spec: RunSpec) -> tuple[str, object | None]:
     return path[len("s3://"):], pyarrow.fs.S3FileSystem(**kw)
 
 
+def workers(spec) -> int | tuple[int, int]:
+    """Ray Train's num_workers: the fixed count, or the elastic range (min_workers, workers). The
+    elastic range is safe because a checkpoint resumes exactly on any count (data.order global,
+    engines re-partitioned on load, per-sample noise): Ray restarts the group from the latest
+    checkpoint whenever it resizes it."""
+    d = spec.distributed
+    return (d.min_workers, d.workers) if getattr(d, "min_workers", 0) else d.workers
+
+
 def build_torch_trainer(spec: RunSpec, callbacks: list | None = None, run_id: str | None = None,
                         progress: bool = True, entry: str | None = None,
                         meter: ProgressMeter | None = None) -> TorchTrainer:
@@ -134,7 +143,7 @@ def build_torch_trainer(spec: RunSpec, callbacks: list | None = None, run_id: st
         train_fn_per_worker,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=d.workers, use_gpu=d.use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=workers(spec), use_gpu=d.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=spec.run.name,
             storage_path=storage_path,

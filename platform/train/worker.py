@@ -173,6 +173,8 @@ class Worker:
                  stream_factory: Callable[..., Any] | None = None, run_id: str | None = None):
         self.spec, self.ctx = spec, ctx
         self.fm = spec.model.method == "fm"
+        # On the workers there are (an elastic run may have fewer than distributed.workers).
+        self.micro_batch = spec.micro_batch_for(ctx.world_size)
         self.device = device or torch.device("cpu")
         self.run_id = run_id  # the MLflow run opened by the driver; only rank 0 logs to it
         self.stream_factory = stream_factory or LatentStream
@@ -201,7 +203,7 @@ class Worker:
         for s in getattr(self, "streams", {}).values():
             s.close()  # a rollback to the initial state rebuilds the streams
         names = ("g",) if self.fm else ("d", "g")  # FM: one step per iteration, one stream
-        self.streams = {name: self.stream_factory(d.prefix, self.spec.micro_batch, stream=name, rank=rank,
+        self.streams = {name: self.stream_factory(d.prefix, self.micro_batch, stream=name, rank=rank,
                                                   world_size=world, seed=self.spec.train.seed, order=d.order,
                                                   shuffle_buffer=d.shuffle_buffer, prefetch=d.prefetch)
                         for name in names}
@@ -249,7 +251,7 @@ class Worker:
     def build_engines(self) -> None:
         o, t, dcfg = self.spec.optim, self.spec.train, self.spec.distributed
         bf16 = dcfg.precision == "bf16" or (dcfg.precision == "auto" and dcfg.use_gpu)
-        base = dict(micro_batch=self.spec.micro_batch, grad_accum=t.grad_accum, lr=o.lr, betas=o.betas,
+        base = dict(micro_batch=self.micro_batch, grad_accum=t.grad_accum, lr=o.lr, betas=o.betas,
                     weight_decay=o.weight_decay, eps=o.eps, grad_clip=o.grad_clip, bf16=bf16)
         self.g_engine = build_engine(self.G, EngineSpec(stage=dcfg.zero_stage_g, **base))
         self.d_engine = None if self.fm else build_engine(self.D, EngineSpec(stage=dcfg.zero_stage_d, **base))
@@ -336,7 +338,7 @@ class Worker:
         if self.watchdog and self.watchdog.rollbacks:
             parts.append(self.watchdog.rollbacks)  # new noise after a rollback (checkpointed: resumable)
         g.manual_seed(step_seed(*parts))
-        mb = self.spec.micro_batch
+        mb = self.micro_batch
         return draws.BatchSlice(g, start=self.ctx.rank * mb, rows=mb, total=self.ctx.world_size * mb)
 
     def _inject_nan(self, step: int) -> bool:
