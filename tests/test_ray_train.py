@@ -155,6 +155,32 @@ def test_watchdog_rolls_back_through_ray_storage_as_it_does_locally(digits, tmp_
             assert math.isclose(got[key], want[key], rel_tol=1e-5, abs_tol=1e-7), (got["step"], key)
 
 
+@pytest.mark.timeout(900)
+def test_elastic_range_runs_on_the_workers_ray_can_place_with_the_same_numbers(digits, tmp_path, local_ray):
+    """distributed.min_workers: with room for one 2-CPU worker of the two asked for, Ray Train's
+    elastic group starts with one, and the run's losses are those of two local workers (the numbers
+    do not depend on the count: data.order global, per-sample noise)."""
+    from advflow.platform.train.ray_launch import build_torch_trainer
+
+    def spec_at(storage: str, **dist) -> RunSpec:
+        raw = kill_spec(digits, storage).to_dict()
+        raw["train"].update(steps=20, checkpoint_every=10)
+        raw["distributed"].update(dist)
+        return RunSpec.from_dict(raw)
+
+    result = build_torch_trainer(spec_at(str(tmp_path / "ray"), min_workers=1, cpus_per_worker=2),
+                                 progress=False).fit()
+    assert result.error is None, f"the elastic run failed: {result.error}"
+    meta = json.loads((Path(result.checkpoint.path) / "trainer.json").read_text())
+    assert meta["world_size"] == 1 and meta["step"] == 20
+    rows = MetricsLog(str(Path(result.checkpoint.path).parent)).read()
+    local = run_local(spec_at(str(tmp_path / "plain")), tmp_path / "plain" / "killed")  # 2 workers
+    assert [r["step"] for r in rows] == [r["step"] for r in local] == list(range(1, 21))
+    for got, want in zip(rows, local):
+        for key in ("d_loss", "g_loss"):
+            assert math.isclose(got[key], want[key], rel_tol=1e-4, abs_tol=1e-7), (got["step"], key)
+
+
 # ----------------------------------------------------------------------------- ray job submit
 
 
