@@ -325,11 +325,18 @@ class RunStorageConfig(_Section):
     max_failures: int = 2
     """Worker-group restarts Ray Train attempts before the job fails."""
     keep_checkpoints: int = 2
+    checkpoint_upload: str = "async"
+    """Under Ray Train: `async` uploads a checkpoint in a background thread while training goes on
+    (Ray registers it only once every rank's upload finished, so a restart never sees half of one;
+    a rollback first waits for uploads in flight), `sync` blocks every rank until the upload is
+    done. The local launcher always copies synchronously."""
 
     @model_validator(mode="after")
     def _check(self) -> RunStorageConfig:
         if self.max_failures < 0 or self.keep_checkpoints < 1:
             _fail("max_failures/keep_checkpoints", "out of range", "use max_failures >= 0, keep >= 1")
+        if self.checkpoint_upload not in ("async", "sync"):
+            _fail("checkpoint_upload", f"{self.checkpoint_upload!r} is unknown", "use async or sync")
         return self
 
 

@@ -130,3 +130,21 @@ def test_elastic_checkpointer_loads_another_world_size_and_checks_the_writers_fi
     with pytest.raises(ResumeError, match=r"missing \['a-1.txt'\]"):
         Checkpointer({"a": FakePart("a", -1, [])}, rank=0, world_size=1, every=1, last_step=1, config={},
                      elastic=True).load(tmp_path)
+
+
+def test_staging_dir_is_left_to_an_asynchronous_upload_but_never_leaks_on_failure():
+    from advflow.platform.train.checkpoint import staging_dir
+
+    with staging_dir() as tmp:
+        Path(tmp, "x").write_text("1")
+    assert not Path(tmp).exists()
+    with staging_dir(delete=False) as kept:  # the upload thread deletes it after uploading
+        Path(kept, "x").write_text("1")
+    assert Path(kept, "x").read_text() == "1"
+    import shutil
+
+    shutil.rmtree(kept)
+    with pytest.raises(RuntimeError, match="boom"):
+        with staging_dir(delete=False) as failed:  # nothing was reported: nobody else will delete it
+            raise RuntimeError("boom")
+    assert not Path(failed).exists()

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
@@ -66,10 +67,18 @@ class Part(Protocol):
 
 
 @contextlib.contextmanager
-def staging_dir() -> Iterator[str]:
-    """A private directory a rank writes its checkpoint files into before reporting them."""
-    with tempfile.TemporaryDirectory(prefix="advflow-ckpt-") as tmp:
+def staging_dir(delete: bool = True) -> Iterator[str]:
+    """A private directory a rank writes its checkpoint files into before reporting them.
+    delete=False: whoever it is reported to owns it (an asynchronous upload deletes it when done);
+    it is still removed here if the block fails before the report."""
+    tmp = tempfile.mkdtemp(prefix="advflow-ckpt-")
+    try:
         yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if delete:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _write_json(path: Path, obj) -> None:

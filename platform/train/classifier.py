@@ -347,7 +347,7 @@ class ClassifierWorker:
         classifier; the checkpoint is reported with the latest metrics."""
         t0 = time.perf_counter()
         since = self.checkpointer.last_saved
-        with staging_dir() as tmp:
+        with staging_dir(delete=not getattr(self.ctx, "takes_staging_dir", False)) as tmp:
             self.checkpointer.save(tmp, step)
             extra = self.at_checkpoint(step, since) if self.ctx.rank == 0 else {}
             self.window.times.checkpoint += time.perf_counter() - t0
@@ -386,6 +386,9 @@ class ClassifierWorker:
         return out
 
     def close(self) -> None:
+        drain = getattr(self.ctx, "drain", None)
+        if drain is not None:
+            drain()  # asynchronous uploads in flight finish before the run ends
         stream = getattr(self, "stream", None)
         if stream is not None:
             stream.close()

@@ -15,7 +15,8 @@ from urllib.parse import urlparse
 import ray
 import ray.train
 import torch
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
+from ray.train import (Checkpoint, CheckpointConfig, CheckpointConsistencyMode, CheckpointUploadMode, FailureConfig,
+                       RunConfig, ScalingConfig, UserCallback)
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from advflow.platform.config import RunSpec
@@ -39,6 +40,10 @@ class RayContext:
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.spec = spec  # the run's spec dict: where its checkpoints are stored (fetch_checkpoint)
+        # run.checkpoint_upload async: Ray uploads the staged directory in a background thread and
+        # deletes it afterwards, so the worker must not delete it when report returns.
+        self.upload_async = (spec or {}).get("run", {}).get("checkpoint_upload", "sync") == "async"
+        self.takes_staging_dir = self.upload_async
         self._restore_tmp: tempfile.TemporaryDirectory | None = None
         self._fetch_tmp: tempfile.TemporaryDirectory | None = None
 
@@ -46,10 +51,24 @@ class RayContext:
         checkpoint = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         # Only rank 0's metrics are read by the driver; every rank must still call report. Named
         # checkpoints land at <storage_path>/<run.name>/<name>, where fetch_checkpoint finds them.
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name if checkpoint else None)
+        # Asynchronously, Ray registers the checkpoint only after every rank's upload finished.
+        mode = CheckpointUploadMode.ASYNC if self.upload_async and checkpoint else CheckpointUploadMode.SYNC
+        t0 = time.perf_counter()
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name if checkpoint else None,
+                         checkpoint_upload_mode=mode)
+        if checkpoint and self.rank == 0:
+            log.debug("checkpoint %s: report returned after %.3f s (%s upload)", name,
+                      time.perf_counter() - t0, mode.value.lower())
+
+    def drain(self) -> None:
+        """Wait until every checkpoint reported so far is uploaded and registered (a rollback reads
+        one back from storage; the end of the run must not leave uploads behind)."""
+        if self.upload_async:
+            ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED)
 
     def fetch_checkpoint(self, name: str) -> str:
         """Download this run's checkpoint `name` from its storage (the watchdog's rollback)."""
+        self.drain()  # the rollback target may be the checkpoint still uploading
         spec = RunSpec.from_dict(self.spec)
         root, fs = storage(spec)
         path = f"{root.rstrip('/')}/{spec.run.name}/{name}"

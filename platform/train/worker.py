@@ -512,7 +512,8 @@ class Worker:
         then every rank writes its parts, rank 0 registers, and the checkpoint is reported."""
         t0 = time.perf_counter()
         since = self.checkpointer.last_saved
-        with staging_dir() as tmp:
+        # An asynchronous upload (RayContext, run.checkpoint_upload async) takes the staged files over.
+        with staging_dir(delete=not getattr(self.ctx, "takes_staging_dir", False)) as tmp:
             # Grid, evaluation and registration share one EMA copy of G, made only if one is due.
             moment = self.run_callbacks(cb.Moment.at(step, step == self.spec.train.steps, self.ema_model,
                                                      since=since, checkpoint_dir=Path(tmp), rows=rows,
@@ -622,6 +623,9 @@ class Worker:
         self.build_checkpointer()
 
     def close(self) -> None:
+        drain = getattr(self.ctx, "drain", None)
+        if drain is not None:
+            drain()  # asynchronous uploads in flight finish before the run ends
         for s in getattr(self, "streams", {}).values():
             s.close()
         logger = getattr(self, "logger", None)
