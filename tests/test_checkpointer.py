@@ -18,17 +18,17 @@ class FakePart:
         self.name, self.value, self.calls = name, value, calls
 
     def save(self, root: Path, rank: int):
-        (root / f"{self.name}-{rank}.txt").write_text(str(self.value))
+        (root / f"{self.name}-{rank}.json").write_text(str(self.value))
         self.calls.append(("save", self.name, rank, (root / META_NAME).exists()))
         return {f"{self.name}_value": self.value} if rank == 0 else None
 
     def load(self, root: Path, rank: int, meta: dict):
-        assert meta[f"{self.name}_value"] == int((root / f"{self.name}-0.txt").read_text())
-        self.value = int((root / f"{self.name}-{rank}.txt").read_text())
+        assert meta[f"{self.name}_value"] == int((root / f"{self.name}-0.json").read_text())
+        self.value = int((root / f"{self.name}-{rank}.json").read_text())
         self.calls.append(("load", self.name, rank))
 
     def required(self, world_size: int):
-        return [f"{self.name}-{r}.txt" for r in range(world_size)]
+        return [f"{self.name}-{r}.json" for r in range(world_size)]
 
 
 class Counter:
@@ -82,10 +82,10 @@ def test_refuses_another_world_size_naming_the_fix(tmp_path):
 
 def test_refuses_a_missing_rank_file_and_loads_nothing(tmp_path):
     two_ranks(tmp_path)
-    (tmp_path / "b-1.txt").unlink()
+    (tmp_path / "b-1.json").unlink()
     part = FakePart("a", -1, [])
     c = Checkpointer({"a": part, "b": FakePart("b", -1, [])}, rank=0, world_size=2, every=5, last_step=12, config={})
-    with pytest.raises(ResumeError, match=r"missing \['b-1.txt'\]"):
+    with pytest.raises(ResumeError, match=r"missing \['b-1.json'\]"):
         c.load(tmp_path)
     assert part.value == -1  # nothing was half-restored
 
@@ -126,8 +126,8 @@ def test_elastic_checkpointer_loads_another_world_size_and_checks_the_writers_fi
         step = Checkpointer(parts, rank=0, world_size=world, every=1, last_step=1, config={},
                             elastic=True).load(tmp_path)
         assert (step, fresh["d"].n) == (1, 3)
-    (tmp_path / "a-1.txt").unlink()  # a file of the writing world (rank 1 of 2) is gone
-    with pytest.raises(ResumeError, match=r"missing \['a-1.txt'\]"):
+    (tmp_path / "a-1.json").unlink()  # a file of the writing world (rank 1 of 2) is gone
+    with pytest.raises(ResumeError, match=r"missing \['a-1.json'\]"):
         Checkpointer({"a": FakePart("a", -1, [])}, rank=0, world_size=1, every=1, last_step=1, config={},
                      elastic=True).load(tmp_path)
 

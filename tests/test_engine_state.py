@@ -60,6 +60,7 @@ def _worker(rank: int, world: int, port: int, job: str, root: str, stage: int, b
             entry = EngineState(engine, "g").save(ckpt, rank)
             if rank == 0:
                 meta.write_text(json.dumps(entry))
+            dist.barrier()
             return
         if job == "restored":
             EngineState(engine, "g").load(ckpt, rank, json.loads(meta.read_text()))
@@ -70,6 +71,7 @@ def _worker(rank: int, world: int, port: int, job: str, root: str, stage: int, b
         if rank == 0:
             save_file({**{f"w.{k}": v.contiguous() for k, v in weights.items()}, **moments,
                        "step": torch.tensor(step)}, str(Path(root, f"{job}.safetensors")))
+        dist.barrier()  # leave together: a rank tearing gloo down while the other still writes can abort
     finally:
         dist.destroy_process_group()
 

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from advflow.platform.atomic import write_text
@@ -85,6 +86,34 @@ def _write_json(path: Path, obj) -> None:
     write_text(path, json.dumps(obj, indent=1, sort_keys=True))
 
 
+# What a checkpoint may hold: formats whose readers never run code. Ray's own marker files are JSON.
+SAFE_SUFFIXES = (".safetensors", ".json", ".jsonl", ".png")
+SAFE_NAMES = ("COMPLETE",)
+
+
+def check_files(root: Path) -> None:
+    """Refuse a checkpoint directory holding any file advflow does not write (see Checkpointer.load)."""
+    odd = sorted(str(p.relative_to(root)) for p in root.rglob("*")
+                 if (p.is_file() or p.is_symlink()) and not (p.suffix in SAFE_SUFFIXES or p.name in SAFE_NAMES))
+    if odd:
+        raise ResumeError(
+            f"{root}: unexpected file(s) {odd[:5]}{' ...' if len(odd) > 5 else ''}: an advflow checkpoint holds only "
+            "safetensors, JSON and PNG files, never a pickle, and nothing else in it is ever loaded. Check where "
+            "the file came from (anyone with write access to the storage can plant one), remove it, and resume")
+    for p in root.rglob("*"):
+        if p.is_file() and p.suffix != ".png" and _head(p) in _PICKLE_MAGIC:
+            raise ResumeError(f"{p}: a pickle under a safe file name: the checkpoint was tampered with. It is not "
+                              "loaded: resume from an earlier checkpoint")
+
+
+_PICKLE_MAGIC = {b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"}  # pickle protocols 2-5
+
+
+def _head(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(2)
+
+
 def read_meta(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / META_NAME
     if not path.is_file():
@@ -128,8 +157,22 @@ class Checkpointer:
         self.last_saved = step
 
     def load(self, directory: str | Path) -> int:
-        """Restore every part from `directory`; returns the checkpoint's step."""
+        """Restore every part from `directory`; returns the checkpoint's step.
+
+        Nothing in storage is trusted: before anything is read, every file must be of a kind that
+        is parsed without running code (safetensors, JSON, PNG, the local COMPLETE marker); any
+        other file (a pickle, a .pt, an executable) stops the resume with its name. Parse errors
+        of the files that are read name the file too."""
         root = Path(directory)
+        check_files(root)
+        try:
+            return self._load(root)
+        except (SafetensorError, json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ResumeError(f"{directory}: a checkpoint file is not what its name says ({err}); the checkpoint "
+                              "is corrupted or was tampered with: resume from an earlier one") from None
+
+    def _load(self, root: Path) -> int:
+        directory = root
         meta = read_meta(root)
         written_by = int(meta["world_size"])
         if written_by != self.world_size and not self.elastic:
