@@ -10,6 +10,13 @@ Who does what:
 - Global rank 0 of the worker group logs to that run id through `tracking.logger.run_logger`.
 - A sweep groups its trials' runs under one parent run (`open_parent_run`, found again by its key
   when the sweep driver restarts).
+- Attempts: every driver that opens (or re-finds) a run is one attempt (tag `advflow.attempt` = n).
+  A driver that dies (SIGKILL, `ray job stop`) cannot close its run, so the run would stay RUNNING
+  with no end time. Whoever notices first records the death: the next driver that finds the run
+  (`find_or_create_run`: tag `advflow.attempt.<n>.ended` = "KILLED at <time> ..."), or
+  `jobs/stale_runs.py` (`sweep_stale_runs`: status KILLED + end time, and the same tag). Each driver
+  records how to tell whether it is still alive: its Ray submission id (every one is kept in
+  `ray.submission_ids`, the latest in `ray.submission_id`) and `advflow.driver` (host, pid, start).
 
 The rest of tracking/: `secrets` (what is masked before anything is logged), `provenance` (git
 commit, Ray submission id, advflow version tags), `logger` (rank 0's RunLogger), `registry` and
@@ -19,8 +26,10 @@ commit, Ray submission id, advflow version tags), `logger` (rank 0's RunLogger),
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
 import os
+import socket
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -31,6 +40,11 @@ from advflow.platform.tracking.provenance import advflow_version, git_commit, ra
 from advflow.platform.tracking.secrets import scrub, secret_values
 
 RUN_KEY_TAG = "advflow.run_key"
+ATTEMPT_TAG = "advflow.attempt"
+DRIVER_TAG = "advflow.driver"
+SUBMISSION_TAG = "ray.submission_id"
+SUBMISSIONS_TAG = "ray.submission_ids"
+TAG_LIMIT = 5000  # MLflow's tag value limit (characters)
 log = get_logger(__name__)
 
 
@@ -38,6 +52,24 @@ def tracking_uri(spec: RunSpec) -> str | None:
     if not spec.tracking.enabled:
         return None
     return spec.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+
+
+class TrackingURIMissing(ValueError):
+    """A command that needs the MLflow server was started without MLFLOW_TRACKING_URI."""
+
+
+def require_tracking_uri(what: str) -> str:
+    """MLFLOW_TRACKING_URI, or TrackingURIMissing naming the variable and the fix.
+
+    Why refuse rather than let MLflow default: without a URI MLflow 3 silently opens (and creates)
+    ./mlflow.db in the current folder, where no registered model exists; the user then reads
+    "model not found" about a model that is on their server, and finds a stray database later."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if not uri:
+        raise TrackingURIMissing(
+            f"{what} needs the MLflow tracking server, but MLFLOW_TRACKING_URI is not set; set it, e.g. "
+            "`eval \"$(advflow stack env)\"` for the local stack or `export MLFLOW_TRACKING_URI=http://HOST:PORT`")
+    return uri
 
 
 def run_key(spec: RunSpec) -> str:
@@ -103,7 +135,9 @@ def open_run(spec: RunSpec, *, config_yaml: str | None = None, parent_run_id: st
             **(extra_tags or {})}
     sub = ray_submission_id()
     if sub:
-        tags["ray.submission_id"] = sub
+        tags[SUBMISSION_TAG] = sub
+        # Resubmissions continue this run: keep every submission id, not only the latest.
+        tags[SUBMISSIONS_TAG] = submission_ids_tag(found.data.tags if found else {}, sub)
     tags.update(data_tags or {})
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
@@ -149,15 +183,207 @@ def open_parent_run(spec: RunSpec, *, key_tag: str, key: str, run_name: str, kin
 
 def find_or_create_run(client, experiment: str, key_tag: str, key: str, run_name: str):
     """(run_id, existing Run or None): the run of `experiment` tagged `key_tag`=`key`, set RUNNING
-    again, or a new run carrying that tag. The key is how a restarted driver finds its run."""
+    again, or a new run carrying that tag. The key is how a restarted driver finds its run.
+
+    A found run is a new attempt: how the previous attempt ended is recorded first (`advflow.attempt.
+    <n>.ended`; a run still RUNNING means its driver died without closing it: KILLED at now). Every
+    attempt records its driver (`advflow.driver`) so `jobs/stale_runs.py` can tell whether it lives."""
+    from mlflow.entities import RunTag
+
     exp = client.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
     found = client.search_runs([exp_id], filter_string=f"tags.`{key_tag}` = '{_quote(key)}'",
                                order_by=["attributes.start_time DESC"], max_results=1)
     if found:
-        client.update_run(found[0].info.run_id, status="RUNNING")
-        return found[0].info.run_id, found[0]
-    return client.create_run(exp_id, run_name=run_name, tags={key_tag: key}).info.run_id, None
+        run = found[0]
+        ended = previous_attempt_end(run)
+        attempt = current_attempt(run.data.tags) + 1
+        tags = {**ended, ATTEMPT_TAG: str(attempt), DRIVER_TAG: driver_identity()}
+        client.log_batch(run.info.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        client.update_run(run.info.run_id, status="RUNNING")
+        if ended:
+            log.info("MLflow run %s: attempt %d ended %s; this is attempt %d", run.info.run_id,
+                     attempt - 1, next(iter(ended.values())), attempt)
+        return run.info.run_id, run
+    tags = {key_tag: key, ATTEMPT_TAG: "1", DRIVER_TAG: driver_identity()}
+    return client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id, None
+
+
+# ----------------------------------------------------------------------------------------- attempts
+
+
+def now_ms() -> int:
+    return int(_dt.datetime.now(_dt.timezone.utc).timestamp() * 1000)
+
+
+def iso(ms: int | None) -> str:
+    if not ms:
+        return "an unknown time"
+    return _dt.datetime.fromtimestamp(ms / 1000, _dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def current_attempt(tags: dict[str, str]) -> int:
+    """The attempt number a run's tags record (runs opened before attempts were counted: 1 plus
+    their resubmissions)."""
+    try:
+        return int(tags[ATTEMPT_TAG])
+    except (KeyError, ValueError):
+        try:
+            return 1 + int(tags.get("advflow.resubmissions", "0"))
+        except ValueError:
+            return 1
+
+
+def attempt_ended_tag(attempt: int) -> str:
+    return f"advflow.attempt.{attempt}.ended"
+
+
+def previous_attempt_end(run) -> dict[str, str]:
+    """{advflow.attempt.<n>.ended: "<STATUS> at <time>[: why]"} for the attempt that last had `run`,
+    or {} when that is already recorded (e.g. by jobs/stale_runs.py)."""
+    n = current_attempt(run.data.tags)
+    tag = attempt_ended_tag(n)
+    if tag in run.data.tags:
+        return {}
+    if run.info.status == "RUNNING":
+        # Its driver never closed it: it was killed (SIGKILL, `ray job stop`, a lost node). The
+        # moment of death is unknown; now is the moment it was noticed.
+        return {tag: f"KILLED at {iso(now_ms())}: found RUNNING by the next driver (the driver of attempt "
+                     f"{n} ended without closing the run)"}
+    return {tag: f"{run.info.status} at {iso(run.info.end_time)}"}
+
+
+def submission_ids_tag(old_tags: dict[str, str], sub: str) -> str:
+    """The JSON list of every Ray submission id that drove this run, `sub` last. Runs tagged before
+    the list existed contribute their single `ray.submission_id`."""
+    try:
+        ids = json.loads(old_tags.get(SUBMISSIONS_TAG, "[]"))
+        ids = [str(i) for i in ids] if isinstance(ids, list) else []
+    except ValueError:
+        ids = []
+    if not ids and old_tags.get(SUBMISSION_TAG):
+        ids = [old_tags[SUBMISSION_TAG]]
+    if not ids or ids[-1] != sub:
+        ids.append(sub)
+    # Past MLflow's tag limit (over a hundred resubmissions) the oldest after the first give way,
+    # marked by one "..." entry.
+    while len(json.dumps(ids)) > TAG_LIMIT and len(ids) > 3:
+        ids = [ids[0], "..."] + ids[3 if ids[1] == "..." else 2:]
+    return json.dumps(ids)
+
+
+def driver_identity() -> str:
+    """This driver process as JSON {host, pid, started (epoch s)}: enough to tell later, on this host,
+    whether it is still alive (the start time guards against a reused pid)."""
+    return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": _process_started(os.getpid())})
+
+
+def _process_started(pid: int) -> float | None:
+    try:
+        import psutil
+
+        return round(psutil.Process(pid).create_time(), 2)
+    except Exception:  # psutil missing or the process is gone: no start time to compare
+        return None
+
+
+def driver_alive(tag: str | None) -> bool | None:
+    """Is the driver recorded in an `advflow.driver` tag alive? None: cannot tell (another host,
+    no tag, unreadable tag)."""
+    try:
+        d = json.loads(tag or "")
+        host, pid, started = d["host"], int(d["pid"]), d.get("started")
+    except (ValueError, KeyError, TypeError):
+        return None
+    if host != socket.gethostname():
+        return None
+    try:
+        import psutil
+    except ImportError:
+        return None
+    if not psutil.pid_exists(pid):
+        return False
+    now_started = _process_started(pid)
+    if started is not None and now_started is not None and abs(now_started - float(started)) > 1.0:
+        return False  # the pid was reused by another process
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+@dataclass
+class StaleRun:
+    """One RUNNING run looked at by `sweep_stale_runs`."""
+
+    run_id: str
+    name: str
+    experiment: str
+    verdict: str
+    """"dead" (marked KILLED unless dry run), "alive" or "unknown"."""
+    reason: str
+
+
+def sweep_stale_runs(client, ray_job_status=None, *, dry_run: bool = False,
+                     experiments: list[str] | None = None) -> list[StaleRun]:
+    """Find RUNNING runs whose driver is gone and mark them KILLED with the time (unless `dry_run`).
+
+    A driver is gone when its latest Ray submission is in a terminal state according to Ray's job
+    API (`ray_job_status(submission_id)` -> status name, or None when Ray cannot say), or, without
+    a submission id, when its recorded pid on this host no longer exists. Runs whose driver cannot
+    be checked (another host, Ray unreachable) are left as they are and reported "unknown"."""
+    from mlflow.entities import RunTag, ViewType
+
+    exps = client.search_experiments(view_type=ViewType.ACTIVE_ONLY)
+    if experiments:
+        exps = [e for e in exps if e.name in experiments]
+    out: list[StaleRun] = []
+    for exp in exps:
+        token = None
+        while True:
+            page = client.search_runs([exp.experiment_id], filter_string="attributes.status = 'RUNNING'",
+                                      max_results=500, page_token=token)
+            for run in page:
+                verdict, reason = _judge(run, ray_job_status)
+                item = StaleRun(run.info.run_id, run.info.run_name or "-", exp.name, verdict, reason)
+                out.append(item)
+                if verdict == "dead" and not dry_run:
+                    at = now_ms()
+                    tag = attempt_ended_tag(current_attempt(run.data.tags))
+                    client.log_batch(run.info.run_id, tags=[
+                        RunTag(tag, f"KILLED at {iso(at)}: {reason} (jobs/stale_runs.py)"),
+                        RunTag("advflow.killed", f"{iso(at)}: {reason}")])
+                    client.set_terminated(run.info.run_id, status="KILLED", end_time=at)
+            token = page.token
+            if not token:
+                break
+    return out
+
+
+TERMINAL_RAY_STATES = ("STOPPED", "SUCCEEDED", "FAILED")
+
+
+def _judge(run, ray_job_status) -> tuple[str, str]:
+    tags = run.data.tags
+    sub = tags.get(SUBMISSION_TAG)
+    if sub and ray_job_status is not None:
+        state = ray_job_status(sub)
+        if state is None:
+            pass  # Ray cannot say (unreachable, unknown to this cluster): try the pid below
+        elif str(state).upper() in TERMINAL_RAY_STATES:
+            return "dead", f"Ray submission {sub} is {str(state).upper()}"
+        else:
+            return "alive", f"Ray submission {sub} is {str(state).upper()}"
+    alive = driver_alive(tags.get(DRIVER_TAG))
+    if alive is False:
+        d = json.loads(tags[DRIVER_TAG])
+        return "dead", f"driver pid {d['pid']} on {d['host']} is gone"
+    if alive:
+        d = json.loads(tags[DRIVER_TAG])
+        return "alive", f"driver pid {d['pid']} on {d['host']} is running"
+    if sub:
+        return "unknown", f"Ray cannot say whether submission {sub} runs (set RAY_API_SERVER_ADDRESS)"
+    return "unknown", "no Ray submission id, and no driver pid recorded on this host"
 
 
 def close_run(spec: RunSpec, run_id: str | None, ok: bool) -> None:
