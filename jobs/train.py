@@ -79,7 +79,16 @@ def train_local(spec, run_id, log) -> bool:
     from advflow.platform.train.local_launch import latest_checkpoint, run_local
 
     run_dir = Path(spec.run.storage_path) / spec.run.name
-    history = run_local(spec, run_dir, run_id=run_id)
+    try:
+        history = run_local(spec, run_dir, run_id=run_id)
+    except Exception as err:  # noqa: BLE001 - a worker process failed: one line, the traceback in a file
+        from advflow.platform.train.failures import one_line
+
+        trace = run_dir / "failures" / "local.txt"
+        trace.parent.mkdir(parents=True, exist_ok=True)
+        trace.write_text(str(err))
+        log.error("training failed: %s (traceback: %s)", one_line(err), trace)
+        return False
     last = latest_checkpoint(run_dir)
     last_row = history[-1] if history else {}
     losses = " ".join(f"{k} {last_row[k]:.4f}" for k in ("d_loss", "g_loss", "fm_loss") if k in last_row)
@@ -88,12 +97,11 @@ def train_local(spec, run_id, log) -> bool:
 
 
 def train_on_ray(spec, run_id, log) -> bool:
-    from advflow.platform.train.ray_launch import build_torch_trainer, checkpoint_uri, ensure_ray
+    from advflow.platform.train.ray_launch import build_torch_trainer, checkpoint_uri, ensure_ray, fit
 
     ensure_ray()
-    result = build_torch_trainer(spec, run_id=run_id).fit()
-    if result.error:
-        log.error("training failed: %s", result.error)
+    result = fit(build_torch_trainer(spec, run_id=run_id), spec, log)  # prints the one failure line
+    if result is None:
         return False
     losses = " ".join(f"{k} {result.metrics[k]:.4f}" for k in ("d_loss", "g_loss", "fm_loss") if k in result.metrics)
     log.info(f"done: final metrics {losses}")

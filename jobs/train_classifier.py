@@ -88,13 +88,12 @@ def train_local(spec, run_id, log) -> bool:
 
 def train_on_ray(spec, run_id, log) -> bool:
     from advflow.platform.train.classifier import ENTRY, ClassifierProgressMeter
-    from advflow.platform.train.ray_launch import build_torch_trainer, checkpoint_uri, ensure_ray
+    from advflow.platform.train.ray_launch import build_torch_trainer, checkpoint_uri, ensure_ray, fit
 
     ensure_ray()
     meter = ClassifierProgressMeter(spec.train.steps, spec.train.global_batch)
-    result = build_torch_trainer(spec, run_id=run_id, entry=ENTRY, meter=meter).fit()
-    if result.error:
-        log.error("training failed: %s", result.error)
+    result = fit(build_torch_trainer(spec, run_id=run_id, entry=ENTRY, meter=meter), spec, log)
+    if result is None:
         return False
     log.info(f"done: final metrics {_summary(result.metrics or {})}")
     log.info("checkpoint: %s", checkpoint_uri(spec, result.checkpoint))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -179,6 +180,47 @@ def test_elastic_range_runs_on_the_workers_ray_can_place_with_the_same_numbers(d
     for got, want in zip(rows, local):
         for key in ("d_loss", "g_loss"):
             assert math.isclose(got[key], want[key], rel_tol=1e-4, abs_tol=1e-7), (got["step"], key)
+
+
+def _train_workers_started() -> int:
+    """RayTrainWorker actors this Ray session ever created (dead ones included; from the GCS)."""
+    from ray._private import state
+
+    return sum(1 for a in state.actors().values() if a.get("ActorClassName") == "RayTrainWorker")
+
+
+@pytest.mark.timeout(900)
+def test_a_corrupt_shard_fails_once_with_one_line_naming_it(digits, tmp_path, local_ray, capsys):
+    """Issue 15 §5: a deterministic data error stops the job at the first attempt (no restart
+    from the checkpoint would read other bytes), and jobs/train.py ends with one line naming the
+    shard, its traceback in a file. A killed worker still restarts (the SIGKILL test above)."""
+    import importlib.util
+
+    from advflow.platform.data.storage import Storage
+
+    bad = tmp_path / "digits"
+    shutil.copytree(digits, bad)
+    storage = Storage(str(bad))
+    name = sorted(n for n in storage.list_sizes() if n.startswith("shard-"))[1]
+    data = bytearray(storage.read(name))
+    data[100] ^= 0xFF  # one flipped byte in the second shard: read within the first steps
+    storage.write_atomic(name, bytes(data))
+    spec = importlib.util.spec_from_file_location("train_job", REPO / "jobs" / "train.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    before = _train_workers_started()
+    rc = job.main(["--config", str(REPO / "jobs/configs/digits_tiny.yaml"), "--set", f"data.prefix={bad}",
+                   "--set", f"run.storage_path={tmp_path / 'runs'}", "--set", "run.max_failures=2",
+                   "--set", "train.steps=40", "--set", "distributed.workers=1", "--set", "tracking.enabled=false"])
+    out = capsys.readouterr()
+    assert rc == 1
+    failed = [line for line in (out.out + out.err).splitlines() if "training failed" in line]
+    assert len(failed) == 1, out.out[-3000:] + out.err[-3000:]
+    assert failed[0].startswith("[advflow] training failed: rank 0: ShardError: ") and name in failed[0], failed[0]
+    assert "(traceback: " in failed[0] and "Traceback (most recent call last)" not in out.out + out.err
+    assert _train_workers_started() - before == 1, "the worker group was restarted for a deterministic error"
+    trace = Path(failed[0].split("(traceback: ")[1].rstrip(")"))
+    assert "ShardError" in trace.read_text()
 
 
 # ----------------------------------------------------------------------------- ray job submit

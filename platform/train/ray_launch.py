@@ -23,14 +23,18 @@ from advflow.platform.config import RunSpec
 from advflow.platform.log import get_logger
 from advflow.platform.tracking.runs import tracking_uri
 from advflow.platform.train.callbacks import ProgressMeter
+from advflow.platform.train.failures import DeterministicFailure, is_deterministic, one_line
 from advflow.platform.train.local_launch import resolve_entry
 
 log = get_logger(__name__)
 
 # Environment a worker needs to reach S3/MLflow; copied from the driver into the workers' runtime
-# env when set, so `ray job submit` works with the exports of `advflow stack env`.
-PASS_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-            "AWS_DEFAULT_REGION", "AWS_REGION", "MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL")
+# env when set. URLs and the region only: Ray's state API (actors, tasks, jobs) shows a runtime_env
+# in plain text, so no credential may enter it. Workers take S3 credentials from their node: the
+# stack's Ray head names its credentials file (AWS_SHARED_CREDENTIALS_FILE + AWS_PROFILE), a
+# cluster gives its nodes a profile or role; boto3, s3fs and pyarrow all read that chain. (The
+# driver's profile name is not passed either: it would override the node's.)
+PASS_ENV = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL")
 
 
 class RayContext:
@@ -104,6 +108,22 @@ def train_fn_per_worker(config: dict) -> None:
     resolve_entry(config.get("entry"))(config, RayContext(config["spec"]), device=device)
 
 
+class FailFast(UserCallback):
+    """Stop the run at the first deterministic worker error instead of restarting it.
+
+    Ray Train retries every worker-group failure up to run.max_failures. This callback runs in
+    Ray's controller when a worker raised; if any error is one a restart cannot fix
+    (`failures.is_deterministic`: a corrupt shard, a rejected config or checkpoint, the watchdog out
+    of rollbacks, a bug), it raises `DeterministicFailure` there. Ray treats an error raised in
+    its controller as not retryable, so the run fails at once, with that line as its error.
+    Killed workers, lost nodes and storage outages stay retryable."""
+
+    def after_exception(self, run_context, worker_exceptions):
+        for rank, error in sorted(worker_exceptions.items()):
+            if is_deterministic(error):
+                raise DeterministicFailure(f"rank {rank}: {one_line(error)}")
+
+
 class ProgressCallback(UserCallback):
     """Driver-side progress line at each checkpoint report (runs in Ray's controller)."""
 
@@ -128,9 +148,9 @@ def storage(spec: RunSpec) -> tuple[str, object | None]:
     if endpoint:
         u = urlparse(endpoint)
         kw.update(endpoint_override=u.netloc, scheme=u.scheme or "https")
-    if os.environ.get("AWS_ACCESS_KEY_ID"):
-        kw.update(access_key=os.environ["AWS_ACCESS_KEY_ID"], secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
-                  session_token=os.environ.get("AWS_SESSION_TOKEN"))
+    # No access_key/secret_key: the filesystem is pickled into the trainer's arguments, and pyarrow's
+    # default chain (AWS_ACCESS_KEY_ID..., else AWS_SHARED_CREDENTIALS_FILE/AWS_PROFILE, else a role)
+    # finds the same credentials again in whichever process unpickles it.
     return path[len("s3://"):], pyarrow.fs.S3FileSystem(**kw)
 
 
@@ -169,7 +189,8 @@ def build_torch_trainer(spec: RunSpec, callbacks: list | None = None, run_id: st
             storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=spec.run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=spec.run.keep_checkpoints),
-            callbacks=[*([ProgressCallback(spec.train.steps, spec.train.global_batch, meter)] if progress else []),
+            callbacks=[FailFast(),
+                       *([ProgressCallback(spec.train.steps, spec.train.global_batch, meter)] if progress else []),
                        *(callbacks or [])],
         ),
     )
@@ -190,6 +211,43 @@ def ensure_ray(address: str | None = None) -> None:
         ray.init(address=address or "auto", runtime_env=runtime_env, log_to_driver=True)
     except ConnectionError:
         ray.init(runtime_env=runtime_env, include_dashboard=False, log_to_driver=True)
+
+
+def fit(trainer: TorchTrainer, spec, log):
+    """trainer.fit(), and on failure exactly one line for the user:
+    `[advflow] training failed: <cause> (traceback: <file>)`, the cause naming the culprit (shard,
+    field, step: advflow's messages do). The traceback goes to `<run storage>/failures/`, not to
+    the terminal. Returns Ray's Result, or None when training failed."""
+    from ray.train import TrainingFailedError
+
+    try:
+        result = trainer.fit()
+        error = result.error
+    except TrainingFailedError as err:  # Ray Train V2 raises where V1 returned the error
+        result, error = None, err
+    if error is None:
+        return result
+    log.error("training failed: %s%s", one_line(error), _save_traceback(spec, error))
+    return None
+
+
+def _save_traceback(spec, error: BaseException) -> str:
+    """Write the failure's traceback next to the run's checkpoints; ' (traceback: URI)' or ''."""
+    import traceback
+
+    from advflow.platform.data.storage import Storage
+
+    text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    name = f"failures/{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.txt"
+    run = spec.run
+    root = run.storage_path.rstrip("/") if run.storage_path.startswith("s3://") else os.path.abspath(run.storage_path)
+    try:
+        storage = Storage(f"{root}/{run.name}")
+        storage.write_atomic(name, text.encode())
+        return f" (traceback: {storage.url(name)})"
+    except Exception:  # noqa: BLE001 - the one line matters more than where the traceback went
+        log.debug("could not store the traceback", exc_info=True)
+        return ""
 
 
 def checkpoint_uri(spec: RunSpec, checkpoint: Checkpoint | None) -> str | None:
