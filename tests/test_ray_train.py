@@ -223,6 +223,35 @@ def test_a_corrupt_shard_fails_once_with_one_line_naming_it(digits, tmp_path, lo
     assert "ShardError" in trace.read_text()
 
 
+def test_a_queued_job_says_what_it_waits_for_in_one_line(local_ray):
+    """Issue 15 §8: while a worker group's placement group is pending, the driver prints one line
+    (what is asked, what is free, how long) instead of Ray's startup-timeout traceback every minute,
+    whose timeout advflow lifts for the controller."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from advflow.platform.train.ray_launch import START_TIMEOUT_ENV, QueueNotice, controller_env
+
+    assert float(controller_env()[START_TIMEOUT_ENV]) >= 24 * 3600
+    lines: list[str] = []
+
+    class Log:
+        def info(self, text):
+            lines.append(text)
+
+    pg = placement_group([{"CPU": 64}])  # more than this 2-CPU cluster has: infeasible
+    notice = QueueNotice(Log(), every=0.2)
+    notice.start()
+    time.sleep(1.5)
+    remove_placement_group(pg)
+    time.sleep(0.6)
+    count = len(lines)
+    time.sleep(0.6)
+    notice.stop.set()
+    assert count >= 2 and len(lines) == count, "notices must come while pending and stop after"
+    assert "waiting for resources: 1 worker(s) x {'CPU': 64.0}" in lines[0] and "infeasible" in lines[0], lines[0]
+    assert "waited" in lines[-1] and all("Traceback" not in line for line in lines)
+
+
 # ----------------------------------------------------------------------------- ray job submit
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 import time
 from urllib.parse import urlparse
 
@@ -201,6 +202,7 @@ def ensure_ray(address: str | None = None) -> None:
     if ray.is_initialized():
         return
     env = {k: os.environ[k] for k in PASS_ENV if os.environ.get(k)}
+    env.update(controller_env())
     runtime_env = {"env_vars": env} if env else None
     address = address or os.environ.get("RAY_ADDRESS")
     if address and address.startswith("http"):
@@ -213,6 +215,59 @@ def ensure_ray(address: str | None = None) -> None:
         ray.init(runtime_env=runtime_env, include_dashboard=False, log_to_driver=True)
 
 
+# Ray Train's controller gives up waiting for a worker group after 60 s, logs the timeout with its
+# traceback and tries again: a queued job printed a traceback every minute although nothing was
+# wrong. advflow waits as long as it takes and says so in one line instead (QueueNotice).
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+QUEUE_WAIT_S = 7 * 24 * 3600.0
+
+
+def controller_env() -> dict[str, str]:
+    """Environment for Ray Train's controller (no secrets): the start timeout, unless the user set one."""
+    return {START_TIMEOUT_ENV: os.environ.get(START_TIMEOUT_ENV, str(QUEUE_WAIT_S))}
+
+
+class QueueNotice(threading.Thread):
+    """Driver side, while `fit` runs: every `every` seconds that a worker group's placement group is
+    pending, one line says what is asked for, what is free and how long the job has waited
+    ("infeasible" when no node of the cluster could ever hold a worker)."""
+
+    def __init__(self, log, every: float | None = None, table=None, free=None, clock=time.monotonic):
+        super().__init__(daemon=True, name="advflow-queue-notice")
+        from ray.util.placement_group import placement_group_table
+
+        self.log, self.clock = log, clock
+        self.every = every if every is not None else float(os.environ.get("ADVFLOW_QUEUE_NOTICE_S", "60"))
+        self.table, self.free = table or placement_group_table, free or ray.available_resources
+        self.stop = threading.Event()
+        self.lines = 0
+
+    def line(self, waited: float) -> str | None:
+        pending = [pg for pg in self.table().values() if pg.get("state") == "PENDING"]
+        if not pending:
+            return None
+        pg = pending[0]
+        bundles = list(pg.get("bundles", {}).values())
+        ask = {k: v for k, v in (bundles[0] if bundles else {}).items() if not k.startswith("node:")}
+        why = pg.get("stats", {}).get("scheduling_state", "")
+        free = {k: v for k, v in self.free().items() if k in ask}
+        hint = " (infeasible: no node can hold one; add a node with these resources or lower " \
+               "distributed.cpus_per_worker / use_gpu)" if why == "INFEASIBLE" else ""
+        return (f"waiting for resources: {len(bundles)} worker(s) x {ask}, free now {free}; "
+                f"waited {waited:.0f} s{hint}")
+
+    def run(self) -> None:
+        start = self.clock()
+        while not self.stop.wait(self.every):
+            try:
+                text = self.line(self.clock() - start)
+            except Exception:  # noqa: BLE001 - a notice must never break the job
+                continue
+            if text:
+                self.lines += 1
+                self.log.info(text)
+
+
 def fit(trainer: TorchTrainer, spec, log):
     """trainer.fit(), and on failure exactly one line for the user:
     `[advflow] training failed: <cause> (traceback: <file>)`, the cause naming the culprit (shard,
@@ -220,11 +275,15 @@ def fit(trainer: TorchTrainer, spec, log):
     the terminal. Returns Ray's Result, or None when training failed."""
     from ray.train import TrainingFailedError
 
+    notice = QueueNotice(log)
+    notice.start()
     try:
         result = trainer.fit()
         error = result.error
     except TrainingFailedError as err:  # Ray Train V2 raises where V1 returned the error
         result, error = None, err
+    finally:
+        notice.stop.set()
     if error is None:
         return result
     log.error("training failed: %s%s", one_line(error), _save_traceback(spec, error))
