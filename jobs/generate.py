@@ -48,6 +48,20 @@ def _save_npz(path: Path, **arrays) -> None:
     write_bytes(path, buf.getvalue())
 
 
+def needs_tracking_server(model: str) -> bool:
+    """models:/ and runs:/ URIs are resolved by the MLflow server; a local model folder, file:// or
+    s3:// location is read directly and needs no server."""
+    return model.startswith(("models:/", "runs:/"))
+
+
+def _fail(err) -> None:
+    """The one line a user sees for a refused command (no traceback: every refusal here is a
+    mistake in the arguments or the environment, and the line names the fix)."""
+    from advflow.platform.log import get_logger
+
+    get_logger("jobs.generate").error("generate: %s", err)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="models:/NAME@alias, models:/NAME/VERSION, runs:/... or a folder")
@@ -70,8 +84,16 @@ def main(argv: list[str] | None = None) -> int:
         if a.seed < 0:
             raise ValueError(f"--seed: {a.seed} must be >= 0")
     except ValueError as e:
-        print(f"generate: {e}", file=sys.stderr)
+        _fail(e)
         return 2
+    if needs_tracking_server(a.model):
+        from advflow.platform.tracking.runs import TrackingURIMissing, require_tracking_uri
+
+        try:
+            require_tracking_uri(f"--model {a.model}")
+        except TrackingURIMissing as e:
+            _fail(e)
+            return 2
     from mlflow.exceptions import MlflowException
 
     from advflow.platform.images import save_grid
@@ -80,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model = load_generator(a.model, vae_path=a.vae_path, device=a.device)
     except (MlflowException, ValueError, FileNotFoundError) as e:  # unknown model/alias, refused artifact
-        print(f"generate: --model {a.model}: {e}", file=sys.stderr)
+        _fail(f"--model {a.model}: {e}")
         return 2
     src = model.source
     ys = [y for y in labels for _ in range(a.per_label)]
@@ -88,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         images = model.images(ys, seeds)  # (N, C, H, W) in [-1, 1]
     except ValueError as e:  # labels outside the model's classes
-        print(f"generate: {e}", file=sys.stderr)
+        _fail(e)
         return 2
     save_grid(images, a.out, nrow=a.per_label)
     if a.npz:

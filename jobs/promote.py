@@ -127,10 +127,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
+    from advflow.platform.log import get_logger
+    from advflow.platform.tracking.runs import TrackingURIMissing, require_tracking_uri
+
+    log = get_logger("jobs.promote")
     try:
+        # Aliases live on the server: without a URI MLflow would create ./mlflow.db and say
+        # "not found" about a model that exists.
+        require_tracking_uri("promote")
         done = promote(a.name, a.alias, version=a.version, best_metric=a.best_metric, mode=a.mode)
-    except PromoteError as e:
-        print(f"promote: {e}", file=sys.stderr)
+    except (PromoteError, TrackingURIMissing) as e:
+        log.error("promote: %s", e)
         return 2
     print(done.describe())
     return 0

@@ -48,6 +48,24 @@ def decoder_dict(decoder: str, vae_path: str | None) -> dict:
     return {"name": "sd-vae", "vae_path": os.path.abspath(vae_path), "scaling_factor": SD_VAE_SCALE}
 
 
+def check_decoder(decoder: dict, channels: int) -> None:
+    """Refuse a decoder that cannot turn this generator's samples into images (before any run is
+    opened, so a mistake leaves nothing behind in MLflow)."""
+    if decoder["name"] == "pixel" and channels not in (1, 3):
+        raise ValueError(f"--decoder pixel: decodes 1- or 3-channel images, but this generator makes "
+                         f"{channels}-channel samples (latents); pass --decoder sd-vae --vae-path DIR")
+    if decoder["name"] == "sd-vae" and channels != 4:
+        raise ValueError(f"--decoder sd-vae: decodes 4-channel SD-VAE latents, but this generator makes "
+                         f"{channels}-channel samples; pass --decoder pixel")
+
+
+def _fail(err) -> None:
+    """The one line a user sees for a refused import (the cause and the flag that fixes it)."""
+    from advflow.platform.log import get_logger
+
+    get_logger("jobs.register_checkpoint").error("register_checkpoint: %s", err)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help=".safetensors or .pt/.pth/.ckpt/.bin state dict")
@@ -66,6 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vae-path", default=None, help="local AutoencoderKL folder for --decoder sd-vae")
     p.add_argument("--experiment", default="imports", help="MLflow experiment of the import run")
     p.add_argument("--alias", default=None, help="also point this alias at the new version")
+    p.add_argument("--allow-new-architecture", action="store_true",
+                   help="register even when size, kind, repeats or data shape differ from the model's latest version")
     return p.parse_args(argv)
 
 
@@ -73,7 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     import mlflow
 
-    from advflow.platform.tracking.registry import log_generator
+    from advflow.platform.tracking.model_format import GeneratorSpec
+    from advflow.platform.tracking.registry import architecture_change, log_generator
+    from advflow.platform.tracking.runs import require_tracking_uri
     from advflow.trainers.dit_checkpoint import (
         CheckpointError,
         build_from_checkpoint,
@@ -92,23 +114,36 @@ def main(argv: list[str] | None = None) -> int:
         extra = {"nfe": a.nfe} if a.nfe is not None else {}
         # sd is a plain dict: pass what is recorded beside the file (metadata / sidecars) explicitly.
         G = build_from_checkpoint(sd, kind=a.kind, repeats=a.repeats, recorded=read_recorded(path), **extra).eval()
+        cfg = G.config
+        check_decoder(decoder, cfg["in_channels"])
+        spec = GeneratorSpec(generator=dict(cfg), decoder=decoder,
+                             data_shape=(cfg["in_channels"], cfg["input_size"], cfg["input_size"]),
+                             num_classes=cfg["num_classes"])
+        # Checked after the file (its errors need no server), before anything touches MLflow.
+        require_tracking_uri("register_checkpoint")
+        change = architecture_change(a.name, spec)
+        if change and not a.allow_new_architecture:
+            raise ValueError(
+                f"--name {a.name}: this checkpoint's architecture differs from the model's latest {change}; "
+                "versions behind one name should be interchangeable: use another --name, or pass "
+                "--allow-new-architecture to register it anyway")
     except CheckpointError as e:
         # e.cli: the one-line form naming this job's flags (--kind / --nfe / --repeats), where there is one.
-        print(f"register_checkpoint: --checkpoint {path}: {e.cli}" if e.cli else f"register_checkpoint: {e}",
-              file=sys.stderr)
+        _fail(f"--checkpoint {path}: {e.cli}" if e.cli else e)
         return 2
-    except ValueError as e:
-        print(f"register_checkpoint: {e}", file=sys.stderr)
+    except ValueError as e:  # TrackingURIMissing, ModelFormatError and the checks above
+        _fail(e)
         return 2
-    cfg = G.config
     digest = sha256_file(path)
     source_tags = {"source_path": path, "source_sha256": digest}
     mlflow.set_experiment(a.experiment)
     with mlflow.start_run(run_name=f"import-{os.path.basename(path)}") as run:
         mlflow.set_tags(source_tags)
         mlflow.log_params({f"generator.{k}": v for k, v in cfg.items()})
+        if change:
+            mlflow.set_tag("advflow.new_architecture", change)
         done = log_generator(
-            G, decoder=decoder, data_shape=(cfg["in_channels"], cfg["input_size"], cfg["input_size"]),
+            G, decoder=decoder, data_shape=spec.data_shape,
             num_classes=cfg["num_classes"], registered_name=a.name, tags=source_tags, source="import",
         )
     if a.alias:

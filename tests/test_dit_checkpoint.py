@@ -554,7 +554,7 @@ def test_register_checkpoint_ambiguity_error_is_one_line_naming_the_flags(tmp_pa
     assert job.main(["--checkpoint", path, "--name", "x", "--decoder", "pixel"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err
-    assert err.startswith(f"register_checkpoint: --checkpoint {path}: ambiguous")
+    assert err.startswith(f"[advflow] register_checkpoint: --checkpoint {path}: ambiguous")
     assert "--kind multistep --nfe K" in err and "--repeats R" in err
     assert job.main(["--checkpoint", path, "--name", "x", "--decoder", "pixel", "--kind", "multistep"]) == 2
     err = capsys.readouterr().err.strip()

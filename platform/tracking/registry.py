@@ -22,6 +22,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
@@ -43,6 +44,8 @@ REGISTRY_WAIT_S = 15  # OSS registries mark versions READY at once; do not block
 METRIC_TAG_PREFIX = "metric."
 SOURCES = ("train", "import")
 _REQUIREMENTS = ("torch", "safetensors", "numpy", "pandas")
+ARCH_TAG = "advflow.arch"
+"""Version tag: the generator's architecture as JSON (size, kind, repeats, data_shape)."""
 
 
 @dataclass(frozen=True)
@@ -161,6 +164,7 @@ def log_generator(
     spec = fmt.GeneratorSpec(generator=dict(config), decoder=dict(decoder), data_shape=tuple(data_shape),
                              num_classes=int(num_classes))
     run_id, version_tags = _version_tags(tags, metrics, run_id, step, source)
+    version_tags[ARCH_TAG] = json.dumps(architecture(spec))  # what architecture_change compares
 
     with tempfile.TemporaryDirectory(prefix="advflow-model-") as tmp:
         data_dir = fmt.write_model_data(generator, spec, Path(tmp) / "generator")
@@ -211,6 +215,40 @@ def _log_and_register(data_dir: Path, *, name: str, signature, input_example, pi
         version = str(mv.version)
     return RegisteredGenerator(model_uri=info.model_uri, model_id=info.model_id, version=version,
                                name=registered_name)
+
+
+def architecture(spec: fmt.GeneratorSpec) -> dict[str, Any]:
+    """What must stay the same between versions of one registered model for them to be comparable
+    and interchangeable behind an alias: network size, generator kind, depth repetition, data shape."""
+    g = spec.generator
+    return {"size": g.get("name"), "kind": g.get("kind"), "repeats": g.get("repeats"),
+            "data_shape": list(spec.data_shape)}
+
+
+def architecture_change(name: str, spec: fmt.GeneratorSpec, client=None) -> str | None:
+    """How `spec` differs from the latest version of registered model `name` ("size tiny -> S/2, ..."),
+    or None: same architecture, no version yet, or a version registered before `advflow.arch`
+    existed (nothing recorded to compare with)."""
+    from mlflow import MlflowClient
+
+    client = client or MlflowClient()
+    versions, token = [], None
+    while True:
+        page = client.search_model_versions(f"name = '{name}'", page_token=token)
+        versions.extend(page)
+        token = page.token
+        if not token:
+            break
+    if not versions:
+        return None
+    latest = max(versions, key=lambda mv: int(mv.version))
+    try:
+        old = json.loads((latest.tags or {})[ARCH_TAG])
+    except (KeyError, ValueError):
+        return None
+    new = architecture(spec)
+    diffs = [f"{k} {old.get(k)} -> {new[k]}" for k in new if old.get(k) != new[k]]
+    return f"version {latest.version}: " + ", ".join(diffs) if diffs else None
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,0 +1,128 @@
+"""CLI mistakes get one clear line (issue 15, finding 6): return code 2, exactly one `[advflow] ...`
+line naming the culprit and the fix, no traceback, and nothing left behind (no ./mlflow.db, no
+MLflow run, no Optuna study)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cli(script: str, *args: str, cwd: Path, env: dict | None = None, unset=("MLFLOW_TRACKING_URI",)):
+    """Run jobs/<script> as a user would; returns (rc, stdout + stderr lines)."""
+    full = {**os.environ, **(env or {})}
+    for var in unset:
+        full.pop(var, None)
+    proc = subprocess.run([sys.executable, str(REPO / "jobs" / script), *args], cwd=cwd, env=full,
+                          capture_output=True, text=True, timeout=300)
+    assert "Traceback" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    return proc.returncode, (proc.stdout + proc.stderr).strip().splitlines()
+
+
+def _one_line(lines: list[str], *needles: str) -> str:
+    advflow = [line for line in lines if line.startswith("[advflow] ")]
+    assert len(advflow) == 1, lines
+    for needle in needles:
+        assert needle in advflow[0], advflow[0]
+    return advflow[0]
+
+
+def _generator_file(path: Path, channels: int, size: str = "tiny", input_size: int = 8) -> Path:
+    from safetensors.torch import save_file
+
+    from advflow.trainers.models import build_generator
+
+    torch.manual_seed(0)
+    G = build_generator(size, in_channels=channels, input_size=input_size, num_classes=10)
+    save_file({k: v.contiguous() for k, v in G.state_dict().items()}, str(path))
+    return path
+
+
+# ------------------------------------------------------------------------- no tracking URI
+
+
+@pytest.mark.parametrize("script,args", [
+    ("generate.py", ["--model", "models:/afm-digits@champion", "--out", "g.png"]),
+    ("promote.py", ["--name", "afm-digits", "--alias", "champion", "--version", "1"]),
+    ("register_checkpoint.py", ["--checkpoint", "{ckpt}", "--name", "afm-digits", "--decoder", "pixel"]),
+])
+def test_registry_commands_refuse_without_a_tracking_uri(tmp_path, script, args):
+    ckpt = _generator_file(tmp_path / "g.safetensors", channels=1)
+    rc, lines = _cli(script, *[a.format(ckpt=ckpt) for a in args], cwd=tmp_path)
+    assert rc == 2
+    _one_line(lines, "MLFLOW_TRACKING_URI is not set", "advflow stack env")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.safetensors"]  # no mlflow.db, no mlruns, no g.png
+
+
+def test_generate_from_a_local_model_folder_needs_no_tracking_uri(tmp_path, mlflow_env):
+    """A registered-model folder on disk is read directly: no URI asked for, and no ./mlflow.db."""
+    import mlflow
+
+    from advflow.platform.tracking import registry
+    from advflow.trainers.models import build_generator
+
+    G = build_generator("tiny", in_channels=1, input_size=8, num_classes=10).eval()
+    mlflow.set_experiment("cli-errors")
+    with mlflow.start_run():
+        done = registry.log_generator(G, decoder={"name": "pixel", "scaling_factor": 1.0}, data_shape=(1, 8, 8),
+                                      num_classes=10, registered_name=None)
+    folder = Path(mlflow.artifacts.download_artifacts(done.model_uri, dst_path=str(tmp_path / "model")))
+    work = tmp_path / "work"
+    work.mkdir()
+    rc, lines = _cli("generate.py", "--model", str(folder), "--labels", "0-1", "--per-label", "2",
+                     "--out", "grid.png", cwd=work)
+    assert rc == 0, lines
+    assert sorted(p.name for p in work.iterdir()) == ["grid.png"]
+
+
+# ------------------------------------------------------------------------- register_checkpoint
+
+
+def test_register_checkpoint_refuses_a_decoder_channel_mismatch_before_any_run(tmp_path, mlflow_env):
+    from mlflow.tracking import MlflowClient
+
+    ckpt = _generator_file(tmp_path / "latent.safetensors", channels=4)
+    experiment = "cli-" + uuid.uuid4().hex[:8]
+    rc, lines = _cli("register_checkpoint.py", "--checkpoint", str(ckpt), "--name", "g-" + uuid.uuid4().hex[:6],
+                     "--decoder", "pixel", "--experiment", experiment, cwd=tmp_path, unset=())
+    assert rc == 2
+    _one_line(lines, "--decoder pixel", "4-channel", "--decoder sd-vae")
+    rc, lines = _cli("register_checkpoint.py", "--checkpoint", str(_generator_file(tmp_path / "px.safetensors", 1)),
+                     "--name", "g-x", "--decoder", "sd-vae", "--vae-path", str(tmp_path), "--experiment", experiment,
+                     cwd=tmp_path, unset=())
+    assert rc == 2
+    _one_line(lines, "--decoder sd-vae", "1-channel", "--decoder pixel")
+    assert MlflowClient().get_experiment_by_name(experiment) is None  # no run, not even its experiment
+
+
+def test_register_checkpoint_needs_allow_new_architecture_for_another_architecture(tmp_path, mlflow_env):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    name = "g-" + uuid.uuid4().hex[:8]
+    tiny = _generator_file(tmp_path / "tiny.safetensors", channels=1)
+    other = _generator_file(tmp_path / "s2.safetensors", channels=1, size="S/2")
+    assert _cli("register_checkpoint.py", "--checkpoint", str(tiny), "--name", name, "--decoder", "pixel",
+                cwd=tmp_path, unset=())[0] == 0
+    runs_before = len(client.search_runs([client.get_experiment_by_name("imports").experiment_id]))
+    rc, lines = _cli("register_checkpoint.py", "--checkpoint", str(other), "--name", name, "--decoder", "pixel",
+                     cwd=tmp_path, unset=())
+    assert rc == 2
+    _one_line(lines, f"--name {name}", "size tiny -> S/2", "--allow-new-architecture")
+    assert [mv.version for mv in client.search_model_versions(f"name = '{name}'")] == ["1"]
+    assert len(client.search_runs([client.get_experiment_by_name("imports").experiment_id])) == runs_before
+    # The same architecture again is fine; another one with the flag too.
+    assert _cli("register_checkpoint.py", "--checkpoint", str(tiny), "--name", name, "--decoder", "pixel",
+                cwd=tmp_path, unset=())[0] == 0
+    rc, lines = _cli("register_checkpoint.py", "--checkpoint", str(other), "--name", name, "--decoder", "pixel",
+                     "--allow-new-architecture", cwd=tmp_path, unset=())
+    assert rc == 0, lines
+    assert sorted(mv.version for mv in client.search_model_versions(f"name = '{name}'")) == ["1", "2", "3"]
