@@ -16,6 +16,9 @@ import sys
 import time
 from pathlib import Path
 
+import urllib.error
+import urllib.request
+
 import pytest
 
 from advflow.infra.local import services
@@ -37,6 +40,20 @@ def _kill(handle: services.ServiceHandle) -> None:
         except ProcessLookupError:
             pass
     handle.stop(grace_s=1)  # reaps the child; the session is already gone
+
+
+def _signed(method: str, url: str, creds: dict[str, str]) -> "urllib.request.Request":
+    """A raw request signed (SigV4) as an SDK would, for paths no SDK call reaches."""
+    import urllib.request
+
+    from botocore.auth import S3SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    request = AWSRequest(method=method, url=url, data=b"")
+    key = Credentials(creds["AWS_ACCESS_KEY_ID"], creds["AWS_SECRET_ACCESS_KEY"])
+    S3SigV4Auth(key, "s3", "us-east-1").add_auth(request)
+    return urllib.request.Request(url, method=method, headers=dict(request.headers.items()))
 
 
 def _snapshot(client, bucket: str) -> dict[str, dict]:
@@ -120,16 +137,20 @@ def test_s3fs_writes_are_kept_and_reset_is_refused(tmp_path):
     try:
         services.ensure_bucket(s3, BUCKET)
         fs = s3fs.S3FileSystem(
-            key="testing", secret="testing", client_kwargs={"endpoint_url": s3.url, "region_name": "us-east-1"}
+            key=s3.env["AWS_ACCESS_KEY_ID"], secret=s3.env["AWS_SECRET_ACCESS_KEY"],
+            client_kwargs={"endpoint_url": s3.url, "region_name": "us-east-1"},
         )
         fs.pipe(f"{BUCKET}/shards/000.bin", b"x" * 1000)
         with fs.open(f"{BUCKET}/shards/001.bin", "wb", block_size=5 << 20) as fh:  # s3fs's multipart
             fh.write(b"y" * (6 << 20))
         fs.rm(f"{BUCKET}/shards/000.bin")
         # moto's reset would empty memory while the disk keeps everything: refused, and why.
-        request = urllib.request.Request(f"{s3.url}/moto-api/reset", method="POST")
+        # (Unsigned it does not even get that far.)
         with pytest.raises(urllib.error.HTTPError) as info:
-            urllib.request.urlopen(request, timeout=10)
+            urllib.request.urlopen(urllib.request.Request(f"{s3.url}/moto-api/reset", method="POST"), timeout=10)
+        assert info.value.code == 403
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(_signed("POST", f"{s3.url}/moto-api/reset", s3.env), timeout=10)
         assert info.value.code == 409 and "remove that folder" in info.value.read().decode()
         # Tags are served but not kept: the log says so.
         services.s3_client(s3).put_object_tagging(
@@ -141,8 +162,8 @@ def test_s3fs_writes_are_kept_and_reset_is_refused(tmp_path):
     s3 = _start(tmp_path)
     try:
         fs = s3fs.S3FileSystem(
-            key="testing", secret="testing", client_kwargs={"endpoint_url": s3.url, "region_name": "us-east-1"},
-            skip_instance_cache=True,
+            key=s3.env["AWS_ACCESS_KEY_ID"], secret=s3.env["AWS_SECRET_ACCESS_KEY"],
+            client_kwargs={"endpoint_url": s3.url, "region_name": "us-east-1"}, skip_instance_cache=True,
         )
         assert fs.ls(f"{BUCKET}/shards") == [f"{BUCKET}/shards/001.bin"]
         assert fs.cat_file(f"{BUCKET}/shards/001.bin", start=10, end=20) == b"y" * 10
@@ -181,3 +202,74 @@ def test_restore_progress_is_logged_for_a_large_store(tmp_path):
     assert lines[-2].startswith("[s3-store] restored 200 objects")
     assert time.monotonic() - started < 60
     assert json.loads((tmp_path / "data" / "store.json").read_text())["format"] == 1
+
+
+# ------------------------------------------------------------------------------ credentials
+
+
+def _refusal(call) -> str:
+    """The S3 error code a call got; fails the test when the call was answered."""
+    from botocore.exceptions import ClientError
+
+    try:
+        call()
+    except ClientError as exc:
+        status = exc.response["ResponseMetadata"]["HTTPStatusCode"]
+        assert status == 403, exc.response
+        return exc.response["Error"]["Code"]
+    raise AssertionError("the endpoint answered a request made without the stack's credentials")
+
+
+def test_only_the_generated_credentials_read_write_and_list(tmp_path):
+    import boto3
+    from botocore import UNSIGNED
+    from botocore.config import Config
+
+    s3 = _start(tmp_path)
+    try:
+        creds_file = tmp_path / "state" / services.S3_CREDENTIALS_FILE
+        assert oct(creds_file.stat().st_mode & 0o777) == "0o600"  # a secret: owner-only
+        assert s3.env["AWS_SECRET_ACCESS_KEY"] in creds_file.read_text()
+        assert s3.env["AWS_ACCESS_KEY_ID"] != "testing" and len(s3.env["AWS_SECRET_ACCESS_KEY"]) >= 40
+        services.ensure_bucket(s3, BUCKET)
+        good = services.s3_client(s3)
+        good.put_object(Bucket=BUCKET, Key="kept", Body=b"right key")
+
+        def client(**kw):
+            return boto3.session.Session().client("s3", endpoint_url=s3.url, region_name="us-east-1", **kw)
+
+        clients = {
+            "wrong secret": client(aws_access_key_id=s3.env["AWS_ACCESS_KEY_ID"], aws_secret_access_key="x" * 40),
+            "wrong key id": client(aws_access_key_id="testing", aws_secret_access_key="testing"),
+            "unsigned": client(config=Config(signature_version=UNSIGNED)),
+        }
+        expected = {"wrong secret": "SignatureDoesNotMatch", "wrong key id": "InvalidAccessKeyId",
+                    "unsigned": "AccessDenied"}  # fmt: skip
+        for name, bad in clients.items():
+            calls = {
+                "read": lambda: bad.get_object(Bucket=BUCKET, Key="kept"),
+                "write": lambda: bad.put_object(Bucket=BUCKET, Key="planted", Body=b"x" * 70_000),
+                "list": lambda: bad.list_objects_v2(Bucket=BUCKET),
+                "list buckets": lambda: bad.list_buckets(),
+                "delete": lambda: bad.delete_object(Bucket=BUCKET, Key="kept"),
+            }
+            for what, call in calls.items():
+                assert _refusal(call) == expected[name], (name, what)
+        # Nothing a refused request sent reached moto or the disk; the right key still works.
+        assert [o["Key"] for o in good.list_objects_v2(Bucket=BUCKET)["Contents"]] == ["kept"]
+        assert store_stats(tmp_path / "data")[:2] == (1, 1)
+        assert good.get_object(Bucket=BUCKET, Key="kept")["Body"].read() == b"right key"
+        assert "refused GET" in s3.log_path.read_text()
+        # The message says what to do.
+        from botocore.exceptions import ClientError
+
+        with pytest.raises(ClientError, match=r"advflow stack env"):
+            clients["unsigned"].get_object(Bucket=BUCKET, Key="kept")
+    finally:
+        s3.stop()
+    # A restart keeps the key: clients holding it (MLflow, a shell's exports) keep working.
+    s3 = _start(tmp_path)
+    try:
+        assert services.s3_client(s3).get_object(Bucket=BUCKET, Key="kept")["Body"].read() == b"right key"
+    finally:
+        s3.stop()

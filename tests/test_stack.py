@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import stat
@@ -160,10 +161,34 @@ def test_start_moto_handle_serves_s3_and_stops(tmp_path):
     assert s3.health() == "not running"
 
 
+def test_in_memory_moto_requires_its_generated_credentials(tmp_path):
+    import boto3
+    from botocore.exceptions import ClientError
+
+    with services.start_moto(tmp_path / "moto") as s3:
+        services.ensure_bucket(s3, "mem-bucket")  # with the key in s3.env
+        services.s3_client(s3).put_object(Bucket="mem-bucket", Key="k", Body=b"v")
+        assert s3.info["credentials_file"] == str(tmp_path / "moto" / services.S3_CREDENTIALS_FILE)
+        wrong = boto3.session.Session().client(
+            "s3", endpoint_url=s3.url, region_name="us-east-1",
+            aws_access_key_id=s3.env["AWS_ACCESS_KEY_ID"], aws_secret_access_key="testing",
+        )  # fmt: skip
+        for call in (lambda: wrong.get_object(Bucket="mem-bucket", Key="k"),
+                     lambda: wrong.put_object(Bucket="mem-bucket", Key="k", Body=b"planted"),
+                     lambda: wrong.list_objects_v2(Bucket="mem-bucket")):  # fmt: skip
+            with pytest.raises(ClientError, match="SignatureDoesNotMatch"):
+                call()
+        assert services.s3_client(s3).get_object(Bucket="mem-bucket", Key="k")["Body"].read() == b"v"
+        # A Ray head's jobs get the file's path, never the secret itself.
+        worker = services.worker_env(s3)
+        assert worker["AWS_SHARED_CREDENTIALS_FILE"] == s3.info["credentials_file"]
+        assert s3.env["AWS_SECRET_ACCESS_KEY"] not in json.dumps(worker)
+
+
 def test_external_s3_is_checked_and_used_as_is(tmp_path):
     with services.start_moto(tmp_path / "moto") as s3, pytest.MonkeyPatch.context() as mp:
-        for key, value in services.MOTO_CREDENTIALS.items():
-            mp.setenv(key, value)
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+            mp.setenv(key, s3.env[key])
         external = services.external_s3(s3.url + "/", timeout_s=10)
         assert external.external and external.url == s3.url and external.pid is None
         assert "AWS_ACCESS_KEY_ID" not in external.env  # credentials stay the user's own
@@ -254,6 +279,12 @@ def test_env_exports_point_at_the_stack(stack, stack_env):
     assert stack_env["ADVFLOW_BUCKET"] == "advflow-test"
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
         assert stack_env[key]
+    # The S3 key is the one `up` generated into the 0600 file, not a well-known default.
+    creds_file = stack["state_dir"] / services.S3_CREDENTIALS_FILE
+    assert stat.S_IMODE(creds_file.stat().st_mode) == 0o600
+    assert stack_env["AWS_ACCESS_KEY_ID"] in creds_file.read_text()
+    assert stack_env["AWS_SECRET_ACCESS_KEY"] in creds_file.read_text()
+    assert stack_env["AWS_SECRET_ACCESS_KEY"] != "testing"
     token_file = Path(stack_env["RAY_AUTH_TOKEN_PATH"])
     assert stat.S_IMODE(token_file.stat().st_mode) == 0o600  # a secret: owner-only
     assert len(token_file.read_text().strip()) == 64
@@ -271,6 +302,36 @@ def test_s3_endpoint_from_env_creates_and_lists_buckets(stack_env, monkeypatch):
     names = {b["Name"] for b in client.list_buckets()["Buckets"]}
     assert {"advflow-test", "probe-bucket"} <= names  # `up` created the stack's bucket
     assert client.get_object(Bucket="probe-bucket", Key="k.txt")["Body"].read() == b"payload"
+
+
+@pytest.mark.slow
+def test_the_stack_s3_refuses_other_credentials(stack_env):
+    import boto3
+    from botocore import UNSIGNED
+    from botocore.config import Config
+    from botocore.exceptions import ClientError
+
+    def client(**kw):
+        return boto3.session.Session().client(
+            "s3", endpoint_url=stack_env["AWS_ENDPOINT_URL"], region_name="us-east-1", **kw
+        )
+
+    right = client(aws_access_key_id=stack_env["AWS_ACCESS_KEY_ID"],
+                   aws_secret_access_key=stack_env["AWS_SECRET_ACCESS_KEY"])  # fmt: skip
+    right.put_object(Bucket="advflow-test", Key="auth/right", Body=b"ok")
+    for bad in (
+        client(aws_access_key_id="testing", aws_secret_access_key="testing"),  # the old default
+        client(aws_access_key_id=stack_env["AWS_ACCESS_KEY_ID"], aws_secret_access_key="wrong"),
+        client(config=Config(signature_version=UNSIGNED)),
+    ):
+        for call in (lambda: bad.get_object(Bucket="advflow-test", Key="auth/right"),
+                     lambda: bad.put_object(Bucket="advflow-test", Key="auth/planted", Body=b"x"),
+                     lambda: bad.list_objects_v2(Bucket="advflow-test")):  # fmt: skip
+            with pytest.raises(ClientError) as info:
+                call()
+            assert info.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+    listed = right.list_objects_v2(Bucket="advflow-test", Prefix="auth/")["Contents"]
+    assert [o["Key"] for o in listed] == ["auth/right"]
 
 
 @pytest.mark.slow
@@ -366,6 +427,103 @@ def test_plain_ray_init_from_the_exported_shell_connects(stack_env, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "TASK advflow-test" in result.stdout
+
+
+# A job as advflow runs one: ensure_ray() (the driver's runtime_env), then a task and an actor that
+# write, read and list S3 with each client advflow uses, taking credentials only from their process.
+# While the actor is alive the driver dumps what Ray's state API shows of the job.
+_SECRET_PROBE = """
+import json, os, sys, types, uuid
+import ray
+from advflow.platform.train.ray_launch import ensure_ray, storage
+
+SECRET = os.environ.get("PROBE_SECRET_HASH")  # only a hash of it travels; the job never prints it
+PREFIX = "secret-probe/" + uuid.uuid4().hex[:8]
+
+def use_s3(where):
+    import hashlib, boto3, pyarrow.fs
+    from advflow.platform.data.storage import Storage
+    bucket = os.environ["ADVFLOW_BUCKET"]
+    boto3.session.Session().client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"]).put_object(
+        Bucket=bucket, Key=f"{PREFIX}/{where}/boto3", Body=b"boto3")
+    st = Storage(f"s3://{bucket}/{PREFIX}/{where}")
+    st.write_atomic("s3fs", b"s3fs")
+    path, fs = storage(types.SimpleNamespace(run=types.SimpleNamespace(storage_path=f"s3://{bucket}/{PREFIX}")))
+    with fs.open_output_stream(f"{path}/{where}/pyarrow") as out:
+        out.write(b"pyarrow")
+    listed = sorted(i.base_name for i in fs.get_file_info(pyarrow.fs.FileSelector(f"{path}/{where}")))
+    seen = {k for k, v in os.environ.items() if hashlib.sha256(v.encode()).hexdigest() == SECRET}
+    return {"listed": listed, "read": st.read("s3fs").decode(), "secret_in_env": sorted(seen)}
+
+@ray.remote(num_cpus=0)
+def task():
+    return use_s3("task")
+
+@ray.remote(num_cpus=0)
+class Actor:
+    def run(self):
+        return use_s3("actor")
+
+ensure_ray()
+actor = Actor.remote()
+result = {"task": ray.get(task.remote()), "actor": ray.get(actor.run.remote())}
+from ray.util.state import list_actors, list_jobs, list_tasks
+state = [list_actors(detail=True, limit=1000), list_tasks(detail=True, limit=10000), list_jobs(detail=True)]
+with open(sys.argv[1], "w") as fh:
+    fh.write(repr(state))
+print("PROBE " + json.dumps(result, sort_keys=True))
+"""
+
+
+def _probe_result(stdout: str) -> dict:
+    line = next(line for line in stdout.splitlines() if line.startswith("PROBE "))
+    return json.loads(line[len("PROBE "):])
+
+
+@pytest.mark.slow
+def test_no_s3_secret_in_rays_apis_while_jobs_use_s3(stack, stack_env, tmp_path):
+    import hashlib
+    import urllib.request
+
+    secret = stack_env["AWS_SECRET_ACCESS_KEY"]
+    assert len(secret) >= 40 and secret in (stack["state_dir"] / services.S3_CREDENTIALS_FILE).read_text()
+    script = tmp_path / "job" / "secret_probe.py"
+    script.parent.mkdir()
+    script.write_text(_SECRET_PROBE)
+    env = {**stack_env, "HOME": str(tmp_path), "PROBE_SECRET_HASH": hashlib.sha256(secret.encode()).hexdigest()}
+    want = {"listed": ["boto3", "pyarrow", "s3fs"], "read": "s3fs", "secret_in_env": []}
+
+    # 1. A driver run from the shell that holds the secret (`eval "$(advflow stack env)"`).
+    direct = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "state_direct.txt")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert direct.returncode == 0, direct.stdout[-3000:] + direct.stderr[-3000:]
+    assert _probe_result(direct.stdout) == {"actor": want, "task": want}  # S3 works, no secret in env
+
+    # 2. The same job through `ray job submit`: its driver gets the head's environment.
+    submitted = _submit(env, script.parent, "python", "secret_probe.py", str(tmp_path / "state_job.txt"))
+    assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
+    assert _probe_result(submitted.stdout) == {"actor": want, "task": want}
+    job_id = re.search(r"raysubmit_[A-Za-z0-9]+", submitted.stdout).group(0)
+    logs = subprocess.run([RAY, "job", "logs", job_id], env=env, capture_output=True, text=True, timeout=120)
+    assert logs.returncode == 0 and "PROBE " in logs.stdout, logs.stderr[-2000:]
+
+    # What Ray shows, during each job (dumped by the driver) and after (HTTP API, with the token).
+    token = Path(stack_env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+    shown = {"during the direct job": (tmp_path / "state_direct.txt").read_text(),
+             "during the submitted job": (tmp_path / "state_job.txt").read_text(),
+             "ray job logs": logs.stdout + logs.stderr, "ray job submit": submitted.stdout + submitted.stderr}
+    for path in ("/api/v0/actors?detail=1&limit=1000", "/api/v0/tasks?detail=1&limit=10000",
+                 "/api/v0/jobs?detail=1", "/api/jobs/"):  # fmt: skip
+        request = urllib.request.Request(stack_env["RAY_API_SERVER_ADDRESS"] + path,
+                                         headers={"Authorization": f"Bearer {token}"})  # fmt: skip
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            shown[path] = answer.read().decode()
+    assert "Actor.run" in shown["/api/v0/tasks?detail=1&limit=10000"]  # the jobs' tasks are listed
+    assert stack_env["AWS_ENDPOINT_URL"] in shown["during the direct job"]  # its runtime_env is shown
+    leaks = [where for where, text in shown.items() if secret in text]
+    assert not leaks, f"the S3 secret is visible in: {leaks}"
 
 
 _LOOPBACK_HEX = {"0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F"}

@@ -31,7 +31,11 @@ settings, and unfinished multipart uploads; a request that sets one of them is s
 server's log says it will not survive a restart. ``POST /moto-api/reset`` is refused: it would
 empty memory while the disk keeps everything.
 
-Run: ``python -m advflow.infra.local.s3_store --data-dir DIR [--host 127.0.0.1] [--port 29000]``.
+Every request must be signed (AWS SigV4) with the key in ``--credentials-file``
+(``advflow.infra.local.s3_auth``); others get 403 before moto or the disk sees them.
+
+Run: ``python -m advflow.infra.local.s3_store (--data-dir DIR | --memory) --credentials-file FILE
+[--host 127.0.0.1] [--port 29000]``.
 """
 
 from __future__ import annotations
@@ -526,18 +530,32 @@ def restore(store: DiskStore, view: MotoView, progress_every_s: float = 2.0) -> 
     return count, size
 
 
-def build_app(store: DiskStore) -> WriteThrough:
+def build_app(store: DiskStore | None, credentials: dict[str, str]) -> Callable:
+    """moto's S3 app, written through to ``store`` (None: in memory only), behind the signature
+    check. The check comes first: an unsigned request reaches neither moto nor the disk."""
     from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
 
-    return WriteThrough(DomainDispatcherApplication(create_backend_app), store, MotoView())
+    from advflow.infra.local.s3_auth import RequireSignature
+
+    app: Callable = DomainDispatcherApplication(create_backend_app)
+    if store is not None:
+        app = WriteThrough(app, store, MotoView())
+    return RequireSignature(app, credentials, log=_log)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m advflow.infra.local.s3_store",
-        description="moto's S3 server with buckets kept on disk (written through on every change)",
+        description="moto's S3 server with buckets kept on disk (written through on every change), "
+        "answering only requests signed with the key in --credentials-file",
     )
-    parser.add_argument("--data-dir", required=True, help="the store's folder (created if missing)")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--data-dir", help="the store's folder (created if missing)")
+    where.add_argument("--memory", action="store_true", help="keep buckets in memory only (lost at exit)")
+    parser.add_argument(
+        "--credentials-file", required=True,
+        help="AWS shared-credentials file (profile advflow-stack) with the only key accepted",
+    )  # fmt: skip
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=29000, help="port (default 29000)")
     args = parser.parse_args(argv)
@@ -546,15 +564,21 @@ def main(argv: list[str] | None = None) -> int:
     from moto.moto_server.werkzeug_app import MotoRequestHandler
     from werkzeug.serving import make_server
 
+    from advflow.infra.local.s3_auth import read_credentials
+
     try:
-        store = DiskStore(Path(args.data_dir))
-    except RuntimeError as exc:
+        credentials = read_credentials(Path(args.credentials_file))
+        store = None if args.memory else DiskStore(Path(args.data_dir))
+    except (RuntimeError, ValueError) as exc:
         print(f"s3_store: error: {exc}", file=sys.stderr)
         return 1
-    app = build_app(store)
-    restore(store, app.view)  # before the port opens: no client sees a half-restored store
+    app = build_app(store, credentials)
+    if store is not None:
+        restore(store, MotoView())  # before the port opens: no client sees a half-restored store
     server = make_server(args.host, args.port, app, threaded=True, request_handler=MotoRequestHandler)
-    _log(f"serving S3 on http://{args.host}:{args.port}, store {store.id} in {store.root}")
+    where_text = f"store {store.id} in {store.root}" if store is not None else "buckets in memory only"
+    _log(f"serving S3 on http://{args.host}:{args.port}, {where_text}; requests must be signed with "
+         f"the key in {args.credentials_file}")  # fmt: skip
     server.serve_forever()
     return 0
 

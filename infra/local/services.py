@@ -8,9 +8,14 @@ directory, and returns a ``ServiceHandle``. Tests of other issues reuse these di
     with services.start_moto(tmp_path / "s3") as s3:           # free port when port=None
         services.ensure_bucket(s3, "advflow")
         with services.start_mlflow(tmp_path / "mlflow", s3=s3, bucket="advflow") as mlflow_srv, \\
-             services.start_ray_head(tmp_path / "ray", job_env={**s3.env, **mlflow_srv.env}) as ray:
+             services.start_ray_head(tmp_path / "ray",
+                                     job_env={**services.worker_env(s3), **mlflow_srv.env}) as ray:
             env = {**s3.env, **mlflow_srv.env, **ray.env}         # what a client exports
             ...
+
+The S3 servers started here answer only requests signed with the key they were given (a 0600
+credentials file, ``<state_dir>/s3_credentials``); ``s3.env`` carries it for clients, and
+``worker_env(s3)`` names the file instead, for a Ray head whose jobs must not hold the secret.
 
 ``advflow.infra.local.stack`` composes them into ``advflow stack up | down | status | env``.
 """
@@ -42,12 +47,15 @@ from advflow.infra.local.proc import (
     wait_healthy,
 )
 
-# moto accepts any credentials; fixed ones keep `stack env` output stable across restarts.
-MOTO_CREDENTIALS = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
+# The S3 endpoint's key (an AWS shared-credentials file, 0600), in the S3 service's directory.
+S3_CREDENTIALS_FILE = "s3_credentials"
+# AWS variables a Ray head must not inherit from the caller's shell when it is given the stack's
+# credentials: a stale AWS_ACCESS_KEY_ID (an earlier `eval "$(advflow stack env)"`) would beat the
+# credentials file, and a foreign AWS_PROFILE would name a profile the file does not have.
+_AWS_CREDENTIAL_VARS = (
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
+    "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SHARED_CREDENTIALS_FILE",
+)  # fmt: skip
 
 # Ray puts AF_UNIX sockets under <temp-dir>/session_<date>_<pid>/sockets/plasma_store; Linux caps a
 # socket path at 107 bytes, and the part after <temp-dir> takes about 63 of them.
@@ -193,21 +201,29 @@ def start_moto(
     timeout_s: float = 60.0,
     wait: bool = True,
     store_id: str | None = None,
+    credentials_file: Path | None = None,
 ) -> ServiceHandle:
     """Start an in-memory moto S3 server on 127.0.0.1 (``port=None``: a free port).
 
     Data lives only as long as the process: stopping it drops every bucket. ``info["store"]`` is
     ``store_id`` or a fresh "memory:<hex>": a database bound to it never matches a later start.
-    ``start_persistent_s3`` is the variant that keeps its buckets on disk.
+    ``start_persistent_s3`` is the variant that keeps its buckets on disk. Like it, this server
+    answers only requests signed with the key in ``credentials_file`` (default
+    ``<state_dir>/s3_credentials``, created when missing); ``handle.env`` carries that key.
     """
     state_dir = _service_dir(state_dir)
     port = port or free_port()
     url = f"http://{LOCALHOST}:{port}"
-    argv = [sys.executable, "-m", "moto.server", "-H", LOCALHOST, "-p", str(port)]
+    creds_path, creds = _s3_credentials(state_dir, credentials_file)
+    argv = [
+        sys.executable, "-m", "advflow.infra.local.s3_store", "--memory",
+        "--credentials-file", str(creds_path), "--host", LOCALHOST, "--port", str(port),
+    ]  # fmt: skip
     return _launch(
         "s3", "moto", url, argv, state_dir, os.environ,
-        client_env={"AWS_ENDPOINT_URL": url, "MLFLOW_S3_ENDPOINT_URL": url, **MOTO_CREDENTIALS},
-        info={"port": port, "store": store_id or f"memory:{secrets.token_hex(8)}"},
+        client_env={"AWS_ENDPOINT_URL": url, "MLFLOW_S3_ENDPOINT_URL": url, **creds},
+        info={"port": port, "store": store_id or f"memory:{secrets.token_hex(8)}",
+              "credentials_file": str(creds_path)},  # fmt: skip
         timeout_s=timeout_s,
         wait=wait,
     )  # fmt: skip
@@ -220,12 +236,15 @@ def start_persistent_s3(
     *,
     timeout_s: float = 120.0,
     wait: bool = True,
+    credentials_file: Path | None = None,
 ) -> ServiceHandle:
     """Start moto's S3 server with every bucket kept in ``data_dir`` (``advflow.infra.local.s3_store``).
 
     Each change is on disk before the client gets its answer, so stopping or killing the server
     (or the machine) loses nothing; the next start loads ``data_dir`` back before the port opens.
-    ``info["store"]`` is the store's id, which the stack binds MLflow's database to.
+    ``info["store"]`` is the store's id, which the stack binds MLflow's database to. Only requests
+    signed with the key in ``credentials_file`` (default ``<state_dir>/s3_credentials``, created
+    when missing, kept when present) are answered; ``handle.env`` carries that key.
     """
     from advflow.infra.local.s3_store import ensure_store
 
@@ -234,17 +253,43 @@ def start_persistent_s3(
     store = ensure_store(data_dir)
     port = port or free_port()
     url = f"http://{LOCALHOST}:{port}"
+    creds_path, creds = _s3_credentials(state_dir, credentials_file)
     argv = [
-        sys.executable, "-m", "advflow.infra.local.s3_store",
-        "--data-dir", str(data_dir), "--host", LOCALHOST, "--port", str(port),
+        sys.executable, "-m", "advflow.infra.local.s3_store", "--data-dir", str(data_dir),
+        "--credentials-file", str(creds_path), "--host", LOCALHOST, "--port", str(port),
     ]  # fmt: skip
     return _launch(
         "s3", "moto-disk", url, argv, state_dir, os.environ,
-        client_env={"AWS_ENDPOINT_URL": url, "MLFLOW_S3_ENDPOINT_URL": url, **MOTO_CREDENTIALS},
-        info={"port": port, "data_dir": str(data_dir), "store": f"disk:{store}"},
+        client_env={"AWS_ENDPOINT_URL": url, "MLFLOW_S3_ENDPOINT_URL": url, **creds},
+        info={"port": port, "data_dir": str(data_dir), "store": f"disk:{store}",
+              "credentials_file": str(creds_path)},  # fmt: skip
         timeout_s=timeout_s,
         wait=wait,
     )  # fmt: skip
+
+
+def _s3_credentials(state_dir: Path, credentials_file: Path | None) -> tuple[Path, dict[str, str]]:
+    from advflow.infra.local.s3_auth import ensure_credentials
+
+    path = Path(credentials_file).resolve() if credentials_file else state_dir / S3_CREDENTIALS_FILE
+    return path, ensure_credentials(path)
+
+
+def worker_env(s3: ServiceHandle) -> dict[str, str]:
+    """What a Ray head's jobs need to reach ``s3``, with the credentials as a file, not values.
+
+    A Ray job's runtime_env is shown in plain text by Ray's state API (actors, tasks, jobs); the
+    head's own environment is not. Even there only the file's path goes: boto3, aiobotocore
+    (s3fs) and pyarrow's AWS SDK read AWS_SHARED_CREDENTIALS_FILE + AWS_PROFILE themselves. For an
+    external endpoint (no file of ours) this is ``s3.env``: credentials stay the caller's.
+    """
+    from advflow.infra.local.s3_auth import profile_env
+
+    path = s3.info.get("credentials_file")
+    if not path:
+        return dict(s3.env)
+    endpoints = {k: v for k, v in s3.env.items() if k in ("AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL")}
+    return {**endpoints, **profile_env(Path(path))}
 
 
 def external_s3(url: str, *, timeout_s: float = 30.0) -> ServiceHandle:
@@ -307,8 +352,13 @@ def start_mlflow(
         "--artifacts-destination", f"s3://{bucket}/{prefix}",
         "--workers", str(workers),
     ]  # fmt: skip
-    # The server process writes the artifacts, so it needs the endpoint and credentials.
-    env = {**os.environ, **s3.env}
+    # The server process writes the artifacts, so it needs the endpoint and credentials (ours
+    # replace any from the caller's shell, which could be stale or name a foreign profile).
+    env = dict(os.environ)
+    if s3.info.get("credentials_file"):
+        for name in _AWS_CREDENTIAL_VARS:
+            env.pop(name, None)
+    env.update(s3.env)
     return _launch(
         "mlflow", "mlflow", url, argv, state_dir, env,
         client_env={"MLFLOW_TRACKING_URI": url},
@@ -387,7 +437,9 @@ def start_ray_head(
     holds together with RAY_API_SERVER_ADDRESS (dashboard URL, for job submission), RAY_ADDRESS
     (GCS address, for ray.init) and RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (keeps Ray on loopback).
     ``job_env`` is added to the head's environment, so every job driver and worker inherits it
-    (S3 endpoint, credentials, MLflow URI). Ports left None are picked free.
+    (S3 endpoint, credentials, MLflow URI) without any of it entering a job's runtime_env, which
+    Ray's state API shows. Give S3 credentials as a file (``worker_env(s3)``), so not even the
+    head's environment holds the secret. Ports left None are picked free.
     """
     state_dir = _service_dir(state_dir)
     picked = iter(free_ports(4))
@@ -418,7 +470,11 @@ def start_ray_head(
         "--include-dashboard", "true",
         "--disable-usage-stats",
     ]  # fmt: skip
-    env = {**os.environ, **(job_env or {})}
+    env = dict(os.environ)
+    if any(name in (job_env or {}) for name in _AWS_CREDENTIAL_VARS):
+        for name in _AWS_CREDENTIAL_VARS:  # the caller's shell must not override job_env's credentials
+            env.pop(name, None)
+    env.update(job_env or {})
     # RAY_AUTH_TOKEN would beat RAY_AUTH_TOKEN_PATH; RAY_ADDRESS (say, from an earlier
     # `eval "$(advflow stack env)"`) would point `ray start` and the jobs at another cluster.
     for stale in ("RAY_AUTH_TOKEN", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):

@@ -303,12 +303,21 @@ def _locked(state_dir: Path) -> Iterator[None]:
 
 
 def _job_env(config: StackConfig) -> dict[str, str]:
-    """What every Ray job inherits through the head's environment (S3, MLflow, bucket)."""
+    """What every Ray job inherits through the head's environment (S3, MLflow, bucket).
+
+    The S3 key goes as the path of its credentials file, never as a value: Ray's state API shows
+    a job's runtime_env, and a value in the head's environment would reach every process it starts."""
     if config.s3_endpoint:
         s3_env = {"AWS_ENDPOINT_URL": config.s3_endpoint, "MLFLOW_S3_ENDPOINT_URL": config.s3_endpoint}
     else:
+        from advflow.infra.local.s3_auth import profile_env
+
         url = f"http://{LOCALHOST}:{config.s3_port}"
-        s3_env = {"AWS_ENDPOINT_URL": url, "MLFLOW_S3_ENDPOINT_URL": url, **services.MOTO_CREDENTIALS}
+        s3_env = {
+            "AWS_ENDPOINT_URL": url,
+            "MLFLOW_S3_ENDPOINT_URL": url,
+            **profile_env(config.state_dir / services.S3_CREDENTIALS_FILE),
+        }
     return {
         **s3_env,
         "MLFLOW_TRACKING_URI": f"http://{LOCALHOST}:{config.mlflow_port}",
@@ -579,8 +588,10 @@ def down(state_dir: Path, echo: Callable[[str], None] = log.info) -> bool:
                 state_dir, "its artifacts were in the in-memory S3 server (--s3-memory) that stopped", echo
             )
         (state_dir / STATE_FILE).unlink(missing_ok=True)
-        # The token only guards the head that just stopped; the next `up` writes a new one.
+        # The token and the S3 key only guard services that just stopped; the next `up` writes
+        # new ones (a shell's old exports stop working, as they should).
         (state_dir / "ray_auth_token").unlink(missing_ok=True)
+        (state_dir / services.S3_CREDENTIALS_FILE).unlink(missing_ok=True)
         if s3 is not None and s3.kind == "moto-disk":
             _, objects, size = _store_stats(Path(s3.info["data_dir"]))
             echo(

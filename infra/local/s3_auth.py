@@ -1,0 +1,291 @@
+"""Credentials for the stack's S3 endpoint: the 0600 credentials file and SigV4 checking.
+
+moto's server accepts any request, signed or not, with any key. The stack's endpoint holds every
+dataset, checkpoint and model, and a checkpoint is code-adjacent (it is loaded on resume), so the
+endpoint answers only requests signed (AWS Signature Version 4) with the key that ``advflow stack up``
+generated. Checked here, in front of moto, rather than with moto's IAM mode
+(``INITIAL_NO_AUTH_ACTION_COUNT``): that mode keeps its users in moto's memory (gone after every
+restart, recreated by whoever starts the server) and evaluates IAM policies per request; this check
+needs one key and one HMAC per request and does not depend on moto's internals.
+
+What is verified: the signature over method, path, query, the signed headers and the payload hash
+the client declared (``x-amz-content-sha256``), in the header form every SDK uses (boto3, s3fs /
+aiobotocore, pyarrow's AWS SDK, MLflow through boto3) and the presigned-query form; the request time
+must be within 15 minutes, as on AWS. Not verified: that the body matches the declared hash, nor
+the per-chunk signatures of streaming uploads (their seed signature is checked). Both would only
+matter to someone who can already capture and replay loopback traffic.
+
+The credentials file is an AWS shared-credentials file (INI, profile ``advflow-stack``), so the
+same file that configures the server also configures every client that reads
+``AWS_SHARED_CREDENTIALS_FILE`` + ``AWS_PROFILE`` (boto3, aiobotocore, the AWS C++ SDK in pyarrow):
+the stack's Ray workers use it that way and never see the secret in an environment variable.
+"""
+
+from __future__ import annotations
+
+import configparser
+import datetime as dt
+import hashlib
+import hmac
+import re
+import secrets
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, unquote
+
+from advflow.platform.atomic import write_text
+
+PROFILE = "advflow-stack"
+REGION = "us-east-1"
+MAX_SKEW = dt.timedelta(minutes=15)  # AWS's own limit (RequestTimeTooSkewed)
+_ALGORITHM = "AWS4-HMAC-SHA256"
+_AUTH_RE = re.compile(
+    r"AWS4-HMAC-SHA256\s+Credential=(?P<credential>[^,\s]+)\s*,\s*"
+    r"SignedHeaders=(?P<signed>[^,\s]+)\s*,\s*Signature=(?P<signature>[0-9a-fA-F]+)"
+)
+
+
+# ------------------------------------------------------------------------- the credentials file
+
+
+def write_credentials(path: Path) -> dict[str, str]:
+    """Write fresh credentials to ``path`` (mode 0600, atomically); return them as AWS_* variables."""
+    key_id = "ADVF" + secrets.token_hex(8).upper()  # 20 characters, like an AWS key id
+    secret = secrets.token_urlsafe(30)  # 40 characters, 240 random bits
+    text = (
+        "# advflow stack S3 credentials: written by `advflow stack up`, removed by `advflow stack down`\n"
+        f"[{PROFILE}]\naws_access_key_id = {key_id}\naws_secret_access_key = {secret}\n"
+        f"region = {REGION}\n"
+    )
+    write_text(path, text, mode=0o600)  # the temp file is 0600 from creation too
+    return _as_env(key_id, secret)
+
+
+def read_credentials(path: Path) -> dict[str, str]:
+    """The AWS_* variables in ``path``; ValueError naming the file and the fix when unusable."""
+    parser = configparser.ConfigParser()
+    try:
+        parser.read_string(Path(path).read_text())
+        section = parser[PROFILE]
+        return _as_env(section["aws_access_key_id"].strip(), section["aws_secret_access_key"].strip())
+    except (OSError, configparser.Error, KeyError) as exc:
+        raise ValueError(
+            f"the S3 credentials file {path} is missing or unreadable ({exc!r}); "
+            "`advflow stack down` and `advflow stack up` write a new one"
+        ) from exc
+
+
+def ensure_credentials(path: Path) -> dict[str, str]:
+    """Keep a usable credentials file (a restarted S3 server keeps the key every client already
+    has); write a new one when there is none or it is damaged."""
+    try:
+        return read_credentials(path)
+    except ValueError:
+        return write_credentials(path)
+
+
+def profile_env(path: Path) -> dict[str, str]:
+    """Variables that point a client at the file instead of carrying the secret itself."""
+    return {"AWS_SHARED_CREDENTIALS_FILE": str(path), "AWS_PROFILE": PROFILE, "AWS_DEFAULT_REGION": REGION}
+
+
+def _as_env(key_id: str, secret: str) -> dict[str, str]:
+    return {"AWS_ACCESS_KEY_ID": key_id, "AWS_SECRET_ACCESS_KEY": secret, "AWS_DEFAULT_REGION": REGION}
+
+
+# ------------------------------------------------------------------------------- verification
+
+
+class Refused(Exception):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def _encode(text: str, safe: str = "-_.~") -> str:
+    return quote(text, safe=safe)
+
+
+def _canonical_query(raw: str, drop: str | None = None) -> str:
+    pairs = []
+    for part in raw.split("&") if raw else []:
+        name, _, value = part.partition("=")
+        name, value = unquote(name), unquote(value)
+        if name == drop:
+            continue
+        pairs.append((_encode(name), _encode(value)))
+    return "&".join(f"{n}={v}" for n, v in sorted(pairs))
+
+
+def _header(environ: dict[str, Any], name: str) -> str | None:
+    if name == "content-type":
+        return environ.get("CONTENT_TYPE")
+    if name == "content-length":
+        return environ.get("CONTENT_LENGTH")
+    return environ.get("HTTP_" + name.upper().replace("-", "_"))
+
+
+def _canonical_paths(environ: dict[str, Any]) -> list[str]:
+    """The path as the client sent it and as the spec encodes it. Clients differ in which
+    characters they leave unescaped in a key; either form signed with the right key is accepted."""
+    raw = environ.get("RAW_URI") or environ.get("REQUEST_URI") or ""
+    raw = raw.split("?", 1)[0]
+    if raw.startswith(("http://", "https://")):
+        raw = "/" + raw.split("://", 1)[1].partition("/")[2]
+    if not raw:
+        raw = quote(environ.get("PATH_INFO", "/") or "/", safe="/~")
+    spec = _encode(unquote(raw), safe="-_.~/")
+    return [raw] if spec == raw else [raw, spec]
+
+
+def _signing_key(secret: str, date: str, region: str, service: str) -> bytes:
+    key = ("AWS4" + secret).encode()
+    for part in (date, region, service, "aws4_request"):
+        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+    return key
+
+
+def verify(environ: dict[str, Any], key_id: str, secret: str, now: dt.datetime | None = None) -> None:
+    """Raise Refused unless the request is signed with ``key_id``/``secret`` (SigV4)."""
+    query = environ.get("QUERY_STRING", "")
+    auth = _header(environ, "authorization")
+    presigned = "X-Amz-Signature=" in query or "x-amz-signature=" in query.lower()
+    if auth:
+        match = _AUTH_RE.match(auth.strip())
+        if not match:
+            raise Refused(
+                "AccessDenied",
+                "only AWS Signature Version 4 is accepted (Authorization: AWS4-HMAC-SHA256 ...); "
+                "use an SDK's default s3v4 signer",
+            )
+        credential, signed, signature = match["credential"], match["signed"], match["signature"]
+        amz_date = _header(environ, "x-amz-date") or ""
+        payload = _header(environ, "x-amz-content-sha256") or hashlib.sha256(b"").hexdigest()
+        canonical_query = _canonical_query(query)
+        expires = None
+    elif presigned:
+        params = {unquote(k): unquote(v) for k, _, v in (p.partition("=") for p in query.split("&"))}
+        if params.get("X-Amz-Algorithm") != _ALGORITHM:
+            raise Refused("AccessDenied", "presigned URLs must use X-Amz-Algorithm=AWS4-HMAC-SHA256")
+        credential = params.get("X-Amz-Credential", "")
+        signed = params.get("X-Amz-SignedHeaders", "host")
+        signature = params.get("X-Amz-Signature", "")
+        amz_date = params.get("X-Amz-Date", "")
+        payload = "UNSIGNED-PAYLOAD"
+        canonical_query = _canonical_query(query, drop="X-Amz-Signature")
+        expires = params.get("X-Amz-Expires")
+    elif "Signature=" in query and "AWSAccessKeyId=" in query:
+        raise Refused(
+            "AccessDenied",
+            "Signature Version 2 URLs are not accepted; presign with signature_version='s3v4' "
+            "(botocore.config.Config)",
+        )
+    else:
+        raise Refused(
+            "AccessDenied",
+            "anonymous request: this endpoint answers only requests signed with the stack's S3 "
+            "credentials (`eval \"$(advflow stack env)\"` exports them)",
+        )
+    scope = credential.split("/")
+    if len(scope) != 5 or scope[4] != "aws4_request":
+        raise Refused("AuthorizationHeaderMalformed", f"malformed credential scope {credential!r}")
+    got_key, date, region, service, _ = scope
+    if not hmac.compare_digest(got_key.encode(), key_id.encode()):
+        raise Refused(
+            "InvalidAccessKeyId",
+            "the access key id is not the stack's; `eval \"$(advflow stack env)\"` exports the "
+            "current one (it changes at every `advflow stack down` + `up`)",
+        )
+    try:
+        when = dt.datetime.strptime(amz_date, "%Y%m%dT%H%M%SZ").replace(tzinfo=dt.timezone.utc)
+    except ValueError:
+        raise Refused("AccessDenied", "the request has no valid X-Amz-Date") from None
+    now = now or dt.datetime.now(dt.timezone.utc)
+    if expires is not None:
+        if not expires.isdigit() or now > when + dt.timedelta(seconds=int(expires)):
+            raise Refused("AccessDenied", "the presigned URL has expired")
+    elif abs(now - when) > MAX_SKEW:
+        raise Refused("RequestTimeTooSkewed", "the request time differs from the server's by over 15 minutes")
+    names = signed.lower().split(";")
+    if "host" not in names:
+        raise Refused("AccessDenied", "the host header must be signed")
+    headers = []
+    for name in names:
+        value = _header(environ, name)
+        if value is None:
+            raise Refused("AccessDenied", f"signed header {name!r} is missing from the request")
+        headers.append(f"{name}:{' '.join(value.split())}\n")
+    key = _signing_key(secret, date, region, service)
+    for path in _canonical_paths(environ):
+        canonical = "\n".join([
+            environ.get("REQUEST_METHOD", "GET"), path, canonical_query, "".join(headers), signed.lower(), payload,
+        ])  # fmt: skip
+        to_sign = "\n".join(
+            [_ALGORITHM, amz_date, "/".join(scope[1:]), hashlib.sha256(canonical.encode()).hexdigest()]
+        )
+        expected = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
+        if hmac.compare_digest(expected, signature.lower()):
+            return
+    raise Refused(
+        "SignatureDoesNotMatch",
+        "the signature does not match: the secret access key is not the stack's; "
+        "`eval \"$(advflow stack env)\"` exports the current one",
+    )
+
+
+class RequireSignature:
+    """WSGI middleware: answer 403 (S3's XML error) unless the request is signed with the stack's key."""
+
+    def __init__(self, app: Callable, credentials: dict[str, str], log: Callable[[str], None] = print):
+        self.app = app
+        self.key_id = credentials["AWS_ACCESS_KEY_ID"]
+        self.secret = credentials["AWS_SECRET_ACCESS_KEY"]
+        self.log = log
+        self._refusals = 0
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
+        try:
+            verify(environ, self.key_id, self.secret)
+        except Refused as exc:
+            self._refusals += 1
+            if self._refusals <= 20 or self._refusals % 1000 == 0:  # a scan must not fill the disk
+                self.log(
+                    f"refused {environ.get('REQUEST_METHOD')} {environ.get('PATH_INFO')}: {exc.code} "
+                    f"({self._refusals} refused so far)"
+                )
+            _drain(environ)
+            return error_response(start_response, "403 Forbidden", exc.code, str(exc),
+                                  head=environ.get("REQUEST_METHOD") == "HEAD")  # fmt: skip
+        return self.app(environ, start_response)
+
+
+def _drain(environ: dict[str, Any]) -> None:
+    """Read a refused request's body, so the connection stays in step for the client's next one."""
+    stream = environ.get("wsgi.input")
+    if stream is None:
+        return
+    length = environ.get("CONTENT_LENGTH")
+    try:
+        if length:
+            remaining = int(length)
+            while remaining > 0 and (chunk := stream.read(min(remaining, 1 << 20))):
+                remaining -= len(chunk)
+        elif environ.get("wsgi.input_terminated"):
+            while stream.read(1 << 20):
+                pass
+    except (OSError, ValueError):
+        pass
+
+
+def error_response(
+    start_response: Callable, status: str, code: str, message: str, head: bool = False
+) -> list[bytes]:
+    from xml.sax.saxutils import escape
+
+    body = (
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        f"<Error><Code>{code}</Code><Message>{escape(message)}</Message></Error>"
+    ).encode()
+    start_response(status, [("Content-Type", "application/xml"), ("Content-Length", str(len(body)))])
+    return [] if head else [body]
