@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from advflow.infra.local.services import ensure_bucket, s3_client, start_moto
+    from advflow.infra.local.services import ensure_bucket, s3_client, start_moto, worker_env
     from advflow.platform.config import RunSpec
     from advflow.platform.data.prepare import PrepareConfig, prepare
     from advflow.platform.train.metrics_log import MetricsLog
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         ensure_bucket(s3, "bench")
         os.environ.update(s3.env)  # the driver's pyarrow filesystem (ray_launch.storage) and the log reader
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {**s3.env, "OMP_NUM_THREADS": "1"}})
+                 runtime_env={"env_vars": {**worker_env(s3), "OMP_NUM_THREADS": "1"}})  # no secret in runtime_env
         results = {}
         try:
             for mode in ("sync", "async"):

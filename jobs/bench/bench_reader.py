@@ -136,10 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             # goes to a temporary directory removed after the server stops.
             scratch = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="advflow-bench-reader-")))
             server = cleanup.enter_context(services.start_moto(scratch, timeout_s=60))
-            os.environ["AWS_ENDPOINT_URL"] = server.url
-            for k, v in {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
-                         "AWS_DEFAULT_REGION": "us-east-1"}.items():
-                os.environ.setdefault(k, v)
+            os.environ.update(server.env)  # its endpoint and the key it generated (it refuses others)
             _client().create_bucket(Bucket="advflow-bench")
             prefix = "s3://advflow-bench/latents"
             shape = tuple(int(v) for v in args.shape.split(","))
