@@ -49,7 +49,7 @@ def main(argv=None) -> int:
         if args.storage:
             space.storage = args.storage
     except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
+        print(f"[advflow] config error: {err}", file=sys.stderr)
         return 2
     from advflow.platform.sweep.tune import run_sweep
 
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
         summary = run_sweep(spec, space, args.trials, space_yaml=Path(args.space).read_text(),
                             report_path=args.report)
     except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
+        print(f"[advflow] config error: {err}", file=sys.stderr)
         return 2
     from advflow.platform.log import get_logger
 

@@ -126,3 +126,27 @@ def test_register_checkpoint_needs_allow_new_architecture_for_another_architectu
                      "--allow-new-architecture", cwd=tmp_path, unset=())
     assert rc == 0, lines
     assert sorted(mv.version for mv in client.search_model_versions(f"name = '{name}'")) == ["1", "2", "3"]
+
+
+# ------------------------------------------------------------------------- sweep
+
+
+def test_sweep_with_an_unknown_parameter_fails_before_launch(tmp_path, digits, mlflow_env):
+    """A misspelt field fails at once, naming it: no Optuna study, no MLflow parent run, no Ray."""
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    db = tmp_path / "sweeps" / "typo.db"
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({
+        "study_name": "typo", "storage": f"sqlite:///{db}",
+        "params": {"optim.lr": {"type": "float", "low": 1e-5, "high": 1e-3, "log": True},
+                   "adversarial.gp_scael": {"type": "float", "low": 0.1, "high": 1.0}}}))
+    experiment = "cli-sweep-" + uuid.uuid4().hex[:8]
+    rc, lines = _cli("sweep.py", "--config", str(REPO / "jobs/configs/digits_tiny.yaml"), "--space", str(space),
+                     "--trials", "2", "--set", f"data.prefix={digits}", "--set", f"tracking.experiment={experiment}",
+                     cwd=tmp_path, unset=("RAY_ADDRESS",))
+    assert rc == 2
+    _one_line(lines, "adversarial.gp_scael", "gp_scale", "fix or remove params.adversarial.gp_scael")
+    assert not db.parent.exists()  # no study
+    assert MlflowClient().get_experiment_by_name(experiment) is None  # no parent run

@@ -155,6 +155,25 @@ class SweepSpace:
         return got
 
 
+    def check_against(self, base: dict) -> None:
+        """Refuse a space that names a config field the schema does not have, or whose values the
+        schema rejects, before anything is launched: otherwise the first trial fails inside a Ray
+        traceback after the study and the MLflow parent run already exist. Each parameter is applied
+        alone at its bounds (or each choice) on top of `base` and the space's overrides."""
+        try:
+            apply_params(base, {}, self.overrides)
+        except ConfigError as err:
+            raise ConfigError(f"space overrides: {err}") from None
+        for p in self.params:
+            values = p.choices if p.type == "categorical" else [p.low, p.high]
+            for value in values:
+                value = int(value) if p.type == "int" else value
+                try:
+                    apply_params(base, {p.name: value}, self.overrides)
+                except ConfigError as err:
+                    raise ConfigError(f"space parameter {p.name!r} (value {value!r}): {err}; fix or remove "
+                                      f"params.{p.name} in the space YAML") from None
+
     def baseline_point(self, base: dict) -> dict[str, Any]:
         """The base config's values of the searched parameters (those inside the space)."""
         point: dict[str, Any] = {}

@@ -104,6 +104,7 @@ def run_sweep(spec: RunSpec, space: SweepSpace, trials: int, *, space_yaml: str 
     t0 = time.time()
     space.storage = absolute_storage(space.storage)
     base = prepare_base(spec)
+    space.check_against(base)  # before the study, the parent run or any trial exists
     study, storage, sampler = open_study(space)
     counts = recover_study(study)
     finished = counts.get("COMPLETE", 0) + counts.get("PRUNED", 0)
