@@ -45,6 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true", help="replace a dataset made with other parameters")
     p.add_argument("--endpoint-url", help="S3 endpoint override (default: AWS_ENDPOINT_URL)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse a source whose class folders hold files that are not .jpg/.jpeg/.png (default: skip them with a warning)")
     args = p.parse_args(argv)
     if not args.verify and not (args.source and args.out):
         p.error("pass --source and --out to prepare, or --verify PREFIX")
@@ -67,14 +69,14 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed, limit=args.limit, batch_size=args.batch_size, device=args.device,
             ray_address=args.ray_address, ray_gpus=args.ray_gpus, overwrite=args.overwrite,
             endpoint_url=args.endpoint_url, progress=not args.no_progress,
-            digits_holdout=args.digits_holdout, digits_holdout_seed=args.digits_holdout_seed,
+            digits_holdout=args.digits_holdout, digits_holdout_seed=args.digits_holdout_seed, strict=args.strict,
         )
         m = prepare(cfg)
         print(f"{cfg.out}: {m.num_records} records of {list(m.shape)} {m.record.dtype} in {len(m.shards)} "
               f"shard(s), {m.num_classes} classes, encoder {m.encoder['name']}")
         return 0
     except (ValueError, DataError, StorageError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"[advflow] prepare_latents: {exc}", file=sys.stderr)
         return 2
 
 

@@ -150,3 +150,47 @@ def test_sweep_with_an_unknown_parameter_fails_before_launch(tmp_path, digits, m
     _one_line(lines, "adversarial.gp_scael", "gp_scale", "fix or remove params.adversarial.gp_scael")
     assert not db.parent.exists()  # no study
     assert MlflowClient().get_experiment_by_name(experiment) is None  # no parent run
+
+
+# ------------------------------------------------------------------------- prepare_latents
+
+
+def _image_folder(root: Path, corrupt: bool = False) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog"):
+        (root / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    (root / "cat" / "notes.txt").write_text("not an image")
+    if corrupt:
+        (root / "dog" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    return root
+
+
+def test_prepare_latents_warns_about_non_image_files_or_refuses_them_with_strict(tmp_path):
+    src = _image_folder(tmp_path / "src")
+    rc, lines = _cli("prepare_latents.py", "--source", str(src), "--out", str(tmp_path / "out"), "--resolution", "8",
+                     "--no-progress", "--strict", cwd=tmp_path, unset=("RAY_ADDRESS",))
+    assert rc == 2
+    _one_line(lines, "1 entry", "cat/notes.txt", "--strict")
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    rc, lines = _cli("prepare_latents.py", "--source", str(src), "--out", str(tmp_path / "out"), "--resolution", "8",
+                     "--no-progress", cwd=tmp_path, unset=("RAY_ADDRESS",))
+    assert rc == 0, lines
+    _one_line(lines, "cat/notes.txt", "skipped", "--strict")
+    assert (tmp_path / "out" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("where", ["in-process", "ray"])
+def test_prepare_latents_names_a_corrupt_image_in_one_line(tmp_path, where):
+    src = _image_folder(tmp_path / "src", corrupt=True)
+    ray = ["--ray-address", "local"] if where == "ray" else []
+    rc, lines = _cli("prepare_latents.py", "--source", str(src), "--out", str(tmp_path / "out"), "--resolution", "8",
+                     "--no-progress", *ray, cwd=tmp_path, unset=("RAY_ADDRESS",))
+    assert rc == 2
+    errors = [line for line in lines if "broken.jpg" in line]
+    assert len(errors) == 1 and errors[0].startswith("[advflow] prepare_latents: ") and "remove or replace" in errors[0], lines
+    assert not (tmp_path / "out" / "manifest.json").exists()

@@ -40,6 +40,9 @@ from advflow.platform.data.shards import (
     default_chunk_records, encode_shard, read_manifest, shard_name, write_manifest,
 )
 from advflow.platform.data.storage import Storage
+from advflow.platform.log import get_logger
+
+log = get_logger(__name__)
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".JPEG", ".JPG", ".PNG")
 
@@ -89,6 +92,8 @@ class PrepareConfig:
     progress: bool = True
     digits_holdout: float = 0.2
     digits_holdout_seed: int = 0
+    strict: bool = False
+    """Refuse a source whose class folders hold anything but .jpg/.jpeg/.png files (default: warn)."""
 
     def __post_init__(self) -> None:
         if not self.source:
@@ -130,8 +135,12 @@ class PrepareConfig:
 
 
 # -- sources ----------------------------------------------------------------------------------------
-def scan_source(source: str) -> tuple[list[Any], list[int], list[str], int]:
-    """-> (refs, labels, class_names, channels). refs are digits indices or image file paths."""
+def scan_source(source: str, strict: bool = False) -> tuple[list[Any], list[int], list[str], int]:
+    """-> (refs, labels, class_names, channels). refs are digits indices or image file paths.
+
+    Entries of a class folder that are not .jpg/.jpeg/.png files are not read: they are counted and
+    warned about in one line (a stray README or .txt would otherwise vanish without a word), or
+    refused with `strict`."""
     if source == "digits":
         _, labels = digits_arrays()
         return list(range(len(labels))), labels.tolist(), [str(i) for i in range(10)], 1
@@ -139,11 +148,20 @@ def scan_source(source: str) -> tuple[list[Any], list[int], list[str], int]:
     if not classes:
         raise ValueError(f"--source {source}: no class sub-directories found (ImageFolder layout: "
                          f"{source}/<class>/<image>.jpg)")
-    refs, labels = [], []
+    refs, labels, skipped = [], [], []
     for k, c in enumerate(classes):
-        files = sorted(f for f in os.listdir(os.path.join(source, c)) if f.endswith(IMAGE_EXTS))
+        entries = sorted(os.listdir(os.path.join(source, c)))
+        files = [f for f in entries if f.endswith(IMAGE_EXTS) and os.path.isfile(os.path.join(source, c, f))]
+        kept = set(files)
+        skipped += [os.path.join(c, f) for f in entries if f not in kept]
         refs += [os.path.join(source, c, f) for f in files]
         labels += [k] * len(files)
+    if skipped:
+        what = (f"--source {source}: {len(skipped)} entr{'y' if len(skipped) == 1 else 'ies'} in class folders "
+                f"{'is' if len(skipped) == 1 else 'are'} not a .jpg/.jpeg/.png file (e.g. {', '.join(skipped[:3])})")
+        if strict:
+            raise ValueError(f"{what}; remove them, or drop --strict to skip them")
+        log.warning("%s; skipped (pass --strict to refuse such a source)", what)
     if not refs:
         raise ValueError(f"--source {source}: class folders hold no .jpg/.jpeg/.png files")
     return refs, labels, classes, 3
@@ -161,7 +179,8 @@ def load_images(refs: list[Any], source: str, resolution: int) -> torch.Tensor:
         try:
             with Image.open(path) as im:
                 arrs.append(center_crop_resize(im.convert("RGB"), resolution))
-        except OSError as exc:
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            # PIL reports broken files as OSError, SyntaxError (bad PNG chunks) or ValueError.
             raise ValueError(f"{path}: cannot read image ({exc}); remove or replace the file") from exc
     x = torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).float()  # (N, 3, R, R) in [0, 255]
     return x / 127.5 - 1.0
@@ -250,7 +269,7 @@ def _ray_address(cfg: PrepareConfig) -> str | None:
 def prepare(cfg: PrepareConfig) -> Manifest:
     """Build (or confirm) the dataset described by `cfg`; returns its manifest."""
     storage = Storage(cfg.out, endpoint_url=cfg.endpoint_url)
-    refs, labels, class_names, channels = scan_source(cfg.source)
+    refs, labels, class_names, channels = scan_source(cfg.source, cfg.strict)
     holdout = cfg.holdout
     if holdout is not None:  # digits: keep the train split only; the held-out split is the eval reference
         train_idx, held_idx = digits_split(holdout["seed"], holdout["fraction"])
@@ -372,6 +391,14 @@ def _run_ray(jobs: list[ShardJob], address: str, gpus: float, bar: tqdm) -> dict
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
         job = pending.pop(done[0])
-        out[job.index] = ray.get(done[0])
+        try:
+            out[job.index] = ray.get(done[0])
+        except ray.exceptions.RayTaskError as err:
+            # The task's own error (e.g. "<file>: cannot read image ...") already names the culprit;
+            # Ray's wrapper would put ~40 lines of remote traceback in front of it.
+            if isinstance(err.cause, (ValueError, OSError)):
+                log.debug("shard %d failed in a Ray task:\n%s", job.index, err)
+                raise err.cause from None
+            raise
         bar.update(len(job.refs))
     return out
