@@ -281,10 +281,31 @@ def test_ray_job_submit_trains_from_s3_and_checkpoints_to_s3(cluster, tmp_path):
            "--config", "jobs/configs/digits_tiny.yaml", "--set", f"data.prefix={prefix}",
            "--set", "train.steps=12", "--set", "train.log_every=4", "--set", "train.checkpoint_every=6",
            "--set", "run.storage_path=s3://advflow/runs", "--set", "run.name=submitted"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    listening: set[str] = set()
+    done = threading.Event()
+
+    def watch() -> None:  # issue 15 §4: the 2-worker job's sockets, the rendezvous included
+        while not done.is_set():
+            for worker in train_workers():
+                try:
+                    listening.update(c.laddr.ip for c in worker.net_connections(kind="tcp")
+                                     if c.status == psutil.CONN_LISTEN)
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        done.set()
+        watcher.join(timeout=5)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     assert "step 12/12" in log and "[advflow] done" in log, log[-4000:]
+    assert listening, "saw no listening socket of the training workers"
+    assert listening <= {"127.0.0.1", "::1", "::ffff:127.0.0.1"}, f"training workers listen beyond loopback: {listening}"
 
     from advflow.infra.local.services import s3_client
 

@@ -27,6 +27,7 @@ from advflow.infra.local.proc import free_port
 from advflow.platform.config import RunSpec
 from advflow.platform.tracking.runs import tracking_uri
 from advflow.platform.train.metrics_log import MetricsLog
+from advflow.platform.train.rendezvous import init_process_group
 from advflow.platform.train.worker import run_worker
 
 COMPLETE = "COMPLETE"
@@ -92,9 +93,9 @@ class LocalContext:
 
 
 def _worker(rank: int, world_size: int, port: int, config: dict, run_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world_size))
+    init_process_group("gloo", rank, world_size, "127.0.0.1", port)  # every socket on loopback
     try:
         ctx = LocalContext(rank, world_size, Path(run_dir), config["spec"]["run"]["keep_checkpoints"])
         resolve_entry(config.get("entry"))(config, ctx)

@@ -18,7 +18,9 @@ import ray.train
 import torch
 from ray.train import (Checkpoint, CheckpointConfig, CheckpointConsistencyMode, CheckpointUploadMode, FailureConfig,
                        RunConfig, ScalingConfig, UserCallback)
+from ray.train._internal.utils import get_address_and_port
 from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.torch.config import _set_torch_distributed_env_vars, _TorchBackend
 
 from advflow.platform.config import RunSpec
 from advflow.platform.log import get_logger
@@ -99,6 +101,34 @@ class RayContext:
             return None
         self._restore_tmp = tempfile.TemporaryDirectory(prefix="advflow-restore-")
         return checkpoint.to_directory(self._restore_tmp.name)
+
+
+class BoundRendezvousConfig(TorchConfig):
+    """TorchConfig whose process group listens only on rank 0's node address (rendezvous.py):
+    on the local stack's loopback-only Ray that is 127.0.0.1, where Ray's own torch backend would
+    leave the rendezvous store listening on every interface."""
+
+    @property
+    def backend_cls(self):
+        return _BoundRendezvousBackend
+
+
+class _BoundRendezvousBackend(_TorchBackend):
+    """Ray's torch backend with the process group set up by rendezvous.init_process_group (Ray's
+    private class: ray is pinned to a range where its on_start contract holds; tested on Ray)."""
+
+    def on_start(self, worker_group, backend_config):
+        addr, port = worker_group.execute_single(0, get_address_and_port)
+        worker_group.execute(_set_torch_distributed_env_vars)  # RANK, LOCAL_RANK, ... as torchrun sets them
+        n = len(worker_group)
+        ray.get([worker_group.execute_single_async(i, _join_rendezvous, backend_config.backend or "gloo", i, n,
+                                                   addr, port, backend_config.timeout_s) for i in range(n)])
+
+
+def _join_rendezvous(backend: str, rank: int, world_size: int, addr: str, port: int, timeout_s: float) -> None:
+    from advflow.platform.train.rendezvous import init_process_group
+
+    init_process_group(backend, rank, world_size, addr, port, timeout_s)
 
 
 def train_fn_per_worker(config: dict) -> None:
@@ -182,7 +212,7 @@ def build_torch_trainer(spec: RunSpec, callbacks: list | None = None, run_id: st
     return TorchTrainer(
         train_fn_per_worker,
         train_loop_config=loop_config,
-        torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo"),
+        torch_config=BoundRendezvousConfig(backend="nccl" if d.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=workers(spec), use_gpu=d.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=spec.run.name,
