@@ -192,7 +192,9 @@ def test_log_register_artifacts_signature_tags(mlflow_env, tmp_path, monkeypatch
 
     mv = mlflow.MlflowClient().get_model_version(name, "1")
     assert mv.tags == {"data_manifest": "s3://b/m.json", "data_sha256": "ab12", "metric.eval/fd": "3.25",
-                       "run_id": run_id, "step": "120", "source": "train"}
+                       "run_id": run_id, "step": "120", "source": "train",
+                       "advflow.arch": json.dumps({"size": "tiny", "kind": "1nfe", "repeats": 1,
+                                                   "data_shape": [1, 8, 8]})}
     assert mlflow.get_logged_model(done.model_id).source_run_id == run_id
 
 
