@@ -17,7 +17,7 @@ import math
 import sys
 from dataclasses import dataclass
 
-from advflow.platform.tracking.registry import METRIC_TAG_PREFIX, metric_tag
+from advflow.platform.tracking.registry import METRIC_TAG_PREFIX, all_versions, metric_tag
 
 
 class PromoteError(ValueError):
@@ -41,16 +41,6 @@ class Promotion:
 
 def _is_missing(exc: Exception) -> bool:
     return getattr(exc, "error_code", "") == "RESOURCE_DOES_NOT_EXIST" or "not found" in str(exc).lower()
-
-
-def _all_versions(client, name: str) -> list:
-    versions, token = [], None
-    while True:
-        page = client.search_model_versions(f"name = '{name}'", page_token=token)
-        versions.extend(page)
-        token = page.token
-        if not token:
-            return versions
 
 
 def best_version(versions: list, key: str, mode: str) -> tuple[str, float]:
@@ -95,7 +85,7 @@ def promote(name: str, alias: str, *, version: str | int | None = None, best_met
             raise PromoteError(f"--name: registered model {name!r} not found; check the name "
                                "(jobs/register_checkpoint.py or training with a registered name creates it)") from e
         raise
-    versions = _all_versions(client, name)
+    versions = all_versions(client, name)
     value = None
     if best_metric is not None:
         new, value = best_version(versions, best_metric, mode)

@@ -10,22 +10,12 @@ import torch
 from torch import nn
 
 from advflow.platform.eval.fid import FIDEvaluator, inception_features, write_reference_stats
-from advflow.platform.eval.inception import FIDInceptionV3, load_inception
+from advflow.platform.eval.inception import FIDInceptionV3, load_inception, random_inception
 from advflow.platform.eval.frechet import load_stats
 
 
 def _random_inception(seed: int = 0) -> FIDInceptionV3:
-    """Variance-preserving random weights (PyTorch's default conv init shrinks activations ~1e-8 through
-    94 layers) and non-trivial BN statistics, so features are O(1) and every tensor matters."""
-    torch.manual_seed(seed)
-    model = FIDInceptionV3()
-    for mod in model.modules():
-        if isinstance(mod, nn.Conv2d):
-            nn.init.kaiming_normal_(mod.weight, nonlinearity="relu")
-        elif isinstance(mod, nn.BatchNorm2d):
-            mod.running_mean.uniform_(-0.1, 0.1)
-            mod.running_var.uniform_(0.8, 1.2)
-    return model.eval()
+    return random_inception(seed)
 
 
 @pytest.fixture(scope="module")

@@ -25,20 +25,11 @@ from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance  # before the stub below: it probes for torch_fidelity
 
 from advflow.platform.eval.fid import FIDEvaluator, as_uint8_pixels
-from advflow.platform.eval.inception import FIDInceptionV3, load_inception
+from advflow.platform.eval.inception import load_inception, random_inception
 
 
 def random_weights(seed: int) -> dict[str, torch.Tensor]:
-    """Variance-preserving random weights (the default init shrinks activations ~1e-8 over 94 convs)."""
-    torch.manual_seed(seed)
-    model = FIDInceptionV3()
-    for mod in model.modules():
-        if isinstance(mod, nn.Conv2d):
-            nn.init.kaiming_normal_(mod.weight, nonlinearity="relu")
-        elif isinstance(mod, nn.BatchNorm2d):
-            mod.running_mean.uniform_(-0.1, 0.1)
-            mod.running_var.uniform_(0.8, 1.2)
-    return model.state_dict()
+    return random_inception(seed).state_dict()
 
 
 def images(n: int, seed: int, contrast: float, side: int = 32) -> torch.Tensor:

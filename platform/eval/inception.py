@@ -264,3 +264,18 @@ def load_inception(path: str, device: str | torch.device | None = None) -> FIDIn
     model.load_state_dict(full, strict=True)
     dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(dev).eval().requires_grad_(False)
+
+
+def random_inception(seed: int = 0) -> FIDInceptionV3:
+    """A seeded FIDInceptionV3 for tests and benchmarks (no real weights can be downloaded there):
+    variance-preserving conv weights (PyTorch's default init shrinks activations ~1e-8 through 94
+    layers) and non-trivial BN statistics, so features are O(1) and every tensor matters."""
+    torch.manual_seed(seed)
+    model = FIDInceptionV3()
+    for mod in model.modules():
+        if isinstance(mod, nn.Conv2d):
+            nn.init.kaiming_normal_(mod.weight, nonlinearity="relu")
+        elif isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.1, 0.1)
+            mod.running_var.uniform_(0.8, 1.2)
+    return model.eval()

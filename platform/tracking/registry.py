@@ -225,6 +225,17 @@ def architecture(spec: fmt.GeneratorSpec) -> dict[str, Any]:
             "data_shape": list(spec.data_shape)}
 
 
+def all_versions(client, name: str) -> list:
+    """Every version of registered model `name` (MLflow pages its search results)."""
+    versions, token = [], None
+    while True:
+        page = client.search_model_versions(f"name = '{name}'", page_token=token)
+        versions.extend(page)
+        token = page.token
+        if not token:
+            return versions
+
+
 def architecture_change(name: str, spec: fmt.GeneratorSpec, client=None) -> str | None:
     """How `spec` differs from the latest version of registered model `name` ("size tiny -> S/2, ..."),
     or None: same architecture, no version yet, or a version registered before `advflow.arch`
@@ -232,13 +243,7 @@ def architecture_change(name: str, spec: fmt.GeneratorSpec, client=None) -> str 
     from mlflow import MlflowClient
 
     client = client or MlflowClient()
-    versions, token = [], None
-    while True:
-        page = client.search_model_versions(f"name = '{name}'", page_token=token)
-        versions.extend(page)
-        token = page.token
-        if not token:
-            break
+    versions = all_versions(client, name)
     if not versions:
         return None
     latest = max(versions, key=lambda mv: int(mv.version))
