@@ -195,6 +195,7 @@ class Worker:
         self.callbacks = []
         self.registration: cb.Registration | None = None
         self.last_report: dict = {}  # the latest checkpoint's metrics (final_metrics.json)
+        self.report_seconds = 0.0  # the latest checkpoint's report (upload) time
 
     # ------------------------------------------------------------------ building
 
@@ -533,10 +534,15 @@ class Worker:
                 self.registration(moment)
             self.window.times.checkpoint += time.perf_counter() - t0
             metrics = {**self.state.last_row,
-                       **self.window.times.as_metrics(), **moment.metrics, "step": step}
+                       **self.window.times.as_metrics(), **moment.metrics, "step": step,
+                       # how long the previous checkpoint's report held the loop (its upload, when
+                       # synchronous): reported with the next one, as a report cannot time itself
+                       "time/previous_report": self.report_seconds}
             del moment  # drop the EMA copy before the checkpoint is reported
             self.last_report = metrics
+            t_report = time.perf_counter()
             self.ctx.report(metrics, tmp, name)
+            self.report_seconds = time.perf_counter() - t_report
 
     # ------------------------------------------------------------------ decisions every rank agrees on
 
