@@ -172,18 +172,17 @@ class Checkpointer:
                               "is corrupted or was tampered with: resume from an earlier one") from None
 
     def _load(self, root: Path) -> int:
-        directory = root
         meta = read_meta(root)
         written_by = int(meta["world_size"])
         if written_by != self.world_size and not self.elastic:
             raise ResumeError(
-                f"{directory}: written by {written_by} workers, resuming with {self.world_size}; this run's "
+                f"{root}: written by {written_by} workers, resuming with {self.world_size}; this run's "
                 f"data streams are per worker (data.order partitioned), so set distributed.workers={written_by} "
                 "to resume it (runs with data.order global resume on any number of workers)")
         missing = [f for part in self.parts.values() for f in part.required(written_by)
                    if not (root / f).exists()]
         if missing:
-            raise ResumeError(f"{directory}: incomplete checkpoint, missing {missing}")
+            raise ResumeError(f"{root}: incomplete checkpoint, missing {missing}")
         for part in self.parts.values():
             part.load(root, self.rank, meta)
         self.last_saved = int(meta["step"])

@@ -11,6 +11,8 @@ it to stop the run at the first deterministic error without spending restarts.
 
 from __future__ import annotations
 
+import functools
+
 # Raised by advflow for input that does not change on a retry. Imported lazily by name, so this
 # module stays a leaf (the classes live in modules that import torch).
 _ADVFLOW = {
@@ -36,6 +38,7 @@ class DeterministicFailure(RuntimeError):
     """A worker failed in a way a restart cannot fix; the message is the one-line cause."""
 
 
+@functools.cache
 def _advflow_classes() -> tuple[type, ...]:
     import importlib
 
