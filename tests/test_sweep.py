@@ -166,7 +166,7 @@ def test_train_driver_fn_trains_inside_one_tracked_child_run(tmp_path, digits, m
     from advflow.platform.data.shards import dataset_tags
     from advflow.platform.sweep import tune as sweep_tune
     from advflow.platform.sweep.space import SweepSpace
-    from advflow.platform.sweep.study import open_study
+    from advflow.platform.sweep.study import TRIAL_KEY, open_study
     from advflow.platform.train import ray_launch
 
     raw = {"params": {"optim.lr": {"type": "float", "low": 1e-5, "high": 1e-3, "log": True}},
@@ -193,11 +193,16 @@ def test_train_driver_fn_trains_inside_one_tracked_child_run(tmp_path, digits, m
 
     monkeypatch.setattr(tune_train, "TuneReportCallback", TuneReportCallback)
     client = MlflowClient()
+    study.enqueue_trial({"optim.lr": 1e-4})
+    same = study.ask()  # another RUNNING trial with the same value: only the recorded number tells them apart
+    same.suggest_float("optim.lr", 1e-5, 1e-3, log=True)
     for trial_id, outcome in (("t-ok", None), ("t-bad", "worker died")):
         monkeypatch.setattr(tune, "get_context", lambda: SimpleNamespace(get_trial_id=lambda: trial_id))
+        study.enqueue_trial({"optim.lr": 1e-4})
         trial = study.ask()
         trial.suggest_float("optim.lr", 1e-5, 1e-3, log=True)
-        call = lambda: sweep_tune.train_driver_fn(dict(trial.params), base=base, space=sweep_tune._space_dict(sp),
+        config = {**trial.params, TRIAL_KEY: trial.number}
+        call = lambda: sweep_tune.train_driver_fn(config, base=base, space=sweep_tune._space_dict(sp),
                                                   parent_run_id=parent)
         if outcome is None:
             call()
@@ -216,5 +221,6 @@ def test_train_driver_fn_trains_inside_one_tracked_child_run(tmp_path, digits, m
         attrs = study.trials[trial.number].user_attrs
         assert attrs["mlflow_run_id"] == b["run_id"] and attrs["tune_trial_id"] == trial_id
         assert attrs["sample_grid"] == f"runs:/{b['run_id']}/samples/samples.png"
+        assert study.trials[same.number].user_attrs == {}
     assert client.get_run(parent).data.tags["advflow.kind"] == "sweep"
     assert [a.path for a in client.list_artifacts(parent, "sweep")] == ["sweep/space.yaml"]

@@ -98,10 +98,11 @@ def test_study_recovery_marks_abandoned_trials_failed(tmp_path):
     done = study.ask()
     study.tell(done, 1.0)
     study.ask()  # left RUNNING: its driver "died"
-    again, _, _ = open_study(sp)
-    counts = recover_study(again)
+    again, storage, _ = open_study(sp)
+    counts = recover_study(again, storage)
     assert counts == {"COMPLETE": 1, "FAIL": 1}
     assert again.trials[0].params == done.params and again.trials[0].value == 1.0
+    assert again.trials[1].user_attrs["failed_reason"].startswith("sweep driver died")
     with pytest.raises(ConfigError, match="mode"):
         open_study(SweepSpace.from_dict({**{"params": {"optim.lr": {"type": "float", "low": 1e-4, "high": 1e-3}}},
                                          "storage": sp.storage, "study_name": "rec", "mode": "max"}))
@@ -144,3 +145,35 @@ def test_each_sweep_module_holds_its_concern():
         assert mod.__doc__ and "sweep." in mod.__doc__
     assert not hasattr(space_mod, "open_study") and not hasattr(study, "ParamSpec")
     assert callable(tune.train_driver_fn) and not hasattr(tune, "trial_func")
+
+
+def test_tune_trials_carry_their_optuna_trial_number_through_ray_optuna_search(tmp_path):
+    """Tune trials are matched to Optuna trials by the number the define-by-run space records, not by
+    parameter values: two trials with equal values still get their own numbers."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    from advflow.platform.sweep.study import TRIAL_KEY, RecordTrialNumber, set_trial_attrs
+
+    sp = SweepSpace.from_dict({"params": {"model.nfe": {"type": "categorical", "choices": [2]}},
+                               "storage": f"sqlite:///{tmp_path}/s.db", "study_name": "num"})
+    study, storage, sampler = open_study(sp)
+    searcher = OptunaSearch(space=RecordTrialNumber(sp), metric="eval/fd", mode="min", sampler=sampler,
+                            study_name=sp.study_name, storage=storage)
+    configs = [searcher.suggest(f"tune-{i}") for i in range(3)]
+    assert [c[TRIAL_KEY] for c in configs] == [0, 1, 2]
+    assert all(c["model.nfe"] == 2 for c in configs)  # equal values: matching by value would be ambiguous
+    set_trial_attrs(sp.storage, sp.study_name, 1, {"tune_trial_id": "tune-1"})
+    attrs = [t.user_attrs for t in optuna.load_study(study_name="num", storage=sp.storage).trials]
+    assert attrs == [{}, {"tune_trial_id": "tune-1"}, {}]
+
+
+def test_tune_state_follows_an_s3_run_storage_and_stays_local_otherwise(tmp_path, monkeypatch):
+    from advflow.platform.sweep.tune import tune_storage
+
+    sp = SweepSpace.from_dict({"params": {"optim.lr": {"type": "float", "low": 1e-4, "high": 1e-3}},
+                               "storage": f"sqlite:///{tmp_path}/db/s.db", "study_name": "where"})
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    path, fs = tune_storage(RunSpec.from_dict({**BASE, "run": {"storage_path": "s3://bucket/runs"}}), sp)
+    assert path == "bucket/runs/sweeps/where" and type(fs).__name__ == "S3FileSystem"
+    path, fs = tune_storage(RunSpec.from_dict({**BASE, "run": {"storage_path": str(tmp_path / "runs")}}), sp)
+    assert path == str(tmp_path / "db" / "tune") and fs is None

@@ -1,6 +1,9 @@
 """The sweep's Optuna study: RDB storage URLs (`absolute_storage`), opening it with the seeded TPE
-sampler (`open_study`), recovering it after the driver died (`recover_study`), finding the Optuna
-trial of a Tune trial (`find_optuna_trial`) and where a sweep's files go (`sweep_dir`).
+sampler (`open_study`), recovering it after the driver died (`recover_study`), the Optuna trial of
+a Tune trial (`RecordTrialNumber`, `set_trial_attrs`) and where a sweep's files go (`sweep_dir`).
+
+Only Optuna's public API: the study, and the storage's own methods (`BaseStorage` is Optuna's
+documented interface for storages), never a study's or trial's underscore attributes.
 
 The search space is `sweep.space`; the Ray Tune side is `sweep.tune`.
 """
@@ -47,29 +50,54 @@ def open_study(space: SweepSpace):
     return study, storage, sampler
 
 
-def recover_study(study) -> dict[str, int]:
+def recover_study(study, storage) -> dict[str, int]:
     """After a driver died: trials left RUNNING by the dead driver are marked FAIL (they will not be
     resumed), finished ones are kept and count toward --trials. Returns the state counts."""
     import optuna
 
     TS = optuna.trial.TrialState
     for t in study.get_trials(deepcopy=False, states=(TS.RUNNING, TS.WAITING)):
-        study._storage.set_trial_user_attr(t._trial_id, "failed_reason", "sweep driver died; trial abandoned")
-        study._storage.set_trial_state_values(t._trial_id, state=TS.FAIL)
+        trial_id = trial_storage_id(storage, study.study_name, t.number)
+        storage.set_trial_user_attr(trial_id, "failed_reason", "sweep driver died; trial abandoned")
+        storage.set_trial_state_values(trial_id, state=TS.FAIL)
     counts: dict[str, int] = {}
     for t in study.get_trials(deepcopy=False):
         counts[t.state.name] = counts.get(t.state.name, 0) + 1
     return counts
 
 
-def find_optuna_trial(study, params: dict[str, Any]):
-    """The RUNNING Optuna trial whose params equal `params` (how a Tune trial finds its number)."""
+# The key under which the define-by-run space hands each Tune trial its Optuna trial number: Tune
+# trials are matched to Optuna trials by this recorded number, never by equal parameter values (two
+# trials may draw the same values, e.g. a categorical-only space or an enqueued baseline).
+TRIAL_KEY = "advflow.optuna_trial"
+
+
+class RecordTrialNumber:
+    """OptunaSearch's define-by-run space: the space's draws, plus the Optuna trial's number as a
+    constant (OptunaSearch merges a returned dict of constants into the Tune trial's config). A class,
+    not a closure, so Tune can pickle the searcher with its experiment state."""
+
+    def __init__(self, space: SweepSpace):
+        self.space = space
+
+    def __call__(self, trial) -> dict[str, Any]:
+        self.space.suggest(trial)
+        return {TRIAL_KEY: trial.number}
+
+
+def trial_storage_id(storage, study_name: str, number: int) -> int:
+    """The storage's id of trial `number` of `study_name` (the key its public methods take)."""
+    return storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study_name), number)
+
+
+def set_trial_attrs(storage_url: str, study_name: str, number: int, attrs: dict[str, Any]) -> None:
+    """Record `attrs` as user attributes of the study's trial `number` (from a Tune trial's process)."""
     import optuna
 
-    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        if t.params == params:
-            return t
-    return None
+    storage = optuna.storages.RDBStorage(storage_url)
+    trial_id = trial_storage_id(storage, study_name, number)
+    for key, value in attrs.items():
+        storage.set_trial_user_attr(trial_id, key, value)
 
 
 def sweep_dir(space: SweepSpace) -> Path:

@@ -22,7 +22,8 @@ from typing import Any
 from advflow.platform.config import ConfigError, RunSpec
 from advflow.platform.log import get_logger
 from advflow.platform.sweep.space import SweepSpace, apply_params
-from advflow.platform.sweep.study import absolute_storage, find_optuna_trial, open_study, recover_study, sweep_dir
+from advflow.platform.sweep.study import (TRIAL_KEY, RecordTrialNumber, absolute_storage, open_study, recover_study,
+                                          set_trial_attrs, sweep_dir)
 from advflow.platform.tracking import runs as tracking
 
 log = get_logger(__name__)
@@ -34,7 +35,6 @@ SWEEP_KEY_TAG = "advflow.sweep_key"
 
 def train_driver_fn(config: dict, *, base: dict, space: dict, parent_run_id: str | None) -> None:
     """One Tune trial: the drawn params applied to the base config, trained by Ray Train."""
-    import optuna
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -43,25 +43,23 @@ def train_driver_fn(config: dict, *, base: dict, space: dict, parent_run_id: str
 
     sp = SweepSpace.from_dict(space)
     params = dict(config)
+    number = params.pop(TRIAL_KEY, None)  # recorded by RecordTrialNumber; None outside OptunaSearch
     spec = apply_params(base, params, sp.overrides)
     trial_id = tune.get_context().get_trial_id()
     spec.run.name = f"{sp.study_name}-{trial_id}"
     spec.tracking.register_name = sp.register_name
-    study = optuna.load_study(study_name=sp.study_name, storage=sp.storage)
-    ot = find_optuna_trial(study, params)
     tags = {"sweep.study": sp.study_name, "sweep.tune_trial_id": trial_id,
             "sweep.params": json.dumps(params, sort_keys=True)}
-    if ot is not None:
-        tags["sweep.optuna_trial"] = str(ot.number)
+    if number is not None:
+        tags["sweep.optuna_trial"] = str(number)
     with tracking.tracked_run(spec, parent_run_id=parent_run_id, extra_tags=tags,
                               data_tags=dataset_tags(spec.data.prefix)) as run:
-        if ot is not None:
+        if number is not None:
             attrs = {"tune_trial_id": trial_id, "mlflow_run_id": run.run_id or "",
                      "lr_g": spec.optim.lr / spec.model.repeats, "model.kind": spec.model.kind}
             if run.run_id:
                 attrs["sample_grid"] = f"runs:/{run.run_id}/samples/samples.png"
-            for k, v in attrs.items():
-                study._storage.set_trial_user_attr(ot._trial_id, k, v)
+            set_trial_attrs(sp.storage, sp.study_name, number, attrs)
         trainer = ray_launch.build_torch_trainer(spec, callbacks=[TuneReportCallback()], run_id=run.run_id,
                                                  progress=False)
         result = trainer.fit()
@@ -106,7 +104,7 @@ def run_sweep(spec: RunSpec, space: SweepSpace, trials: int, *, space_yaml: str 
     base = prepare_base(spec)
     space.check_against(base)  # before the study, the parent run or any trial exists
     study, storage, sampler = open_study(space)
-    counts = recover_study(study)
+    counts = recover_study(study, storage)
     finished = counts.get("COMPLETE", 0) + counts.get("PRUNED", 0)
     remaining = max(0, trials - finished)
     log.info(f"sweep {space.study_name}: {finished} finished trial(s) in {space.storage}, running {remaining} more")
@@ -116,8 +114,10 @@ def run_sweep(spec: RunSpec, space: SweepSpace, trials: int, *, space_yaml: str 
         ensure_ray()
         # A new study starts with the base config itself (trial 0): the number the sweep must beat.
         points = [space.baseline_point(base)] if space.baseline and not study.trials else None
-        searcher = OptunaSearch(space=space.suggest, metric=space.metric, mode=space.mode, sampler=sampler,
+        searcher = OptunaSearch(space=RecordTrialNumber(space), metric=space.metric, mode=space.mode, sampler=sampler,
                                 study_name=space.study_name, storage=storage, points_to_evaluate=points)
+        tune_path, tune_fs = tune_storage(spec, space)
+        log.info(f"sweep {space.study_name}: Tune's experiment state goes to {tune_path}")
         every = base["eval"]["every"]
         scheduler = ASHAScheduler(time_attr="step", max_t=spec.train.steps,
                                   grace_period=int(space.asha.get("grace_period", 1)) * every,
@@ -131,8 +131,8 @@ def run_sweep(spec: RunSpec, space: SweepSpace, trials: int, *, space_yaml: str 
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, metric=space.metric,
                                         mode=space.mode, num_samples=remaining,
                                         max_concurrent_trials=space.max_concurrent_trials),
-            run_config=tune.RunConfig(name=f"{space.study_name}-{int(t0)}",
-                                      storage_path=str(sweep_dir(space) / "tune"), verbose=1),
+            run_config=tune.RunConfig(name=f"{space.study_name}-{int(t0)}", storage_path=tune_path,
+                                      storage_filesystem=tune_fs, verbose=1),
         )
         results = tuner.fit()
         ok = not results.errors
@@ -146,6 +146,19 @@ def run_sweep(spec: RunSpec, space: SweepSpace, trials: int, *, space_yaml: str 
         client.log_metric(parent, "sweep_wall_s", summary["wall_s"])
         tracking.close_run(spec, parent, ok=ok)
     return summary
+
+
+def tune_storage(spec: RunSpec, space: SweepSpace) -> tuple[str, object | None]:
+    """(storage_path, filesystem) for Tune's experiment state. With `run.storage_path` on S3 it goes
+    beside the trials' checkpoints, `<run.storage_path>/sweeps/<study_name>/`, where every node of a
+    cluster (and a driver resumed on another machine) reaches it; a local `run.storage_path` keeps it
+    in the local sweep folder (one machine, or a folder every node mounts)."""
+    from advflow.platform.train.ray_launch import storage
+
+    if spec.run.storage_path.startswith("s3://"):
+        path, fs = storage(spec)
+        return f"{path.rstrip('/')}/sweeps/{space.study_name}", fs
+    return str(sweep_dir(space) / "tune"), None
 
 
 def _space_dict(space: SweepSpace) -> dict:
