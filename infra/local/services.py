@@ -333,13 +333,19 @@ def start_mlflow(
     workers: int = 1,
     timeout_s: float = 120.0,
     wait: bool = True,
+    backend_store_uri: str | None = None,
 ) -> ServiceHandle:
     """Start an MLflow tracking server: SQLite in ``state_dir``, artifacts proxied to S3.
 
     Clients log artifacts through the server (``mlflow-artifacts:/``), which writes them to
     ``s3://<bucket>/<prefix>`` on ``s3``'s endpoint, so clients need no S3 credentials.
     The bucket must exist (``ensure_bucket``) before the first artifact is logged.
+    ``backend_store_uri`` replaces the SQLite file with another database, e.g.
+    ``postgresql://user:password@host:5432/mlflow`` (``advflow.infra.local.postgres``; needs the
+    ``postgres`` extra); ``info["db"]`` then shows it without the password.
     """
+    from urllib.parse import urlsplit
+
     state_dir = _service_dir(state_dir)
     port = port or free_port()
     url = f"http://{LOCALHOST}:{port}"
@@ -348,10 +354,12 @@ def start_mlflow(
         sys.executable, "-m", "mlflow", "server",
         "--host", LOCALHOST,
         "--port", str(port),
-        "--backend-store-uri", f"sqlite:///{db_path}",
         "--artifacts-destination", f"s3://{bucket}/{prefix}",
         "--workers", str(workers),
     ]  # fmt: skip
+    db = str(db_path)
+    if backend_store_uri is None:
+        argv += ["--backend-store-uri", f"sqlite:///{db_path}"]
     # The server process writes the artifacts, so it needs the endpoint and credentials (ours
     # replace any from the caller's shell, which could be stale or name a foreign profile).
     env = dict(os.environ)
@@ -359,10 +367,17 @@ def start_mlflow(
         for name in _AWS_CREDENTIAL_VARS:
             env.pop(name, None)
     env.update(s3.env)
+    if backend_store_uri is not None:
+        # In MLflow's own variable, not argv: a database URL carries its password, and argv is
+        # world-readable (`ps`) and written to the service's log.
+        env["MLFLOW_BACKEND_STORE_URI"] = backend_store_uri
+        url_parts = urlsplit(backend_store_uri)
+        db = backend_store_uri if url_parts.password is None else backend_store_uri.replace(
+            f":{url_parts.password}@", ":***@", 1)
     return _launch(
         "mlflow", "mlflow", url, argv, state_dir, env,
         client_env={"MLFLOW_TRACKING_URI": url},
-        info={"port": port, "db": str(db_path), "artifacts": f"s3://{bucket}/{prefix}"},
+        info={"port": port, "db": db, "artifacts": f"s3://{bucket}/{prefix}"},
         timeout_s=timeout_s,
         wait=wait,
     )  # fmt: skip
