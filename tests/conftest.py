@@ -104,3 +104,14 @@ def digits(tmp_path_factory):
     out = tmp_path_factory.mktemp("digits")
     prepare(PrepareConfig(source="digits", out=str(out), encoder="pixel", shard_records=512))
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory):
+    """A throw-away PostgreSQL server on 127.0.0.1 with the databases `mlflow` and `optuna`
+    (advflow.infra.local.postgres: Debian's `postgresql` package, which infra/test.sh installs when
+    missing). Its URLs carry a generated password: `postgres.url("optuna")`."""
+    from advflow.infra.local.postgres import start_postgres
+
+    with start_postgres(tmp_path_factory.mktemp("postgres"), databases=("mlflow", "optuna")) as server:
+        yield server
