@@ -144,9 +144,23 @@ def _add_stack(groups: argparse._SubParsersAction) -> None:
     add("env", _stack_env, 'print shell exports; use as eval "$(advflow stack env)"')
 
 
+# ---------------------------------------------------------------------------- advflow cluster
+
+
+def _add_cluster(groups: argparse._SubParsersAction) -> None:
+    from advflow.infra.cluster.manifest import add_arguments, run
+
+    parser = groups.add_parser("cluster", help="Kubernetes manifests of a run (KubeRay, MLflow, PostgreSQL)")
+    commands = parser.add_subparsers(dest="cluster_command", metavar="{manifest}")
+    commands.required = True
+    manifest = commands.add_parser("manifest", help="generate manifests from a run config (infra/cluster/README.md)")
+    add_arguments(manifest)
+    manifest.set_defaults(handler=run)
+
+
 # ------------------------------------------------------------------------------------ main
 
-COMMAND_GROUPS: list[Callable[[argparse._SubParsersAction], None]] = [_add_stack]
+COMMAND_GROUPS: list[Callable[[argparse._SubParsersAction], None]] = [_add_stack, _add_cluster]
 
 
 def build_parser() -> argparse.ArgumentParser:
