@@ -27,6 +27,35 @@ if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/
          "sudo): install the 'chromium' package or set CHROMIUM=/path/to/browser; the dashboard tests need it" >&2
   fi
 fi
+# tests/test_postgres.py and the sweep test start a throw-away PostgreSQL on 127.0.0.1
+# (infra/local/postgres.py); install Debian's `postgresql` package when its server binaries are
+# missing (Debian keeps them in /usr/lib/postgresql/<version>/bin, outside PATH). Same rules as above.
+pg_found=""
+for dir in "${ADVFLOW_PG_BINDIR:-}" "$(pg_config --bindir 2>/dev/null || true)" /usr/lib/postgresql/*/bin \
+    "$(dirname "$(command -v initdb 2>/dev/null || echo /nonexistent/initdb)")"; do
+  if [[ -n "$dir" && -x "$dir/initdb" && -x "$dir/postgres" ]]; then pg_found="$dir"; break; fi
+done
+if [[ -z "$pg_found" ]]; then
+  apt_get=()
+  if [[ "$(id -u)" -eq 0 ]]; then
+    apt_get=(env DEBIAN_FRONTEND=noninteractive apt-get)
+  elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+    apt_get=(sudo -n env DEBIAN_FRONTEND=noninteractive apt-get)
+  fi
+  if ((${#apt_get[@]})); then
+    echo "test.sh: installing postgresql (a throw-away database server for the PostgreSQL tests) via apt-get ..." >&2
+    # Cached package lists first; refresh them only when that fails (fresh or stale image). The
+    # package's own cluster service is not needed: the tests start their own server.
+    if ! "${apt_get[@]}" install -y -qq postgresql >/dev/null 2>&1; then
+      "${apt_get[@]}" update -qq >/dev/null && "${apt_get[@]}" install -y -qq postgresql >/dev/null \
+        || echo "test.sh: apt-get could not install postgresql; tests/test_postgres.py and the sweep test will fail until it is installed" >&2
+    fi
+  else
+    echo "test.sh: PostgreSQL's server binaries are not installed and this user cannot run apt-get (not root, no" \
+         "passwordless sudo): install the 'postgresql' package or set ADVFLOW_PG_BINDIR=/path/to/bin (initdb," \
+         "postgres); tests/test_postgres.py and the sweep test need them" >&2
+  fi
+fi
 # Tests use tiny models: one intra-op thread per process avoids oversubscribing the cores when
 # several worker processes (gloo ranks, Ray workers) run at once.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
