@@ -1,0 +1,141 @@
+"""Offline checks of the manifests (tests/test_cluster_*.py use them; so can you before `kubectl
+apply`): the KubeRay CRD schemas (made strict the way the API server's field validation is), the
+Kubernetes schemas of the core objects (kubernetes-validate), and the invariants a manifest must
+keep (a GPU per worker, non-root pods, token auth, Secrets the README creates). Each check raises
+(AssertionError for an invariant) with what is wrong. jsonschema and kubernetes-validate are in
+the `test` extra."""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import yaml
+
+from advflow.infra.cluster import names as n
+
+KUBERAY = n.KUBERAY_DIR
+# The CRDs the KubeRay operator installs (schemas only), kept beside the repo, not in it.
+CRDS = n.REPO.parent / "shared" / "kuberay-crds"
+# The Kubernetes version the core objects are validated against (kubernetes-validate ships schemas
+# for 1.x releases up to 1.37). Nothing here needs a newer API than 1.33's: StatefulSet, Deployment,
+# Service, ConfigMap are all stable v1.
+K8S_VERSION = "1.33.0"
+# What the README's `kubectl create secret generic` lines create: name -> keys.
+SECRETS = {n.S3_SECRET: set(n.S3_KEYS), n.RAY_TOKEN_SECRET: {n.RAY_TOKEN_KEY}, n.DB_SECRET: set(n.DB_KEYS)}
+
+
+def committed() -> dict[str, list[dict]]:
+    return {p.stem: list(yaml.safe_load_all(p.read_text())) for p in sorted(KUBERAY.glob("*.yaml"))}
+
+
+class CRDsMissing(FileNotFoundError):
+    pass
+
+
+@functools.cache  # the CRD files are 40k lines of YAML; parse each once
+def crd_schema(kind: str) -> dict:
+    """The v1 openAPIV3Schema of a KubeRay CRD, strict: unknown fields are errors (the API server's
+    strict field validation; a bare jsonschema check would let a misspelled field through)."""
+    path = CRDS / f"ray.io_{kind.lower()}s.yaml"
+    if not path.is_file():
+        raise CRDsMissing(f"KubeRay CRD schemas not found in {CRDS} (the ../shared/kuberay-crds folder next to "
+                          "the repo); the CRD check cannot run, the other checks still do")
+    crd = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    return _strict(copy.deepcopy(version["schema"]["openAPIV3Schema"]))
+
+
+def _strict(node):
+    if isinstance(node, dict):
+        if ("properties" in node and "additionalProperties" not in node
+                and not node.get("x-kubernetes-preserve-unknown-fields")):
+            node["additionalProperties"] = False
+        for value in node.values():
+            _strict(value)
+    elif isinstance(node, list):
+        for value in node:
+            _strict(value)
+    return node
+
+
+def validate_crd(obj: dict) -> None:
+    import jsonschema
+
+    jsonschema.validate(obj, crd_schema(obj["kind"]), cls=jsonschema.Draft7Validator)
+
+
+def validate_core(obj: dict) -> None:
+    import kubernetes_validate
+
+    kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+
+
+# ------------------------------------------------------------------------- invariants
+
+
+def pod_specs(obj: dict) -> list[tuple[str, dict]]:
+    """(where, pod spec) of every pod an object starts."""
+    spec = obj.get("spec", {})
+    if obj["kind"] == "RayJob":
+        return ([("submitter", spec["submitterPodTemplate"]["spec"])]
+                + [(f"rayClusterSpec.{w}", p) for w, p in pod_specs({"kind": "RayCluster", "spec": spec["rayClusterSpec"]})])
+    if obj["kind"] == "RayCluster":
+        return ([("head", spec["headGroupSpec"]["template"]["spec"])]
+                + [(g["groupName"], g["template"]["spec"]) for g in spec["workerGroupSpecs"]])
+    if obj["kind"] in ("Deployment", "StatefulSet"):
+        return [(obj["kind"], spec["template"]["spec"])]
+    return []
+
+
+def check_non_root(obj: dict) -> None:
+    for where, pod in pod_specs(obj):
+        sc = pod.get("securityContext", {})
+        assert sc.get("runAsNonRoot") is True, f"{where}: runAsNonRoot is not true"
+        for c in pod["containers"] + pod.get("initContainers", []):
+            uid = c.get("securityContext", {}).get("runAsUser", sc.get("runAsUser"))
+            assert uid not in (None, 0), f"{where}/{c['name']}: runs as uid {uid}"
+            assert c.get("securityContext", {}).get("allowPrivilegeEscalation") is False, f"{where}/{c['name']}"
+
+
+def check_secret_refs(obj: dict) -> None:
+    """Every secretKeyRef names a Secret and key the README creates; no literal secret values."""
+    for where, pod in pod_specs(obj):
+        for c in pod["containers"] + pod.get("initContainers", []):
+            for env in c.get("env", []):
+                ref = env.get("valueFrom", {}).get("secretKeyRef")
+                if ref:
+                    assert ref["key"] in SECRETS.get(ref["name"], set()), f"{where}/{c['name']}: {ref}"
+                else:
+                    assert not any(w in env["name"] for w in ("SECRET", "TOKEN", "PASSWORD")), \
+                        f"{where}/{c['name']}: {env['name']} is set literally, not from a Secret"
+
+
+def ray_cluster_spec(obj: dict) -> dict:
+    return obj["spec"]["rayClusterSpec"] if obj["kind"] == "RayJob" else obj["spec"]
+
+
+def check_ray_cluster(obj: dict, workers: int, cpus: int) -> None:
+    """GPU workers as the config's `distributed` asks, token auth, /dev/shm, the image's Ray."""
+    spec = ray_cluster_spec(obj)
+    assert spec["rayVersion"] == n.locked_version("ray"), "rayVersion differs from the image's ray"
+    assert spec.get("authOptions", {}).get("mode") == "token", "token authentication is off"
+    assert spec["authOptions"].get("secretName") == n.RAY_TOKEN_SECRET
+    (group,) = spec["workerGroupSpecs"]
+    assert group["replicas"] == group["maxReplicas"] == workers, f"worker replicas {group['replicas']} != {workers}"
+    for where, pod in pod_specs({"kind": "RayCluster", "spec": spec}):
+        (ray,) = [c for c in pod["containers"] if c["name"].startswith("ray-")]
+        assert {"name": "RAY_AUTH_MODE", "value": "token"} in ray["env"], f"{where}: RAY_AUTH_MODE is not token"
+        assert {"configMapRef": {"name": n.CONFIGMAP}} in ray["envFrom"], f"{where}: no ConfigMap"
+        shm = [v for v in pod["volumes"] if v["name"] == "dshm"]
+        assert shm and shm[0]["emptyDir"].get("medium") == "Memory", f"{where}: /dev/shm is not memory-backed"
+        assert {"name": "dshm", "mountPath": "/dev/shm"} in ray["volumeMounts"], f"{where}: /dev/shm not mounted"
+        limits = ray["resources"]["limits"]
+        assert ray["resources"]["requests"] == limits, f"{where}: requests != limits"
+        if where == "head":
+            assert "nvidia.com/gpu" not in limits
+            continue
+        assert limits.get("nvidia.com/gpu") == "1", f"{where}: GPU limit {limits.get('nvidia.com/gpu')} != 1"
+        assert limits.get("cpu") == str(cpus), f"{where}: cpu {limits.get('cpu')} != {cpus}"
+        shm_gi = int(shm[0]["emptyDir"]["sizeLimit"].removesuffix("Gi"))
+        assert int(limits["memory"].removesuffix("Gi")) > shm_gi >= 8, f"{where}: /dev/shm {shm_gi}Gi"
