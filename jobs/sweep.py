@@ -30,6 +30,9 @@ def parse(argv=None):
     p.add_argument("--trials", type=int, required=True, help="finished trials the study should hold")
     p.add_argument("--study", help="override the space's study_name")
     p.add_argument("--storage", help="override the space's Optuna storage URL (e.g. sqlite:///sweeps/x.db)")
+    p.add_argument("--ray-address", metavar="ADDRESS",
+                   help="the Ray cluster (host:port or ray://host:10001; default RAY_ADDRESS); unreachable: the sweep "
+                        "fails within ADVFLOW_RAY_CONNECT_TIMEOUT_S (30 s); neither set: a private local Ray")
     p.add_argument("--report", help="where to write the HTML report (default: next to the study)")
     return p.parse_args(argv)
 
@@ -55,7 +58,7 @@ def main(argv=None) -> int:
 
     try:
         summary = run_sweep(spec, space, args.trials, space_yaml=Path(args.space).read_text(),
-                            report_path=args.report)
+                            report_path=args.report, ray_address=args.ray_address)
     except ConfigError as err:
         print(f"[advflow] config error: {err}", file=sys.stderr)
         return 2

@@ -21,6 +21,9 @@ def parse(argv=None):
     p.add_argument("--config", required=True, help="YAML run config (recipes in jobs/configs/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set adversarial.ot_scale=0.1 (repeatable)")
+    p.add_argument("--ray-address", metavar="ADDRESS",
+                   help="the Ray cluster (host:port or ray://host:10001; default RAY_ADDRESS). Unreachable: the job "
+                        "fails within ADVFLOW_RAY_CONNECT_TIMEOUT_S (30 s). Neither set: a private local Ray")
     p.add_argument("--no-ray", action="store_true", help="run the workers as local processes without Ray")
     p.add_argument("--print-config", action="store_true",
                    help="print the validated config (YAML, with its step units) and exit")
@@ -48,6 +51,11 @@ def main(argv=None) -> int:
     log.info(f"{spec.run.name}: {m.method.upper()} G {m.size} ({m.kind}, K={m.nfe}, R={m.repeats}), {t.steps} steps x global batch "
              f"{t.global_batch} on {d.workers} worker(s), ZeRO G/D {d.zero_stage_g}/{d.zero_stage_d}, "
              f"data {spec.data.prefix}")
+    if not args.no_ray:
+        from advflow.platform.train.ray_launch import connect_driver
+
+        if not connect_driver(args.ray_address):  # before the MLflow run opens
+            return 2
     with tracked_run(spec, config_yaml=config_yaml(spec), data_tags=dataset_tags(spec.data.prefix)) as run:
         if run.url:
             log.info("MLflow run: %s", run.url)

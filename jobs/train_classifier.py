@@ -25,6 +25,9 @@ def parse(argv=None):
     p.add_argument("--config", required=True, help="YAML run config (recipes in jobs/configs/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set optim.lr=3e-4 (repeatable)")
+    p.add_argument("--ray-address", metavar="ADDRESS",
+                   help="the Ray cluster (host:port or ray://host:10001; default RAY_ADDRESS). Unreachable: the job "
+                        "fails within ADVFLOW_RAY_CONNECT_TIMEOUT_S (30 s). Neither set: a private local Ray")
     p.add_argument("--no-ray", action="store_true", help="run the workers as local processes without Ray")
     p.add_argument("--print-config", action="store_true", help="print the validated config and exit")
     return p.parse_args(argv)
@@ -51,6 +54,11 @@ def main(argv=None) -> int:
     log.info(f"{spec.run.name}: classifier {c.size}, t ~ U{tuple(c.t_range)}, {t.steps} steps x global batch "
              f"{t.global_batch} on {d.workers} worker(s), ZeRO {d.zero_stage}, lr {o.lr:g}, EMA {o.ema_decay:g}, "
              f"data {spec.data.prefix}")
+    if not args.no_ray:
+        from advflow.platform.train.ray_launch import connect_driver
+
+        if not connect_driver(args.ray_address):  # before the MLflow run opens
+            return 2
     tags = {"mlflow.source.name": "jobs/train_classifier.py", "advflow.kind": "classifier"}
     with tracked_run(spec, config_yaml=config_yaml(spec), data_tags=dataset_tags(spec.data.prefix),
                      extra_tags=tags) as run:

@@ -91,27 +91,32 @@ def open_parent_run(spec: RunSpec, space: SweepSpace, space_yaml: str) -> str | 
 
 
 def run_sweep(spec: RunSpec, space: SweepSpace, trials: int, *, space_yaml: str = "",
-              report_path: str | Path | None = None) -> dict[str, Any]:
-    """Run (or resume) the sweep until the study holds `trials` finished trials; returns a summary."""
+              report_path: str | Path | None = None, ray_address: str | None = None) -> dict[str, Any]:
+    """Run (or resume) the sweep until the study holds `trials` finished trials; returns a summary.
+    ray_address: the cluster (default RAY_ADDRESS; unreachable: RayUnreachable, a ConfigError)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
     from advflow.platform.train.ray_launch import ensure_ray
 
+    from advflow.platform.train.connect import check_configured
+
     t0 = time.time()
     space.storage = absolute_storage(space.storage)
     base = prepare_base(spec)
     space.check_against(base)  # before the study, the parent run or any trial exists
+    check_configured(ray_address)  # likewise: an unreachable cluster leaves nothing behind
     study, storage, sampler = open_study(space)
     counts = recover_study(study, storage)
     finished = counts.get("COMPLETE", 0) + counts.get("PRUNED", 0)
     remaining = max(0, trials - finished)
     log.info(f"sweep {space.study_name}: {finished} finished trial(s) in {space.storage}, running {remaining} more")
+    if remaining:
+        ensure_ray(ray_address)
     parent = open_parent_run(spec, space, space_yaml)
     ok = True
     if remaining:
-        ensure_ray()
         # A new study starts with the base config itself (trial 0): the number the sweep must beat.
         points = [space.baseline_point(base)] if space.baseline and not study.trials else None
         searcher = OptunaSearch(space=RecordTrialNumber(space), metric=space.metric, mode=space.mode, sampler=sampler,

@@ -8,6 +8,7 @@ on a local path or S3 (any endpoint via AWS_ENDPOINT_URL), and the driver-side p
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -228,21 +229,27 @@ def build_torch_trainer(spec: RunSpec, callbacks: list | None = None, run_id: st
 
 
 def ensure_ray(address: str | None = None) -> None:
-    """Connect to a running cluster (RAY_ADDRESS / `ray job submit`), else start a local one."""
-    if ray.is_initialized():
-        return
+    """Connect to the configured cluster (--ray-address, RAY_ADDRESS; `ray job submit` sets the
+    latter) or, when none is configured, start a private local Ray and say so (`connect.ensure_ray`).
+    The job's runtime env carries the S3/MLflow endpoints and the controller's start timeout."""
+    from advflow.platform.train import connect
+
     env = {k: os.environ[k] for k in PASS_ENV if os.environ.get(k)}
     env.update(controller_env())
-    runtime_env = {"env_vars": env} if env else None
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address and address.startswith("http"):
-        # RAY_ADDRESS in the stack exports is the dashboard URL (for `ray job submit`); a driver
-        # started by the job server gets its GCS address itself, so "auto" finds the cluster.
-        address = "auto"
+    connect.ensure_ray(address, runtime_env={"env_vars": env} if env else None)
+
+
+def connect_driver(address: str | None = None) -> bool:
+    """`ensure_ray` for a job's main: False, after one line naming the address and the fix, when the
+    configured cluster cannot be reached (so the job exits before opening its MLflow run)."""
+    from advflow.platform.config import ConfigError
+
     try:
-        ray.init(address=address or "auto", runtime_env=runtime_env, log_to_driver=True)
-    except ConnectionError:
-        ray.init(runtime_env=runtime_env, include_dashboard=False, log_to_driver=True)
+        ensure_ray(address)
+    except ConfigError as err:
+        print(f"[advflow] {err}", file=sys.stderr)
+        return False
+    return True
 
 
 # Ray Train's controller gives up waiting for a worker group after 60 s, logs the timeout with its
