@@ -1,0 +1,79 @@
+"""infra/cluster/aws.yaml through Ray's own checks for `ray up` (prepare_config merges the AWS
+defaults, validate_config checks ray-schema.json and the node types), plus what advflow needs of
+it: GPU workers for the recipe, token auth, the image the Dockerfile builds; and the SSM token
+fetch its nodes run (against moto's SSM)."""
+
+from __future__ import annotations
+
+import copy
+import os
+import stat
+
+import pytest
+import yaml
+
+from advflow.infra.cluster import names, ray_token
+
+AWS = names.CLUSTER_DIR / "aws.yaml"
+
+
+def ray_up_checks(config: dict) -> dict:
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    prepared = prepare_config(copy.deepcopy(config))
+    validate_config(prepared)
+    return prepared
+
+
+def test_aws_yaml_passes_rays_validation():
+    prepared = ray_up_checks(yaml.safe_load(AWS.read_text()))
+    assert prepared["provider"]["type"] == "aws"
+    assert prepared["head_node_type"] == "head"
+
+
+def test_aws_yaml_fits_the_recipe_and_authenticates():
+    from advflow.platform.config import load_config
+
+    config = yaml.safe_load(AWS.read_text())
+    d = load_config(names.REPO / "jobs/configs/imagenet_xl2_1nfe.yaml").distributed
+    gpu = config["available_node_types"]["gpu"]
+    assert gpu["node_config"]["InstanceType"] == "p4d.24xlarge"  # 8 GPUs, 96 vCPUs per node
+    assert d.workers <= 8 and d.workers * d.cpus_per_worker <= 96
+    assert "--shm-size=96g" in config["docker"]["worker_run_options"]
+    assert "--env RAY_AUTH_MODE=token" in config["docker"]["run_options"]
+    assert any("advflow.infra.cluster.ray_token" in c for c in config["setup_commands"])
+    assert config["docker"]["image"].endswith("/advflow:0.1.0")
+    assert config["available_node_types"]["head"]["resources"] == {"CPU": 0}
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda c: c.update(max_worker=2),                                          # misspelled top-level key
+    lambda c: c["available_node_types"]["gpu"].update(max_workers="two"),
+    lambda c: c.update(head_node_type="gpu_head"),                             # names no node type
+    lambda c: c["provider"].pop("type"),
+], ids=["unknown-key", "bad-type", "unknown-head", "no-provider-type"])
+def test_a_broken_launcher_config_is_refused(mutate):
+    config = yaml.safe_load(AWS.read_text())
+    mutate(config)
+    with pytest.raises(Exception):
+        ray_up_checks(config)
+
+
+def test_the_token_lands_in_rays_default_path_readable_only_by_its_user(tmp_path, monkeypatch):
+    moto = pytest.importorskip("moto")
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    with moto.mock_aws():
+        import boto3
+
+        ssm = boto3.client("ssm", region_name="us-east-1")
+        ssm.put_parameter(Name="/advflow/ray-auth-token", Value="tok-123\n", Type="SecureString")
+        out = tmp_path / ".ray" / "auth_token"
+        assert ray_token.main(["--parameter", "/advflow/ray-auth-token", "--out", str(out)]) == 0
+        assert out.read_text() == "tok-123"
+        assert stat.S_IMODE(os.stat(out).st_mode) == 0o600
+        ssm.put_parameter(Name="/advflow/empty", Value=" ", Type="SecureString")
+        with pytest.raises(SystemExit, match="ray get-auth-token --generate"):
+            ray_token.fetch("/advflow/empty", out, client=ssm)
