@@ -252,6 +252,35 @@ class TrainConfig(_Section):
         return self
 
 
+# An environment variable's value: numbers are written as YAML gives them (NCCL_IB_DISABLE: 1).
+EnvValue = Annotated[str, BeforeValidator(lambda v: str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v)]
+
+# NCCL and PyTorch-NCCL variables a GPU cluster commonly sets (NCCL's "Environment Variables" page,
+# PyTorch's ProcessGroupNCCL docs). Not a whitelist: any NCCL_*/TORCH_NCCL_* name passes, except a
+# near miss of one of these, which is a typo that NCCL would silently ignore.
+KNOWN_NCCL = (
+    "NCCL_DEBUG", "NCCL_DEBUG_SUBSYS", "NCCL_SOCKET_IFNAME", "NCCL_IB_DISABLE", "NCCL_IB_HCA",
+    "NCCL_IB_GID_INDEX", "NCCL_IB_TIMEOUT", "NCCL_NET_GDR_LEVEL", "NCCL_P2P_DISABLE", "NCCL_P2P_LEVEL",
+    "NCCL_SHM_DISABLE", "NCCL_ALGO", "NCCL_PROTO", "NCCL_NSOCKS_PERTHREAD", "NCCL_SOCKET_NTHREADS",
+    "NCCL_BUFFSIZE", "NCCL_CROSS_NIC", "NCCL_NVLS_ENABLE", "NCCL_CUMEM_ENABLE",
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING", "TORCH_NCCL_BLOCKING_WAIT", "TORCH_NCCL_DUMP_ON_TIMEOUT",
+    "TORCH_NCCL_TRACE_BUFFER_SIZE", "TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC", "TORCH_NCCL_ENABLE_MONITORING",
+)
+_NCCL_NAME = re.compile(r"(TORCH_)?NCCL_[A-Z0-9_]+")
+
+
+def check_nccl_name(name: str) -> None:
+    """Refuse a `distributed.nccl` key that is not an NCCL variable name or is a near miss of one."""
+    import difflib
+
+    field = f"nccl.{name}"
+    if not _NCCL_NAME.fullmatch(name):
+        _fail(field, "is not an NCCL variable name", "use NCCL_* or TORCH_NCCL_* in upper case, e.g. NCCL_DEBUG")
+    if name not in KNOWN_NCCL and (near := difflib.get_close_matches(name, KNOWN_NCCL, n=1, cutoff=0.85)):
+        _fail(field, f"looks like a misspelling of {near[0]} (NCCL ignores unknown names without a word)",
+              f"write {near[0]}")
+
+
 class DistributedConfig(_Section):
     """Ray Train workers and the two DeepSpeed engines."""
 
@@ -272,8 +301,24 @@ class DistributedConfig(_Section):
     losses and their inputs stay fp32. bf16 also runs on CPU workers (slow without bf16 instructions;
     the tests use it to exercise the master-weight path)."""
 
+    timeout_s: Number = 1800.0
+    """The process group's timeout: a collective (all-reduce, barrier) that waits longer fails the step,
+    so Ray Train restarts the group from the last checkpoint instead of the job hanging on a dead or
+    wedged peer. Keep it above the longest gap between two collectives (a checkpoint load from S3, an
+    evaluation on rank 0)."""
+    nccl: dict[str, EnvValue] = Field(default_factory=dict)
+    """NCCL / PyTorch-NCCL environment for the workers, set before the process group starts, e.g.
+    `{NCCL_DEBUG: WARN, NCCL_SOCKET_IFNAME: eth0, NCCL_IB_DISABLE: "1",
+    TORCH_NCCL_ASYNC_ERROR_HANDLING: "1"}` (infra/cluster/README.md lists the ones that matter on
+    a GPU cluster). Names must be NCCL_* or TORCH_NCCL_*; a near miss of a known name is refused.
+    On CPU workers (gloo) they are set but have no effect."""
+
     @model_validator(mode="after")
     def _check(self) -> DistributedConfig:
+        if not self.timeout_s > 0:
+            _fail("timeout_s", f"must be > 0 seconds, got {self.timeout_s}", "use e.g. 1800 (30 min)")
+        for name in self.nccl:
+            check_nccl_name(name)
         if self.workers < 1:
             _fail("workers", f"must be >= 1, got {self.workers}", "use at least one worker")
         if self.min_workers and not 1 <= self.min_workers < self.workers:

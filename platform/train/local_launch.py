@@ -95,7 +95,9 @@ class LocalContext:
 def _worker(rank: int, world_size: int, port: int, config: dict, run_dir: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world_size))
-    init_process_group("gloo", rank, world_size, "127.0.0.1", port)  # every socket on loopback
+    d = config["spec"]["distributed"]
+    init_process_group("gloo", rank, world_size, "127.0.0.1", port,  # every socket on loopback
+                       timeout_s=d.get("timeout_s", 1800.0), env=d.get("nccl"))
     try:
         ctx = LocalContext(rank, world_size, Path(run_dir), config["spec"]["run"]["keep_checkpoints"])
         resolve_entry(config.get("entry"))(config, ctx)

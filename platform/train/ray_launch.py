@@ -7,6 +7,7 @@ on a local path or S3 (any endpoint via AWS_ENDPOINT_URL), and the driver-side p
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import tempfile
@@ -104,10 +105,14 @@ class RayContext:
         return checkpoint.to_directory(self._restore_tmp.name)
 
 
+@dataclasses.dataclass
 class BoundRendezvousConfig(TorchConfig):
     """TorchConfig whose process group listens only on rank 0's node address (rendezvous.py):
     on the local stack's loopback-only Ray that is 127.0.0.1, where Ray's own torch backend would
-    leave the rendezvous store listening on every interface."""
+    leave the rendezvous store listening on every interface. `env` (distributed.nccl) is set on
+    every worker before its process group starts; `timeout_s` is distributed.timeout_s."""
+
+    env: dict = dataclasses.field(default_factory=dict)
 
     @property
     def backend_cls(self):
@@ -123,13 +128,22 @@ class _BoundRendezvousBackend(_TorchBackend):
         worker_group.execute(_set_torch_distributed_env_vars)  # RANK, LOCAL_RANK, ... as torchrun sets them
         n = len(worker_group)
         ray.get([worker_group.execute_single_async(i, _join_rendezvous, backend_config.backend or "gloo", i, n,
-                                                   addr, port, backend_config.timeout_s) for i in range(n)])
+                                                   addr, port, backend_config.timeout_s, backend_config.env)
+                 for i in range(n)])
 
 
-def _join_rendezvous(backend: str, rank: int, world_size: int, addr: str, port: int, timeout_s: float) -> None:
+def _join_rendezvous(backend: str, rank: int, world_size: int, addr: str, port: int, timeout_s: float,
+                     env: dict) -> None:
     from advflow.platform.train.rendezvous import init_process_group
 
-    init_process_group(backend, rank, world_size, addr, port, timeout_s)
+    init_process_group(backend, rank, world_size, addr, port, timeout_s, env)
+
+
+def torch_config(spec) -> BoundRendezvousConfig:
+    """The process group of `spec`'s workers: NCCL on GPUs, gloo on CPUs; its timeout and NCCL env."""
+    d = spec.distributed
+    return BoundRendezvousConfig(backend="nccl" if d.use_gpu else "gloo", timeout_s=d.timeout_s,
+                                 env=dict(getattr(d, "nccl", {})))
 
 
 def train_fn_per_worker(config: dict) -> None:
@@ -213,7 +227,7 @@ def build_torch_trainer(spec: RunSpec, callbacks: list | None = None, run_id: st
     return TorchTrainer(
         train_fn_per_worker,
         train_loop_config=loop_config,
-        torch_config=BoundRendezvousConfig(backend="nccl" if d.use_gpu else "gloo"),
+        torch_config=torch_config(spec),
         scaling_config=ScalingConfig(num_workers=workers(spec), use_gpu=d.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=spec.run.name,

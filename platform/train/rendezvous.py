@@ -42,9 +42,12 @@ def host_store(addr: str, port: int, world_size: int, timeout_s: float) -> dist.
 
 
 def init_process_group(backend: str, rank: int, world_size: int, addr: str, port: int,
-                       timeout_s: float = 1800.0) -> None:
+                       timeout_s: float = 1800.0, env: dict[str, str] | None = None) -> None:
     """Join (rank 0: host) the rendezvous at addr:port and initialise the default process group.
-    MASTER_ADDR / MASTER_PORT are set as env:// would, for code that reads them (DeepSpeed)."""
+    MASTER_ADDR / MASTER_PORT are set as env:// would, for code that reads them (DeepSpeed).
+    env: `distributed.nccl`, set first, since NCCL reads its variables when the group starts;
+    timeout_s: `distributed.timeout_s`, how long any collective may wait."""
+    os.environ.update(env or {})
     os.environ.update(MASTER_ADDR=addr, MASTER_PORT=str(port))
     if is_loopback(addr):
         # gloo and NCCL listen on the interface they pick; on one machine that must be loopback.
