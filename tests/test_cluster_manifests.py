@@ -191,20 +191,51 @@ def test_a_literal_password_or_unknown_secret_is_caught(files):
             validate.check_secret_refs(broken)
 
 
-def test_jobs_run_the_recipes_from_the_image_and_the_sweep_uses_the_configmaps_database(files):
+def driver_run(entry: str, tmp_path, env: dict[str, str]) -> dict:
+    """What the job's driver runs, through the chain a RayJob takes: KubeRay pastes the entrypoint
+    unquoted into the submitter's bash line (`... ray job submit ... -- <entrypoint> ; fi`), `ray job
+    submit` re-joins the words it got with shlex.join, and the head's job supervisor runs that
+    string with a shell. Here `ray` prints the joined string, and the "head" has a `python` that
+    records its argv and working directory (`env` is the head's environment)."""
+    import json
+    import os
+    import subprocess
+
+    bindir, workdir = tmp_path / "bin", tmp_path / "opt-advflow"
+    bindir.mkdir(parents=True)
+    workdir.mkdir()
+    (bindir / "ray").write_text('#!/bin/bash\nshift 2\npython3 -c "import shlex, sys; print(shlex.join(sys.argv[1:]))" "${@:2}"\n')
+    (bindir / "python").write_text('#!/bin/bash\npython3 -c "import json, os, sys; print(json.dumps({\'argv\': sys.argv[1:], '
+                                   '\'cwd\': os.getcwd()}))" "$@"\n')
+    for tool in ("ray", "python"):
+        (bindir / tool).chmod(0o755)
+    base = {"PATH": f"{bindir}:{os.environ['PATH']}"}
+    submitted = subprocess.run(["bash", "-c", f"if false; then :; else ray job submit -- {entry} ; fi"],
+                               env=base, capture_output=True, text=True, check=True).stdout.strip()
+    head = submitted.replace(names.WORKDIR, str(workdir))  # the image's repo, here
+    out = subprocess.run(head, shell=True, env={**base, **env}, capture_output=True, text=True, check=True).stdout
+    return {**json.loads(out), "workdir": str(workdir)}
+
+
+def test_jobs_run_the_recipes_from_the_image_and_the_sweep_uses_the_configmaps_database(files, tmp_path):
     train = files["rayjob-train"][0]["spec"]
-    assert train["entrypoint"] == f"cd {names.WORKDIR} && python jobs/train.py --config {RECIPE}"
+    ran = driver_run(train["entrypoint"], tmp_path / "t", {})
+    assert ran["argv"] == ["jobs/train.py", "--config", RECIPE] and ran["cwd"] == ran["workdir"]
     sweep = files["rayjob-sweep"][0]["spec"]
-    assert sweep["entrypoint"].startswith(f"cd {names.WORKDIR} && python jobs/sweep.py --config {RECIPE} --space ")
-    assert sweep["entrypoint"].endswith('--trials 32 --storage "$OPTUNA_STORAGE_URL"')
+    url = files["config"][0]["data"]["OPTUNA_STORAGE_URL"]
+    ran = driver_run(sweep["entrypoint"], tmp_path / "s", {"OPTUNA_STORAGE_URL": url})
+    assert ran["argv"] == ["jobs/sweep.py", "--config", RECIPE, "--space", "jobs/configs/sweeps/imagenet_space.yaml",
+                           "--trials", "32", "--storage", url]
     (config,) = files["config"]
+    # the naive entrypoint would run the job in the submitter pod, from the wrong directory
+    with pytest.raises(Exception):
+        driver_run(f"cd {names.WORKDIR} && python jobs/train.py --config {RECIPE}", tmp_path / "naive", {})
     url = config["data"]["OPTUNA_STORAGE_URL"]
     assert url.startswith("postgresql://optuna@advflow-postgres.") and ":" not in url.split("@")[0][len("postgresql://"):]
     for job in (train, sweep):
         assert job["shutdownAfterJobFinishes"] is True
         submitter = job["submitterPodTemplate"]["spec"]
-        assert submitter["restartPolicy"] == "Never"
-        assert {"configMapRef": {"name": names.CONFIGMAP}} in submitter["containers"][0]["envFrom"]
+        assert submitter["restartPolicy"] == "Never" and "command" not in submitter["containers"][0]
     # FID files reach the sweep's workers before Ray starts there
     workers = sweep["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]
     assert workers["initContainers"][0]["command"][-2:] == ["s3://advflow/fid", "/fid"]
@@ -224,7 +255,7 @@ def test_mlflow_runs_on_postgres_with_artifacts_on_s3(files):
 # ------------------------------------------------------------------------- options and errors
 
 
-def test_overrides_image_and_namespace_reach_every_object(capsys, monkeypatch):
+def test_overrides_image_and_namespace_reach_every_object(capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(names.REPO)
     text = generate(["--config", RECIPE, "--set", "distributed.workers=4", "--set", "run.name=xl2 try 2",
                      "--image", "registry.example/advflow:1", "--namespace", "ml", "--kind", "rayjob-train"], capsys)
@@ -234,7 +265,8 @@ def test_overrides_image_and_namespace_reach_every_object(capsys, monkeypatch):
     (job,) = yaml.safe_load_all(text)
     assert job["metadata"] == {"name": "train-xl2-try-2", "namespace": "ml", "labels": names.LABELS}
     # the job trains the config the cluster was sized for
-    assert job["spec"]["entrypoint"].endswith("--set distributed.workers=4 --set 'run.name=xl2 try 2'")
+    ran = driver_run(job["spec"]["entrypoint"], tmp_path, {})
+    assert ran["argv"] == ["jobs/train.py", "--config", RECIPE, "--set", "distributed.workers=4", "--set", "run.name=xl2 try 2"]
     validate.check_ray_cluster(job, workers=4, cpus=8)
     pods = validate.pod_specs(job)
     assert {c["image"] for _, pod in pods for c in pod["containers"]} == {"registry.example/advflow:1"}

@@ -145,12 +145,11 @@ def raycluster(name: str, namespace: str, spec: dict) -> dict:
 
 
 def submitter(image: str) -> dict:
-    """The pod that runs `ray job submit` for a RayJob. Given explicitly so that it gets the Ray token
-    and the ConfigMap (an entrypoint's $VARS may be expanded by the submitter's shell)."""
+    """The pod that runs `ray job submit` for a RayJob (KubeRay fills in its command). Given
+    explicitly so that it runs non-root and holds the Ray token whatever the operator version."""
     env = [{"name": "RAY_AUTH_MODE", "value": "token"},
            _secret_env("RAY_AUTH_TOKEN", n.RAY_TOKEN_SECRET, n.RAY_TOKEN_KEY)]
     container = {"name": "ray-job-submitter", "image": image, "env": env,
-                 "envFrom": [{"configMapRef": {"name": n.CONFIGMAP}}],
                  "securityContext": container_security(), "resources": _resources(1, 1)}
     # restartPolicy Never: the submitter runs in a Kubernetes Job, which refuses Always.
     return {"spec": {"restartPolicy": "Never", "securityContext": pod_security(), "containers": [container]}}

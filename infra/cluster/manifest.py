@@ -86,12 +86,19 @@ def _sets(args) -> str:
     return "".join(f" --set {shlex.quote(item)}" for item in args.overrides)
 
 
+def entrypoint(command: str) -> str:
+    """A RayJob entrypoint that runs `command` in the image's repo on the head. KubeRay pastes the
+    entrypoint unquoted into the submitter's shell line (`ray job submit ... -- <entrypoint>`), so
+    a bare `cd X && cmd` would run `cmd` in the submitter pod: the whole line goes through
+    `bash -c '...'`, and its $VARS expand on the head, in the driver's environment."""
+    return f"bash -c {shlex.quote(f'cd {n.WORKDIR} && exec {command}')}"
+
+
 def build_train(args, spec) -> list[dict]:
     workers = gpu_workers(spec)
-    command = (f"cd {n.WORKDIR} && python jobs/train.py --config {shlex.quote(in_repo(args.config, '--config'))}"
-               f"{_sets(args)}")
+    command = f"python jobs/train.py --config {shlex.quote(in_repo(args.config, '--config'))}{_sets(args)}"
     cluster = kuberay.cluster_spec(workers, args.image)
-    return [kuberay.rayjob(f"train-{dns_name(spec.run.name)}", args.namespace, command, cluster, args.image)]
+    return [kuberay.rayjob(f"train-{dns_name(spec.run.name)}", args.namespace, entrypoint(command), cluster, args.image)]
 
 
 def build_sweep(args, spec) -> list[dict]:
@@ -119,13 +126,12 @@ def build_sweep(args, spec) -> list[dict]:
         raise ManifestError(f"eval.inception_path/reference_stats {fid_paths}: the sweep's workers copy the FID files "
                             f"from s3://BUCKET/fid to {kuberay.FID_DIR}/; point both at files under {kuberay.FID_DIR}/")
     fid_prefix = f"s3://{services.s3_bucket(spec.run.storage_path)}/fid" if uses_fid else None
-    # "$OPTUNA_STORAGE_URL" comes from the ConfigMap, on the submitter and on the head alike, so the
-    # entrypoint is right whichever shell expands it; it holds no password (PGPASSWORD does).
-    command = (f"cd {n.WORKDIR} && python jobs/sweep.py --config {shlex.quote(in_repo(args.config, '--config'))}"
-               f"{_sets(args)} --space {shlex.quote(space_path)} --trials {args.trials}"
-               ' --storage "$OPTUNA_STORAGE_URL"')
+    # $OPTUNA_STORAGE_URL: the ConfigMap's, expanded on the head; it holds no password (PGPASSWORD does).
+    command = (f"python jobs/sweep.py --config {shlex.quote(in_repo(args.config, '--config'))}{_sets(args)}"
+               f' --space {shlex.quote(space_path)} --trials {args.trials} --storage "$OPTUNA_STORAGE_URL"')
     cluster = kuberay.cluster_spec(workers, args.image, fid_prefix=fid_prefix)
-    return [kuberay.rayjob(f"sweep-{dns_name(space.study_name)}", args.namespace, command, cluster, args.image)]
+    return [kuberay.rayjob(f"sweep-{dns_name(space.study_name)}", args.namespace, entrypoint(command), cluster,
+                           args.image)]
 
 
 BUILDERS: dict[str, Callable[[argparse.Namespace, object], list[dict]]] = {
