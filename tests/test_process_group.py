@@ -82,3 +82,17 @@ def test_a_collective_a_peer_never_joins_fails_after_timeout_s():
     assert outcome != "joined", "the barrier completed without the peer"
     assert 2.0 <= waited < 20.0, f"the barrier failed after {waited:.1f} s, not the configured 3 s"
     assert nccl_debug == "WARN"  # distributed.nccl reached the worker's environment
+
+
+def test_a_local_storage_path_on_a_cluster_of_several_hosts_is_warned_about(capsys):
+    from advflow.platform.train.ray_launch import warn_node_local_storage
+
+    one_host = [{"Alive": True, "NodeManagerAddress": "127.0.0.1"}] * 3
+    two_hosts = [{"Alive": True, "NodeManagerAddress": "10.0.0.1"}, {"Alive": True, "NodeManagerAddress": "10.0.0.2"},
+                 {"Alive": False, "NodeManagerAddress": "10.0.0.3"}]
+    local = RunSpec.from_dict({**BASE, "run": {"storage_path": "/mnt/runs"}})
+    on_s3 = RunSpec.from_dict({**BASE, "run": {"storage_path": "s3://b/runs"}})
+    assert not warn_node_local_storage(local, one_host) and not warn_node_local_storage(on_s3, two_hosts)
+    assert warn_node_local_storage(local, two_hosts)
+    err = capsys.readouterr().err
+    assert "run.storage_path=/mnt/runs" in err and "2 hosts" in err and "s3://" in err

@@ -200,6 +200,21 @@ def storage(spec: RunSpec) -> tuple[str, object | None]:
     return path[len("s3://"):], pyarrow.fs.S3FileSystem(**kw)
 
 
+def warn_node_local_storage(spec, nodes: list[dict]) -> bool:
+    """Warn (and return True) when `run.storage_path` is a local path but the cluster's nodes sit
+    on several hosts: a checkpoint written on one host cannot be restored on another unless every
+    node mounts that path (NFS). Nodes on one host (the simulated cluster) share its filesystem."""
+    if spec.run.storage_path.startswith("s3://"):
+        return False
+    hosts = {n.get("NodeManagerAddress") for n in nodes if n.get("Alive")}
+    if len(hosts) <= 1:
+        return False
+    log.warning(f"run.storage_path={spec.run.storage_path} is a local path, and the Ray cluster's nodes are on "
+                f"{len(hosts)} hosts: a restart on another node will not find the checkpoints unless every node "
+                "mounts this path (NFS); set run.storage_path=s3://BUCKET/PREFIX")
+    return True
+
+
 def workers(spec) -> int | tuple[int, int]:
     """Ray Train's num_workers: the fixed count, or the elastic range (min_workers, workers). The
     elastic range is safe because a checkpoint resumes exactly on any count (data.order global,
@@ -219,6 +234,8 @@ def build_torch_trainer(spec: RunSpec, callbacks: list | None = None, run_id: st
     meter: the driver's progress line at each checkpoint (default: the AFM job's ProgressMeter)."""
     d = spec.distributed
     storage_path, fs = storage(spec)
+    if ray.is_initialized():
+        warn_node_local_storage(spec, ray.nodes())
     resources = {"CPU": d.cpus_per_worker}
     loop_config = {"spec": spec.to_dict(), "mlflow_run_id": run_id, "mlflow_uri": tracking_uri(spec) if run_id else None}
     if entry is not None:
