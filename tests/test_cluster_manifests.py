@@ -231,7 +231,7 @@ def test_jobs_run_the_recipes_from_the_image_and_the_sweep_uses_the_configmaps_d
     with pytest.raises(Exception):
         driver_run(f"cd {names.WORKDIR} && python jobs/train.py --config {RECIPE}", tmp_path / "naive", {})
     url = config["data"]["OPTUNA_STORAGE_URL"]
-    assert url.startswith("postgresql://optuna@advflow-postgres.") and ":" not in url.split("@")[0][len("postgresql://"):]
+    assert url.startswith("postgresql+psycopg2://optuna@advflow-postgres.")  # no password in it
     for job in (train, sweep):
         assert job["shutdownAfterJobFinishes"] is True
         submitter = job["submitterPodTemplate"]["spec"]
@@ -246,7 +246,7 @@ def test_mlflow_runs_on_postgres_with_artifacts_on_s3(files):
     command = deployment["spec"]["template"]["spec"]["containers"][0]["command"]
     option = dict(zip(command, command[1:]))
     assert command[:2] == ["mlflow", "server"]
-    assert option["--backend-store-uri"] == "postgresql://mlflow@advflow-postgres.advflow.svc:5432/mlflow"
+    assert option["--backend-store-uri"] == "postgresql+psycopg2://mlflow@advflow-postgres.advflow.svc:5432/mlflow"
     assert option["--artifacts-destination"] == "s3://advflow/mlflow-artifacts"
     assert "advflow-mlflow.advflow.svc:5000" in option["--allowed-hosts"].split(",")
     assert files["config"][0]["data"]["MLFLOW_TRACKING_URI"] == "http://advflow-mlflow.advflow.svc:5000"

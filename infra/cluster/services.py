@@ -38,7 +38,8 @@ def _service(name: str, namespace: str, port: int) -> dict:
 
 
 def db_url(role: str, namespace: str) -> str:
-    return f"postgresql://{role}@{n.service_host(n.POSTGRES, namespace)}:{n.POSTGRES_PORT}/{role}"
+    # +psycopg2: a bare postgresql:// means psycopg 3 since SQLAlchemy 2.1; the image has psycopg2.
+    return f"postgresql+psycopg2://{role}@{n.service_host(n.POSTGRES, namespace)}:{n.POSTGRES_PORT}/{role}"
 
 
 def s3_bucket(storage_path: str) -> str:
