@@ -23,6 +23,7 @@ credentials file, ``<state_dir>/s3_credentials``); ``s3.env`` carries it for cli
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import secrets
 import shutil
@@ -537,6 +538,114 @@ def start_ray_head(
     )
 
 
+# `ray start --address` cannot add a node to this head: while Ray runs loopback-only
+# (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, what keeps the head on 127.0.0.1) it refuses to start a
+# non-head node, and with that mode off it swaps 127.0.0.1 for the host's routable IP, where the
+# head does not listen. So the node is started as `ray start --address ... --block` starts one
+# (Ray's Node), minus that refusal, and runs until SIGTERM; its node id goes to a file for the probe.
+_RAY_WORKER_MAIN = """\
+import json, signal, sys
+from pathlib import Path
+from ray._private.node import Node
+from ray._private.parameter import RayParams
+params = json.loads(sys.argv[1])
+id_file = Path(params.pop("node_id_file"))
+node = Node(RayParams(**params), head=False, shutdown_at_exit=True, spawn_reaper=True)
+id_file.write_text(node.node_id)
+# Instead of Ray's drain-first SIGTERM handler: a removed node goes at once; atexit stops its processes.
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+while True:
+    signal.pause()
+"""
+
+
+def _probe_ray_worker(handle: ServiceHandle, timeout_s: float) -> str | None:
+    try:
+        node_id = Path(handle.info["node_id_file"]).read_text().strip()
+        token = Path(handle.info["token_path"]).read_text().strip()
+    except OSError:
+        return "the node has not registered yet"
+    query = f"filter_keys=node_id&filter_predicates=%3D&filter_values={node_id}"
+    status, body = http_get(f"{handle.url}/api/v0/nodes?{query}", {"Authorization": f"Bearer {token}"},
+                            timeout=timeout_s)
+    if status != 200:
+        return f"the head's node list -> {status or body}"
+    if '"ALIVE"' not in body:
+        return f"node {node_id} is not ALIVE in the head's node list"
+    handle.info["node_id"] = node_id
+    return None
+
+
+def start_ray_worker(
+    head: ServiceHandle,
+    state_dir: Path,
+    *,
+    num_cpus: int,
+    resources: dict[str, float] | None = None,
+    object_store_mb: int = 256,
+    job_env: dict[str, str] | None = None,
+    timeout_s: float = 180.0,
+    wait: bool = True,
+) -> ServiceHandle:
+    """Start a worker node on this machine that joins ``head`` (from ``start_ray_head``), on 127.0.0.1.
+
+    The node has ``num_cpus`` CPUs and the custom ``resources``, its own Ray temp dir in
+    ``state_dir`` and the head's token auth. Its processes (the Train workers it hosts) inherit
+    ``job_env``: give it the head's. ``info["node_id"]`` is the node's Ray id once healthy (the
+    head lists it ALIVE). ``stop()`` removes the node: its whole process tree gets SIGTERM, then
+    SIGKILL, and Ray sees the node die. Several nodes may run beside one head.
+    """
+    state_dir = _service_dir(state_dir)
+    temp_dir = ray_temp_dir(state_dir)
+    temp_dir.mkdir(parents=True, exist_ok=True)
+    node_id_file = state_dir / "node_id"
+    node_id_file.unlink(missing_ok=True)  # a restart in the same directory must not see the old id
+    params = {
+        "gcs_address": head.env["RAY_ADDRESS"],
+        "node_ip_address": LOCALHOST,
+        "node_name": f"worker-{state_dir.name}",
+        "num_cpus": num_cpus,
+        "resources": resources or {},
+        "object_store_memory": object_store_mb * 1024 * 1024,
+        "temp_dir": str(temp_dir),
+        # Ray's fixed default (52365) would clash between nodes on one machine.
+        "dashboard_agent_listen_port": free_port(),
+        "node_id_file": str(node_id_file),
+    }
+    # The head's environment rules: job_env's credentials win, no stale token or address, the venv's
+    # interpreter first, loopback only.
+    env = dict(os.environ)
+    if any(name in (job_env or {}) for name in _AWS_CREDENTIAL_VARS):
+        for name in _AWS_CREDENTIAL_VARS:
+            env.pop(name, None)
+    env.update(job_env or {})
+    for stale in ("RAY_AUTH_TOKEN", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+        env.pop(stale, None)
+    auth_env = {k: head.env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
+    env.update(auth_env)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    env.update(_LOOPBACK_ENV)
+    return _launch(
+        "ray-worker",
+        "ray-worker",
+        head.url,
+        [sys.executable, "-c", _RAY_WORKER_MAIN, json.dumps(params)],
+        state_dir,
+        env,
+        client_env={},
+        info={
+            "node_id_file": str(node_id_file),
+            "token_path": auth_env["RAY_AUTH_TOKEN_PATH"],
+            "temp_dir": str(temp_dir),
+            "num_cpus": num_cpus,
+            "resources": resources or {},
+        },
+        timeout_s=timeout_s,
+        wait=wait,
+    )
+
+
 # ------------------------------------------------------------------------------------- common
 
 _PROBES = {
@@ -545,6 +654,7 @@ _PROBES = {
     "external-s3": _probe_s3,
     "mlflow": _probe_mlflow,
     "ray-head": _probe_ray,
+    "ray-worker": _probe_ray_worker,
 }
 
 
