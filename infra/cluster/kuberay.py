@@ -27,6 +27,7 @@ MEMORY_PER_CPU_GI = 8
 OBJECT_STORE_GI = 8
 NCCL_SHM_HEADROOM_GI = 4
 HEAD_CPUS, HEAD_MEMORY_GI, HEAD_OBJECT_STORE_GI = 4, 16, 2
+HEAD_SHM_GI = HEAD_OBJECT_STORE_GI + 2  # no NCCL on the head: a smaller margin
 FID_DIR = "/fid"
 
 
@@ -110,7 +111,7 @@ def cluster_spec(workers: Workers, image: str, *, fid_prefix: str | None = None)
     head = {
         "name": "ray-head", "image": image, "env": env, "envFrom": env_from,
         "securityContext": container_security(),
-        "resources": _resources(HEAD_CPUS, HEAD_MEMORY_GI + HEAD_OBJECT_STORE_GI + 2),
+        "resources": _resources(HEAD_CPUS, HEAD_MEMORY_GI + HEAD_SHM_GI),
         "ports": [{"containerPort": 6379, "name": "gcs-server"}, {"containerPort": 8265, "name": "dashboard"},
                   {"containerPort": 10001, "name": "client"}],
     }
@@ -128,7 +129,7 @@ def cluster_spec(workers: Workers, image: str, *, fid_prefix: str | None = None)
             # num-cpus 0: no training task lands on the head; it runs GCS, the dashboard and drivers.
             "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0",
                                "object-store-memory": str(HEAD_OBJECT_STORE_GI * GI)},
-            "template": _pod(head, HEAD_OBJECT_STORE_GI + 2, gpu=False),
+            "template": _pod(head, HEAD_SHM_GI, gpu=False),
         },
         "workerGroupSpecs": [{
             "groupName": "gpu",
