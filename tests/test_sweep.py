@@ -2,7 +2,9 @@
 config, 2 trials at a time, on a real Ray head with token auth, MLflow server and S3 endpoint.
 
 The driver is SIGKILLed once the study holds two finished trials and then started again with the
-same command: the RDB study resumes without rerunning the finished trials. The sweep ends with
+same command: the RDB study, on a real PostgreSQL server (the `postgres` fixture, as on a cluster),
+resumes without rerunning the finished trials. (SQLite studies, the local default, are covered by
+the faster tests below and in test_sweep_space.py.) The sweep ends with
 nested MLflow runs, a `candidate` alias on the best trial's generator, and an HTML report that
 renders in headless Chromium (screenshot in the test output folder).
 """
@@ -16,6 +18,7 @@ import subprocess
 import sys
 import time
 import uuid
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -36,7 +39,8 @@ def ray_head(tmp_path_factory, mlflow_server, moto_endpoint):
         yield head
 
 
-def study_counts(storage: str, name: str) -> dict[str, int]:
+def study_counts(storage, name: str) -> dict[str, int]:
+    """Trial states of study `name` in `storage` (a URL or an optuna storage object)."""
     import optuna
 
     try:
@@ -52,7 +56,7 @@ def study_counts(storage: str, name: str) -> dict[str, int]:
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_sweep_resumes_after_driver_death_nests_runs_registers_candidate_and_reports(
-        tmp_path, ray_head, mlflow_env, s3_env):
+        tmp_path, ray_head, mlflow_env, s3_env, postgres):
     import optuna
     import yaml
     from mlflow.tracking import MlflowClient
@@ -62,11 +66,14 @@ def test_sweep_resumes_after_driver_death_nests_runs_registers_candidate_and_rep
     data = tmp_path / "digits"
     prepare(PrepareConfig(source="digits", out=str(data), encoder="pixel", shard_records=512))
     name = f"sweep-{uuid.uuid4().hex[:6]}"
-    storage = f"sqlite:///{tmp_path}/study.db"
+    storage = postgres.url("optuna")
+    # One storage object for the test's own reads: the wait below polls every second, and a new
+    # URL-opened storage each time would open a new connection pool on the server each time.
+    rdb = optuna.storages.RDBStorage(storage)
     space = yaml.safe_load((REPO / "jobs/configs/sweeps/digits_space.yaml").read_text())
     space.update(storage=storage, study_name=name, register_name=f"afm-{name}", n_startup_trials=2)
     (tmp_path / "space.yaml").write_text(yaml.safe_dump(space, sort_keys=False))  # order matters
-    cmd = [sys.executable, "jobs/sweep.py", "--config", "jobs/configs/digits_tiny.yaml",
+    cmd = [sys.executable, str(REPO / "jobs/sweep.py"), "--config", str(REPO / "jobs/configs/digits_tiny.yaml"),
            "--space", str(tmp_path / "space.yaml"), "--trials", "4", "--report", str(tmp_path / "report.html")]
     for kv in (f"data.prefix={data}", f"train.steps={STEPS}", "train.checkpoint_every=10", "train.log_every=10",
                "train.global_batch=32", f"adversarial.ot_scale.steps={STEPS}", "eval.kind=digits",
@@ -74,14 +81,17 @@ def test_sweep_resumes_after_driver_death_nests_runs_registers_candidate_and_rep
                "tracking.system_metrics=false"):
         cmd += ["--set", kv]
     env = {**os.environ, **ray_head.env, "MLFLOW_TRACKING_URI": mlflow_env, "OMP_NUM_THREADS": "1"}
+    # With the study on a database server, the sweep keeps Tune's local state in ./sweeps
+    # (study.sweep_dir): the drivers run in tmp_path so that it stays there, not in the checkout.
+    cwd = tmp_path
 
     # 1. first driver: killed with SIGKILL once two trials have finished
     t0 = time.time()
     with open(tmp_path / "driver1.log", "w") as log1:
-        first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log1, stderr=subprocess.STDOUT,
+        first = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log1, stderr=subprocess.STDOUT,
                                  start_new_session=True)
         try:
-            while first.poll() is None and study_counts(storage, name).get("COMPLETE", 0) < 2:
+            while first.poll() is None and study_counts(rdb, name).get("COMPLETE", 0) < 2:
                 assert time.time() - t0 < 900, "no two finished trials within 15 minutes"
                 time.sleep(1.0)
         finally:
@@ -89,19 +99,23 @@ def test_sweep_resumes_after_driver_death_nests_runs_registers_candidate_and_rep
                 os.killpg(first.pid, signal.SIGKILL)
             first.wait(timeout=60)
     assert first.returncode == -signal.SIGKILL, (tmp_path / "driver1.log").read_text()[-3000:]
-    before = {t.number: t.params for t in optuna.load_study(study_name=name, storage=storage).trials
+    before = {t.number: t.params for t in optuna.load_study(study_name=name, storage=rdb).trials
               if t.state.name == "COMPLETE"}
     assert len(before) >= 2
 
     # 2. the same command again: resumes, runs only the missing trials
-    second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    second = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=1200)
     log = second.stdout + second.stderr
     wall = time.time() - t0
     assert second.returncode == 0, log[-5000:]
     assert re.search(rf"sweep {name}: {len(before)} finished trial\(s\)", log), log[-3000:]
-    study = optuna.load_study(study_name=name, storage=storage)
+    study = optuna.load_study(study_name=name, storage=rdb)
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
     assert len(complete) == 4
+    with closing(postgres.connect("optuna")) as conn, conn.cursor() as cur:  # read from PostgreSQL itself
+        cur.execute("SELECT count(*) FROM trials JOIN studies USING (study_id) "
+                    "WHERE study_name = %s AND state = 'COMPLETE'", (name,))
+        assert cur.fetchone()[0] == 4
     for number, params in before.items():  # finished trials kept, not rerun
         assert study.trials[number].state.name == "COMPLETE" and study.trials[number].params == params
         assert sum(t.params == params for t in study.trials) == 1
