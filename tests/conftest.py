@@ -19,6 +19,22 @@ FAKE_ENV = {
 }
 
 
+def pytest_sessionstart(session):
+    """moto's in-process mocks (mock_aws) reset moto's global backends when they exit, and the
+    session's server below shares those backends: one such test would wipe the test bucket under
+    every later S3 test. Tests reach moto through its server (the `s3_env` endpoint) instead."""
+    try:
+        import moto
+    except ImportError:
+        return
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("moto.mock_aws() would reset the shared moto server's state (the test "
+                           "bucket included): use the s3_env fixture's endpoint_url instead")
+
+    moto.mock_aws = refuse
+
+
 @pytest.fixture(scope="session")
 def moto_endpoint():
     """Start moto's S3-compatible server on a free loopback port; yield its URL."""

@@ -59,21 +59,19 @@ def test_a_broken_launcher_config_is_refused(mutate):
         ray_up_checks(config)
 
 
-def test_the_token_lands_in_rays_default_path_readable_only_by_its_user(tmp_path, monkeypatch):
-    moto = pytest.importorskip("moto")
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
-    with moto.mock_aws():
-        import boto3
+def test_the_token_lands_in_rays_default_path_readable_only_by_its_user(tmp_path, s3_env):
+    # moto's server (conftest), reached through AWS_ENDPOINT_URL as the nodes reach AWS. Never
+    # moto.mock_aws() here: leaving it resets moto's in-process backends, which the session's
+    # server shares, and every later S3 test would find its bucket gone.
+    import boto3
 
-        ssm = boto3.client("ssm", region_name="us-east-1")
-        ssm.put_parameter(Name="/advflow/ray-auth-token", Value="tok-123\n", Type="SecureString")
-        out = tmp_path / ".ray" / "auth_token"
-        assert ray_token.main(["--parameter", "/advflow/ray-auth-token", "--out", str(out)]) == 0
-        assert out.read_text() == "tok-123"
-        assert stat.S_IMODE(os.stat(out).st_mode) == 0o600
-        ssm.put_parameter(Name="/advflow/empty", Value=" ", Type="SecureString")
-        with pytest.raises(SystemExit, match="ray get-auth-token --generate"):
-            ray_token.fetch("/advflow/empty", out, client=ssm)
+    ssm = boto3.client("ssm", region_name="us-east-1", endpoint_url=s3_env)
+    ssm.put_parameter(Name="/advflow/ray-auth-token", Value="tok-123\n", Type="SecureString",
+                      Overwrite=True)
+    out = tmp_path / ".ray" / "auth_token"
+    assert ray_token.main(["--parameter", "/advflow/ray-auth-token", "--out", str(out)]) == 0
+    assert out.read_text() == "tok-123"
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o600
+    ssm.put_parameter(Name="/advflow/empty", Value=" ", Type="SecureString", Overwrite=True)
+    with pytest.raises(SystemExit, match="ray get-auth-token --generate"):
+        ray_token.fetch("/advflow/empty", out, client=ssm)
