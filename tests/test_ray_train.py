@@ -252,6 +252,34 @@ def test_a_queued_job_says_what_it_waits_for_in_one_line(local_ray):
     assert "waited" in lines[-1] and all("Traceback" not in line for line in lines)
 
 
+def test_the_queue_notice_counts_each_wait_from_when_it_began():
+    """A job that ran for hours and then lost a node reports the minutes it has waited for the new
+    node, not the hours since fit() started; the count restarts after the workers got resources."""
+    from advflow.platform.train.ray_launch import QueueNotice
+
+    now = [10_000.0]  # hours into the job
+    groups: dict = {}
+    pending = {"pg": {"state": "PENDING", "bundles": {0: {"CPU": 4.0, "node:x": 0.001}},
+                      "stats": {"scheduling_state": "NO_RESOURCES"}}}
+    notice = QueueNotice(None, every=60, table=lambda: groups, free=lambda: {"CPU": 1.0, "GPU": 0.0},
+                         clock=lambda: now[0])
+    assert notice.poll() is None  # running: nothing to say
+    groups.update(pending)
+    now[0] += 5
+    first = notice.poll()
+    assert first.endswith("waited 0 s") and "1 worker(s) x {'CPU': 4.0}, free now {'CPU': 1.0}" in first
+    now[0] += 42
+    assert notice.poll().endswith("waited 42 s")
+    groups.clear()  # the new node came: the workers run again
+    now[0] += 3600
+    assert notice.poll() is None
+    groups.update(pending)  # a second loss, an hour later
+    now[0] += 7
+    notice.poll()
+    now[0] += 30
+    assert notice.poll().endswith("waited 30 s")
+
+
 # ----------------------------------------------------------------------------- ray job submit
 
 

@@ -297,8 +297,11 @@ def controller_env() -> dict[str, str]:
 
 class QueueNotice(threading.Thread):
     """Driver side, while `fit` runs: every `every` seconds that a worker group's placement group is
-    pending, one line says what is asked for, what is free and how long the job has waited
-    ("infeasible" when no node of the cluster could ever hold a worker)."""
+    pending, one line says what is asked for, what is free and how long the group has waited
+    ("infeasible" when no node of the cluster could ever hold a worker).
+
+    The wait is counted from when a pending group was first seen, and starts again after the
+    workers got their resources: a job that lost a node at hour 5 says "waited 40 s", not 5 h."""
 
     def __init__(self, log, every: float | None = None, table=None, free=None, clock=time.monotonic):
         super().__init__(daemon=True, name="advflow-queue-notice")
@@ -309,11 +312,17 @@ class QueueNotice(threading.Thread):
         self.table, self.free = table or placement_group_table, free or ray.available_resources
         self.stop = threading.Event()
         self.lines = 0
+        self.pending_since: float | None = None
 
-    def line(self, waited: float) -> str | None:
+    def poll(self) -> str | None:
+        """The line for now (None: nothing pending); keeps the clock of the current wait."""
         pending = [pg for pg in self.table().values() if pg.get("state") == "PENDING"]
         if not pending:
+            self.pending_since = None
             return None
+        now = self.clock()
+        if self.pending_since is None:
+            self.pending_since = now
         pg = pending[0]
         bundles = list(pg.get("bundles", {}).values())
         ask = {k: v for k, v in (bundles[0] if bundles else {}).items() if not k.startswith("node:")}
@@ -322,16 +331,22 @@ class QueueNotice(threading.Thread):
         hint = " (infeasible: no node can hold one; add a node with these resources or lower " \
                "distributed.cpus_per_worker / use_gpu)" if why == "INFEASIBLE" else ""
         return (f"waiting for resources: {len(bundles)} worker(s) x {ask}, free now {free}; "
-                f"waited {waited:.0f} s{hint}")
+                f"waited {now - self.pending_since:.0f} s{hint}")
 
     def run(self) -> None:
-        start = self.clock()
-        while not self.stop.wait(self.every):
+        # Look often (a wait's start is known to within `tick`), speak every `every` seconds of it.
+        tick, spoke = min(self.every, 5.0), None
+        while not self.stop.wait(tick):
             try:
-                text = self.line(self.clock() - start)
+                text = self.poll()
             except Exception:  # noqa: BLE001 - a notice must never break the job
                 continue
-            if text:
+            if text is None:
+                spoke = None
+                continue
+            now = self.clock()
+            if now - (spoke if spoke is not None else self.pending_since) >= self.every:
+                spoke = now
                 self.lines += 1
                 self.log.info(text)
 
