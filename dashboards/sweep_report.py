@@ -33,6 +33,7 @@ from optuna.trial import FrozenTrial, TrialState
 from advflow.dashboards.page import BASE_CSS, esc, na
 from advflow.dashboards.sweep_grids import SAMPLE_GRID_ATTR, GridUnavailable, image_mime, load_grid
 from advflow.platform.atomic import write_text
+from advflow.platform.tracking.secrets import redact_url
 
 # User attributes advflow's sweep job records; shown as table columns when any trial has them.
 DEFAULT_ATTR_COLUMNS = ("mlflow_run_id", "stopped_early", "steps")
@@ -308,11 +309,12 @@ def load_study(storage: str, study_name: str) -> optuna.Study:
     try:
         names = optuna.study.get_all_study_names(storage=storage)
     except Exception as e:  # driver/URL errors come in many types; rewrap them all
-        raise ValueError(f"--storage {storage!r}: cannot open the Optuna storage ({type(e).__name__}: {e}); "
+        raise ValueError(f"--storage {redact_url(storage)!r}: cannot open the Optuna storage "
+                         f"({type(e).__name__}: {redact_url(str(e))}); "
                          "pass the sweep's SQLAlchemy URL, e.g. sqlite:///sweeps/x.db") from e
     if study_name not in names:
         held = ", ".join(repr(n) for n in sorted(names)) or "none"
-        raise StudyNotFoundError(f"--study {study_name!r} is not in {storage}; studies there: {held}")
+        raise StudyNotFoundError(f"--study {study_name!r} is not in {redact_url(storage)}; studies there: {held}")
     return optuna.load_study(study_name=study_name, storage=storage)
 
 

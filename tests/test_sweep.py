@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from advflow.platform.data.prepare import PrepareConfig, prepare
+from advflow.platform.tracking.secrets import redact_url
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 20
@@ -125,8 +126,16 @@ def test_sweep_resumes_after_driver_death_nests_runs_registers_candidate_and_rep
     # 3. MLflow: one parent run, children nested under it with the trial's params
     client = MlflowClient()
     exp = client.get_experiment_by_name("sweep-test")
-    parents = client.search_runs([exp.experiment_id], filter_string=f"tags.`advflow.sweep_key` = '{storage}#{name}'")
+    # The database password reaches neither the drivers' output nor MLflow: the parent run is keyed
+    # by the URL without its credentials.
+    for text in (log, (tmp_path / "driver1.log").read_text()):
+        assert postgres.password not in text
+    key = f"{redact_url(storage)}#{name}"
+    assert postgres.password not in key and "***@" in key
+    parents = client.search_runs([exp.experiment_id], filter_string=f"tags.`advflow.sweep_key` = '{key}'")
     assert len(parents) == 1
+    for value in (*parents[0].data.params.values(), *parents[0].data.tags.values()):
+        assert postgres.password not in value
     parent = parents[0].info.run_id
     children = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
     by_id = {r.info.run_id: r for r in children}

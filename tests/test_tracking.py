@@ -51,6 +51,17 @@ def test_scrub_masks_secret_env_values_and_url_credentials():
     assert out["a"] == "prefix-***-suffix"
 
 
+def test_redact_url_masks_credentials_the_same_way_whatever_the_environment(monkeypatch):
+    password = "pw-" + secrets.token_hex(6)
+    text = (f"sweep s: 2 in postgresql+psycopg2://optuna:{password}@db.internal:5432/optuna and "
+            "sqlite:////tmp/x.db")
+    first = tracking_secrets.redact_url(text)
+    assert password not in first and "optuna:" not in first
+    assert "postgresql+psycopg2://***@db.internal:5432/optuna" in first and "sqlite:////tmp/x.db" in first
+    monkeypatch.setenv("SOME_TOKEN", "db.internal")  # secret-named values do not change the mask
+    assert tracking_secrets.redact_url(text) == first
+
+
 def test_ray_token_file_content_is_a_secret(tmp_path):
     token = secrets.token_hex(32)
     (tmp_path / "token").write_text(token + "\n")

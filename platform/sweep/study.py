@@ -15,6 +15,7 @@ from typing import Any
 
 from advflow.platform.config import ConfigError
 from advflow.platform.sweep.space import SweepSpace
+from advflow.platform.tracking.secrets import redact_url
 
 _SQLITE = "sqlite:///"
 
@@ -44,7 +45,7 @@ def open_study(space: SweepSpace):
     study = optuna.create_study(study_name=space.study_name, storage=storage, sampler=sampler,
                                 direction=direction, load_if_exists=True)
     if study.direction.name.lower() != direction:
-        raise ConfigError(f"study {space.study_name!r} in {space.storage} optimises "
+        raise ConfigError(f"study {space.study_name!r} in {redact_url(space.storage)} optimises "
                           f"{study.direction.name.lower()}, but the space says mode={space.mode}; "
                           "use another study_name or fix mode")
     return study, storage, sampler

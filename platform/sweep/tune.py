@@ -25,6 +25,7 @@ from advflow.platform.sweep.space import SweepSpace, apply_params
 from advflow.platform.sweep.study import (TRIAL_KEY, RecordTrialNumber, absolute_storage, open_study, recover_study,
                                           set_trial_attrs, sweep_dir)
 from advflow.platform.tracking import runs as tracking
+from advflow.platform.tracking.secrets import redact_url
 
 log = get_logger(__name__)
 SWEEP_KEY_TAG = "advflow.sweep_key"
@@ -82,10 +83,13 @@ def prepare_base(spec: RunSpec) -> dict:
 
 
 def open_parent_run(spec: RunSpec, space: SweepSpace, space_yaml: str) -> str | None:
-    """The sweep's MLflow parent run (one per study, found again when the driver is restarted)."""
+    """The sweep's MLflow parent run (one per study, found again when the driver is restarted). Its
+    key and params carry the storage URL without credentials (a PostgreSQL password stays out of
+    MLflow; the masked URL is the same at every restart, so the run is still found)."""
+    storage = redact_url(space.storage)
     params = {"metric": space.metric, "mode": space.mode, "seed": space.seed, "study": space.study_name,
-              "storage": space.storage, "max_concurrent_trials": space.max_concurrent_trials}
-    return tracking.open_parent_run(spec, key_tag=SWEEP_KEY_TAG, key=f"{space.storage}#{space.study_name}",
+              "storage": storage, "max_concurrent_trials": space.max_concurrent_trials}
+    return tracking.open_parent_run(spec, key_tag=SWEEP_KEY_TAG, key=f"{storage}#{space.study_name}",
                                     run_name=f"sweep-{space.study_name}", kind="sweep", params=params,
                                     texts={"sweep/space.yaml": space_yaml})
 
@@ -111,7 +115,7 @@ def run_sweep(spec: RunSpec, space: SweepSpace, trials: int, *, space_yaml: str 
     counts = recover_study(study, storage)
     finished = counts.get("COMPLETE", 0) + counts.get("PRUNED", 0)
     remaining = max(0, trials - finished)
-    log.info(f"sweep {space.study_name}: {finished} finished trial(s) in {space.storage}, running {remaining} more")
+    log.info(f"sweep {space.study_name}: {finished} finished trial(s) in {redact_url(space.storage)}, running {remaining} more")
     if remaining:
         ensure_ray(ray_address)
     parent = open_parent_run(spec, space, space_yaml)

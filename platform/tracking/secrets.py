@@ -31,6 +31,13 @@ def secret_values(environ: dict[str, str] | None = None) -> list[str]:
     return sorted(values, key=len, reverse=True)  # longest first: a secret containing another
 
 
+def redact_url(text: str) -> str:
+    """`text` with the credentials of every URL in it masked (scheme://***@host...): for URLs that
+    are printed or used as keys, e.g. a sweep's PostgreSQL storage. Deterministic (unlike `scrub`,
+    it does not depend on the environment), so a masked URL can key a run found again later."""
+    return _URL_USERINFO.sub(lambda m: f"{m.group('scheme')}{MASK}@", text)
+
+
 def scrub(value: Any, secrets: Iterable[str] | None = None) -> Any:
     """Mask secret values and URL credentials inside strings (recursing into dicts and lists)."""
     secrets = secret_values() if secrets is None else list(secrets)
@@ -40,7 +47,7 @@ def scrub(value: Any, secrets: Iterable[str] | None = None) -> Any:
         return type(value)(scrub(v, secrets) for v in value)
     if not isinstance(value, str):
         return value
-    out = _URL_USERINFO.sub(lambda m: f"{m.group('scheme')}{MASK}@", value)
+    out = redact_url(value)
     for s in secrets:
         out = out.replace(s, MASK)
     return out
