@@ -7,10 +7,13 @@ from __future__ import annotations
 import multiprocessing as mp
 import socket
 import time
+from pathlib import Path
 
 import pytest
 
 from advflow.platform.config import ConfigError, RunSpec
+
+REPO = Path(__file__).resolve().parents[1]
 
 BASE = {"data": {"prefix": "/tmp/x"}}
 
@@ -43,6 +46,16 @@ def test_the_ray_workers_process_group_takes_both():
     cfg = torch_config(spec(timeout_s=90, nccl={"NCCL_DEBUG": "INFO"}))
     assert (cfg.backend, cfg.timeout_s, cfg.env) == ("gloo", 90.0, {"NCCL_DEBUG": "INFO"})
     assert torch_config(spec(use_gpu=True)).backend == "nccl"
+
+
+def test_the_gpu_recipe_carries_its_documented_settings_to_the_process_group():
+    from advflow.platform.config import load_config
+    from advflow.platform.train.ray_launch import torch_config
+
+    recipe = load_config(str(REPO / "jobs/configs/imagenet_xl2_1nfe.yaml"), ["distributed.nccl.NCCL_SOCKET_IFNAME=eth0"])
+    cfg = torch_config(recipe)
+    assert cfg.backend == "nccl" and cfg.timeout_s == recipe.distributed.timeout_s == 1800
+    assert cfg.env == {"NCCL_DEBUG": "WARN", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "NCCL_SOCKET_IFNAME": "eth0"}
 
 
 def _rank(rank: int, port: int, timeout_s: float, out) -> None:
