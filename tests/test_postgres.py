@@ -202,26 +202,10 @@ def test_mlflow_on_postgres_serves_runs_metrics_artifacts_and_the_registry(postg
 def tracked_pg_job(digits, tmp_path_factory, mlflow_pg, moto_endpoint):
     """test_tracking's tiny tracked job (2 workers, 12 steps, registration at steps 6 and 12),
     tracked by the MLflow server on PostgreSQL."""
-    import mlflow
+    from test_tracking import run_tracked_job
 
-    from advflow.platform.data.shards import dataset_tags
-    from advflow.platform.tracking import runs as tracking
-    from advflow.platform.train.local_launch import run_local
-    from test_tracking import tiny_spec
-
-    root = tmp_path_factory.mktemp("tracked-pg")
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in {**FAKE_ENV, "AWS_ENDPOINT_URL": moto_endpoint, "MLFLOW_TRACKING_URI": mlflow_pg.url}.items():
-            mp.setenv(key, value)
-        mlflow.set_tracking_uri(mlflow_pg.url)
-        spec = tiny_spec(digits, str(root / "runs"), register_name=MODEL, register_every=6)
-        spec.tracking.experiment = "test-tracking-pg"
-        spec.eval.kind, spec.eval.every, spec.eval.num_samples = "digits", 6, 200
-        with tracking.tracked_run(spec, config_yaml="run:\n  name: tracked\n",
-                                  data_tags=dataset_tags(spec.data.prefix)) as run:
-            history = run_local(spec, root / "runs" / "tracked", run_id=run.run_id)
-            run.ok = True
-    return spec, run.run_id, history, root / "runs" / "tracked"
+    return run_tracked_job(digits, tmp_path_factory.mktemp("tracked-pg"), mlflow_pg.url, moto_endpoint,
+                           experiment="test-tracking-pg", model=MODEL)
 
 
 @pytest.mark.timeout(600)

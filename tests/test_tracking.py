@@ -76,28 +76,36 @@ SENTINELS = {"AWS_SECRET_ACCESS_KEY": "sentinel-aws-" + secrets.token_hex(8),
 MODEL = "afm-test-" + secrets.token_hex(3)
 
 
-@pytest.fixture(scope="module")
-def tracked_job(digits, tmp_path_factory, mlflow_server, moto_endpoint):
-    """One tiny tracked job (2 workers, 12 steps, eval + registration at steps 6 and 12), shared by
-    the tracking and the registry end-to-end tests."""
+def run_tracked_job(digits: str, root, tracking_url: str, moto_endpoint: str, env: dict | None = None,
+                    experiment: str | None = None, model: str = MODEL):
+    """One tiny tracked job (2 workers, 12 steps, eval + registration at steps 6 and 12) tracked by
+    the server at `tracking_url`, with `env` set too; returns (spec, run id, history, run dir)."""
     import mlflow
 
     from conftest import FAKE_ENV
 
-    root = tmp_path_factory.mktemp("tracked")
     with pytest.MonkeyPatch.context() as mp:
-        # moto accepts any credentials: real-looking secret values that must never reach MLflow.
-        for k, v in {**FAKE_ENV, **SENTINELS, "AWS_ENDPOINT_URL": moto_endpoint,
-                     "MLFLOW_TRACKING_URI": mlflow_server.url}.items():
+        for k, v in {**FAKE_ENV, **(env or {}), "AWS_ENDPOINT_URL": moto_endpoint,
+                     "MLFLOW_TRACKING_URI": tracking_url}.items():
             mp.setenv(k, v)
-        mlflow.set_tracking_uri(mlflow_server.url)
-        spec = tiny_spec(digits, str(root / "runs"), register_name=MODEL, register_every=6)
+        mlflow.set_tracking_uri(tracking_url)
+        spec = tiny_spec(digits, str(root / "runs"), register_name=model, register_every=6)
+        if experiment:
+            spec.tracking.experiment = experiment
         spec.eval.kind, spec.eval.every, spec.eval.num_samples = "digits", 6, 200
         with tracking.tracked_run(spec, config_yaml="run:\n  name: tracked\n",
                                   data_tags=dataset_tags(spec.data.prefix)) as run:
             history = run_local(spec, root / "runs" / "tracked", run_id=run.run_id)
             run.ok = True
     return spec, run.run_id, history, root / "runs" / "tracked"
+
+
+@pytest.fixture(scope="module")
+def tracked_job(digits, tmp_path_factory, mlflow_server, moto_endpoint):
+    """The tiny tracked job, shared by the tracking and the registry end-to-end tests. moto accepts
+    any credentials: real-looking secret values (SENTINELS) that must never reach MLflow."""
+    return run_tracked_job(digits, tmp_path_factory.mktemp("tracked"), mlflow_server.url, moto_endpoint,
+                           env=SENTINELS)
 
 
 @pytest.mark.timeout(600)
