@@ -35,6 +35,16 @@ def pytest_sessionstart(session):
     moto.mock_aws = refuse
 
 
+@pytest.fixture(autouse=True)
+def fresh_boto3_default_session(monkeypatch):
+    """Each test starts without boto3's default session: `boto3.client(...)` keeps the credentials it
+    first resolved in that process-wide session, so one test's (moto's fake keys) would otherwise be
+    sent by every later test that relies on the environment (the stack's own keys)."""
+    import boto3
+
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)
+
+
 @pytest.fixture(scope="session")
 def moto_endpoint():
     """Start moto's S3-compatible server on a free loopback port; yield its URL."""

@@ -273,3 +273,26 @@ def test_only_the_generated_credentials_read_write_and_list(tmp_path):
         assert services.s3_client(s3).get_object(Bucket=BUCKET, Key="kept")["Body"].read() == b"right key"
     finally:
         s3.stop()
+
+
+def test_storage_follows_a_change_of_credentials_in_the_same_process(tmp_path, monkeypatch):
+    """Storage shares one aiobotocore session per process, and a session keeps the keys it first
+    resolved: after the environment switches to the right keys (a new `advflow stack env`), a new
+    Storage must use them, not the rejected ones it saw first."""
+    from advflow.platform.data.storage import Storage, StorageAuthError
+
+    s3 = _start(tmp_path)
+    try:
+        services.ensure_bucket(s3, BUCKET)
+        services.s3_client(s3).put_object(Bucket=BUCKET, Key="p/kept", Body=b"x")
+        monkeypatch.setenv("AWS_ENDPOINT_URL", s3.url)
+        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "stale-key")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "stale-secret")
+        with pytest.raises(StorageAuthError):
+            Storage(f"s3://{BUCKET}/p").list_sizes()
+        for key, value in s3.env.items():
+            monkeypatch.setenv(key, value)
+        assert Storage(f"s3://{BUCKET}/p").list_sizes() == {"kept": 1}
+    finally:
+        s3.stop()

@@ -152,19 +152,27 @@ def classify_error(exc: BaseException) -> str:
     return "fatal"
 
 
-_SESSIONS: dict[int, Any] = {}
+_SESSIONS: dict[tuple, Any] = {}
+# What a session's credential chain reads from the environment. A session caches the credentials it
+# first resolved, so one is shared only while these stay the same: a process that switches keys
+# (a new `advflow stack env`, another profile) gets a new session instead of the stale keys.
+_CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                   "AWS_DEFAULT_PROFILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "AWS_REGION",
+                   "AWS_DEFAULT_REGION", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE")
 
 
 def _shared_session() -> Any:
-    """One aiobotocore session per process: building a session reloads botocore's service models
-    (~0.3 s), which would otherwise be paid by every Storage / DataLoader worker / test."""
-    pid = os.getpid()
-    if pid not in _SESSIONS:
+    """One aiobotocore session per process and credential environment: building a session reloads
+    botocore's service models (~0.3 s), which would otherwise be paid by every Storage / DataLoader
+    worker / test."""
+    key = (os.getpid(), *(os.environ.get(name) for name in _CREDENTIAL_ENV))
+    if key not in _SESSIONS:
         from aiobotocore.session import AioSession
 
-        _SESSIONS.clear()
-        _SESSIONS[pid] = AioSession()
-    return _SESSIONS[pid]
+        if any(k[0] != key[0] for k in _SESSIONS):
+            _SESSIONS.clear()  # a forked child does not reuse its parent's sessions
+        _SESSIONS[key] = AioSession()
+    return _SESSIONS[key]
 
 
 def resolve_endpoint(endpoint_url: str | None) -> str | None:
