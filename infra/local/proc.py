@@ -9,6 +9,7 @@ Nothing here knows about Ray, S3 or MLflow; ``advflow.infra.local.services`` bui
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -29,25 +30,66 @@ class PortInUseError(ServiceError):
     """A port that a service must bind is already taken on 127.0.0.1."""
 
 
-def free_port(host: str = LOCALHOST) -> int:
-    """A port the OS reports free right now (for tests; racy by nature, so bind soon after)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+# Ports picked here are bound later by another process, so the pick races with everything that
+# binds port 0 in between: every outgoing connection and every server that lets the OS choose
+# (Ray's raylet, object manager and agents do). The OS hands those out from the ephemeral range
+# only, so a pick below that range cannot be taken by them. One such collision killed a test's
+# Ray head: its client server found its pre-picked port taken, and `ray start --block` then
+# stopped the whole head. The floor stays above Ray's worker ports (10002-19999 by default),
+# which Ray's workers pick explicitly.
+_PICK_FLOOR = 20000
+_EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 
 
-def free_ports(count: int, host: str = LOCALHOST) -> list[int]:
-    """``count`` distinct free ports (held open together while picking, so none repeats)."""
-    sockets = []
+def ephemeral_range(path: Path = _EPHEMERAL_RANGE_FILE) -> tuple[int, int]:
+    """(low, high) of the OS's ephemeral ports; Linux's default when the file cannot be read."""
     try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sockets.append(sock)
-            sock.bind((host, 0))
-        return [int(sock.getsockname()[1]) for sock in sockets]
+        low, high = (int(x) for x in path.read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def _bound(host: str, port: int) -> socket.socket | None:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        return None
+    return sock
+
+
+def free_ports(count: int, host: str = LOCALHOST, *, ephemeral: tuple[int, int] | None = None) -> list[int]:
+    """``count`` distinct ports free right now, below the ephemeral range when there is room.
+
+    Racy by nature (the caller's server binds later), but only against other explicit picks:
+    see ``_PICK_FLOOR``. Each is held bound while the rest are picked, so none repeats. Without
+    room below the ephemeral range, the OS picks (port 0)."""
+    low, _ = ephemeral or ephemeral_range()
+    rng = random.SystemRandom()
+    held: list[socket.socket] = []
+    try:
+        if low - _PICK_FLOOR >= 1000:
+            for _ in range(50 * count):
+                if len(held) == count:
+                    break
+                sock = _bound(host, rng.randrange(_PICK_FLOOR, low))
+                if sock is not None:
+                    held.append(sock)
+        while len(held) < count:
+            sock = _bound(host, 0)
+            assert sock is not None, "binding port 0 cannot fail"
+            held.append(sock)
+        return [int(sock.getsockname()[1]) for sock in held]
     finally:
-        for sock in sockets:
+        for sock in held:
             sock.close()
+
+
+def free_port(host: str = LOCALHOST) -> int:
+    """One port as ``free_ports`` picks them (for tests and services; bind it soon after)."""
+    return free_ports(1, host)[0]
 
 
 def port_in_use(port: int, host: str = LOCALHOST) -> bool:
@@ -105,6 +147,14 @@ def _proc_stat(pid: int) -> tuple[str, int] | None:
     # state, ppid, pgrp, session, ...
     fields = raw[raw.rindex(")") + 2 :].split()
     return fields[0], int(fields[3])
+
+
+def _exited(pid: int) -> bool:
+    """True when ``pid`` is gone or a zombie (False where /proc cannot tell)."""
+    if not Path("/proc").is_dir():
+        return False
+    stat = _proc_stat(pid)
+    return stat is None or stat[0] in ("Z", "X")
 
 
 def session_members(sid: int) -> list[int]:
@@ -203,6 +253,56 @@ def http_get(url: str, headers: Mapping[str, str] | None = None, timeout: float 
         return 0, str(getattr(exc, "reason", exc))
 
 
+def _listening_inodes(port: int) -> set[str] | None:
+    """Socket inodes that LISTEN on TCP ``port`` (IPv4 and IPv6), or None without /proc/net."""
+    found: set[str] = set()
+    seen_a_table = False
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        seen_a_table = True
+        for row in rows:
+            # sl local_address rem_address st ... inode; local_address is HEXIP:HEXPORT, LISTEN is 0A
+            fields = row.split()
+            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                found.add(fields[9])
+    return found if seen_a_table else None
+
+
+def port_owner_in_session(port: int, sid: int) -> bool | None:
+    """Whether a process of session ``sid`` listens on TCP ``port``: True, False (nobody, or
+    someone else), or None where /proc cannot tell (not Linux)."""
+    inodes = _listening_inodes(port)
+    if inodes is None:
+        return None
+    if not inodes:
+        return False
+    for pid in session_members(sid):
+        try:
+            fds = list(Path(f"/proc/{pid}/fd").iterdir())
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:[") and target[8:-1] in inodes:
+                return True
+    return False
+
+
+def tcp_listening(port: int, host: str = LOCALHOST, timeout: float = 1.0) -> bool:
+    """True when something accepts a TCP connection at ``host:port``."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def tail(path: Path, lines: int = 25) -> str:
     """The last ``lines`` lines of a log file ("" when it does not exist)."""
     try:
@@ -234,7 +334,9 @@ def wait_healthy(
         reason = probe() or ""
         if not reason:
             return
-        if sid is not None and not session_alive(sid):
+        # Every service's leader runs as long as the service does; once it has exited the start
+        # failed, even while stragglers of its tree still wind down (a Ray head's take a minute).
+        if sid is not None and (not session_alive(sid) or _exited(sid)):
             _reap(sid)
             raise ServiceError(
                 f"{name} exited during start-up ({reason}). See its log {log_path}:\n"

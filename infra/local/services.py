@@ -44,7 +44,9 @@ from advflow.infra.local.proc import (
     session_alive,
     http_get,
     spawn_detached,
+    port_owner_in_session,
     stop_session,
+    tcp_listening,
     wait_healthy,
 )
 
@@ -429,6 +431,16 @@ def _probe_ray(handle: ServiceHandle, timeout_s: float) -> str | None:
     status, _ = http_get(f"{url}/api/jobs/", timeout=timeout_s)
     if status not in (401, 403):
         return f"token auth is NOT enforced: a request without a token got HTTP {status}"
+    # The dashboard answers before every head process has bound its port; one that fails to bind
+    # makes `ray start --block` stop the whole head a second later. Healthy = the head's own
+    # processes listen on all of them (another process that took a port does not count).
+    for what in ("gcs_port", "client_port", "agent_port"):
+        port = handle.info.get(what)
+        if not port:
+            continue
+        owned = port_owner_in_session(int(port), handle.pid) if handle.pid else None
+        if owned is False or (owned is None and not tcp_listening(int(port), timeout=timeout_s)):
+            return f"the head does not listen on its {what} {port} (yet)"
     return None
 
 
@@ -457,12 +469,51 @@ def start_ray_head(
     Ray's state API shows. Give S3 credentials as a file (``worker_env(s3)``), so not even the
     head's environment holds the secret. Ports left None are picked free.
     """
+    ports = (gcs_port, dashboard_port, client_port, agent_port)
+    # Picked ports can still be lost to another explicit pick before Ray binds them (see
+    # proc._PICK_FLOOR). Then the head exits during start-up saying so, and new picks get
+    # another try; ports the caller chose are never swapped.
+    attempts = 3 if None in ports and wait else 1
+    log_path = _service_dir(state_dir) / "ray.log"
+    for attempt in range(1, attempts + 1):
+        picked = iter(free_ports(4))
+        chosen = [port or next(picked) for port in ports]
+        start = log_path.stat().st_size if log_path.exists() else 0  # the log is appended to
+        try:
+            return _start_ray_head_once(state_dir, *chosen, num_cpus=num_cpus, object_store_mb=object_store_mb,
+                                        job_env=job_env, timeout_s=timeout_s, wait=wait)
+        except ServiceError:
+            lost = _bind_failures(log_path, start)
+            if attempt == attempts or not lost or any(str(p) in line for p in ports if p for line in lost):
+                raise  # not a lost port, or one the caller chose: new picks would not help
+    raise AssertionError("unreachable")  # the loop returns or raises
+
+
+def _bind_failures(log_path: Path, start: int) -> list[str]:
+    """The lines of the head's log, from byte ``start`` on, that say a port was taken."""
+    try:
+        with open(log_path, "rb") as log:
+            log.seek(start)
+            lines = log.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return []
+    return [line for line in lines if "Address already in use" in line or "Failed to bind" in line]
+
+
+def _start_ray_head_once(
+    state_dir: Path,
+    gcs_port: int,
+    dashboard_port: int,
+    client_port: int,
+    agent_port: int,
+    *,
+    num_cpus: int,
+    object_store_mb: int,
+    job_env: dict[str, str] | None,
+    timeout_s: float,
+    wait: bool,
+) -> ServiceHandle:
     state_dir = _service_dir(state_dir)
-    picked = iter(free_ports(4))
-    gcs_port = gcs_port or next(picked)
-    dashboard_port = dashboard_port or next(picked)
-    client_port = client_port or next(picked)
-    agent_port = agent_port or next(picked)
     token_path = state_dir / "ray_auth_token"
     write_token_file(token_path)
     temp_dir = ray_temp_dir(state_dir)
