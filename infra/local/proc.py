@@ -253,9 +253,9 @@ def http_get(url: str, headers: Mapping[str, str] | None = None, timeout: float 
         return 0, str(getattr(exc, "reason", exc))
 
 
-def _listening_inodes(port: int) -> set[str] | None:
-    """Socket inodes that LISTEN on TCP ``port`` (IPv4 and IPv6), or None without /proc/net."""
-    found: set[str] = set()
+def _listening_sockets() -> dict[str, int] | None:
+    """{socket inode: port} of every TCP socket in LISTEN (IPv4 and IPv6), or None without /proc/net."""
+    found: dict[str, int] = {}
     seen_a_table = False
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
@@ -266,20 +266,19 @@ def _listening_inodes(port: int) -> set[str] | None:
         for row in rows:
             # sl local_address rem_address st ... inode; local_address is HEXIP:HEXPORT, LISTEN is 0A
             fields = row.split()
-            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
-                found.add(fields[9])
+            if len(fields) > 9 and fields[3] == "0A":
+                found[fields[9]] = int(fields[1].rsplit(":", 1)[1], 16)
     return found if seen_a_table else None
 
 
-def port_owner_in_session(port: int, sid: int) -> bool | None:
-    """Whether a process of session ``sid`` listens on TCP ``port``: True, False (nobody, or
-    someone else), or None where /proc cannot tell (not Linux)."""
-    inodes = _listening_inodes(port)
-    if inodes is None:
+def session_listening_ports(sid: int) -> set[int] | None:
+    """The TCP ports that processes of session ``sid`` listen on, or None where /proc cannot tell
+    (not Linux). One pass over the session's file descriptors, however many ports are asked about."""
+    sockets = _listening_sockets()
+    if sockets is None:
         return None
-    if not inodes:
-        return False
-    for pid in session_members(sid):
+    ports: set[int] = set()
+    for pid in session_members(sid) if sockets else []:
         try:
             fds = list(Path(f"/proc/{pid}/fd").iterdir())
         except OSError:
@@ -289,9 +288,16 @@ def port_owner_in_session(port: int, sid: int) -> bool | None:
                 target = os.readlink(fd)
             except OSError:
                 continue
-            if target.startswith("socket:[") and target[8:-1] in inodes:
-                return True
-    return False
+            if target.startswith("socket:[") and target[8:-1] in sockets:
+                ports.add(sockets[target[8:-1]])
+    return ports
+
+
+def port_owner_in_session(port: int, sid: int) -> bool | None:
+    """Whether a process of session ``sid`` listens on TCP ``port``: True, False (nobody, or
+    someone else), or None where /proc cannot tell (not Linux)."""
+    ports = session_listening_ports(sid)
+    return None if ports is None else port in ports
 
 
 def tcp_listening(port: int, host: str = LOCALHOST, timeout: float = 1.0) -> bool:

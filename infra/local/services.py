@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -44,7 +45,7 @@ from advflow.infra.local.proc import (
     session_alive,
     http_get,
     spawn_detached,
-    port_owner_in_session,
+    session_listening_ports,
     stop_session,
     tcp_listening,
     wait_healthy,
@@ -434,12 +435,10 @@ def _probe_ray(handle: ServiceHandle, timeout_s: float) -> str | None:
     # The dashboard answers before every head process has bound its port; one that fails to bind
     # makes `ray start --block` stop the whole head a second later. Healthy = the head's own
     # processes listen on all of them (another process that took a port does not count).
+    owned = session_listening_ports(handle.pid) if handle.pid else None
     for what in ("gcs_port", "client_port", "agent_port"):
-        port = handle.info.get(what)
-        if not port:
-            continue
-        owned = port_owner_in_session(int(port), handle.pid) if handle.pid else None
-        if owned is False or (owned is None and not tcp_listening(int(port), timeout=timeout_s)):
+        port = int(handle.info.get(what) or 0)
+        if port and not (port in owned if owned is not None else tcp_listening(port, timeout=timeout_s)):
             return f"the head does not listen on its {what} {port} (yet)"
     return None
 
@@ -484,7 +483,8 @@ def start_ray_head(
                                         job_env=job_env, timeout_s=timeout_s, wait=wait)
         except ServiceError:
             lost = _bind_failures(log_path, start)
-            if attempt == attempts or not lost or any(str(p) in line for p in ports if p for line in lost):
+            caller_port_lost = any(re.search(rf":{p}\b", line) for p in ports if p for line in lost)
+            if attempt == attempts or not lost or caller_port_lost:
                 raise  # not a lost port, or one the caller chose: new picks would not help
     raise AssertionError("unreachable")  # the loop returns or raises
 
