@@ -3,28 +3,39 @@
 Each section of the YAML is a pydantic model (`DataConfig`, `ModelConfig`, ...; `RunSpec` holds them
 all). Pydantic replaced a hand-written dataclass coercion layer: its strict mode does the type checks
 that layer did (an int field refuses strings, bools and floats, a bool field refuses 0/1, a str field
-refuses numbers), `extra="forbid"` rejects unknown keys, and each section's own value checks live in
-a validator on that section, next to its fields. Only the rules that span sections (batch
-divisibility, the penalty fraction of a micro-batch, the phase plan) are on `RunSpec`.
+refuses numbers), `extra="forbid"` rejects unknown keys, enumerations are `Literal` types, and each
+section's own value checks live in a validator on that section, next to its fields. Only the rules
+that span sections (batch divisibility, the method's combinations, the phase plan) are on `RunSpec`.
 
-Every failure reaches the caller as one `ConfigError` that names the dotted field and the fix:
-`RunSpec.from_dict` turns pydantic's `ValidationError` into it (`_config_error`). Nothing here imports
-Ray or DeepSpeed, so the driver can validate a config before it touches the cluster.
+One spec for every method (`model.method`): `afm` (generator + discriminator), `fm` (flow matching)
+and `classifier` (the time-conditioned classifier that classifier guidance loads). What a method
+changes in the defaults is one table, `METHOD_DEFAULTS`, applied to the user's dict before validation.
+
+This module validates and builds nothing: the phase plan and the automatic schedule are built from
+the data it returns (`phase_dicts`, `phase_base`, `auto_templates`) by `trainers/schedules.py`
+(`PhasePlan.from_spec`, `AutoPhases.from_spec`; `platform/train/phases.py` for a spec). It imports no
+torch, no network code (the data reader) and no evaluator (tests/test_config.py checks), so the
+driver can validate a config before it touches the cluster.
+
+Every failure reaches the caller as one `ConfigError` `<dotted.field>: <problem>; <fix>`: `load_config`
+is the one loader and `RunSpec.from_dict` turns pydantic's `ValidationError` into it (`_config_error`).
 """
 
 from __future__ import annotations
 
+import copy
 import re
 import typing
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from advflow.platform.data.reader import ORDERS
+# Both are plain data (tests/test_config.py checks that importing this module loads no evaluator,
+# torch or network code): the evaluator table builds lazily, the size table is torch-free.
 from advflow.platform.eval import EVALUATORS
-from advflow.trainers.models import SIZES
+from advflow.trainers.sizes import SIZES
 
 
 class ConfigError(ValueError):
@@ -61,12 +72,38 @@ NumberPair = Annotated[tuple[Number, Number], BeforeValidator(_list_to_tuple)]
 
 class _Section(BaseModel):
     # strict: no str->int, int->bool, number->str coercion. No validate_assignment: fields may be set
-    # after construction (a sweep renames the run); `RunSpec.validate()` re-checks the whole spec.
+    # after construction (a sweep renames the run); `RunSpec.revalidate()` re-checks the whole spec.
     model_config = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True)
 
 
 def _one_of(options: list[str]) -> str:
     return ", ".join(options[:-1]) + " or " + options[-1] if len(options) > 1 else options[0]
+
+
+# How a classifier for `guidance.classifier` is trained (a run of model.method classifier).
+CLASSIFIER_COMMAND = "python jobs/train.py --config jobs/configs/digits_classifier.yaml"
+
+
+def time_key(t: float) -> str:
+    """The metric suffix of evaluation time t: 0.25 -> 't0.25' (`eval/acc_t0.25`, eval.kind accuracy)."""
+    return f"t{float(t):.2f}"
+
+
+# The enumerations. A value outside one is reported as `<field>: 'x' is unknown; use a, b or c`
+# (`_config_error`, pydantic's literal_error).
+Method = Literal["afm", "fm", "classifier"]
+METHODS: tuple[str, ...] = typing.get_args(Method)
+DataOrder = Literal["global", "partitioned"]  # advflow.platform.data.reader.ORDERS (a test keeps them equal)
+GeneratorKind = Literal["1nfe", "multistep", "anystep"]
+FmTimes = Literal["uniform", "logit_normal"]
+PairSource = Literal["same", "permute"]
+Precision = Literal["auto", "fp32", "bf16"]
+GuidanceTimeMode = Literal["auto", "uniform", "target"]
+CheckpointUpload = Literal["async", "sync"]
+# `none`, the sample-quality evaluators (their table, read once here) and the classifier's `accuracy`.
+EvalKind = Literal[("none", *EVALUATORS, "accuracy")]  # type: ignore[valid-type]
+EvalSplit = Literal["auto", "heldout", "train"]
+AutoMode = Literal["min", "max"]
 
 
 # ----------------------------------------------------------------------------- components
@@ -81,7 +118,7 @@ class DataConfig(_Section):
     """Records held in the in-memory shuffle buffer of each stream."""
     prefetch: int = 4
     """Shards fetched ahead of the reader by the background thread."""
-    order: str = "global"
+    order: DataOrder = "global"
     """How the workers share the record sequence (platform/data/reader.py). `global`: every worker
     reads the whole sequence and keeps its slots of each global batch, so the global batches do not
     depend on the number of workers and a run resumes exactly on another number (elastic);
@@ -93,28 +130,27 @@ class DataConfig(_Section):
         if not self.prefix:
             _fail("prefix", "is empty", "set it to the dataset prefix written by jobs/prepare_latents.py, "
                   "e.g. --set data.prefix=s3://advflow/digits")
-        if self.order not in ORDERS:
-            _fail("order", f"{self.order!r} is unknown", f"use one of {', '.join(ORDERS)}")
         return self
 
 
-METHODS = ("afm", "fm")
-
-
 class ModelConfig(_Section):
-    """Generator and discriminator architecture (sizes from `advflow.trainers.models.SIZES`)."""
+    """The networks trained and their architecture (sizes from `advflow.trainers.sizes.SIZES`)."""
 
-    method: str = "afm"
-    """`afm` (adversarial flow model: generator + discriminator, two engines) or `fm` (the
+    method: Method = "afm"
+    """`afm` (adversarial flow model: generator + discriminator, two engines), `fm` (the
     flow-matching baseline: the same DiT trained as a velocity field with the flow-matching loss,
-    one engine, sampled with `nfe` Euler steps; its kind is `multistep`)."""
-    fm_times: str = "uniform"
+    one engine, sampled with `nfe` Euler steps; its kind is `multistep`) or `classifier` (the
+    time-conditioned DiT classifier that classifier guidance loads, `guidance.classifier`: one
+    engine, trained with cross-entropy on flow-noised data, `classifier.t_range`; evaluated with
+    eval.kind `accuracy`). Each method's defaults: `METHOD_DEFAULTS`."""
+    fm_times: FmTimes = "uniform"
     """method `fm`: training-time distribution, `uniform` or `logit_normal` (SD3's, mean 0, std 1)."""
     size: str = "tiny"
-    """Generator size, e.g. `tiny`, `B/2`, `XL/2`."""
+    """Generator size, e.g. `tiny`, `B/2`, `XL/2`; under method `classifier` the classifier's size (the
+    paper: B/2)."""
     d_size: str | None = None
     """Discriminator size; defaults to `size` (the paper keeps D at 28 layers for deep generators)."""
-    kind: str = "1nfe"
+    kind: GeneratorKind = "1nfe"
     """Generator kind: `1nfe`, `multistep` (fixed K) or `anystep`."""
     nfe: int | None = None
     """K, generator evaluations at sampling time. Default per kind: 1 for `1nfe`, 8 for `anystep`
@@ -128,21 +164,22 @@ class ModelConfig(_Section):
             value = getattr(self, name)
             if value is not None and value not in SIZES:
                 _fail(name, f"{value!r} is not a known size", f"use one of {sorted(SIZES)}")
-        if self.method not in METHODS:
-            _fail("method", f"{self.method!r} is unknown", "use afm (adversarial flow model) or fm (flow matching)")
-        if self.method == "fm":
-            if "kind" not in self.model_fields_set:
-                self.kind = "multistep"  # FM's network: one time embedding, stepped by Euler
+        if self.method == "classifier":  # one DiT of `size`: the generator's options do not apply
+            for name, default, why in (("d_size", None, "has no discriminator"),
+                                       ("kind", "1nfe", "is not a generator"),
+                                       ("nfe", 1, "samples nothing"),
+                                       ("repeats", 1, "has no depth repetition")):
+                value = getattr(self, name)
+                if value is not None and value != default:
+                    _fail(name, f"{value!r} with method classifier, which {why}",
+                          f"remove model.{name} (the classifier is one DiT of model.size)")
+        if self.method == "fm":  # kind multistep is its default (METHOD_DEFAULTS)
             if self.kind != "multistep":
                 _fail("kind", f"{self.kind!r} with method fm", "flow matching trains a velocity field: set "
                       "model.kind=multistep (or leave it unset)")
             if self.nfe is None:
                 _fail("nfe", "is not set for method fm", "set model.nfe=K, the Euler steps the registered model "
                       "samples with (evaluate more K with eval.nfe: [1, 2, 4, ...])")
-            if self.fm_times not in ("uniform", "logit_normal"):
-                _fail("fm_times", f"{self.fm_times!r} is unknown", "use uniform or logit_normal")
-        if self.kind not in ("1nfe", "multistep", "anystep"):
-            _fail("kind", f"{self.kind!r} is unknown", "use 1nfe, multistep or anystep")
         if self.repeats < 1:
             _fail("repeats", f"R={self.repeats} < 1", "use R >= 1 (1 = no depth repetition)")
         if self.repeats > 1 and self.kind != "1nfe":
@@ -161,7 +198,9 @@ class ModelConfig(_Section):
 
 
 class OptimConfig(_Section):
-    """AdamW for both networks (the paper uses equal learning rates)."""
+    """AdamW for every engine (AFM: G and D with equal learning rates, as the paper; fm: the velocity
+    field; classifier: the classifier), and the EMA of the trained network. Method classifier has
+    the official classifier trainer's defaults (`METHOD_DEFAULTS`)."""
 
     lr: Number = 1e-4
     """Base learning rate; G's is multiplied by 1/R for depth-repeated generators."""
@@ -171,14 +210,28 @@ class OptimConfig(_Section):
     grad_clip: Number = 0.0
     """Global gradient-norm clip per engine; 0 disables clipping."""
     ema_decay: Number = 0.9999
-    """EMA decay of the generator's weights (the sampled model)."""
+    """EMA decay of the generator's weights (the sampled model), or the classifier's under method
+    classifier (the evaluated, registered and shipped classifier)."""
+    ema_warmup: bool = False
+    """Use decay min(ema_decay, (1 + k) / (10 + k)) at update k (`advflow.trainers.ema.EMA`), so a
+    short run's EMA is not dominated by the initial weights (the official trainers do not; the CPU
+    classifier demo does)."""
 
     @model_validator(mode="after")
     def _check(self) -> OptimConfig:
         if self.lr <= 0:
             _fail("lr", "must be > 0", "use e.g. 1e-4")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            _fail("betas", f"{list(self.betas)} are not both in [0, 1)", "use e.g. [0.0, 0.9] (AFM) or "
+                  "[0.9, 0.95] (classifier)")
+        if self.weight_decay < 0:
+            _fail("weight_decay", "is negative", "use a decay >= 0, e.g. 0.01")
+        if self.eps <= 0:
+            _fail("eps", "must be > 0", "use e.g. 1e-8")
+        if self.grad_clip < 0:
+            _fail("grad_clip", "is negative", "use 0 (no clipping) or a positive norm, e.g. 50")
         if not (0 <= self.ema_decay < 1):
-            _fail("ema_decay", f"{self.ema_decay} is outside [0, 1)", "use e.g. 0.9999")
+            _fail("ema_decay", f"{self.ema_decay} is outside [0, 1)", "use e.g. 0.9999 (AFM) or 0.9995 (classifier)")
         return self
 
 
@@ -198,7 +251,7 @@ class AdversarialConfig(_Section):
     gradnorm: bool = True
     """Normalise the adversarial gradient reaching G (makes lambda_ot transfer across sizes)."""
     gradnorm_momentum: Number = 0.9
-    source: str = "same"
+    source: PairSource = "same"
     """Multi-step/any-step pairing: `same` (official) builds G's source x_s and D's real target x_t
     from the same image and label with independent noises; `permute` pairs each real with another
     image of the batch (and that image's label). 1NFE ignores it (its source is the noise)."""
@@ -213,8 +266,29 @@ class AdversarialConfig(_Section):
         for name in ("gp_scale", "cp_scale"):
             if getattr(self, name) < 0:
                 _fail(name, "is negative", "use a weight >= 0")
-        if self.source not in ("same", "permute"):
-            _fail("source", f"{self.source!r} is unknown", "use same (official) or permute")
+        return self
+
+
+class ClassifierConfig(_Section):
+    """method `classifier`: how the classifier is trained (its network is `model.size`)."""
+
+    t_range: NumberPair = (0.0, 1.0)
+    """Flow times the classifier is trained on: t ~ U(t_range) per sample, x_t = (1 - t) x + t z."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "size" in data:
+            _fail("size", "moved", f"set model.size={data['size']} (with model.method=classifier) and remove "
+                  "classifier.size")
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> ClassifierConfig:
+        lo, hi = self.t_range
+        if not (0.0 <= lo <= hi <= 1.0):
+            _fail("t_range", f"{list(self.t_range)} is not an interval inside [0, 1]",
+                  "use [lo, hi] with 0 <= lo <= hi <= 1, e.g. [0, 1]")
         return self
 
 
@@ -222,15 +296,18 @@ UNITS = ("train.steps, every *_every cadence, phase `start`s, `ema_reload_every`
          "ITERATIONS: one D update then one G update, each on its own batch of train.global_batch samples "
          "(2 x global_batch samples per iteration). The official AFM trainer counts one step per optimizer "
          "update (D or G), so official step S = iteration S/2: its lambda_ot cosine over 1M steps is 500k "
-         "iterations here, and an ImageNet epoch (5005 official steps at batch 256) is 2502.5 iterations.")
+         "iterations here, and an ImageNet epoch (5005 official steps at batch 256) is 2502.5 iterations. "
+         "Methods fm and classifier train one network: their iteration (and train.steps) is ONE optimizer "
+         "update on train.global_batch samples, as the official FM and classifier trainers count a step.")
 
 
 class TrainConfig(_Section):
     """Loop lengths and cadences, counted in iterations: one D update then one G update, each on its
-    own batch (see `UNITS`; an official "step" is half an iteration)."""
+    own batch (see `UNITS`; an official "step" is half an iteration). Methods fm and classifier: one
+    optimizer update per iteration."""
 
     steps: int = 1000
-    """Iterations to train (one D update + one G update each)."""
+    """Iterations to train (AFM: one D update + one G update each; fm, classifier: one update each)."""
     global_batch: int = 256
     """Samples per optimizer step summed over workers and accumulation micro-steps."""
     grad_accum: int = 1
@@ -238,7 +315,7 @@ class TrainConfig(_Section):
     sample_every: int = 0
     """Save the EMA sample grid (samples.png) into the checkpoint at the first checkpoint at or after
     each multiple of N (0: only at the end; it is also saved whenever an MLflow grid is drawn at a
-    checkpoint)."""
+    checkpoint). Method classifier draws no samples: 0 only."""
     checkpoint_every: int = 100
     seed: int = 0
 
@@ -282,20 +359,24 @@ def check_nccl_name(name: str) -> None:
 
 
 class DistributedConfig(_Section):
-    """Ray Train workers and the two DeepSpeed engines."""
+    """Ray Train workers and the DeepSpeed engines (AFM: G and D; fm and classifier: one, G's slot)."""
 
     workers: int = 1
     min_workers: int = 0
     """Elastic training under Ray Train: with 1 <= min_workers < workers, Ray runs the job on any
     number of workers in [min_workers, workers] that the cluster can place, and resizes the group
-    (from the latest checkpoint) when nodes come or go. 0: exactly `workers`. Needs
+    (from the latest checkpoint) when nodes come or go (every method: its noise is drawn by the
+    sample's row in the global batch). 0: exactly `workers`. Needs
     `data.order: global`, and `train.global_batch` divisible by every count x grad_accum, so the
     global batch (and the run's numbers) stay the same whatever the count."""
     use_gpu: bool = False
     cpus_per_worker: int = 1
     zero_stage_g: int = 2
+    """ZeRO stage (0, 1 or 2) of G's engine, or the classifier's under method classifier (fm: the
+    velocity field's)."""
     zero_stage_d: int = 2
-    precision: str = "auto"
+    """ZeRO stage (0, 1 or 2) of D's engine (method afm only)."""
+    precision: Precision = "auto"
     """`auto` (bf16 on GPU, fp32 on CPU), `fp32` or `bf16`. Under bf16 the networks compute in bf16
     and DeepSpeed keeps an fp32 master of every weight (reloads write both, engines.write_weights);
     losses and their inputs stay fp32. bf16 also runs on CPU workers (slow without bf16 instructions;
@@ -313,6 +394,14 @@ class DistributedConfig(_Section):
     a GPU cluster). Names must be NCCL_* or TORCH_NCCL_*; a near miss of a known name is refused.
     On CPU workers (gloo) they are set but have no effect."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "zero_stage" in data:  # the old classifier recipes' one stage
+            _fail("zero_stage", "moved", f"set distributed.zero_stage_g={data['zero_stage']} (G's engine, or the "
+                  "classifier's under model.method classifier) and remove distributed.zero_stage")
+        return data
+
     @model_validator(mode="after")
     def _check(self) -> DistributedConfig:
         if not self.timeout_s > 0:
@@ -329,31 +418,28 @@ class DistributedConfig(_Section):
             if stage not in (0, 1, 2, 3):
                 _fail(name, f"ZeRO stage {stage} does not exist", "use 0, 1 or 2")
             if stage == 3:
-                _fail(name, "ZeRO-3 is refused: D runs inside G's step and G inside D's, so each engine's "
-                      "parameters would be gathered by the other engine's hooks (DeepSpeed issues 4923/5639); "
-                      "the equivalence test does not pass for it", "use 0, 1 or 2")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            _fail("precision", f"{self.precision!r} is unknown", "use auto, fp32 or bf16")
+                _fail(name, "ZeRO-3 is refused: it partitions the parameters that the EMA update and the "
+                      "evaluation read, and under AFM D runs inside G's step and G inside D's, so each engine's "
+                      "parameters would be gathered by the other engine's hooks (DeepSpeed issues 4923/5639; "
+                      "the equivalence test does not pass for it)", "use 0, 1 or 2")
         return self
 
 
 class GuidanceConfig(_Section):
     """Classifier guidance (the paper's phase 4): the frozen time-conditioned classifier trained by
-    jobs/train_classifier.py. Phases switch it on with `guidance: true` (and set lambda_cg,
-    cg_t_range, augment_p)."""
+    a run of model.method classifier (`python jobs/train.py --config jobs/configs/digits_classifier.yaml`).
+    Phases switch it on with `guidance: true` (and set lambda_cg, cg_t_range, augment_p)."""
 
     classifier: str | None = None
     """The classifier: `models:/NAME/VERSION`, `models:/NAME@alias`, `runs:/...`, or a local
     registered-model folder or classifier checkpoint folder (loaded pickle-free)."""
-    t_mode: str = "auto"
+    t_mode: GuidanceTimeMode = "auto"
     """How t' is chosen: `uniform` (t' ~ U(cg_t_range), G's output re-noised to t': the paper's 1NFE
     guidance), `target` (t' = t for t in cg_t_range, G's output x_t fed as it is: multi-step), or
     `auto` (uniform for 1nfe, target for multistep/anystep)."""
 
     @model_validator(mode="after")
     def _check(self) -> GuidanceConfig:
-        if self.t_mode not in ("auto", "uniform", "target"):
-            _fail("t_mode", f"{self.t_mode!r} is unknown", "use auto, uniform or target")
         if self.classifier is not None and not self.classifier.strip():
             _fail("classifier", "is empty", "give a registry URI (models:/NAME/VERSION) or a folder, or remove it")
         return self
@@ -365,12 +451,14 @@ class RunStorageConfig(_Section):
     (Not `RunConfig`, which would read as `ray.train.RunConfig`; `ray_launch` builds that from this.)"""
 
     name: str = "afm"
+    """The run's name under storage_path (with it, the run key); method classifier's default is
+    `classifier` (`METHOD_DEFAULTS`), so its runs do not resume an AFM run's checkpoints."""
     storage_path: str = "runs"
     """Ray Train storage: a local directory or `s3://bucket/prefix`."""
     max_failures: int = 2
     """Worker-group restarts Ray Train attempts before the job fails."""
     keep_checkpoints: int = 2
-    checkpoint_upload: str = "async"
+    checkpoint_upload: CheckpointUpload = "async"
     """Under Ray Train: `async` uploads a checkpoint in a background thread while training goes on
     (Ray registers it only once every rank's upload finished, so a restart never sees half of one;
     a rollback first waits for uploads in flight), `sync` blocks every rank until the upload is
@@ -380,8 +468,6 @@ class RunStorageConfig(_Section):
     def _check(self) -> RunStorageConfig:
         if self.max_failures < 0 or self.keep_checkpoints < 1:
             _fail("max_failures/keep_checkpoints", "out of range", "use max_failures >= 0, keep >= 1")
-        if self.checkpoint_upload not in ("async", "sync"):
-            _fail("checkpoint_upload", f"{self.checkpoint_upload!r} is unknown", "use async or sync")
         return self
 
 
@@ -398,9 +484,11 @@ class TrackingConfig(_Section):
     experiment: str = "advflow"
     """MLflow experiment the run is logged under (created if missing)."""
     image_every: int = 0
-    """Log a fixed-seed EMA sample grid every M iterations (0: at each checkpoint and the end)."""
+    """Log a fixed-seed EMA sample grid every M iterations (0: at each checkpoint and the end). Method
+    classifier logs no grids: 0 only."""
     register_name: str | None = None
-    """Registered-model name for the EMA generator (None: log nothing to the registry)."""
+    """Registered-model name for the EMA generator, or the EMA classifier under method classifier
+    (None: log nothing to the registry)."""
     register_every: int = 0
     """Also register every N iterations (0: only at the end), at the first checkpoint at or after
     each multiple of N (checkpoints are where every rank's state is consistent)."""
@@ -423,15 +511,19 @@ class EvalConfig(_Section):
 
     kind `digits`: Fréchet distance in the feature space of the project's digit classifier against
     the held-out digits (plus its floor and class-conditional accuracy). kind `fid`: FID with Inception
-    weights and reference statistics the user provides by path."""
+    weights and reference statistics the user provides by path. kind `accuracy` (method classifier
+    only): accuracy and cross-entropy of the EMA classifier at the fixed flow times `times`, on
+    `split`, logged as `eval/acc_t0.00`, `eval/loss_t0.00`, ... (`time_key`)."""
 
-    kind: str = "none"
-    """`none`, `digits` or `fid`."""
+    kind: EvalKind = "none"
+    """`none`, a sample-quality evaluator of `advflow.platform.eval.EVALUATORS` (`digits`, `fid`;
+    methods afm and fm) or `accuracy` (method classifier)."""
     every: int = 0
     """Evaluate every N iterations, at the first checkpoint at or after each multiple of N (metrics
     reach Ray/Tune with checkpoints); 0: only at the end."""
     num_samples: int = 1000
-    """Generated samples per evaluation (class-balanced, fixed seeds)."""
+    """Generated samples per evaluation (class-balanced, fixed seeds); kind accuracy: records in the
+    fixed training batch (split train; the held-out split is used whole)."""
     batch_size: int = 250
     inception_path: str | None = None
     """kind `fid`: path to the FID Inception weights (pt_inception-2015-12-05 state dict)."""
@@ -441,6 +533,12 @@ class EvalConfig(_Section):
     """Sampling steps K to evaluate at, each reported as `<metric>@K` (e.g. `eval/fd@4`); the
     unsuffixed metrics are always those at the model's own K (`model.nfe`). Several K need a model
     that can sample with any K: method `fm` (Euler) or kind `anystep`. None: the model's K only."""
+    times: list[Number] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75])
+    """kind accuracy: the flow times t evaluated at (0 = clean inputs); the noise is fixed across
+    evaluations."""
+    split: EvalSplit = "auto"
+    """kind accuracy: `auto` (the dataset's held-out split if it has one, else a fixed training
+    batch), `heldout` (fail without one) or `train` (a fixed batch of `num_samples` training records)."""
 
     # What to set a field to, for the error when a kind requires it (`EVALUATORS[kind].required`).
     _SET_TO: typing.ClassVar[dict[str, str]] = {
@@ -450,16 +548,21 @@ class EvalConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> EvalConfig:
-        kinds = ["none", *EVALUATORS]
-        if self.kind not in kinds:
-            _fail("kind", f"{self.kind!r} is unknown", f"use {_one_of(kinds)}")
         if self.every < 0:
             _fail("every", "is negative", "use 0 (end only) or a positive cadence")
         if self.nfe is not None and (not self.nfe or min(self.nfe) < 1 or len(set(self.nfe)) != len(self.nfe)):
             _fail("nfe", f"{self.nfe!r} is not a list of distinct K >= 1", "use e.g. [1, 2, 4, 8]")
         if self.num_samples < 2 or self.batch_size < 1:
             _fail("num_samples/batch_size", "too small", "use num_samples >= 2 and batch_size >= 1")
-        required = EVALUATORS[self.kind].required if self.kind != "none" else ()
+        if not self.times:
+            _fail("times", "is empty", "list at least one time, e.g. [0, 0.25, 0.5, 0.75]")
+        bad = [t for t in self.times if not 0.0 <= t <= 1.0]
+        if bad:
+            _fail("times", f"{bad} outside [0, 1]", "use flow times in [0, 1] (0 = clean data, 1 = noise)")
+        keys = [time_key(t) for t in self.times]
+        if len(set(keys)) != len(keys):
+            _fail("times", f"{self.times} name the same metric twice at two decimals", "use distinct times")
+        required = EVALUATORS[self.kind].required if self.kind in EVALUATORS else ()
         if not all(getattr(self, name) for name in required):
             needs = "it" if len(required) == 1 else "both" if len(required) == 2 else f"all {len(required)}"
             to = " and ".join(self._SET_TO.get(name, f"a {name}") for name in required)
@@ -518,7 +621,8 @@ class AutoPhasesConfig(_Section):
 
     metric: str | None = None
     """The metric to watch; None: the evaluator's primary (`eval/fd` on digits, `eval/fid`)."""
-    mode: str = "min"
+    mode: AutoMode = "min"
+    """`min` (lower is better) or `max`."""
     patience: int = 3
     """Evaluations in a row without a `min_delta` improvement that end a phase."""
     min_delta: Number = 0.02
@@ -536,8 +640,6 @@ class AutoPhasesConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> AutoPhasesConfig:
-        if self.mode not in ("min", "max"):
-            _fail("mode", f"{self.mode!r} is unknown", "use min (lower is better) or max")
         if self.patience < 1 or self.min_phase_steps < 0 or self.min_delta < 0 or self.ema_reload_every < 1:
             _fail("patience/min_phase_steps/min_delta/ema_reload_every", "out of range",
                   "use patience >= 1, min_phase_steps >= 0, min_delta >= 0, ema_reload_every >= 1")
@@ -562,8 +664,43 @@ class DebugConfig(_Section):
         return self
 
 
+# ----------------------------------------------------------------------------- method defaults
+
+# What a method changes in the defaults: section -> field -> value, put into the user's dict before
+# validation for every field the user did not give (`RunSpec.from_dict`). The classifier's are the
+# official classifier trainer's settings; its run name keeps its run key apart from an AFM run's.
+METHOD_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
+    "afm": {},
+    "fm": {"model": {"kind": "multistep"}},  # FM's network: one time embedding, stepped by Euler
+    "classifier": {  # the official classifier trainer's (the paper's classifier is a DiT-B/2)
+        "model": {"size": "B/2"},
+        "optim": {"betas": [0.9, 0.95], "grad_clip": 50.0, "ema_decay": 0.9995},
+        "run": {"name": "classifier"},
+        "eval": {"kind": "accuracy"},
+    },
+}
+
+
+def _with_method_defaults(raw: dict) -> dict:
+    """`raw` with `METHOD_DEFAULTS[model.method]` under every key it leaves out (a copy; a section that
+    is not a mapping is left as it is, for validation to report)."""
+    model = raw.get("model")
+    method = model.get("method", "afm") if isinstance(model, dict) else None
+    defaults = METHOD_DEFAULTS.get(method) if isinstance(method, str) else None
+    if not defaults:
+        return raw
+    out = dict(raw)
+    for section, values in defaults.items():
+        given = out.get(section)
+        if given is None:
+            given = {}
+        if isinstance(given, dict):
+            out[section] = {**copy.deepcopy(values), **given}
+    return out
+
+
 class RunSpec(BaseModel):
-    """A whole training run. Load with `load_config(path, overrides)`."""
+    """A whole run, of any `model.method`. Load with `load_config(path, overrides)`."""
 
     model_config = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True)
 
@@ -574,6 +711,7 @@ class RunSpec(BaseModel):
     model: ModelConfig = Field(default_factory=ModelConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     adversarial: AdversarialConfig = Field(default_factory=AdversarialConfig)
+    classifier: ClassifierConfig = Field(default_factory=ClassifierConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     run: RunStorageConfig = Field(default_factory=RunStorageConfig)
@@ -591,10 +729,12 @@ class RunSpec(BaseModel):
 
     @classmethod
     def from_dict(cls, raw: dict) -> RunSpec:
-        """Build and validate a spec from the YAML's nested dict; raises ConfigError."""
+        """Build and validate a spec from the YAML's nested dict (the method's defaults,
+        `METHOD_DEFAULTS`, fill in what it leaves out); raises ConfigError."""
         raw = raw or {}
         if isinstance(raw, dict):
             raw = {**{name: {} for name in _SECTIONS}, **raw}  # validate omitted sections' defaults too
+            raw = _with_method_defaults(raw)
         try:
             return cls.model_validate(raw)
         except ValidationError as err:
@@ -604,8 +744,9 @@ class RunSpec(BaseModel):
         """The nested dict (`from_dict(spec.to_dict())` rebuilds the spec; `betas` stays a tuple)."""
         return self.model_dump()
 
-    def validate(self) -> None:  # shadows pydantic's deprecated BaseModel.validate classmethod
-        """Re-run every check, e.g. after fields were assigned; raises ConfigError."""
+    def revalidate(self) -> None:
+        """Re-run every check, e.g. after fields were assigned; raises ConfigError. (Not `validate`,
+        which is pydantic's deprecated classmethod.)"""
         type(self).from_dict(self.to_dict())
 
     # ------------------------------------------------------------------ validation across sections
@@ -645,17 +786,30 @@ class RunSpec(BaseModel):
         guided = [p.get("name", f"phase{i + 1}") for i, p in enumerate(self.phase_dicts()) if p.get("guidance")]
         if guided and not self.guidance.classifier:
             _fail("guidance.classifier", f"phase(s) {guided} turn guidance on but no classifier is set",
-                  "train one with jobs/train_classifier.py and set guidance.classifier=models:/NAME/VERSION "
+                  f"train one with {CLASSIFIER_COMMAND} and set guidance.classifier=models:/NAME/VERSION "
                   "(or a classifier folder)")
-        # Schedules and phases are validated by their own types; re-raise with the field path.
+        # Schedules and phases are validated by their own types (built here and discarded; the
+        # trainer builds its own from the same data); re-raise with the field path.
+        from advflow.trainers.schedules import AutoPhases, PhasePlan
+
         try:
-            self.phase_plan()
+            if self.phases == "auto":
+                a = self.auto_phases
+                AutoPhases.from_spec(self.auto_templates(), self.phase_base(), patience=a.patience,
+                                     min_delta=a.min_delta, min_phase_steps=a.min_phase_steps, mode=a.mode)
+            else:
+                PhasePlan.from_spec(self.phase_dicts(), self.phase_base())
         except ValueError as err:
             raise ConfigError(f"phases / adversarial.ot_scale: {err}") from None
         return self
 
     def _check_method_and_eval(self) -> None:
         m, ev = self.model, self.eval
+        if m.method == "classifier":
+            self._check_classifier()
+        elif ev.kind == "accuracy":
+            _fail("eval.kind", f"accuracy with method {m.method}", "accuracy evaluates a classifier "
+                  "(model.method: classifier); evaluate a generator with " + _one_of(list(EVALUATORS)))
         if m.method == "fm" and self.phases == "auto":
             _fail("phases", "auto is for method afm (its templates fix lambda_ot and reload D)",
                   "give FM an explicit phase list, or none")
@@ -669,6 +823,36 @@ class RunSpec(BaseModel):
                 _fail("phases", f"phase(s) {bad} use guidance or a D reload, which method fm has no use for "
                       "(no discriminator)", "drop those keys; FM phases may set lr and ema_reload_every")
 
+    def _check_classifier(self) -> None:
+        """What method classifier has no use for: it trains one network in one phase at optim.lr,
+        is not guided, draws no samples and is evaluated by its accuracy."""
+        if self.phases == "auto":
+            _fail("phases", "auto with method classifier, which trains in one phase at optim.lr",
+                  "remove phases (set optim.lr)")
+        if self.phases:
+            guided = [p.get("name", f"phase{i + 1}") for i, p in enumerate(self.phases) if p.get("guidance")]
+            if guided:
+                _fail("phases", f"phase(s) {guided} turn guidance on under method classifier (guidance uses a "
+                      "trained classifier; the classifier itself is not guided)", "remove the phases")
+            _fail("phases", "a phase list with method classifier, which trains in one phase at optim.lr",
+                  "remove phases (set optim.lr)")
+        if self.guidance.classifier:
+            _fail("guidance.classifier", "is set under method classifier, which trains the classifier that "
+                  "guidance loads (it is not guided itself)", "remove it (an AFM run loads the trained classifier "
+                  "with guidance.classifier)")
+        if self.train.sample_every:
+            _fail("train.sample_every", "method classifier draws no samples", "remove it (or set 0)")
+        if self.tracking.image_every:
+            _fail("tracking.image_every", "method classifier logs no image grids", "remove it (or set 0)")
+        if self.eval.kind not in ("none", "accuracy"):
+            _fail("eval.kind", f"{self.eval.kind} measures generated samples, and method classifier draws none",
+                  "use accuracy (or none)")
+        if self.eval.nfe is not None:
+            _fail("eval.nfe", "method classifier samples nothing", "remove it")
+        if self.distributed.zero_stage_d != DistributedConfig.model_fields["zero_stage_d"].default:
+            _fail("distributed.zero_stage_d", "method classifier has one DeepSpeed engine",
+                  "set distributed.zero_stage_g instead")
+
     def _check_auto_phases(self) -> None:
         if self.eval.kind == "none":
             _fail("phases", "auto needs an evaluation metric, but eval.kind is none",
@@ -676,21 +860,35 @@ class RunSpec(BaseModel):
         if self.eval.every < 1:
             _fail("eval.every", "is 0, so phases: auto would see one evaluation at the end only",
                   "set eval.every to the cadence the plateau rule decides at, e.g. 250")
-        metric, primary = self.auto_phases.metric, EVALUATORS[self.eval.kind].primary
+        metric, primary = self.auto_phases.metric, self._primary_metric()
         if metric is not None and metric != primary and not metric.startswith("eval/"):
             _fail("auto_phases.metric", f"{metric!r} is not an evaluation metric", f"use {primary} (or leave it unset)")
 
-    # ------------------------------------------------------------------ derived
+    # ------------------------------------------------------------------ derived (data only; nothing is built here)
+
+    def _primary_metric(self) -> str:
+        """The evaluation's primary metric, lower is better: the evaluator's (`EVALUATORS[kind].primary`),
+        for kind accuracy the cross-entropy at the first of `eval.times`, else `eval/fd`."""
+        kind = self.eval.kind
+        if kind in EVALUATORS:
+            return EVALUATORS[kind].primary
+        if kind == "accuracy":
+            return f"eval/loss_{time_key(self.eval.times[0])}"
+        return "eval/fd"
 
     @property
     def auto_metric(self) -> str:
         """The metric `phases: auto` and the watchdog's rise check watch (the evaluator's primary)."""
-        if self.auto_phases.metric:
-            return self.auto_phases.metric
-        return EVALUATORS[self.eval.kind].primary if self.eval.kind != "none" else "eval/fd"
+        return self.auto_phases.metric or self._primary_metric()
+
+    def phase_base(self) -> dict:
+        """The top-level settings the first phase (or the first auto template) inherits what it leaves
+        out from: {lr, lambda_ot, lambda_gp, lambda_cp} from `optim` and `adversarial`."""
+        return {"lr": self.optim.lr, "lambda_ot": self.adversarial.ot_scale,
+                "lambda_gp": self.adversarial.gp_scale, "lambda_cp": self.adversarial.cp_scale}
 
     def auto_templates(self) -> list[dict]:
-        """The phase templates of `phases: auto` (see AutoPhasesConfig.templates)."""
+        """The phase templates of `phases: auto` (see AutoPhasesConfig.templates), without `phase_base`."""
         a = self.auto_phases
         if a.templates is not None:
             return [dict(t) for t in a.templates]
@@ -707,22 +905,8 @@ class RunSpec(BaseModel):
                         "augment_p": 0.4})
         return out
 
-    def auto_controller(self):
-        """A fresh `AutoPhases` for `phases: auto` (None otherwise)."""
-        if self.phases != "auto":
-            return None
-        from advflow.trainers.schedules import AutoPhases
-
-        a = self.auto_phases
-        base = {"lr": self.optim.lr, "lambda_ot": self.adversarial.ot_scale,
-                "lambda_gp": self.adversarial.gp_scale, "lambda_cp": self.adversarial.cp_scale}
-        templates = self.auto_templates()
-        templates[0] = {**base, **templates[0]}
-        return AutoPhases(templates, patience=a.patience, min_delta=a.min_delta, min_phase_steps=a.min_phase_steps,
-                          mode=a.mode)
-
     def phase_dicts(self) -> list[dict]:
-        """The explicit phases, or the auto templates (without starts)."""
+        """The explicit phases, or the auto templates (without starts); without `phase_base`."""
         return self.auto_templates() if self.phases == "auto" else [dict(p) for p in self.phases]
 
     @property
@@ -741,21 +925,6 @@ class RunSpec(BaseModel):
         t = self.train
         assert t.global_batch % (world_size * t.grad_accum) == 0, (t.global_batch, world_size, t.grad_accum)
         return t.global_batch // (world_size * t.grad_accum)
-
-    def phase_plan(self):
-        """The resolved phase plan; an empty `phases` list means one phase built from the top-level
-        optimiser and loss settings. For `phases: auto` it is the plan at the start (the first
-        template); the worker's `AutoPhases` extends it as it decides."""
-        from advflow.trainers.schedules import PhasePlan
-
-        if self.phases == "auto":
-            return self.auto_controller().plan()
-        base = {"lr": self.optim.lr, "lambda_ot": self.adversarial.ot_scale,
-                "lambda_gp": self.adversarial.gp_scale, "lambda_cp": self.adversarial.cp_scale}
-        phases = [dict(p) for p in self.phases] or [{"name": "main", "start": 0}]
-        # The first phase inherits whatever it leaves out from the top-level optim/adversarial keys.
-        phases[0] = {**base, **phases[0]}
-        return PhasePlan.from_dict(phases)
 
 
 _SECTIONS = [name for name, f in RunSpec.model_fields.items()
@@ -830,6 +999,10 @@ def _config_error(err: ValidationError, raw: Any) -> ConfigError:
         return ConfigError(f"{path}: expected a list, got {type(value).__name__} {value!r}")
     if e["type"] in _EXPECTED:
         return ConfigError(f"{path}: expected {_EXPECTED[e['type']]}, got {value!r}")
+    if e["type"] == "literal_error":  # a value outside an enumeration (a Literal field)
+        options = (typing.get_args(info.annotation) if info is not None and typing.get_origin(info.annotation)
+                   is Literal else re.findall(r"'([^']*)'", str(e.get("ctx", {}).get("expected", ""))))
+        return ConfigError(f"{path}: {value!r} is unknown; use {_one_of([str(o) for o in options])}")
     return ConfigError(f"{path or 'config'}: {e['msg']}, got {value!r}")
 
 

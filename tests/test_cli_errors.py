@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.integration  # every test runs a job script as a process (some against the MLflow server)
+
 REPO = Path(__file__).resolve().parents[1]
 
 

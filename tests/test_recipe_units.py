@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from advflow.platform.config import load_config
+from advflow.platform.train.phases import plan_of
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "jobs" / "configs"
@@ -45,7 +46,7 @@ RECIPES = {  # recipe: (lambda_ot start, end) of the official config
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_lambda_ot_and_phase_at_official_steps(name):
     spec = load_config(CONFIGS / f"{name}.yaml")
-    plan = spec.phase_plan()
+    plan = plan_of(spec)
     start, end = RECIPES[name]
     # Official steps inside phase 1 and around every boundary (odd steps are G updates).
     for s in (0, 1, 20_001, 200_000, 450_448, 450_449, 450_450, 550_549, 550_550, 600_599, 600_600, 625_000):
@@ -70,18 +71,18 @@ def test_phase_boundaries_are_table11_epochs_of_images_seen(name):
     spec = load_config(CONFIGS / f"{name}.yaml")
     images_per_iteration = 2 * spec.train.global_batch  # a D batch and a G batch
     epoch_images = STEPS_PER_EPOCH * 256  # what the official trainer draws per epoch
-    starts = [p.start for p in spec.phase_plan().phases[1:]] + [spec.train.steps]
+    starts = [p.start for p in plan_of(spec).phases[1:]] + [spec.train.steps]
     epochs = [k * images_per_iteration / epoch_images for k in starts]
     assert epochs == pytest.approx(TABLE11_EPOCHS, abs=1e-3), f"{name}: phases begin at epochs {epochs}"
     # EMA reload and checkpoints once per epoch of images (2502.5 iterations, rounded up).
-    every = spec.phase_plan().at(starts[0]).ema_reload_every
+    every = plan_of(spec).at(starts[0]).ema_reload_every
     assert every * images_per_iteration / epoch_images == pytest.approx(1.0, abs=1e-3)
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_guided_phase_four_uses_the_paper_settings(name):
     spec = load_config(CONFIGS / f"{name}.yaml")
-    p = spec.phase_plan().at(spec.train.steps - 1)
+    p = plan_of(spec).at(spec.train.steps - 1)
     assert (p.phase_name, p.guidance, p.augment_p) == ("guided", True, 0.4)
     if spec.model.kind == "1nfe":
         assert (p.lambda_cg, p.cg_t_range, spec.cg_t_mode) == (0.003, (0.0, 0.1), "uniform")
@@ -89,7 +90,7 @@ def test_guided_phase_four_uses_the_paper_settings(name):
         assert (p.lambda_cg, p.cg_t_range, spec.cg_t_mode) == (0.02, (0.0, 0.49), "target")
     assert spec.guidance.classifier
     # Earlier phases are guidance-free and unaugmented.
-    early = spec.phase_plan().at(spec.phase_plan().phases[-1].start - 1)
+    early = plan_of(spec).at(plan_of(spec).phases[-1].start - 1)
     assert (early.guidance, early.lambda_cg, early.augment_p) == (False, 0.0, 0.0)
 
 
@@ -103,6 +104,7 @@ def test_official_clipping_and_sampler_defaults():
     assert (anystep.model.kind, anystep.model.nfe, anystep.optim.grad_clip) == ("anystep", 8, 5.0)
 
 
+@pytest.mark.integration  # starts jobs/train.py
 def test_print_config_states_the_unit():
     out = subprocess.run([sys.executable, str(ROOT / "jobs" / "train.py"), "--config",
                           str(CONFIGS / "imagenet_xl2_1nfe.yaml"), "--print-config"],

@@ -5,7 +5,7 @@ import math
 import pytest
 import yaml
 
-from advflow.trainers.schedules import Event, Phase, PhasePlan, Schedule
+from advflow.trainers.schedules import AutoPhases, Event, Phase, PhasePlan, Schedule
 
 
 def test_constant_and_linear():
@@ -215,3 +215,37 @@ def test_lr_d_override_and_inheritance():
     assert (plan.at(0).lr, plan.at(0).lr_d) == (1e-4, 1e-4)
     assert (plan.at(10).lr, plan.at(10).lr_d) == (1e-4, 2e-4)
     assert (plan.at(25).lr, plan.at(25).lr_d) == (5e-5, 2e-4)
+
+
+BASE = {"lr": 2e-4, "lambda_ot": {"kind": "cosine", "start": 0.2, "end": 0.01, "steps": 100}, "lambda_gp": 0.5,
+        "lambda_cp": 0.02}
+
+
+def test_plan_from_spec_inherits_the_base_in_its_first_phase():
+    # No phases: one phase "main" from step 0, everything from the base.
+    plan = PhasePlan.from_spec([], BASE)
+    assert [(p.name, p.start) for p in plan.phases] == [("main", 0)]
+    p = plan.at(50)
+    assert (p.lr, p.lambda_gp, p.lambda_cp) == (2e-4, 0.5, 0.02)
+    assert p.lambda_ot == pytest.approx(Schedule.coerce(BASE["lambda_ot"]).value(50))
+    # Listed phases: the first fills what it leaves out from the base, its own keys win; later ones inherit.
+    phases = [{"name": "a", "start": 0, "lambda_gp": 0.1}, {"name": "b", "start": 10, "lr": 1e-5}]
+    plan = PhasePlan.from_spec(phases, BASE)
+    assert (plan.at(0).lr, plan.at(0).lambda_gp, plan.at(0).lambda_cp) == (2e-4, 0.1, 0.02)
+    assert (plan.at(10).lr, plan.at(10).lambda_gp) == (1e-5, 0.1)
+    assert plan == PhasePlan.from_dict([{**BASE, **phases[0]}, phases[1]])
+    assert phases[0] == {"name": "a", "start": 0, "lambda_gp": 0.1}  # the caller's dicts are not changed
+    with pytest.raises(ValueError, match="first phase must start at step 0"):
+        PhasePlan.from_spec([{"name": "a", "start": 3}], BASE)
+
+
+def test_auto_phases_from_spec_merges_the_base_into_the_first_template():
+    templates = [{"name": "decay"}, {"name": "low_lr", "lr": 5e-5}]
+    auto = AutoPhases.from_spec(templates, BASE, patience=2, min_delta=0.1, min_phase_steps=0, mode="max")
+    assert (auto.patience, auto.min_delta, auto.min_phase_steps, auto.mode) == (2, 0.1, 0, "max")
+    assert auto.templates[0] == {**BASE, "name": "decay"} and auto.templates[1] == {"name": "low_lr", "lr": 5e-5}
+    assert templates[0] == {"name": "decay"}
+    plan = auto.plan()
+    assert [p.name for p in plan.phases] == ["decay"] and plan.at(0).lr == 2e-4
+    with pytest.raises(ValueError, match="sets `start`"):
+        AutoPhases.from_spec([{"name": "x", "start": 0}], BASE, patience=1, min_delta=0, min_phase_steps=0)

@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from advflow.trainers.sizes import SIZES, DiTSize
+
 __all__ = [
     "DiTSize",
     "SIZES",
@@ -60,25 +62,8 @@ LN_EPS = 1e-6
 # ----------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class DiTSize:
-    """Transformer shape: `depth` blocks of `width` channels, `heads` attention heads, `patch` pixels."""
-
-    depth: int
-    width: int
-    heads: int
-    patch: int
-
-
-# Patch size is part of the name (DiT convention). "tiny" trains on a CPU in seconds (tests, toys).
-SIZES: dict[str, DiTSize] = {
-    "tiny": DiTSize(depth=2, width=64, heads=4, patch=2),
-    "S/2": DiTSize(depth=12, width=384, heads=6, patch=2),
-    "B/2": DiTSize(depth=12, width=768, heads=12, patch=2),
-    "M/2": DiTSize(depth=16, width=1024, heads=16, patch=2),
-    "L/2": DiTSize(depth=24, width=1024, heads=16, patch=2),
-    "XL/2": DiTSize(depth=28, width=1152, heads=16, patch=2),
-}
+# DiTSize and SIZES live in the torch-free `advflow.trainers.sizes` (the run config reads them);
+# re-exported here unchanged.
 
 
 def _size(name: str) -> DiTSize:

@@ -409,6 +409,15 @@ class PhasePlan:
             phases.append(Phase(**kw))
         return cls(tuple(phases))
 
+    @classmethod
+    def from_spec(cls, phases: list[Mapping], base: Mapping) -> "PhasePlan":
+        """The plan of a run config: `phases` as listed, the first inheriting whatever it leaves out
+        from `base` (the top-level settings, e.g. {lr, lambda_ot, lambda_gp, lambda_cp}); an empty
+        list is one phase named "main" from step 0 built from `base` alone."""
+        items = [dict(p) for p in phases] or [{"name": "main", "start": 0}]
+        items[0] = {**base, **items[0]}
+        return cls.from_dict(items)
+
 
 # ----------------------------------------------------------------------------- automatic phases
 
@@ -463,6 +472,16 @@ class AutoPhases:
         self.stale = 0
         self.transitions: list[Transition] = []
         PhasePlan.from_dict([dict(t, start=k) for k, t in enumerate(self.templates)])  # validate them all now
+
+    @classmethod
+    def from_spec(cls, templates: list[Mapping], base: Mapping, *, patience: int, min_delta: float,
+                  min_phase_steps: int, mode: str = "min") -> "AutoPhases":
+        """The controller of a run config: the first template inherits whatever it leaves out from
+        `base` (the top-level settings, as in `PhasePlan.from_spec`)."""
+        templates = [dict(t) for t in templates]
+        if templates:
+            templates[0] = {**base, **templates[0]}
+        return cls(templates, patience=patience, min_delta=min_delta, min_phase_steps=min_phase_steps, mode=mode)
 
     @property
     def index(self) -> int:

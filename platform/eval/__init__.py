@@ -1,7 +1,9 @@
 """Sample-quality evaluators, one table: `EVALUATORS[kind]` (as DiT's `DiT_models`).
 
-`config.EvalConfig` reads the table to validate `eval.kind` and the fields a kind requires, and the
-worker builds its evaluator from it, so a kind is declared once.
+`config.EvalConfig` reads the table to validate `eval.kind` (its Literal, built from the table's keys
+when the config is imported) and the fields a kind requires, and the worker builds its evaluator from
+it, so a kind is declared once. (The classifier's `eval.kind: accuracy` is not a sample-quality
+evaluator and is not in this table.)
 
 A trial generates images (decoded to pixels in [-1, 1]) with the labels they were conditioned on and
 hands them to an `Evaluator`; it returns `eval/...` metrics, one of which (`evaluator.primary`, lower
@@ -16,7 +18,9 @@ Two kinds:
   (`eval/fid.py`; `jobs/fid_reference.py` makes them).
 
 The shared Fréchet maths and .npz stats I/O are `eval/frechet.py`. The builders import their
-evaluator module when called, so reading the table (config validation) loads no model code.
+evaluator module when called, so reading the table (config validation) loads no model code: this
+module imports nothing but the standard library (tests/test_config.py checks that importing the
+config loads no evaluator, torch or data reader).
 """
 
 from __future__ import annotations
