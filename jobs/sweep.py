@@ -9,8 +9,9 @@ directory, so give an absolute path (`--storage sqlite:////shared/sweeps/x.db`) 
 server URL there, or the next submission will not find the study. Running the same command again
 after the driver died resumes the sweep: finished trials are kept (and inform TPE), trials the dead
 driver left running are marked failed, and only the missing trials run. At the end the best trial's
-EMA generator gets the registry alias `candidate`, and an HTML report is written and logged to the
-sweep's parent MLflow run (`python -m advflow.dashboards.sweep_report` rebuilds it for any study).
+EMA generator gets the registry alias `candidate`, and this job writes an HTML report from what the
+sweep returns and logs it to the sweep's parent MLflow run (`python -m advflow.dashboards.sweep_report`
+rebuilds it for any study).
 """
 
 from __future__ import annotations
@@ -37,6 +38,28 @@ def parse(argv=None):
     return p.parse_args(argv)
 
 
+def write_sweep_report(spec, report, out=None) -> dict:
+    """Render the sweep's HTML report from `report` (a `tune.SweepReport`) to `out` (default
+    `report.out`) and log it to the sweep's parent run. Returns the summary's entries: {"report":
+    path} and, when anything failed, {"report_error": why}; a report problem never fails the sweep."""
+    from advflow.platform.log import get_logger
+    from advflow.platform.sweep.tune import attach_report
+
+    path = Path(out or report.out)
+    entries: dict = {}
+    try:
+        from advflow.dashboards.sweep_report import write_report
+
+        write_report(report.storage, report.study_name, path, metric_name=report.metric,
+                     annotations=report.annotations, extra_columns=list(report.extra_columns))
+        entries["report"] = str(path)
+        attach_report(spec, report, path)
+    except Exception as err:  # noqa: BLE001 - a report problem must not lose the sweep's results
+        get_logger("jobs.sweep").warning(f"sweep report failed: {err}")
+        entries["report_error"] = str(err)
+    return entries
+
+
 def main(argv=None) -> int:
     args = parse(argv)
     from advflow.platform.config import ConfigError, load_config
@@ -57,13 +80,14 @@ def main(argv=None) -> int:
     from advflow.platform.sweep.tune import run_sweep
 
     try:
-        summary = run_sweep(spec, space, args.trials, space_yaml=Path(args.space).read_text(),
-                            report_path=args.report, ray_address=args.ray_address)
+        outcome = run_sweep(spec, space, args.trials, space_yaml=Path(args.space).read_text(),
+                            ray_address=args.ray_address)
     except ConfigError as err:
         print(f"[advflow] config error: {err}", file=sys.stderr)
         return 2
     from advflow.platform.log import get_logger
 
+    summary = {**outcome.summary, **write_sweep_report(spec, outcome.report, args.report)}
     get_logger("jobs.sweep").info("sweep summary: %s", json.dumps(summary, indent=1, default=str))
     return 0 if summary.get("ok") else 1
 

@@ -5,7 +5,6 @@ fetch its nodes run (against moto's SSM)."""
 
 from __future__ import annotations
 
-import copy
 import os
 import stat
 
@@ -13,16 +12,9 @@ import pytest
 import yaml
 
 from advflow.infra.cluster import names, ray_token
+from advflow.infra.cluster.validate import ray_up_checks
 
 AWS = names.CLUSTER_DIR / "aws.yaml"
-
-
-def ray_up_checks(config: dict) -> dict:
-    from ray.autoscaler._private.util import prepare_config, validate_config
-
-    prepared = prepare_config(copy.deepcopy(config))
-    validate_config(prepared)
-    return prepared
 
 
 def test_aws_yaml_passes_rays_validation():
@@ -59,6 +51,7 @@ def test_a_broken_launcher_config_is_refused(mutate):
         ray_up_checks(config)
 
 
+@pytest.mark.integration
 def test_the_token_lands_in_rays_default_path_readable_only_by_its_user(tmp_path, s3_env):
     # moto's server (conftest), reached through AWS_ENDPOINT_URL as the nodes reach AWS. Never
     # moto.mock_aws() here: leaving it resets moto's in-process backends, which the session's

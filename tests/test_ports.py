@@ -17,6 +17,7 @@ from advflow.infra.local import proc, services
 from advflow.infra.local.proc import ServiceError, ephemeral_range, free_ports, port_owner_in_session
 
 
+@pytest.mark.integration
 def test_picked_ports_stay_below_the_ephemeral_range():
     low, _ = ephemeral_range()
     ports = free_ports(40)
@@ -27,6 +28,17 @@ def test_picked_ports_stay_below_the_ephemeral_range():
             sock.bind((proc.LOCALHOST, port))
 
 
+def test_the_platform_and_the_stack_pick_ports_by_one_rule():
+    """The picking rule lives in the platform (local_launch picks its rendezvous port with it); the
+    stack's services use the same functions through infra.local.proc."""
+    from advflow.platform import net
+
+    assert (proc.free_ports, proc.free_port, proc.ephemeral_range) == (net.free_ports, net.free_port, net.ephemeral_range)
+    assert (proc._PICK_FLOOR, proc.LOCALHOST) == (net._PICK_FLOOR, net.LOCALHOST)
+    assert services.free_ports is net.free_ports and services.free_port is net.free_port
+
+
+@pytest.mark.integration
 def test_without_room_below_the_ephemeral_range_the_os_picks():
     low, high = ephemeral_range()
     ports = free_ports(3, ephemeral=(proc._PICK_FLOOR + 10, high))
@@ -39,6 +51,7 @@ def test_ephemeral_range_reads_the_kernel_file_and_falls_back(tmp_path):
     assert ephemeral_range(tmp_path / "missing") == (32768, 60999)
 
 
+@pytest.mark.integration
 def test_port_owner_in_session_tells_ours_from_someone_elses():
     with socket.socket() as sock:
         sock.bind((proc.LOCALHOST, 0))

@@ -151,6 +151,7 @@ def test_scanner_flags_pickles_and_passes_model_files(tmp_path):
 # ----------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_log_register_artifacts_signature_tags(mlflow_env, tmp_path, monkeypatch):
     import mlflow
 
@@ -198,6 +199,7 @@ def test_log_register_artifacts_signature_tags(mlflow_env, tmp_path, monkeypatch
     assert mlflow.get_logged_model(done.model_id).source_run_id == run_id
 
 
+@pytest.mark.integration
 def test_log_generator_rejects_bad_input(mlflow_env):
     G = _tiny()
     with pytest.raises(ValueError, match="data_shape"):
@@ -211,6 +213,7 @@ def test_log_generator_rejects_bad_input(mlflow_env):
                                source="web")
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("opts", [{}, {"kind": "multistep", "nfe": 2}], ids=["1nfe", "multistep2"])
 def test_pyfunc_predict_matches_direct_generation(mlflow_env, opts):
     import mlflow
@@ -286,6 +289,7 @@ def test_device_is_the_argument_else_the_env_var_else_auto(tmp_path, monkeypatch
     assert model_format.load_model_data(data).device == auto
 
 
+@pytest.mark.integration
 def test_promote_explicit_and_by_metric(mlflow_env, capsys):
     import mlflow
 
@@ -335,6 +339,7 @@ def test_generate_labels_parsing():
             gen.parse_labels(bad)
 
 
+@pytest.mark.integration
 def test_generate_job_from_alias_is_deterministic(mlflow_env, tmp_path, capsys):
     import mlflow
     from PIL import Image
@@ -379,6 +384,7 @@ def test_generate_job_from_alias_is_deterministic(mlflow_env, tmp_path, capsys):
 # ----------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_tampered_models_are_refused_and_never_unpickled(mlflow_env, tmp_path):
     import mlflow
 
@@ -415,48 +421,20 @@ def test_tampered_models_are_refused_and_never_unpickled(mlflow_env, tmp_path):
     assert marker.exists()
 
 
+@pytest.mark.integration
 def test_load_generator_refuses_foreign_loader(mlflow_env, tmp_path):
     import mlflow
 
     name = _name()
     _log(_tiny(), name)
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/1", dst_path=str(tmp_path)))
-    text = (local / "MLmodel").read_text().replace("advflow.platform.tracking.model_format", "mlflow.sklearn")
-    (local / "MLmodel").write_text(text)
-    with pytest.raises(UnsafeArtifactError, match="loader_module='mlflow.sklearn'"):
-        registry.load_generator(str(local))
-
-
-def test_versions_of_the_previous_release_still_load(mlflow_env, tmp_path):
-    """Versions registered before the move record `loader_module: advflow.platform.generator_pyfunc`:
-    load_generator accepts that name, and MLflow (which imports it) loads them through the shim."""
-    import mlflow
-
-    name = _name()
-    G = _tiny(5)
-    _log(G, name)
-    local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/1", dst_path=str(tmp_path)))
-    text = (local / "MLmodel").read_text()
-    assert "loader_module: advflow.platform.tracking.model_format" in text
-    (local / "MLmodel").write_text(text.replace("advflow.platform.tracking.model_format",
-                                                "advflow.platform.generator_pyfunc"))
-    assert "advflow.platform.generator_pyfunc" in registry.LEGACY_LOADER_MODULES
-    labels, seeds = [0, 3, 9], [4, 5, 6]
-    want = _reference(G, labels, seeds)
-    got = registry.load_generator(str(local), device="cpu").generate(labels, seeds)
-    assert np.array_equal(got, want)
-    pyfunc = mlflow.pyfunc.load_model(str(local), model_config={"device": "cpu"})
-    assert pyfunc.metadata.flavors["python_function"]["loader_module"] == "advflow.platform.generator_pyfunc"
-    out = pyfunc.predict(pd.DataFrame({"label": labels, "seed": seeds}, dtype="int64"))
-    assert np.array_equal(np.asarray(out), want)
-
-
-def test_legacy_loader_shim_reexports_the_loader_hook_only():
-    import advflow.platform.generator_pyfunc as legacy
-
-    assert legacy._load_pyfunc is model_format._load_pyfunc
-    assert legacy.__all__ == ["_load_pyfunc"]
-    assert "previous release" in legacy.__doc__
+    original = (local / "MLmodel").read_text()
+    # advflow.platform.generator_pyfunc: a shim for a release that never shipped, removed; only the
+    # current loader module is advflow's.
+    for foreign in ("mlflow.sklearn", "advflow.platform.generator_pyfunc"):
+        (local / "MLmodel").write_text(original.replace("advflow.platform.tracking.model_format", foreign))
+        with pytest.raises(UnsafeArtifactError, match=f"loader_module='{foreign}'"):
+            registry.load_generator(str(local))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -489,6 +467,7 @@ def _xt(n: int = 12, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(n, *SHAPE, generator=g), torch.rand(n, generator=g)
 
 
+@pytest.mark.integration
 def test_log_classifier_registers_a_pickle_free_model_that_loads_everywhere(mlflow_env, tmp_path, monkeypatch):
     import mlflow
 
@@ -549,6 +528,7 @@ def test_log_classifier_registers_a_pickle_free_model_that_loads_everywhere(mlfl
         registry.load_classifier(f"models:/{gname}/1")
 
 
+@pytest.mark.integration
 def test_log_classifier_rejects_bad_input(mlflow_env):
     C = _tiny_classifier()
     with pytest.raises(ValueError, match="expected an advflow Classifier"):
@@ -562,6 +542,7 @@ def test_log_classifier_rejects_bad_input(mlflow_env):
                                 metrics={"eval/acc_t0.00": float("nan")})
 
 
+@pytest.mark.integration
 def test_tampered_classifier_versions_are_refused_and_never_unpickled(mlflow_env, tmp_path):
     import mlflow
 
@@ -609,6 +590,7 @@ def _checkpoint_like(root: Path, C, marker: Path) -> Path:
     return root
 
 
+@pytest.mark.integration
 def test_load_classifier_from_local_and_s3_checkpoints_reads_only_its_two_files(tmp_path, s3_prefix):
     from advflow.platform.data.storage import Storage
 
@@ -642,6 +624,7 @@ def test_load_classifier_from_local_and_s3_checkpoints_reads_only_its_two_files(
 # ----------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_register_checkpoint_pt_and_safetensors(mlflow_env, tmp_path, capsys):
     import mlflow
     from safetensors.torch import save_file

@@ -175,15 +175,18 @@ def test_sweep_resumes_after_driver_death_nests_runs_registers_candidate_and_rep
 # ----------------------------------------------------------------------------------------- the trial function
 
 
+@pytest.mark.integration
 def test_train_driver_fn_trains_inside_one_tracked_child_run(tmp_path, digits, mlflow_env, monkeypatch):
     """The Tune trial function: the trial's TorchTrainer (from ray_launch.build_torch_trainer, faked
     here) runs inside `tracked_run`, nested under the sweep's parent run; the run is FINISHED when
-    fit() succeeds, FAILED (and the trial raises) when it does not."""
+    fit() returns, FAILED when fit() raises (Ray Train V2 raises TrainingFailedError; it never
+    returns a failed Result), and the trial raises that same error."""
     from types import SimpleNamespace
 
     import yaml
     from mlflow.tracking import MlflowClient
     from ray import tune
+    from ray.train import TrainingFailedError, WorkerGroupError
 
     from advflow.platform.config import RunSpec
     from advflow.platform.data.shards import dataset_tags
@@ -204,9 +207,14 @@ def test_train_driver_fn_trains_inside_one_tracked_child_run(tmp_path, digits, m
     study, _, _ = open_study(sp)
     built: list[dict] = []
 
+    def fit():
+        if outcome is not None:
+            raise outcome
+        return SimpleNamespace(metrics={})  # a V2 Result: the trial reads nothing from it
+
     def fake_build(spec, callbacks=None, run_id=None, progress=True):
         built.append({"spec": spec, "callbacks": callbacks, "run_id": run_id, "progress": progress})
-        return SimpleNamespace(fit=lambda: SimpleNamespace(error=outcome))
+        return SimpleNamespace(fit=fit)
 
     monkeypatch.setattr(ray_launch, "build_torch_trainer", fake_build)
     import ray.tune.integration.ray_train as tune_train
@@ -219,7 +227,8 @@ def test_train_driver_fn_trains_inside_one_tracked_child_run(tmp_path, digits, m
     study.enqueue_trial({"optim.lr": 1e-4})
     same = study.ask()  # another RUNNING trial with the same value: only the recorded number tells them apart
     same.suggest_float("optim.lr", 1e-5, 1e-3, log=True)
-    for trial_id, outcome in (("t-ok", None), ("t-bad", "worker died")):
+    died = WorkerGroupError("rank 0: worker died", {0: RuntimeError("worker died")})
+    for trial_id, outcome in (("t-ok", None), ("t-bad", died)):
         monkeypatch.setattr(tune, "get_context", lambda: SimpleNamespace(get_trial_id=lambda: trial_id))
         study.enqueue_trial({"optim.lr": 1e-4})
         trial = study.ask()
@@ -230,8 +239,9 @@ def test_train_driver_fn_trains_inside_one_tracked_child_run(tmp_path, digits, m
         if outcome is None:
             call()
         else:
-            with pytest.raises(RuntimeError, match=f"trial {trial_id} failed: worker died"):
+            with pytest.raises(TrainingFailedError, match="rank 0: worker died") as raised:
                 call()
+            assert raised.value is died  # fit()'s own error reaches Tune, unwrapped
         b = built[-1]
         assert b["progress"] is False and b["run_id"] and [type(c) for c in b["callbacks"]] == [TuneReportCallback]
         assert b["spec"].run.name == f"unit-{trial_id}" and b["spec"].optim.lr == pytest.approx(trial.params["optim.lr"])
@@ -247,3 +257,62 @@ def test_train_driver_fn_trains_inside_one_tracked_child_run(tmp_path, digits, m
         assert study.trials[same.number].user_attrs == {}
     assert client.get_run(parent).data.tags["advflow.kind"] == "sweep"
     assert [a.path for a in client.list_artifacts(parent, "sweep")] == ["sweep/space.yaml"]
+
+
+# ----------------------------------------------------------------------------------------- the wrap-up and the report
+
+
+@pytest.mark.integration
+def test_finalize_returns_the_report_and_the_job_logs_it_to_the_parent_run(tmp_path, digits, mlflow_env):
+    """The library settles the trials' runs and returns what the report is rendered from (the trials'
+    annotations, the parent run, the default place beside the study), rendering nothing itself;
+    jobs/sweep.py writes the page there and logs it to the parent run under report/."""
+    import importlib.util
+
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    from advflow.platform.config import RunSpec
+    from advflow.platform.sweep import tune as sweep_tune
+    from advflow.platform.sweep.space import SweepSpace
+    from advflow.platform.sweep.study import open_study
+
+    raw = {"params": {"optim.lr": {"type": "float", "low": 1e-5, "high": 1e-3, "log": True}},
+           "storage": f"sqlite:///{tmp_path}/study.db", "study_name": "wrap", "register_name": None}
+    sp = SweepSpace.from_dict(raw)
+    spec = RunSpec.from_dict({"data": {"prefix": digits}, "eval": {"kind": "digits"},
+                              "run": {"storage_path": str(tmp_path / "runs")},
+                              "tracking": {"experiment": "sweep-wrap", "system_metrics": False}})
+    parent = sweep_tune.open_parent_run(spec, sp, "")
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("sweep-wrap").experiment_id
+    study, _, _ = open_study(sp)
+    lr = optuna.distributions.FloatDistribution(1e-5, 1e-3, log=True)
+    full = spec.train.steps
+    runs = []
+    for n, (last, value) in enumerate(((full, 0.5), (full // 2, 0.3))):  # trial 1: stopped early by ASHA
+        run_id = client.create_run(experiment).info.run_id
+        client.log_metric(run_id, sp.metric, value, step=last)
+        runs.append(run_id)
+        study.add_trial(optuna.trial.create_trial(
+            params={"optim.lr": 1e-4 * (n + 1)}, distributions={"optim.lr": lr}, value=value,
+            user_attrs={"mlflow_run_id": run_id, "lr_g": 1e-4 * (n + 1), "model.kind": "1nfe", "tune_trial_id": f"t{n}"}))
+
+    summary, report = sweep_tune.finalize(spec, sp, parent)
+    assert summary == {"study": "wrap", "trials": 2, "stopped_early": 1, "best_value": 0.3,
+                       "best_params": {"optim.lr": pytest.approx(2e-4)}, "best_trial": 1}
+    assert report == sweep_tune.SweepReport(
+        storage=sp.storage, study_name="wrap", metric=sp.metric, out=(tmp_path / "wrap.html").resolve(),
+        annotations={0: {"steps": full, "stopped_early": False}, 1: {"steps": full // 2, "stopped_early": True}},
+        extra_columns=("lr_g", "model.kind", "tune_trial_id"), parent_run_id=parent)
+    assert [client.get_run(r).info.status for r in runs] == ["FINISHED", "KILLED"]
+    assert not list(tmp_path.rglob("*.html")), "the library rendered a report"
+    assert client.list_artifacts(parent, "report") == []
+
+    loader = importlib.util.spec_from_file_location("sweep_job", REPO / "jobs" / "sweep.py")
+    job = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(job)
+    assert job.write_sweep_report(spec, report) == {"report": str(report.out)}
+    page = report.out.read_text()
+    assert "tune_trial_id" in page and "stopped_early" in page and "t1" in page
+    assert [a.path for a in client.list_artifacts(parent, "report")] == ["report/wrap.html"]

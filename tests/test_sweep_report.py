@@ -159,6 +159,7 @@ def chromium_binary() -> str:
     return chromium_or_fail()
 
 
+@pytest.mark.integration
 def test_report_renders_in_chromium(tmp_path, chromium_binary):
     storage, known = make_sweep(tmp_path)
     report = write_report(storage, "digits-afm", tmp_path / "site" / "report.html", metric_name="fid_proxy",
@@ -210,6 +211,52 @@ def test_report_renders_in_chromium(tmp_path, chromium_binary):
         assert img.size == (1280, 2400)
         colours = img.convert("RGB").getcolors(maxcolors=1 << 20)
     assert colours is not None and len(colours) > 50, "screenshot is (nearly) a single colour"
+
+
+def _sweep_job():
+    """jobs/sweep.py as a module (jobs/ is a folder of scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sweep_job", Path(__file__).resolve().parents[1] / "jobs" / "sweep.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    return job
+
+
+@pytest.mark.integration  # end-to-end: renders a whole sweep report (seconds)
+def test_the_sweep_job_renders_the_report_the_library_describes(tmp_path, capsys):
+    """The sweep library returns a `SweepReport` and renders nothing; jobs/sweep.py writes the page
+    from it: the trials' annotations (facts settled after they finished) and the trial attributes
+    the library records as extra columns, at `out` (or --report). A report problem is one warning
+    line and a `report_error` entry, never an exception that would lose the sweep's results."""
+    from advflow.platform.config import RunSpec
+    from advflow.platform.sweep.tune import REPORT_COLUMNS, SweepReport
+
+    storage, known = make_sweep(tmp_path)
+    spec = RunSpec.from_dict({"data": {"prefix": str(tmp_path)}, "tracking": {"enabled": False}})
+    report = SweepReport(storage=storage, study_name="digits-afm", metric="fid_proxy", out=tmp_path / "at" / "r.html",
+                         annotations={2: {"stopped_early": "annotated-early"}}, extra_columns=("fid",))
+    assert REPORT_COLUMNS == ("lr_g", "model.kind", "tune_trial_id")
+    job = _sweep_job()
+    assert job.write_sweep_report(spec, report) == {"report": str(tmp_path / "at" / "r.html")}
+    page = (tmp_path / "at" / "r.html").read_text(encoding="utf-8")
+    p = parse(page)
+    assert p.rows == [str(n) for n in range(8)]
+    assert "fid_proxy" in p.header_cells and "fid" in p.header_cells
+    assert "annotated-early" in p.row_text["2"] and "annotated-early" not in p.row_text["3"]
+    assert page.count("* plotly.js v") == 1
+
+    elsewhere = tmp_path / "cli" / "report.html"  # --report wins over the library's default
+    assert job.write_sweep_report(spec, report, str(elsewhere)) == {"report": str(elsewhere)}
+    assert parse(elsewhere.read_text(encoding="utf-8")).rows == p.rows
+
+    capsys.readouterr()
+    broken = SweepReport(storage=f"sqlite:///{tmp_path / 'missing.db'}", study_name="digits-afm", metric="v",
+                         out=tmp_path / "broken.html")
+    entries = job.write_sweep_report(spec, broken)
+    assert set(entries) == {"report_error"} and "missing.db" in entries["report_error"]
+    assert f"[advflow] sweep report failed: {entries['report_error']}" in capsys.readouterr().err
+    assert not (tmp_path / "broken.html").exists() and not (tmp_path / "missing.db").exists()
 
 
 def test_missing_and_bad_grids_show_placeholders(tmp_path):
@@ -296,6 +343,7 @@ def test_write_is_atomic_and_cli(tmp_path, capsys, monkeypatch):
     assert out.read_text() == "previous" and sorted(p.name for p in out.parent.iterdir()) == ["cli.html"]
 
 
+@pytest.mark.integration
 def test_grid_uri_schemes(tmp_path, s3_prefix, monkeypatch):
     png = grid_png(tmp_path / "g.png", width=16, seed=1).read_bytes()
     assert load_grid(str(tmp_path / "g.png")) == png
@@ -326,6 +374,7 @@ def test_grid_uri_schemes(tmp_path, s3_prefix, monkeypatch):
         load_grid("")
 
 
+@pytest.mark.integration
 def test_chromium_timeout_kills_the_process_tree(tmp_path, chromium_binary):
     import psutil
 

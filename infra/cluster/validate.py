@@ -1,9 +1,9 @@
 """Offline checks of the manifests (tests/test_cluster_*.py use them; so can you before `kubectl
 apply`): the KubeRay CRD schemas (made strict the way the API server's field validation is), the
 Kubernetes schemas of the core objects (kubernetes-validate), and the invariants a manifest must
-keep (a GPU per worker, non-root pods, token auth, Secrets the README creates). Each check raises
-(AssertionError for an invariant) with what is wrong. jsonschema and kubernetes-validate are in
-the `test` extra."""
+keep (a GPU per worker, non-root pods, token auth, Secrets the README creates); and aws.yaml
+through `ray up`'s own checks (`ray_up_checks`). Each check raises (AssertionError for an
+invariant) with what is wrong. jsonschema and kubernetes-validate are in the `test` extra."""
 
 from __future__ import annotations
 
@@ -69,6 +69,18 @@ def validate_core(obj: dict) -> None:
     import kubernetes_validate
 
     kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+
+
+def ray_up_checks(config: dict) -> dict:
+    """A `ray up` cluster config (aws.yaml) through Ray's own checks, as `ray up` runs them:
+    prepare_config merges the provider's defaults, validate_config checks ray-schema.json and the
+    node types. Returns the prepared config; raises on a config `ray up` would refuse. Ray's private
+    API (ray.autoscaler._private.util): Ray offers no public way to check a config without launching."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    prepared = prepare_config(copy.deepcopy(config))
+    validate_config(prepared)
+    return prepared
 
 
 # ------------------------------------------------------------------------- invariants

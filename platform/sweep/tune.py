@@ -1,7 +1,9 @@
 """The Ray Tune side of a sweep: the function trainable `train_driver_fn` that runs the training
 job's TorchTrainer, the Tuner (OptunaSearch with a seeded TPE sampler on an RDB study, ASHA), and
-the wrap-up (MLflow parent/child runs, `candidate` alias, HTML report). The search space is
-`sweep.space`; the Optuna study (storage, recovery, trial lookup) is `sweep.study`.
+the wrap-up (MLflow parent/child runs, `candidate` alias, and `SweepReport`: what the HTML report
+is rendered from; the sweep job renders it and `attach_report` logs it to the parent run; the
+library renders nothing). The search space is `sweep.space`; the Optuna study (storage, recovery,
+trial lookup) is `sweep.study`.
 
 Ray Train V2 + Tune pattern: each Tune trial is a function that builds the same `TorchTrainer` as
 jobs/train.py (`ray_launch.build_torch_trainer`) and calls `fit()` inside the same `tracked_run` as
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,34 @@ from advflow.platform.tracking.secrets import redact_url
 
 log = get_logger(__name__)
 SWEEP_KEY_TAG = "advflow.sweep_key"
+# The trial attributes `train_driver_fn` records that the report shows as columns.
+REPORT_COLUMNS = ("lr_g", "model.kind", "tune_trial_id")
+
+
+@dataclass(frozen=True)
+class SweepReport:
+    """What the sweep's HTML report is rendered from (`run_sweep` returns it; jobs/sweep.py renders).
+
+    annotations: per trial number, facts settled only after the trial finished (`steps`,
+    `stopped_early`; Optuna refuses user attrs on finished trials). out: where the report goes by
+    default (the space's `report`, else beside the study). parent_run_id: the sweep's MLflow parent
+    run, which `attach_report` logs the page to."""
+
+    storage: str
+    study_name: str
+    metric: str
+    out: Path
+    annotations: dict[int, dict] = field(default_factory=dict)
+    extra_columns: tuple[str, ...] = REPORT_COLUMNS
+    parent_run_id: str | None = None
+
+
+@dataclass(frozen=True)
+class SweepOutcome:
+    """`run_sweep`'s result: the summary the job logs, and what its report is rendered from."""
+
+    summary: dict[str, Any]
+    report: SweepReport
 
 
 # ----------------------------------------------------------------------------------------- trial
@@ -63,9 +94,9 @@ def train_driver_fn(config: dict, *, base: dict, space: dict, parent_run_id: str
             set_trial_attrs(sp.storage, sp.study_name, number, attrs)
         trainer = ray_launch.build_torch_trainer(spec, callbacks=[TuneReportCallback()], run_id=run.run_id,
                                                  progress=False)
-        result = trainer.fit()
-        if result.error is not None:
-            raise RuntimeError(f"trial {trial_id} failed: {result.error}")
+        # Ray Train V2's fit() raises TrainingFailedError when the run fails (it never returns a
+        # Result with an error), and the exception marks the trial and its MLflow run failed.
+        trainer.fit()
         run.ok = True
 
 
@@ -95,8 +126,9 @@ def open_parent_run(spec: RunSpec, space: SweepSpace, space_yaml: str) -> str | 
 
 
 def run_sweep(spec: RunSpec, space: SweepSpace, trials: int, *, space_yaml: str = "",
-              report_path: str | Path | None = None, ray_address: str | None = None) -> dict[str, Any]:
-    """Run (or resume) the sweep until the study holds `trials` finished trials; returns a summary.
+              ray_address: str | None = None) -> SweepOutcome:
+    """Run (or resume) the sweep until the study holds `trials` finished trials; returns its summary
+    and what its HTML report is rendered from (the caller renders it: jobs/sweep.py).
     ray_address: the cluster (default RAY_ADDRESS; unreachable: RayUnreachable, a ConfigError)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -145,7 +177,7 @@ def run_sweep(spec: RunSpec, space: SweepSpace, trials: int, *, space_yaml: str 
         )
         results = tuner.fit()
         ok = not results.errors
-    summary = finalize(spec, space, parent, report_path)
+    summary, report = finalize(spec, space, parent)
     summary["wall_s"] = time.time() - t0
     summary["ok"] = ok
     if parent:
@@ -154,7 +186,7 @@ def run_sweep(spec: RunSpec, space: SweepSpace, trials: int, *, space_yaml: str 
         client = MlflowClient(tracking.tracking_uri(spec))
         client.log_metric(parent, "sweep_wall_s", summary["wall_s"])
         tracking.close_run(spec, parent, ok=ok)
-    return summary
+    return SweepOutcome(summary, report)
 
 
 def tune_storage(spec: RunSpec, space: SweepSpace) -> tuple[str, object | None]:
@@ -178,9 +210,9 @@ def _space_dict(space: SweepSpace) -> dict:
     return raw
 
 
-def finalize(spec: RunSpec, space: SweepSpace, parent: str | None, report_path) -> dict[str, Any]:
-    """Mark early-stopped trials, close their MLflow runs, alias the best generator `candidate`,
-    write the HTML report and log it to the parent run."""
+def finalize(spec: RunSpec, space: SweepSpace, parent: str | None) -> tuple[dict[str, Any], SweepReport]:
+    """Mark early-stopped trials, close their MLflow runs, alias the best generator `candidate`;
+    returns the summary and what the HTML report is rendered from."""
     import optuna
 
     study, _, _ = open_study(space)
@@ -217,23 +249,27 @@ def finalize(spec: RunSpec, space: SweepSpace, parent: str | None, report_path) 
         cand = _alias_candidate(client, space, complete, study.direction)
         if cand:
             summary["candidate"] = cand
-    out = Path(report_path or space.report or sweep_dir(space) / f"{space.study_name}.html")
-    try:
-        from advflow.dashboards.sweep_report import write_report
-
-        write_report(space.storage, space.study_name, out, metric_name=space.metric, annotations=notes,
-                     extra_columns=["lr_g", "model.kind", "tune_trial_id"])
-        summary["report"] = str(out)
-        if client and parent:
-            client.log_artifact(parent, str(out), artifact_path="report")
-    except Exception as err:  # noqa: BLE001 - a report problem must not lose the sweep's results
-        log.warning(f"sweep report failed: {err}")
-        summary["report_error"] = str(err)
+    report = SweepReport(storage=space.storage, study_name=space.study_name, metric=space.metric,
+                         out=Path(space.report or sweep_dir(space) / f"{space.study_name}.html"),
+                         annotations=notes, parent_run_id=parent)
     if client and parent:
         for key, value in (("best_value", summary.get("best_value", float("nan"))),
                            ("trials", summary["trials"]), ("stopped_early", stopped)):
             client.log_metric(parent, key, float(value))
-    return summary
+    return summary, report
+
+
+def attach_report(spec: RunSpec, report: SweepReport, path: str | Path) -> None:
+    """Log the rendered report at `path` to the sweep's parent run (under `report/`); nothing to do
+    without a parent run (tracking off)."""
+    if not report.parent_run_id:
+        return
+    uri = tracking.tracking_uri(spec)
+    if not uri:
+        return
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(uri).log_artifact(report.parent_run_id, str(path), artifact_path="report")
 
 
 def _alias_candidate(client, space: SweepSpace, complete: list, direction) -> dict | None:

@@ -7,8 +7,7 @@ A logged generator is a folder with two files, written by `write_model_data`:
 MLflow stores the folder under the model's data/ and names this module as the pyfunc loader
 (`loader_module: advflow.platform.tracking.model_format`), so `mlflow.pyfunc.load_model` and
 `mlflow models serve` call `_load_pyfunc`, which first scans the WHOLE model directory for pickle data
-(artifact_scan) and only then reads the two files. Versions registered by the previous release name
-`advflow.platform.generator_pyfunc`, a shim that re-exports `_load_pyfunc` from here.
+(artifact_scan) and only then reads the two files.
 
 Prediction: a DataFrame with integer columns `label` and `seed`, one image per row; row i's noise is
 `torch.randn(data_shape, generator=torch.Generator().manual_seed(seed_i))` drawn on the CPU, so an
@@ -23,7 +22,7 @@ ADVFLOW_VAE_PATH (argument > model_config > env var > recorded path). The device
 way ("device" / ADVFLOW_DEVICE; default: cuda if available, else cpu).
 
 Classifiers (format "advflow-classifier", written by `write_classifier_data`; the time-conditioned
-classifier of classifier guidance, trained by jobs/train_classifier.py): the same folder layout with
+classifier of classifier guidance, trained by jobs/train.py with model.method classifier): the same folder layout with
 classifier.json (`ClassifierSpec`: builder config = C.config, data_shape, num_classes, the latents'
 encoder record, the training time range) instead of generator.json, and the same loader module:
 `_load_pyfunc` sees classifier.json and returns a `ClassifierModel`, whose `predict` takes a dict of

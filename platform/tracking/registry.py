@@ -10,8 +10,7 @@
   not in the pip requirements) and, for sd-vae decoders, diffusers.
 - `load_generator(uri)` resolves aliases to a fixed version, downloads the model, scans every file
   for pickle data before reading anything, and returns a GeneratorModel (.generate(labels, seeds),
-  .images(...), .config, .source). Versions whose MLmodel names the previous release's loader module
-  (`advflow.platform.generator_pyfunc`, `LEGACY_LOADER_MODULES`) load too.
+  .images(...), .config, .source).
 - `log_classifier(C, ...)` logs the (EMA) time-conditioned classifier the same way (same loader
   module, classifier.json instead of generator.json; signature: tensors `x` float32 (-1, C, H, W)
   and `t` float32 (-1,) -> float32 `logits` (-1, num_classes)), registers and tags it likewise.
@@ -37,9 +36,6 @@ from advflow.platform.tracking import model_format as fmt
 from advflow.platform.tracking.artifact_scan import UnsafeArtifactError, scan_model_dir
 
 LOADER_MODULE = fmt.__name__  # "advflow.platform.tracking.model_format"
-# Loader modules recorded by earlier releases, still loadable (platform/generator_pyfunc.py re-exports
-# the loader hook): versions registered before the module moved into tracking/.
-LEGACY_LOADER_MODULES = ("advflow.platform.generator_pyfunc",)
 REGISTRY_WAIT_S = 15  # OSS registries mark versions READY at once; do not block training for 5 min
 METRIC_TAG_PREFIX = "metric."
 SOURCES = ("train", "import")
@@ -374,7 +370,7 @@ def _check_mlmodel(model_dir: Path) -> Path:
         raise UnsafeArtifactError(f"model {model_dir}: no MLmodel file; this is not an MLflow model")
     conf = (yaml.safe_load(path.read_text()) or {}).get("flavors", {}).get("python_function", {})
     loader = conf.get("loader_module")
-    if loader not in (LOADER_MODULE, *LEGACY_LOADER_MODULES) or conf.get("code") or not conf.get("data"):
+    if loader != LOADER_MODULE or conf.get("code") or not conf.get("data"):
         raise UnsafeArtifactError(
             f"model {model_dir}: MLmodel's python_function flavour has loader_module="
             f"{conf.get('loader_module')!r}, code={conf.get('code')!r}; an advflow generator uses "
@@ -470,7 +466,7 @@ def _load_model_folder(path: Path, device) -> torch.nn.Module:
     if not (data_dir / fmt.CLASSIFIER_SPEC_FILE).is_file():
         what = "an advflow generator" if (data_dir / fmt.SPEC_FILE).is_file() else "not an advflow classifier"
         raise fmt.ModelFormatError(f"model {path}: {what} (no {fmt.CLASSIFIER_SPEC_FILE} in {data_dir}); "
-                                   "pass a model logged by registry.log_classifier / jobs/train_classifier.py")
+                                   "pass a model logged by registry.log_classifier (jobs/train.py, model.method classifier)")
     return fmt.load_classifier_data(data_dir, device=device)
 
 

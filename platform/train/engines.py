@@ -83,6 +83,32 @@ def _has_master(engine) -> bool:
     return bool(engine.bfloat16_enabled() or engine.fp16_enabled() or engine.zero_optimization_stage() > 0)
 
 
+# DeepSpeed internals. The two functions below are advflow's only uses of DeepSpeed's private
+# (underscore) names; `_masters`, `_zero_partitions`, `_inner` and `ENGINE_COUNTERS` read
+# undocumented attributes of its optimizers and engine. Weights and moments themselves go through
+# deepspeed.utils' documented safe_get/set_full_* functions. Checked against DeepSpeed 0.19.8 (the
+# pinned range is >=0.16,<0.20); tests/test_engine_state.py exercises every layout. ARCHITECTURE.md
+# lists them.
+
+
+def _fragment_linked(p: torch.nn.Parameter) -> bool:
+    """Whether DeepSpeed linked `p` to its fp32 master fragment (ZeRO 1/2, the BF16 optimizer), i.e.
+    whether `safe_set_full_fp32_param` writes anything: it silently does nothing otherwise. Reads
+    DeepSpeed's private `_hp_mapping` attribute (what safe_set_full_* test themselves); reading
+    needs no such test, `safe_get_full_fp32_param` returns None for an unlinked parameter."""
+    return hasattr(p, "_hp_mapping")
+
+
+def _relink_optimizer_state(engine) -> None:
+    """Point every parameter's fragment at the inner optimizer's state as it is now. DeepSpeed
+    links them once, lazily at its first step, to whatever state exists then; a restore into an
+    engine that has not stepped creates that state itself and must link it (DeepSpeed's private
+    `_hp_optimizer_states_linked` flag and `_lazy_init_hp_params_optimizer_state` of the ZeRO 1/2
+    optimizer; no public API does this)."""
+    engine.optimizer._hp_optimizer_states_linked = False
+    engine.optimizer._lazy_init_hp_params_optimizer_state()
+
+
 @torch.no_grad()
 def write_weights(engine, tensors) -> None:
     """Replace the engine's weights by `tensors` ({parameter or buffer name: tensor}) so that the
@@ -115,7 +141,7 @@ def write_weights(engine, tensors) -> None:
         p.data.copy_(value.to(p.dtype))
         if not p.requires_grad:
             continue
-        if hasattr(p, "_hp_mapping"):
+        if _fragment_linked(p):
             safe_set_full_fp32_param(p, value.float())
         elif masters is not None and id(p) in masters:
             masters[id(p)].copy_(value.to(masters[id(p)].dtype))
@@ -144,10 +170,10 @@ def read_weights(engine) -> dict[str, torch.Tensor]:
     out = {}
     for name, p in engine.module.named_parameters():
         full = None
-        if p.requires_grad and hasattr(p, "_hp_mapping"):
-            full = safe_get_full_fp32_param(p)
-        elif p.requires_grad and masters is not None:
-            full = masters.get(id(p))
+        if p.requires_grad:
+            full = safe_get_full_fp32_param(p)  # None where DeepSpeed linked no fragment (documented)
+            if full is None and masters is not None:
+                full = masters.get(id(p))
         out[name] = (full if full is not None else p.detach()).float().to("cpu", copy=True)
     for name, b in engine.module.named_buffers():
         out[name] = b.detach().to("cpu", copy=True)
@@ -241,10 +267,8 @@ def write_optimizer_state(engine, tensors: dict[str, torch.Tensor], step: int) -
             if not inner.state.get(f):
                 inner.state[f] = _new_state(f, keys, step)
             inner.state[f]["step"].fill_(float(step))
-        # Point every parameter's fragment at the state just created (DeepSpeed links lazily, at
-        # its first step, to whatever state exists then: these tensors, updated in place).
-        engine.optimizer._hp_optimizer_states_linked = False
-        engine.optimizer._lazy_init_hp_params_optimizer_state()
+        # Point every parameter's fragment at the state just created (these tensors, updated in place).
+        _relink_optimizer_state(engine)
         for name, p in named:
             for key in sorted(keys):
                 safe_set_full_optimizer_state(p, tensors[f"{key}/{name}"].to(p.device, torch.float32), key)
