@@ -113,6 +113,7 @@ def test_translate_matches_python_loop():
     torch.testing.assert_close(out, ref)
 
 
+@pytest.mark.integration  # end-to-end: statistical tests over many draws at 32x32 (seconds)
 @pytest.mark.parametrize("h,w", [(32, 32), (8, 8)])
 def test_untouched_fraction(h, w):
     p = 0.4
@@ -125,6 +126,7 @@ def test_untouched_fraction(h, w):
     _close_means(impl, ref)
 
 
+@pytest.mark.integration  # end-to-end: statistical tests over many draws at 32x32 (seconds)
 @pytest.mark.parametrize("h,w,p", [(32, 32, 0.4), (8, 8, 1.0), (16, 32, 1.0)])
 def test_translate_shift_distribution(h, w, p):
     outs = {s: _outputs(s, "coords", h, w, p, erase_count=0) for s in ("impl", "ref")}
@@ -149,6 +151,7 @@ def test_translate_shift_distribution(h, w, p):
     _close_means((dy == 0) & (dx == 0), (rdy == 0) & (rdx == 0))
 
 
+@pytest.mark.integration  # end-to-end: statistical tests over many draws at 32x32 (seconds)
 @pytest.mark.parametrize("h,w,p", [(32, 32, 0.4), (32, 32, 1.0), (8, 8, 0.4)])
 def test_zeroed_fraction_distribution(h, w, p):
     frac = {s: (_outputs(s, "ones", h, w, p) == 0).mean(axis=(1, 2)) for s in ("impl", "ref")}
@@ -164,6 +167,7 @@ def test_zeroed_fraction_distribution(h, w, p):
         assert abs(f1 - f2) < Z * se, (q, f1, f2)
 
 
+@pytest.mark.integration  # end-to-end: statistical tests over many draws at 32x32 (seconds)
 @pytest.mark.parametrize("h,w", [(32, 32), (8, 8), (16, 24)])
 def test_single_erasing_rectangles(h, w):
     outs = {s: _outputs(s, "ones", h, w, 1.0, max_translate=0.0, erase_count=1) for s in ("impl", "ref")}

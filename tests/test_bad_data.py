@@ -151,6 +151,7 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.integration
 def test_unreachable_endpoint_fails_in_bounded_time(monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
@@ -164,6 +165,7 @@ def test_unreachable_endpoint_fails_in_bounded_time(monkeypatch):
     assert "s3://advflow-test/nowhere/manifest.json" in msg and endpoint in msg and "after 2 attempts" in msg
 
 
+@pytest.mark.integration
 def test_endpoint_that_never_answers_times_out(monkeypatch):
     """A server that accepts TCP connections but never replies (hung proxy, dead host behind a
     load balancer): the read timeout, not luck, ends each attempt."""
@@ -181,6 +183,7 @@ def test_endpoint_that_never_answers_times_out(monkeypatch):
     assert 2 * FAST.read_timeout <= elapsed < FAST.worst_case_seconds() + 5
 
 
+@pytest.mark.integration
 def test_rejected_credentials_fail_fast(s3_prefix):
     make_dataset(s3_prefix, 20, shard_records=10)
     # moto's IAM mode: from here on it checks every request's access key against its IAM

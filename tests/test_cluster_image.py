@@ -136,6 +136,7 @@ def test_the_parser_joins_continuations_and_skips_comments():
     assert base_image(ins) == ("x", "1")
 
 
+@pytest.mark.integration
 def test_the_entrypoint_is_executable_in_git_too():
     # the image gets the mode git checks out, not this working tree's
     mode = subprocess.run(["git", "ls-files", "-s", "infra/cluster/entrypoint.sh"], cwd=names.REPO,

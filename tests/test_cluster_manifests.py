@@ -71,6 +71,7 @@ def test_stdout_all_is_one_valid_multi_document_stream(capsys, monkeypatch):
 # ------------------------------------------------------------------------- schemas
 
 
+@pytest.mark.integration  # end-to-end: validates against the full KubeRay CRD schemas (seconds)
 def test_ray_objects_validate_against_the_kuberay_crds(files):
     try:
         validate.crd_schema("RayJob")
@@ -217,6 +218,7 @@ def driver_run(entry: str, tmp_path, env: dict[str, str]) -> dict:
     return {**json.loads(out), "workdir": str(workdir)}
 
 
+@pytest.mark.integration
 def test_jobs_run_the_recipes_from_the_image_and_the_sweep_uses_the_configmaps_database(files, tmp_path):
     train = files["rayjob-train"][0]["spec"]
     ran = driver_run(train["entrypoint"], tmp_path / "t", {})
@@ -255,6 +257,7 @@ def test_mlflow_runs_on_postgres_with_artifacts_on_s3(files):
 # ------------------------------------------------------------------------- options and errors
 
 
+@pytest.mark.integration
 def test_overrides_image_and_namespace_reach_every_object(capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(names.REPO)
     text = generate(["--config", RECIPE, "--set", "distributed.workers=4", "--set", "run.name=xl2 try 2",

@@ -14,6 +14,8 @@ import pytest
 
 from advflow.infra.cluster import services
 
+pytestmark = pytest.mark.integration  # a PostgreSQL server
+
 
 @pytest.fixture(scope="module")
 def empty_server(tmp_path_factory):

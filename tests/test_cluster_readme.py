@@ -15,6 +15,9 @@ from packaging.version import Version
 
 from advflow.infra.cluster import kuberay, lock, manifest, names, validate
 
+# end-to-end: replays every README command through the manifest generator and validators (seconds)
+pytestmark = pytest.mark.integration
+
 README = names.CLUSTER_DIR / "README.md"
 ENV = {"REGISTRY": "registry.example/team", "BUCKET": "my-bucket", "AWS_ACCESS_KEY_ID": "AKIA",
        "AWS_SECRET_ACCESS_KEY": "s", "HOME": "/home/u"}

@@ -100,6 +100,7 @@ def test_no_address_starts_a_private_local_ray_and_says_so(monkeypatch, capsys):
     assert "no Ray address is configured" in out and "private local Ray" in out
 
 
+@pytest.mark.integration
 def test_a_configured_address_never_falls_back_to_a_local_ray(monkeypatch):
     import ray
 
@@ -119,6 +120,7 @@ def test_a_configured_address_never_falls_back_to_a_local_ray(monkeypatch):
                   "--trials", "1", "--storage", "sqlite:///STUDY"]),
 ])
 @pytest.mark.parametrize("how", ["flag", "env"])
+@pytest.mark.integration
 def test_jobs_fail_fast_on_an_unreachable_cluster_and_leave_nothing_behind(script, extra, how, tmp_path):
     """The real entrypoints: rc 2 and one `[advflow]` line within the bounded time (3 s here plus the
     job's start-up), no local Ray started, no study, no MLflow run (none configured: no ./mlruns)."""

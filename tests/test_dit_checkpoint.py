@@ -547,6 +547,7 @@ def _register_job():
     return mod
 
 
+@pytest.mark.integration  # end-to-end: runs the register_checkpoint job's main over a real checkpoint (seconds)
 def test_register_checkpoint_ambiguity_error_is_one_line_naming_the_flags(tmp_path, capsys):
     pytest.importorskip("mlflow")
     job = _register_job()

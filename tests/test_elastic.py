@@ -21,6 +21,8 @@ from advflow.platform.train.checkpoint import read_meta
 from advflow.platform.train.local_launch import run_local
 from advflow.platform.train.metrics_log import MetricsLog
 
+pytestmark = pytest.mark.integration  # local_launch worker processes
+
 STEPS, RESUME_AT = 12, 6
 KEYS = ("d_loss", "g_loss", "d_adv", "r1", "r2", "cp")
 

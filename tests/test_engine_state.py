@@ -86,6 +86,7 @@ def _run(job: str, world: int, root: Path, stage: int, bf16: bool) -> None:
     (0, False, 1, 1), (0, True, 2, 2), (1, False, 2, 2), (2, True, 2, 2),
     (2, False, 2, 1), (2, False, 1, 2), (1, True, 2, 1), (0, False, 1, 2),
 ])
+@pytest.mark.integration
 def test_restore_continues_exactly_on_any_stage_and_world_size(tmp_path, stage, bf16, before, after):
     """Saved after 3 steps by `before` workers, restored on `after` workers, 3 more steps: weights
     and moments equal those of 6 uninterrupted steps on `after` workers: bit-equal on the same

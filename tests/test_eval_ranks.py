@@ -119,6 +119,7 @@ def test_block_range_covers_every_block_once_in_order():
             assert max(map(len, shares)) - min(map(len, shares)) <= 1
 
 
+@pytest.mark.integration
 def test_two_ranks_give_the_one_rank_metric(cache, tmp_path, monkeypatch):
     monkeypatch.setenv("ADVFLOW_CACHE", cache)  # the classifier is trained here once; the ranks load it
     single = {name: evaluate(0, 1, n, b, str(tmp_path)) for name, (n, b) in CASES.items()}
@@ -141,6 +142,7 @@ def test_two_ranks_give_the_one_rank_metric(cache, tmp_path, monkeypatch):
     assert [rk["one_block"]["featurised"] for rk in ranks] == [0, 5]
 
 
+@pytest.mark.integration
 def test_a_failing_rank_fails_every_rank(cache, tmp_path, monkeypatch):
     monkeypatch.setenv("ADVFLOW_CACHE", cache)
     evaluate(0, 1, 4, 2, str(tmp_path))  # the classifier into the cache before the ranks start

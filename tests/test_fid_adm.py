@@ -98,6 +98,7 @@ def test_network_input_is_the_tf_graphs(weights, h, w):
     np.testing.assert_allclose(seen[0].double().numpy(), want, rtol=0, atol=2e-6)
 
 
+@pytest.mark.integration  # end-to-end: an Inception pass over generated images (seconds)
 def test_generated_images_are_quantised_as_a_saved_png(weights, tmp_path):
     ev_model = load_inception(weights, "cpu")
     levels = torch.randint(0, 256, (3, 3, 16, 16), generator=torch.Generator().manual_seed(0)).double()
@@ -124,6 +125,7 @@ class _Features(nn.Module):
             return self.model.features(x).double()
 
 
+@pytest.mark.integration  # end to end: jobs/fid_reference.py, FIDEvaluator and torchmetrics over Inception at 299 px (~85 s)
 def test_fid_equals_torchmetrics(weights, tmp_path):
     from torchmetrics.image.fid import FrechetInceptionDistance
 
@@ -154,6 +156,7 @@ def test_fid_equals_torchmetrics(weights, tmp_path):
         assert value == pytest.approx(theirs, rel=1e-3)
 
 
+@pytest.mark.integration  # end to end: jobs/fid_reference.py over a prepared dataset, Inception at 299 px (~15 s)
 def test_reference_job_reads_a_prepared_dataset(digits, weights, tmp_path):
     out = tmp_path / "digits_ref.npz"
     assert fid_reference.main(["--data", digits, "--inception", weights, "--out", str(out), "--limit", "12",

@@ -127,6 +127,7 @@ def _dist_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.integration
 def test_distributed_ranks_share_one_ema(tmp_path):
     world = 2
     mp.spawn(_dist_worker, args=(world, str(tmp_path / "store"), str(tmp_path)), nprocs=world, join=True)

@@ -59,6 +59,7 @@ def test_pools_follow_the_tf_graph():
     assert torch.allclose(seen[1][1][0, :, 4, 4], x7c[0, :, 3:6, 3:6].amax(dim=(1, 2)))
 
 
+@pytest.mark.integration  # end-to-end: a full Inception-v3 at 299 px on CPU (seconds)
 def test_strict_reload_and_feature_shape(weights):
     path, model = weights
     loaded = load_inception(path, device="cpu")
@@ -72,6 +73,7 @@ def test_strict_reload_and_feature_shape(weights):
         assert f.shape == (2, 2048) and torch.isfinite(f).all() and f.std() > 1e-3
 
 
+@pytest.mark.integration  # end-to-end: a full Inception-v3 at 299 px on CPU (seconds)
 def test_bad_state_dicts_give_one_clear_error(weights, tmp_path):
     _, model = weights
     state = model.state_dict()
@@ -105,6 +107,7 @@ def _fid_from_features(f1: np.ndarray, f2: np.ndarray) -> float:
     return float(d @ d + (x1 ** 2).sum() + (x2 ** 2).sum() - 2 * nuclear)
 
 
+@pytest.mark.integration  # end-to-end: a full Inception-v3 at 299 px on CPU (seconds)
 def test_fid_evaluator(weights, tmp_path):
     path, _ = weights
     g = torch.Generator().manual_seed(1)

@@ -17,6 +17,8 @@ import pytest
 from advflow.platform.config import RunSpec
 from advflow.platform.train.local_launch import run_local
 
+pytestmark = pytest.mark.integration  # local_launch worker processes
+
 
 class Payload:
     """Creates a marker file when unpickled: the proof that a loader executed the pickle."""

@@ -23,6 +23,8 @@ import pytest
 
 from conftest import BUCKET, FAKE_ENV
 
+pytestmark = pytest.mark.integration  # a PostgreSQL server (and MLflow on it)
+
 MODEL = "afm-pg-" + secrets.token_hex(3)
 ARTIFACT_PREFIX = "mlflow-pg"
 

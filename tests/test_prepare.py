@@ -179,6 +179,7 @@ def test_encoder_table():
     assert resolve_device(None) == resolve_device("auto") == auto and resolve_device("cpu") == torch.device("cpu")
 
 
+@pytest.mark.integration
 def test_prepare_does_not_import_evaluation():
     import subprocess
     import sys
@@ -241,6 +242,7 @@ def sd_vae_dir(tmp_path_factory):
     return str(path)
 
 
+@pytest.mark.integration  # end-to-end: builds an SD-VAE in the real layout (seconds)
 def test_sd_vae_encoder(tmp_path, sd_vae_dir):
     from diffusers import AutoencoderKL
 

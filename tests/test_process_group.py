@@ -77,6 +77,7 @@ def _rank(rank: int, port: int, timeout_s: float, out) -> None:
         out.put((type(err).__name__, time.monotonic() - t0, os.environ.get("NCCL_DEBUG")))
 
 
+@pytest.mark.integration
 def test_a_collective_a_peer_never_joins_fails_after_timeout_s():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

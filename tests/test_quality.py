@@ -158,6 +158,7 @@ def evaluator(cache):
     return DigitsEvaluator(cache_dir=cache)  # trains the classifier once (~6 s on one core)
 
 
+@pytest.mark.integration  # end-to-end: trains the digit classifier the evaluator uses (seconds)
 def test_classifier_accuracy_and_cache(evaluator, cache, monkeypatch):
     assert evaluator.heldout_acc > 0.9
     cfg = DigitsEvalConfig()
@@ -196,6 +197,7 @@ def _train_images(n: int | None = None, seed: int = 0):
     return x, y
 
 
+@pytest.mark.integration  # end-to-end: trains the digit classifier the evaluator uses (seconds)
 def test_fd_real_is_near_floor_noise_is_far(evaluator):
     floor = evaluator.fd_floor
     assert floor > 0
@@ -213,6 +215,7 @@ def test_fd_real_is_near_floor_noise_is_far(evaluator):
     assert evaluator.evaluate(blurred, y)["eval/fd"] > 5 * real["eval/fd"]
 
 
+@pytest.mark.integration  # end-to-end: trains the digit classifier the evaluator uses (seconds)
 def test_cls_acc_true_vs_shuffled_labels(evaluator):
     x, y = _train_images()
     assert evaluator.evaluate(x, y)["eval/cls_acc"] > 0.95
@@ -223,6 +226,7 @@ def test_cls_acc_true_vs_shuffled_labels(evaluator):
     assert rgb["eval/fd"] == pytest.approx(evaluator.evaluate(x, y)["eval/fd"], rel=1e-9)
 
 
+@pytest.mark.integration  # end-to-end: trains the digit classifier the evaluator uses (seconds)
 def test_other_resolution_uses_the_same_resize_as_prepare(evaluator, cache):
     ev16 = DigitsEvaluator(data_side=16, cache_dir=cache)
     x, y = _train_images(1000)
@@ -232,6 +236,7 @@ def test_other_resolution_uses_the_same_resize_as_prepare(evaluator, cache):
     assert out["eval/classifier_heldout_acc"] > 0.9 and out["eval/cls_acc"] > 0.9
 
 
+@pytest.mark.integration  # end-to-end: trains the digit classifier the evaluator uses (seconds)
 def test_evaluate_input_errors(evaluator):
     x, y = _train_images(10)
     with pytest.raises(ValueError, match="10 images but 9 labels"):
@@ -264,6 +269,7 @@ def _eval_cfg(kind: str, **fields):
 HOLDOUT_ENC = {"name": "pixel", "scaling_factor": 1.0, "holdout": {"fraction": 0.2, "seed": 0, "count": 359}}
 
 
+@pytest.mark.integration  # end-to-end: trains the digit classifier the evaluator uses (seconds)
 def test_evaluator_table(evaluator, cache, monkeypatch):
     monkeypatch.setenv("ADVFLOW_CACHE", cache)  # the module's classifier cache (eval has no cache_dir field)
     enc = HOLDOUT_ENC

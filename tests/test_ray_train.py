@@ -63,6 +63,7 @@ def local_ray():
 
 
 @pytest.mark.timeout(900)
+@pytest.mark.integration
 def test_sigkilled_worker_is_restarted_and_resumes_exactly(digits, tmp_path, local_ray, mlflow_env):
     from mlflow.tracking import MlflowClient
 
@@ -132,6 +133,7 @@ def test_sigkilled_worker_is_restarted_and_resumes_exactly(digits, tmp_path, loc
 
 
 @pytest.mark.timeout(900)
+@pytest.mark.integration
 def test_watchdog_rolls_back_through_ray_storage_as_it_does_locally(digits, tmp_path, local_ray):
     """Issue 12 §4 on Ray Train: the rollback fetches the named checkpoint back from the run's
     storage; the run then ends exactly as the same rollback does with local processes."""
@@ -157,6 +159,7 @@ def test_watchdog_rolls_back_through_ray_storage_as_it_does_locally(digits, tmp_
 
 
 @pytest.mark.timeout(900)
+@pytest.mark.integration
 def test_elastic_range_runs_on_the_workers_ray_can_place_with_the_same_numbers(digits, tmp_path, local_ray):
     """distributed.min_workers: with room for one 2-CPU worker of the two asked for, Ray Train's
     elastic group starts with one, and the run's losses are those of two local workers (the numbers
@@ -190,6 +193,7 @@ def _train_workers_started() -> int:
 
 
 @pytest.mark.timeout(900)
+@pytest.mark.integration
 def test_a_corrupt_shard_fails_once_with_one_line_naming_it(digits, tmp_path, local_ray, capsys):
     """Issue 15 §5: a deterministic data error stops the job at the first attempt (no restart
     from the checkpoint would read other bytes), and jobs/train.py ends with one line naming the
@@ -223,6 +227,7 @@ def test_a_corrupt_shard_fails_once_with_one_line_naming_it(digits, tmp_path, lo
     assert "ShardError" in trace.read_text()
 
 
+@pytest.mark.integration
 def test_a_queued_job_says_what_it_waits_for_in_one_line(local_ray):
     """Issue 15 §8: while a worker group's placement group is pending, the driver prints one line
     (what is asked, what is free, how long) instead of Ray's startup-timeout traceback every minute,
@@ -297,6 +302,7 @@ def cluster(tmp_path_factory):
 
 
 @pytest.mark.timeout(900)
+@pytest.mark.integration
 def test_ray_job_submit_trains_from_s3_and_checkpoints_to_s3(cluster, tmp_path):
     s3, ray_head = cluster
     env = {**os.environ, **s3.env, **ray_head.env}

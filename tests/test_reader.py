@@ -54,6 +54,7 @@ def test_two_ranks_two_workers_cover_each_epoch_exactly_once(storage_root, order
         assert sorted(seen) == list(range(N)), f"epoch {e}: union is not exactly the dataset"
 
 
+@pytest.mark.integration
 def test_dataloader_workers_read_disjoint_partitions(tmp_path):
     prefix = str(tmp_path / "d")
     make_dataset(prefix, N)

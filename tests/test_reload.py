@@ -64,6 +64,7 @@ def _rel(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("stage,precision", [(0, "fp32"), (1, "fp32"), (2, "fp32"), (0, "bf16"), (2, "bf16")])
+@pytest.mark.integration
 def test_reloads_survive_later_optimizer_steps(digits, tmp_path, stage, precision):
     run = tmp_path / f"zero{stage}-{precision}"
     history = run_local(reload_spec(digits, stage, precision), run)

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.integration  # jobs/reproduce.py as a process
+
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 6
 

@@ -374,6 +374,7 @@ def check_claims(dom: Node, results: dict) -> None:
         assert claim["claim"] in item.text() and claim["sentence"] in item.text()
 
 
+@pytest.mark.integration
 def test_report_renders_in_chromium(tmp_path, chromium_binary):
     results = base_results()
     set_fd("phases_auto", 13.5)(results)  # -> not reproduced
@@ -479,6 +480,7 @@ def test_report_renders_in_chromium(tmp_path, chromium_binary):
     assert colours is not None and len(colours) > 50, "screenshot is (nearly) a single colour"
 
 
+@pytest.mark.integration
 def test_report_with_missing_run_and_no_grids_renders(tmp_path, chromium_binary):
     results = base_results()
     drop(results, "afm_k4")
@@ -527,6 +529,7 @@ def test_text_is_escaped():
     assert dom.by_id("runs-table").all("i") == []
 
 
+@pytest.mark.integration
 def test_cli_resolves_grid_paths_next_to_the_json(tmp_path, capsys):
     results = base_results()
     data = png(40, seed=3)

@@ -10,8 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from advflow.platform.config import RunSpec
 from advflow.platform.tracking import runs as tracking
+
+pytestmark = pytest.mark.integration  # the MLflow server, or a job script as a process
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -72,6 +72,7 @@ def _snapshot(client, bucket: str) -> dict[str, dict]:
     return out
 
 
+@pytest.mark.integration
 def test_every_change_survives_a_sigkill(tmp_path):
     from boto3.s3.transfer import TransferConfig
 
@@ -129,6 +130,7 @@ def test_every_change_survives_a_sigkill(tmp_path):
         s3.stop()
 
 
+@pytest.mark.integration
 def test_s3fs_writes_are_kept_and_reset_is_refused(tmp_path):
     import s3fs
     import urllib.request
@@ -179,6 +181,7 @@ def test_a_damaged_store_file_names_the_file_and_the_fix(tmp_path):
         store_id(data)
 
 
+@pytest.mark.integration
 def test_restore_progress_is_logged_for_a_large_store(tmp_path):
     s3 = _start(tmp_path)
     client = services.s3_client(s3)
@@ -220,6 +223,7 @@ def _refusal(call) -> str:
     raise AssertionError("the endpoint answered a request made without the stack's credentials")
 
 
+@pytest.mark.integration
 def test_only_the_generated_credentials_read_write_and_list(tmp_path):
     import boto3
     from botocore import UNSIGNED
@@ -275,6 +279,7 @@ def test_only_the_generated_credentials_read_write_and_list(tmp_path):
         s3.stop()
 
 
+@pytest.mark.integration
 def test_storage_follows_a_change_of_credentials_in_the_same_process(tmp_path, monkeypatch):
     """Storage shares one aiobotocore session per process, and a session keeps the keys it first
     resolved: after the environment switches to the right keys (a new `advflow stack env`), a new

@@ -178,6 +178,7 @@ def test_worst_case_bound_is_computed():
     assert p.worst_case_seconds() == 3 * 5 + 1 + 1.5
 
 
+@pytest.mark.integration
 def test_retries_through_real_http_503s(s3_prefix, moto_endpoint, monkeypatch):
     """End to end: an endpoint that answers 503 SlowDown twice, then serves; the read succeeds."""
     Storage(s3_prefix).write_atomic("obj.bin", b"payload")

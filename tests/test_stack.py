@@ -112,6 +112,7 @@ def test_config_bad_env_port_names_the_variable(tmp_path):
         StackConfig.resolve({"state_dir": tmp_path}, {"ADVFLOW_S3_PORT": "nine"})
 
 
+@pytest.mark.integration
 def test_format_exports_survives_the_shell(tmp_path):
     values = {"A_PLAIN": "x", "A_SPACE": "a b", "A_QUOTE": "it's $HOME"}
     script = format_exports(values) + 'printf "%s|%s|%s" "$A_PLAIN" "$A_SPACE" "$A_QUOTE"'
@@ -128,6 +129,7 @@ def test_ray_temp_dir_stays_short_enough_for_unix_sockets(tmp_path):
     assert chosen == services.ray_temp_dir(deep)  # stable: the same state dir, the same temp dir
 
 
+@pytest.mark.integration
 def test_port_taken_error_names_port_service_and_flag(tmp_path):
     ports = free_ports(len(PORT_OPTIONS))
     mlflow_port = ports[[o.field for o in PORT_OPTIONS].index("mlflow_port")]
@@ -147,6 +149,7 @@ def test_port_taken_error_names_port_service_and_flag(tmp_path):
     assert not port_in_use(ports[0]) and not port_in_use(ports[1])
 
 
+@pytest.mark.integration
 def test_start_moto_handle_serves_s3_and_stops(tmp_path):
     port = free_port()
     with services.start_moto(tmp_path / "moto", port) as s3:
@@ -161,6 +164,7 @@ def test_start_moto_handle_serves_s3_and_stops(tmp_path):
     assert s3.health() == "not running"
 
 
+@pytest.mark.integration
 def test_in_memory_moto_requires_its_generated_credentials(tmp_path):
     import boto3
     from botocore.exceptions import ClientError
@@ -185,6 +189,7 @@ def test_in_memory_moto_requires_its_generated_credentials(tmp_path):
         assert s3.env["AWS_SECRET_ACCESS_KEY"] not in json.dumps(worker)
 
 
+@pytest.mark.integration
 def test_external_s3_is_checked_and_used_as_is(tmp_path):
     with services.start_moto(tmp_path / "moto") as s3, pytest.MonkeyPatch.context() as mp:
         for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
@@ -690,6 +695,7 @@ def test_a_killed_stack_comes_back_with_everything(stack):
 # ------------------------------------------------- what cannot be kept is said before it goes
 
 
+@pytest.mark.integration
 def test_down_of_an_in_memory_s3_warns_before_dropping_and_moves_the_db_aside(tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -794,6 +800,7 @@ def test_memory_flag_and_an_external_endpoint_exclude_each_other(tmp_path):
         StackConfig.resolve({"state_dir": tmp_path, "s3_memory": True}, {"AWS_ENDPOINT_URL": "http://minio:9000"})
 
 
+@pytest.mark.integration
 def test_pids_from_before_a_machine_restart_are_never_signalled(tmp_path):
     from advflow.infra.local.proc import spawn_detached
 

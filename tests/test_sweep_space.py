@@ -91,6 +91,7 @@ def test_invalid_trial_config_is_a_config_error():
         apply_params(BASE, {"adversarial.gp_fraction": 1.5}, {})
 
 
+@pytest.mark.integration  # end-to-end: an Optuna study on a database (seconds)
 def test_study_recovery_marks_abandoned_trials_failed(tmp_path):
     sp = SweepSpace.from_dict({"params": {"optim.lr": {"type": "float", "low": 1e-4, "high": 1e-3}},
                                "storage": f"sqlite:///{tmp_path}/s/study.db", "study_name": "rec"})

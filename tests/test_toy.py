@@ -170,6 +170,7 @@ def test_load_samples_rejects_missing_and_non_npy(tmp_path):
 # ---------------------------------------------------------------- CLI
 
 
+@pytest.mark.integration  # end-to-end: trains the 1D toy through its CLI (seconds)
 def test_cli_writes_outputs_on_data_file(tmp_path):
     job = _load_job()
     data = tmp_path / "samples.npy"
@@ -199,6 +200,7 @@ def test_map_difference(tmp_path):
         map_difference(str(tmp_path / "a.npz"), str(tmp_path / "c.npz"))
 
 
+@pytest.mark.integration  # end-to-end: trains the 1D toy through its CLI (seconds)
 def test_cli_fm_and_multistep_afm_run(tmp_path):
     job = _load_job()
     for args in (["--method", "fm", "--nfe", "4"], ["--method", "afm", "--nfe", "2"]):
@@ -222,6 +224,7 @@ def test_cli_bad_data_exits_with_message(tmp_path, capsys):
 # ---------------------------------------------------------------- the claim, small
 
 
+@pytest.mark.integration  # end to end: trains AFM and a GAN 1000 steps each (~35 s)
 def test_afm_learns_the_ot_map_and_gan_does_not():
     """Short runs: the OT term pins G to the monotone map; without it G learns some other map."""
     # Measured with these settings (seeds 0/1/3): AFM ot_map_mae 0.11-0.12, GAN 1.65-1.93.

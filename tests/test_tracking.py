@@ -109,6 +109,7 @@ def tracked_job(digits, tmp_path_factory, mlflow_server, moto_endpoint):
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.integration
 def test_tracked_job_logs_params_tags_metrics_images_artifacts(tracked_job, tmp_path, mlflow_env):
     from mlflow.tracking import MlflowClient
 
@@ -180,6 +181,7 @@ def test_tracked_job_logs_params_tags_metrics_images_artifacts(tracked_job, tmp_
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.integration
 def test_end_to_end_registered_promoted_and_generated_from_the_registry(tracked_job, tmp_path, mlflow_env):
     """Issue 5 §6: tiny job -> run with metrics and image -> registered versions -> champion ->
     jobs/generate.py from models:/NAME@champion, equal to the checkpoint's EMA generator."""
@@ -241,6 +243,7 @@ def test_end_to_end_registered_promoted_and_generated_from_the_registry(tracked_
     assert np.abs(want.astype(int) - outs[0]["images"].astype(int)).max() <= 1
 
 
+@pytest.mark.integration
 def test_resubmitted_job_continues_the_same_run(digits, tmp_path, mlflow_env):
     spec = tiny_spec(digits, str(tmp_path / "runs"))
     first = tracking.open_run(spec)
@@ -253,6 +256,7 @@ def test_resubmitted_job_continues_the_same_run(digits, tmp_path, mlflow_env):
     assert other != first
 
 
+@pytest.mark.integration
 def test_restarted_logger_skips_what_the_previous_attempt_logged(digits, tmp_path, mlflow_env):
     """A worker group restarted from the step-6 checkpoint replays steps 1-8: rows, grids and eval
     metrics the first attempt logged (through step 8) appear once; later ones are logged."""
@@ -307,6 +311,7 @@ def test_untracked_tracked_run_has_no_run_and_still_raises(digits, tmp_path, mon
 # ----------------------------------------------------------------------------------------- seams
 
 
+@pytest.mark.integration
 def test_tracked_run_closes_finished_failed_or_failed_on_exception(digits, tmp_path, mlflow_env):
     from mlflow.tracking import MlflowClient
 
@@ -334,6 +339,7 @@ def test_tracked_run_closes_finished_failed_or_failed_on_exception(digits, tmp_p
     assert {k: v for k, v in tags.items() if k.startswith("data.")} == dataset_tags(digits)
 
 
+@pytest.mark.integration
 def test_open_run_tags_the_callers_data_tags_and_reads_no_manifest(digits, tmp_path, mlflow_env):
     from mlflow.tracking import MlflowClient
 
@@ -351,6 +357,7 @@ def test_open_run_tags_the_callers_data_tags_and_reads_no_manifest(digits, tmp_p
     assert not [k for k in bare if k.startswith("data.")]
 
 
+@pytest.mark.integration
 def test_run_logger_is_null_without_a_run(digits, tmp_path, mlflow_env):
     spec = tiny_spec(digits, str(tmp_path), system_metrics=False)
     null = run_logging.run_logger(spec, None)
@@ -373,6 +380,7 @@ def test_run_logger_is_null_without_a_run(digits, tmp_path, mlflow_env):
     real.close()
 
 
+@pytest.mark.integration
 def test_open_parent_run_is_found_again_and_scrubbed(tmp_path, mlflow_env):
     from mlflow.tracking import MlflowClient
 
@@ -393,6 +401,7 @@ def test_open_parent_run_is_found_again_and_scrubbed(tmp_path, mlflow_env):
     assert client.get_run(first).info.status == "FINISHED"
 
 
+@pytest.mark.integration
 def test_git_commit_is_the_head_of_this_checkout():
     import subprocess
     from pathlib import Path

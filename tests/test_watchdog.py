@@ -121,6 +121,7 @@ def _finite_weights(model_uri: str) -> bool:
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.integration
 def test_a_nan_once_is_rolled_back_and_the_run_finishes_clean(digits, tmp_path, mlflow_env):
     import secrets
 
@@ -157,6 +158,7 @@ def test_a_nan_once_is_rolled_back_and_the_run_finishes_clean(digits, tmp_path, 
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.integration
 def test_a_nan_at_every_attempt_fails_after_the_bound_naming_trigger_step_and_checkpoint(digits, tmp_path,
                                                                                           mlflow_env):
     import secrets
