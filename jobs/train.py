@@ -1,8 +1,9 @@
-"""Train an AFM generator/discriminator pair on Ray Train + DeepSpeed.
+"""Train any method of the platform (`model.method`: afm, fm, classifier) on Ray Train + DeepSpeed.
 
     ray job submit --working-dir . -- python jobs/train.py --config jobs/configs/digits_tiny.yaml
     python jobs/train.py --config jobs/configs/digits_tiny.yaml --set train.steps=50   # local Ray
     python jobs/train.py --config ... --no-ray        # plain processes (debugging), same loop
+    python jobs/train.py --config jobs/configs/digits_classifier.yaml   # the guidance classifier
 
 The lifecycle: validate the config (errors name the field and the fix) -> open or re-find the job's
 MLflow run -> train on Ray (or local processes) -> close the run FINISHED or FAILED.
@@ -47,10 +48,7 @@ def main(argv=None) -> int:
     from advflow.platform.tracking.runs import tracked_run
 
     log = get_logger("jobs.train")
-    d, t, m = spec.distributed, spec.train, spec.model
-    log.info(f"{spec.run.name}: {m.method.upper()} G {m.size} ({m.kind}, K={m.nfe}, R={m.repeats}), {t.steps} steps x global batch "
-             f"{t.global_batch} on {d.workers} worker(s), ZeRO G/D {d.zero_stage_g}/{d.zero_stage_d}, "
-             f"data {spec.data.prefix}")
+    log.info(f"{spec.run.name}: {describe(spec)}")
     if not args.no_ray:
         from advflow.platform.train.ray_launch import connect_driver
 
@@ -65,6 +63,28 @@ def main(argv=None) -> int:
     return 0 if run.ok else 1
 
 
+def describe(spec) -> str:
+    """One line: the method, its network and the run's shape."""
+    d, t, m = spec.distributed, spec.train, spec.model
+    if m.method == "classifier":
+        net = f"classifier {m.size}, t ~ U{tuple(spec.classifier.t_range)}, ZeRO {d.zero_stage_g}"
+    elif m.method == "fm":
+        net = f"G {m.size} ({m.kind}, K={m.nfe}, R={m.repeats}), ZeRO {d.zero_stage_g}"
+    else:
+        net = f"G {m.size} ({m.kind}, K={m.nfe}, R={m.repeats}), ZeRO G/D {d.zero_stage_g}/{d.zero_stage_d}"
+    return (f"{m.method.upper()} {net}, {t.steps} steps x global batch {t.global_batch} on {d.workers} worker(s), "
+            f"data {spec.data.prefix}")
+
+
+def summary(spec, metrics: dict) -> str:
+    """The method's losses (and the classifier's EMA accuracy) from a metrics dict."""
+    from advflow.platform.train.methods import METHODS
+
+    out = METHODS[spec.model.method].names.line(metrics)
+    accs = " ".join(f"{k.removeprefix('eval/acc_')} {v:.3f}" for k, v in metrics.items() if k.startswith("eval/acc_"))
+    return out + (f"; EMA accuracy {accs}" if accs else "")
+
+
 def printed_config(spec) -> str:
     """The validated config as YAML, headed by the unit every step count is in."""
     import textwrap
@@ -72,8 +92,9 @@ def printed_config(spec) -> str:
     from advflow.platform.config import UNITS
 
     t = spec.train
-    head = (f"{UNITS} This run: {t.steps} iterations x 2 x {t.global_batch} samples = "
-            f"{2 * t.steps * t.global_batch:,} samples seen.")
+    updates = 2 if spec.model.method == "afm" else 1  # AFM: a D and a G update per iteration
+    head = (f"{UNITS} This run: {t.steps} iterations x {updates} x {t.global_batch} samples = "
+            f"{updates * t.steps * t.global_batch:,} samples seen.")
     return "\n".join("# " + line for line in textwrap.wrap(head, 98)) + "\n" + config_yaml(spec)
 
 
@@ -98,9 +119,9 @@ def train_local(spec, run_id, log) -> bool:
         log.error("training failed: %s (traceback: %s)", one_line(err), trace)
         return False
     last = latest_checkpoint(run_dir)
-    last_row = history[-1] if history else {}
-    losses = " ".join(f"{k} {last_row[k]:.4f}" for k in ("d_loss", "g_loss", "fm_loss") if k in last_row)
-    log.info(f"done: {len(history)} steps; final {losses}; checkpoint {last}; samples {last / 'samples.png'}")
+    samples = f"; samples {last / 'samples.png'}" if (last / "samples.png").is_file() else ""
+    log.info(f"done: {len(history)} steps; final {summary(spec, history[-1] if history else {})}; "
+             f"checkpoint {last}{samples}")
     return True
 
 
@@ -111,11 +132,10 @@ def train_on_ray(spec, run_id, log) -> bool:
     result = fit(build_torch_trainer(spec, run_id=run_id), spec, log)  # prints the one failure line
     if result is None:
         return False
-    losses = " ".join(f"{k} {result.metrics[k]:.4f}" for k in ("d_loss", "g_loss", "fm_loss") if k in result.metrics)
-    log.info(f"done: final metrics {losses}")
+    log.info(f"done: final metrics {summary(spec, result.metrics or {})}")
     where = checkpoint_uri(spec, result.checkpoint)
     log.info("checkpoint: %s", where)
-    if where:
+    if where and spec.model.method != "classifier":  # the classifier draws no samples
         log.info("samples:    %s/samples.png", where.rstrip("/"))
     return True
 

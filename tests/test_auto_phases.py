@@ -1,10 +1,10 @@
-"""`phases: auto` (issue 12, item 3): the plateau rule, its config, and the worker's wiring.
+"""`phases: auto` (issue 12, item 3): the plateau rule, its config, and the loop's wiring.
 
 Pure: when the rule advances, what it keeps, and that a controller restored from its checkpointed
-state makes the same decisions as one that never stopped. Worker (fakes, no engines): transitions
-happen at the evaluation that decides them, change the hyperparameters from that step on, are logged
-as a metric and a JSON tag, snapshot D at the best evaluation for `d_reload_from: best`, and travel
-in the checkpoint."""
+state makes the same decisions as one that never stopped. The loop (fake data and engines, no
+steps): transitions happen at the evaluation that decides them, change the hyperparameters from that
+step on, are logged as a metric and a JSON tag, snapshot D at the best evaluation for
+`d_reload_from: best`, and travel in the checkpoint."""
 
 from __future__ import annotations
 
@@ -111,27 +111,139 @@ def test_bad_auto_settings_name_the_field(sections, field):
         RunSpec.from_dict(base(**sections))
 
 
-# ----------------------------------------------------------------------------- the worker's wiring
+# ----------------------------------------------------------------------------- the loop's wiring
 
 
-def test_the_worker_decides_logs_snapshots_d_and_checkpoints_the_transition(tmp_path, monkeypatch):
-    from test_worker import worker_for
+class FakeLogger:
+    """Untracked (no registration, no MLflow grids); keeps what the loop logs."""
 
+    run_id = None
+    data_tags: dict = {}
+
+    def __init__(self):
+        self.events, self.metrics = [], []
+
+    def log_rows(self, rows, extra=None):
+        pass
+
+    def log_metrics(self, metrics, step):
+        self.metrics.append((step, dict(metrics)))
+
+    def log_grid(self, path, step):
+        pass
+
+    def log_event(self, tags, metrics, step):
+        self.events.append((tags, metrics, step))
+
+    def rewind(self, step):
+        pass
+
+    def log_final(self, metrics):
+        pass
+
+    def close(self):
+        pass
+
+
+class Ctx:
+    """The whole WorkerContext for one rank, keeping each reported checkpoint's trainer.json."""
+
+    rank, world_size = 0, 1
+    takes_staging_dir = False
+
+    def __init__(self):
+        self.saved: dict[int, dict] = {}
+
+    def report(self, metrics, checkpoint_dir, name=None):
+        from advflow.platform.train.checkpoint import read_meta
+
+        self.saved[metrics["step"]] = read_meta(checkpoint_dir)
+
+    def restore_dir(self):
+        return None
+
+    def fetch_checkpoint(self, name):
+        raise FileNotFoundError(name)
+
+    def run_storage(self):
+        return None
+
+    def drain(self):
+        pass
+
+
+class FakeManifest:
+    shape, num_classes = (1, 8, 8), 10
+    encoder = {"name": "pixel", "scaling_factor": 1.0}
+
+
+class FakeStream:
+    """A record stream with a manifest and no records (no step runs here)."""
+
+    def __init__(self, prefix, batch_size, **kw):
+        self.manifest = FakeManifest()
+
+    def __iter__(self):
+        return iter(())
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+    def close(self):
+        pass
+
+
+class FakeSamples:
+    """Draws nothing: blank images, and a file where a grid would go."""
+
+    def __init__(self, real):
+        self.data_shape, self.num_classes, self.device, self.encoder = (real.data_shape, real.num_classes,
+                                                                        real.device, real.encoder)
+
+    def images(self, model, labels, gen, batch_size=None, nfe=None):
+        return torch.zeros(len(labels), *self.data_shape)
+
+    def grid(self, model, path):
+        path.write_bytes(b"png")
+
+
+def loop_for(monkeypatch, **sections):
+    """A TrainLoop on `phases: auto` built as at its start (tiny G and D, the phase controller, the
+    callbacks), with fake data streams and engines: no step runs, the checkpoints hold only the
+    controller's state."""
     from advflow.platform.train import callbacks as cb
-    from advflow.platform.train.checkpoint import Checkpointer, NamedJSON, read_meta
+    from advflow.platform.train.checkpoint import Checkpointer
+    from advflow.platform.train.loop import TrainLoop
 
-    w, ctx, logger, _ = worker_for(tmp_path, monkeypatch, eval={"every": 6},
-                                   auto_phases={"patience": 2, "min_delta": 0.05},
-                                   watchdog={"rise_patience": 0})
-    w.spec.phases = "auto"
-    w.auto = w.spec.auto_controller()
-    w.plan = w.auto.plan()
-    events = []
-    logger.log_event = lambda tags, metrics, step: events.append((tags, metrics, step))
+    raw = base(train={"steps": 30, "global_batch": 16, "checkpoint_every": 6, "log_every": 5, "sample_every": 10},
+               eval={"num_samples": 4, "batch_size": 4})
+    for k, v in sections.items():
+        raw[k] = {**raw.get(k, {}), **v}
+    spec = RunSpec.from_dict(raw)
+    monkeypatch.setattr("advflow.platform.train.methods.afm.build_engine", lambda model, engine_spec: object())
+    loop = TrainLoop(spec, Ctx(), stream_factory=FakeStream)
+    loop.logger = FakeLogger()
+    loop.build()
+    loop.checkpointer = Checkpointer(loop.phases.parts(), rank=0, world_size=1, every=6, last_step=30, config={})
+    loop.build_callbacks()
+    loop.ema_model = lambda: torch.nn.Identity()
+    for c in loop.callbacks:
+        if isinstance(c, (cb.Evaluation, cb.SampleGrid)):
+            c.samples = FakeSamples(c.samples)
+    return loop
+
+
+def test_the_loop_decides_logs_snapshots_d_and_checkpoints_the_transition(monkeypatch):
+    from advflow.platform.train import callbacks as cb
+
+    loop = loop_for(monkeypatch, eval={"every": 6}, auto_phases={"patience": 2, "min_delta": 0.05},
+                    watchdog={"rise_patience": 0})
     # A D whose weights say which evaluation they belong to.
-    w.d_engine = object()
     snapshots = iter(range(100))
-    monkeypatch.setattr("advflow.platform.train.worker.read_weights",
+    monkeypatch.setattr("advflow.platform.train.methods.afm.read_weights",
                         lambda engine: {"w": torch.tensor([float(next(snapshots))])})
     values = iter([50.0, 40.0, 39.0, 39.5, 38.9, 38.8])
 
@@ -142,41 +254,28 @@ def test_the_worker_decides_logs_snapshots_d_and_checkpoints_the_transition(tmp_
         def metrics_from_features(self, rows, labels):
             return {"eval/fd": next(values)}
 
-    for c in w.callbacks:
-        if isinstance(c, cb.Evaluation):
-            c._evaluator = Scripted()
-    w.checkpointer = Checkpointer({"auto_phases": NamedJSON("auto_phases", w.auto)}, rank=0, world_size=1,
-                                  every=6, last_step=30, config={})
-    saved = {}
-    report = ctx.report
-
-    def keep_meta(metrics, checkpoint_dir, name=None):
-        saved[metrics["step"]] = read_meta(checkpoint_dir)
-        report(metrics, checkpoint_dir, name)
-
-    ctx.report = keep_meta
+    evaluations = [c for c in loop.callbacks if isinstance(c, cb.Evaluation)]
+    assert len(evaluations) == 1
+    evaluations[0]._evaluator = Scripted()
     for step in range(6, 31, 6):
-        w.save_checkpoint(step, [], {})
+        loop.save_checkpoint(step, [], {})
     # Evaluations 6:50, 12:40 (best), 18:39 (< 5 %), 24:39.5 -> plateau: phase ema from step 24.
-    assert [p.start for p in w.plan.phases] == [0, 24]
-    assert w.plan.at(24).lr == pytest.approx(0.8 * w.spec.optim.lr)
-    tags, metrics, step = events[0]
+    plan = loop.phases.plan
+    assert [p.start for p in plan.phases] == [0, 24]
+    assert plan.at(24).lr == pytest.approx(0.8 * loop.spec.optim.lr)
+    tags, metrics, step = loop.logger.events[0]
     assert step == 24 and metrics == {"phase/transition": 1.0}
     assert json.loads(tags["phase.transition.1"])["to"] == "ema"
     # D is snapshotted at each new best (6, 12, 18 (a best within min_delta), 30): "best" is the latest.
-    assert w.d_tags["best"]["w"].item() == 3.0
+    assert loop.method.d_tags["best"]["w"].item() == 3.0
     # The decision is in the checkpoints from step 24 on.
+    saved = loop.ctx.saved
     assert saved[18]["auto_phases"]["starts"] == [0] and saved[24]["auto_phases"]["starts"] == [0, 24]
 
 
-def test_d_is_snapshotted_at_the_best_only_when_a_phase_reloads_from_it(tmp_path, monkeypatch):
-    from test_worker import worker_for
-
+def test_d_is_snapshotted_at_the_best_only_when_a_phase_reloads_from_it(monkeypatch):
     templates = [{"name": "decay"}, {"name": "ema", "lr": 5e-4}]  # no d_reload_from: best
-    w, _, _, _ = worker_for(tmp_path, monkeypatch, eval={"every": 6}, auto_phases={"templates": templates})
-    w.spec.phases = "auto"
-    w.auto = w.spec.auto_controller()
-    assert not w.snapshot_best and w.uses_metric
-    w.spec.auto_phases.templates = None  # the defaults' low_lr phase reloads D from the best evaluation
-    w.auto = w.spec.auto_controller()
-    assert w.snapshot_best
+    loop = loop_for(monkeypatch, eval={"every": 6}, auto_phases={"templates": templates})
+    assert not loop.phases.snapshot_best and loop.phases.decides
+    # The defaults' low_lr phase reloads D from the best evaluation.
+    assert loop_for(monkeypatch, eval={"every": 6}).phases.snapshot_best

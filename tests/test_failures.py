@@ -9,7 +9,7 @@ from advflow.platform.data.shards import ShardError
 from advflow.platform.data.storage import StorageUnavailableError
 from advflow.platform.train.checkpoint import ResumeError
 from advflow.platform.train.failures import DeterministicFailure, is_deterministic, one_line
-from advflow.platform.train.worker import WatchdogError
+from advflow.platform.train.recovery import WatchdogError
 
 
 @pytest.mark.parametrize("error", [
@@ -51,3 +51,12 @@ def test_fail_fast_stops_at_a_deterministic_error_and_lets_transient_ones_restar
     with pytest.raises(DeterministicFailure, match=r"rank 1: ShardError: s3://b/shard-00003.bin"):
         FailFast().after_exception(None, {0: RuntimeError("Connection closed by peer"),
                                           1: ShardError("s3://b/shard-00003.bin: checksum mismatch")})
+
+
+def test_every_advflow_error_class_is_found_where_the_table_says():
+    """A class moved to another module must not silently drop out of the deterministic set (the
+    lookup skips what it cannot import)."""
+    from advflow.platform.train.failures import _ADVFLOW, _advflow_classes
+
+    found = {cls.__name__ for cls in _advflow_classes()}
+    assert found == set(_ADVFLOW), f"not importable where failures._ADVFLOW says: {sorted(set(_ADVFLOW) - found)}"

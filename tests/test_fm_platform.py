@@ -49,7 +49,7 @@ def reference_losses(spec: RunSpec) -> list[float]:
     """The whole global batch in one process: the global stream, each sample's noise and time drawn
     for the whole batch, one loss, one AdamW (what the workers' halves must add up to)."""
     from advflow.platform.data.reader import LatentStream
-    from advflow.platform.train.worker import step_seed
+    from advflow.platform.train.methods import step_seed
 
     torch.manual_seed(spec.train.seed)
     stream = LatentStream(spec.data.prefix, spec.train.global_batch, seed=spec.train.seed, stream="g",
@@ -78,6 +78,7 @@ def reference_losses(spec: RunSpec) -> list[float]:
     return out
 
 
+@pytest.mark.integration  # 2 worker processes per stage
 @pytest.mark.timeout(900)
 def test_fm_on_two_workers_matches_a_single_process_reference_at_zero_0_and_2(digits, tmp_path):
     from advflow.platform.train.checkpoint import read_meta
@@ -97,14 +98,58 @@ def test_fm_on_two_workers_matches_a_single_process_reference_at_zero_0_and_2(di
                                                                   / "d").exists()
 
 
+class _Ctx:
+    """The loop's WorkerContext for one in-process rank that keeps nothing."""
+
+    rank, world_size = 0, 1
+    takes_staging_dir = False
+
+    def report(self, metrics, checkpoint_dir, name=None):
+        pass
+
+    def restore_dir(self):
+        return None
+
+    def fetch_checkpoint(self, name):
+        raise FileNotFoundError(name)
+
+    def run_storage(self):
+        return None
+
+    def drain(self):
+        pass
+
+
+class _FakeStream:
+    """A record stream with a digits-like manifest and no records (no step runs)."""
+
+    def __init__(self, prefix, batch_size, **kw):
+        self.manifest = type("Manifest", (), {"shape": (1, 8, 8), "num_classes": 10,
+                                              "encoder": {"name": "pixel", "scaling_factor": 1.0}})()
+
+    def __iter__(self):
+        return iter(())
+
+    def close(self):
+        pass
+
+
 def test_eval_at_several_k_uses_the_same_noise_and_names_each_k(tmp_path, monkeypatch):
     """eval/fd@K per K of eval.nfe; at the model's own K it is eval/fd (one sampling, same seed)."""
-    from test_worker import worker_for
-
+    from advflow.platform.tracking.logger import NullRunLogger
     from advflow.platform.train import callbacks as cb
+    from advflow.platform.train.loop import TrainLoop
 
-    w, ctx, logger, _ = worker_for(tmp_path, monkeypatch, model={"method": "fm", "kind": "multistep", "nfe": 4},
-                                   eval={"nfe": [1, 2, 4]})
+    # The FM loop's own callbacks, built as at its start (fake streams and engine: no step runs).
+    spec = RunSpec.from_dict({"data": {"prefix": "/x"}, "model": {"method": "fm", "kind": "multistep", "nfe": 4},
+                              "train": {"steps": 30, "global_batch": 16, "checkpoint_every": 6},
+                              "eval": {"kind": "digits", "every": 10, "num_samples": 4, "batch_size": 4,
+                                       "nfe": [1, 2, 4]}})
+    monkeypatch.setattr("advflow.platform.train.methods.fm.build_engine", lambda model, engine_spec: object())
+    w = TrainLoop(spec, _Ctx(), stream_factory=_FakeStream)
+    w.logger = NullRunLogger()
+    w.build()
+    w.build_callbacks()
     seen = []
 
     class ByK:
@@ -149,6 +194,7 @@ def test_anystep_afm_and_fm_accept_several_k():
     assert RunSpec.from_dict({"data": {"prefix": "/x"}, "model": {"method": "fm", "nfe": 8}}).model.kind == "multistep"
 
 
+@pytest.mark.integration  # MLflow server, worker processes
 @pytest.mark.timeout(900)
 def test_a_registered_fm_model_carries_its_k_and_per_k_metrics(digits, tmp_path, mlflow_env):
     import secrets

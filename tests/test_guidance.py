@@ -1,5 +1,6 @@
-"""Classifier guidance end to end on digits: a small classifier trained by jobs/train_classifier.py,
-then an AFM run whose second phase turns guidance (and the paired augmentation) on.
+"""Classifier guidance end to end on digits: a small classifier trained by jobs/train.py (the
+digits_classifier recipe, `model.method: classifier`), then an AFM run whose second phase turns
+guidance (and the paired augmentation) on.
 
 Checked against the same run without the guided phase: identical up to the phase start (the
 classifier is loaded but unused), different after it, with the guidance term live only there.
@@ -22,7 +23,7 @@ GUIDED_FROM, STEPS = 6, 12
 
 @pytest.fixture(scope="module")
 def classifier_dir(digits, tmp_path_factory):
-    spec = importlib.util.spec_from_file_location("train_classifier_job", REPO / "jobs" / "train_classifier.py")
+    spec = importlib.util.spec_from_file_location("train_job", REPO / "jobs" / "train.py")
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
     root = tmp_path_factory.mktemp("guidance-classifier")
@@ -60,6 +61,7 @@ def _g(checkpoint: Path) -> dict[str, torch.Tensor]:
     return load_file(str(checkpoint / "g" / "weights.safetensors"))
 
 
+@pytest.mark.integration  # trains the classifier and two AFM runs in worker processes
 @pytest.mark.timeout(600)
 def test_guided_phase_trains_with_the_classifier(digits, classifier_dir, tmp_path):
     guided = run_local(_spec(digits, classifier_dir, True), tmp_path / "guided")
@@ -78,11 +80,18 @@ def test_guided_phase_trains_with_the_classifier(digits, classifier_dir, tmp_pat
     assert any(not torch.allclose(g12[0][k], g12[1][k]) for k in g12[0])
 
 
+@pytest.mark.integration  # the classifier_dir fixture trains in worker processes
 def test_a_classifier_for_other_data_is_refused(digits, classifier_dir, tmp_path):
-    from advflow.platform.train.worker import Worker
+    """Building the AFM step (which loads the guidance classifier, before any engine) refuses a
+    classifier of another label space."""
+    import dataclasses
+
+    from advflow.platform.data.reader import LatentStream
+    from advflow.platform.train.loop import TrainLoop
 
     class Ctx:
         rank, world_size = 0, 1
+        takes_staging_dir = False
 
         def report(self, metrics, checkpoint_dir, name=None):
             pass
@@ -90,12 +99,24 @@ def test_a_classifier_for_other_data_is_refused(digits, classifier_dir, tmp_path
         def restore_dir(self):
             return None
 
-    w = Worker(_spec(digits, classifier_dir, True), Ctx())
-    w.build_data()
+        def fetch_checkpoint(self, name):
+            raise FileNotFoundError(name)
+
+        def run_storage(self):
+            return None
+
+        def drain(self):
+            pass
+
+    def seven_classes(*args, **kwargs):  # as if the run's data had 7 classes
+        stream = LatentStream(*args, **kwargs)
+        stream.manifest = dataclasses.replace(stream.manifest, num_classes=7)
+        return stream
+
+    w = TrainLoop(_spec(digits, classifier_dir, True), Ctx(), stream_factory=seven_classes)
     try:
-        w.num_classes = 7  # as if the run's data had 7 classes
         with pytest.raises(ValueError, match=r"guidance\.classifier=.*10 classes.*7 classes"):
-            w.load_classifier()
+            w.build()
     finally:
-        for s in w.streams.values():
-            s.close()
+        if getattr(w, "streams", None) is not None:
+            w.streams.close()

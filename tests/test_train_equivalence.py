@@ -1,4 +1,4 @@
-"""Data-parallel correctness of the worker loop (issue 4, section 4).
+"""Data-parallel correctness of the training loop (loop.py, AFM) (issue 4, section 4).
 
 Two gloo workers with DeepSpeed ZeRO 0, 1 and 2 must give the same per-step D and G losses, and those
 must equal a single-process reference written here by hand: plain torch modules and AdamW, the whole
@@ -16,9 +16,10 @@ import pytest
 import torch
 
 from advflow.platform.config import RunSpec
-from advflow.platform.train.local_launch import run_local
-from advflow.platform.train.worker import step_seed
 from advflow.platform.data.reader import LatentStream
+from advflow.platform.train.local_launch import run_local
+from advflow.platform.train.methods import step_seed
+from advflow.platform.train.phases import plan_of
 from advflow.trainers import afm
 from advflow.trainers.ema import EMA
 from advflow.trainers.models import build_discriminator, build_generator
@@ -61,7 +62,7 @@ def reference_losses(spec: RunSpec) -> list[tuple[float, float]]:
     opt_d = torch.optim.AdamW([p for p in D.parameters() if p.requires_grad], lr=o.lr, betas=o.betas,
                               weight_decay=o.weight_decay, eps=o.eps)
     ema = EMA(G, decay=o.ema_decay)
-    plan = spec.phase_plan()
+    plan = plan_of(spec)
     base = afm.AFMConfig(gp_fraction=spec.adversarial.gp_fraction, gp_eps=spec.adversarial.gp_eps)
     gradnorm = afm.make_gradnorm(base)
     out = []
@@ -92,6 +93,7 @@ def close(a: float, b: float, rtol: float = 1e-5) -> bool:
     return math.isclose(a, b, rel_tol=rtol, abs_tol=1e-7)
 
 
+@pytest.mark.integration  # 2 worker processes per stage
 @pytest.mark.timeout(900)
 def test_zero_stages_match_each_other_and_a_single_process_reference(digits, tmp_path):
     runs = {}
@@ -109,13 +111,33 @@ def test_zero_stages_match_each_other_and_a_single_process_reference(digits, tmp
 
 
 class _OneProcess:
+    """The loop's WorkerContext for one in-process rank that keeps nothing."""
+
     rank, world_size = 0, 1
+    takes_staging_dir = False
 
     def report(self, metrics, checkpoint_dir, name=None):
         pass
 
     def restore_dir(self):
         return None
+
+    def fetch_checkpoint(self, name):
+        raise FileNotFoundError(name)
+
+    def run_storage(self):
+        return None  # no metrics log
+
+    def drain(self):
+        pass
+
+
+def apply_phase(trainer, step: int):
+    """What the loop does before step `step`'s updates (its events, the learning rates); returns
+    the AFM config of that step."""
+    phase = trainer.phases.at(step)
+    trainer.method.set_lr(phase, trainer.recovery.lr_factor())
+    return trainer.method.cfg.with_phase(phase)
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +147,8 @@ def single_process_group():
     import os
 
     import torch.distributed as dist
-    from advflow.infra.local.proc import free_port
+
+    from advflow.platform.net import free_port
 
     env = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                MASTER_PORT=str(free_port()))
@@ -141,13 +164,15 @@ def single_process_group():
             os.environ[k] = v
 
 
+@pytest.mark.integration  # DeepSpeed builds engines (its op checks run the compiler)
 @pytest.mark.parametrize("stage", [0, 1, 2])
 def test_steps_touch_only_their_own_network(digits, stage, single_process_group):
     """A G step leaves D's weights, gradients and optimizer state alone, and vice versa."""
-    from advflow.platform.train.worker import Worker
+    from advflow.platform.train.loop import TrainLoop
 
-    trainer = Worker(spec_for(digits, stage, workers=1), _OneProcess())
+    trainer = TrainLoop(spec_for(digits, stage, workers=1), _OneProcess())
     trainer.setup()
+    m = trainer.method
     try:
         def snapshot(module):
             return [p.detach().clone() for p in module.parameters()]
@@ -155,55 +180,57 @@ def test_steps_touch_only_their_own_network(digits, stage, single_process_group)
         def same(a, b):
             return all(torch.equal(x, y) for x, y in zip(a, b))
 
-        flags = [p.requires_grad for p in trainer.D.parameters()]
-        cfg = trainer.apply_phase(0)
+        flags = [p.requires_grad for p in m.D.parameters()]
+        cfg = apply_phase(trainer, 0)
         for step in range(2):  # the second round runs with non-zero Adam state
-            g_before, d_before = snapshot(trainer.G), snapshot(trainer.D)
-            trainer.d_step(step, cfg)
-            assert same(g_before, snapshot(trainer.G)), "a D step changed G"
-            assert not same(d_before, snapshot(trainer.D)), "a D step did not change D"
-            assert all(p.grad is None or not p.grad.any() for p in trainer.G.parameters())
-            d_after_d = snapshot(trainer.D)
-            d_opt_steps = [s.get("step") for s in trainer.d_engine.optimizer.state_dict().get("state", {}).values()] \
+            g_before, d_before = snapshot(m.G), snapshot(m.D)
+            m.d_step(step, cfg)
+            assert same(g_before, snapshot(m.G)), "a D step changed G"
+            assert not same(d_before, snapshot(m.D)), "a D step did not change D"
+            assert all(p.grad is None or not p.grad.any() for p in m.G.parameters())
+            d_after_d = snapshot(m.D)
+            d_opt_steps = [s.get("step") for s in m.engines["d"].optimizer.state_dict().get("state", {}).values()] \
                 if stage == 0 else None
-            trainer.g_step(step, cfg)
-            assert same(d_after_d, snapshot(trainer.D)), "a G step changed D"
-            assert all(p.grad is None or not p.grad.any() for p in trainer.D.parameters()), \
+            m.g_step(step, cfg)
+            assert same(d_after_d, snapshot(m.D)), "a G step changed D"
+            assert all(p.grad is None or not p.grad.any() for p in m.D.parameters()), \
                 "a G step left gradients on D"
-            assert [p.requires_grad for p in trainer.D.parameters()] == flags, \
+            assert [p.requires_grad for p in m.D.parameters()] == flags, \
                 "D's parameters stayed frozen after the G step"
             if d_opt_steps is not None:
-                after = [s.get("step") for s in trainer.d_engine.optimizer.state_dict().get("state", {}).values()]
+                after = [s.get("step") for s in m.engines["d"].optimizer.state_dict().get("state", {}).values()]
                 assert after == d_opt_steps, "a G step advanced D's optimizer"
     finally:
         trainer.close()
 
 
+@pytest.mark.integration  # DeepSpeed builds engines (its op checks run the compiler)
 def test_phase_events_reload_d_and_ema(digits, single_process_group, tmp_path):
     """Table 11's D reload restores the snapshot taken at a phase end; EMA reload copies EMA into G."""
-    from advflow.platform.train.worker import Worker
+    from advflow.platform.train.loop import TrainLoop
     from advflow.trainers.schedules import Event
 
-    trainer = Worker(spec_for(digits, 2, workers=1), _OneProcess())
+    trainer = TrainLoop(spec_for(digits, 2, workers=1), _OneProcess())
     trainer.setup()
+    m = trainer.method
     try:
-        cfg = trainer.apply_phase(0)
-        trainer.handle_event(Event("save_tag", 0, tag="decay_end"))
-        snapshot = [p.detach().clone() for p in trainer.D.parameters()]
-        trainer.d_step(0, cfg)
-        trainer.g_step(0, cfg)
-        assert not all(torch.equal(a, b) for a, b in zip(snapshot, trainer.D.parameters()))
+        cfg = apply_phase(trainer, 0)
+        trainer.on_event(Event("save_tag", 0, tag="decay_end"))
+        snapshot = [p.detach().clone() for p in m.D.parameters()]
+        m.d_step(0, cfg)
+        m.g_step(0, cfg)
+        assert not all(torch.equal(a, b) for a, b in zip(snapshot, m.D.parameters()))
         # The snapshot survives a checkpoint round trip (a restarted run can still reload).
         trainer.checkpointer.save(str(tmp_path), 1)
-        trainer.d_tags.clear()
+        m.d_tags.clear()
         trainer.checkpointer.load(str(tmp_path))
-        trainer.handle_event(Event("d_reload", 1, source="decay_end"))
-        assert all(torch.equal(a, b) for a, b in zip(snapshot, trainer.D.parameters()))
+        trainer.on_event(Event("d_reload", 1, source="decay_end"))
+        assert all(torch.equal(a, b) for a, b in zip(snapshot, m.D.parameters()))
         with pytest.raises(ValueError, match="available: \\['decay_end'\\]"):
-            trainer.handle_event(Event("d_reload", 1, source="nope_end"))
-        trainer.handle_event(Event("ema_reload", 1))
-        for name, p in trainer.G.named_parameters():
-            if name in trainer.ema.shadow:
-                assert torch.equal(p.detach(), trainer.ema.shadow[name].to(p.dtype))
+            trainer.on_event(Event("d_reload", 1, source="nope_end"))
+        trainer.on_event(Event("ema_reload", 1))
+        for name, p in m.G.named_parameters():
+            if name in m.ema.shadow:
+                assert torch.equal(p.detach(), m.ema.shadow[name].to(p.dtype))
     finally:
         trainer.close()

@@ -1,7 +1,11 @@
-"""The worker's wiring of its callbacks and checkpointer, with fakes (no engines, no data, no MLflow):
-which steps get grids, evaluations, registrations and samples.png, and that they share one EMA copy."""
+"""The loop's wiring of its callbacks, checkpointer and controllers, with fakes (a fake method, fake
+streams, a fake MLflow logger; no engines, no data files, no MLflow): `TrainLoop.train()` itself
+runs, so these tests see the real schedule — which steps get grids, evaluations, registrations
+and samples.png, that they share one EMA copy, and that a window's rows reach the logger."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,9 +13,9 @@ import torch
 
 from advflow.platform.config import RunSpec
 from advflow.platform.train import callbacks as cb
-from advflow.platform.train.checkpoint import Checkpointer
-from advflow.platform.train.metrics import MetricWindow
-from advflow.platform.train.worker import Worker
+from advflow.platform.train import loop as loop_module
+from advflow.platform.train.loop import TrainLoop
+from advflow.platform.train.methods.base import MetricNames
 
 
 class FakeLogger:
@@ -19,7 +23,7 @@ class FakeLogger:
     data_tags = {"data.manifest_sha256": "abc"}
 
     def __init__(self):
-        self.grids, self.metrics, self.rows = [], [], []
+        self.grids, self.metrics, self.rows, self.events = [], [], [], []
 
     def log_rows(self, rows, extra=None):
         self.rows += [r["step"] for r in rows]
@@ -31,33 +35,70 @@ class FakeLogger:
         assert path.is_file()
         self.grids.append(step)
 
-    def log_final(self, metrics):
+    def log_event(self, tags, metrics, step):
+        self.events.append((tags, metrics, step))
+
+    def rewind(self, step):
         pass
+
+    def log_final(self, metrics):
+        self.final = metrics
 
     def close(self):
         pass
 
 
 class Ctx:
-    rank, world_size = 0, 1
+    """A one-rank WorkerContext that keeps what it was reported."""
+
+    rank, world_size, takes_staging_dir = 0, 1, False
 
     def __init__(self):
         self.reports = []
 
     def report(self, metrics, checkpoint_dir, name=None):
-        files = sorted(p.name for p in __import__("pathlib").Path(checkpoint_dir).iterdir())
+        files = sorted(p.name for p in Path(checkpoint_dir).iterdir())
         self.reports.append((metrics["step"], files, metrics))
 
     def restore_dir(self):
         return None
 
+    def fetch_checkpoint(self, name):
+        raise FileNotFoundError(name)
+
+    def run_storage(self):
+        return None
+
+    def drain(self):
+        pass
+
 
 class FakeManifest:
+    shape, num_classes = (1, 8, 8), 10
     encoder = {"name": "pixel", "scaling_factor": 1.0}
 
 
 class FakeStream:
+    """Endless zero batches; a JSON state that counts them."""
+
     manifest = FakeManifest()
+
+    def __init__(self, prefix, batch, **kw):
+        self.batch, self.served = batch, 0
+
+    def __iter__(self):
+        while True:
+            self.served += 1
+            yield torch.zeros(self.batch, 1, 8, 8), torch.zeros(self.batch, dtype=torch.long)
+
+    def state_dict(self):
+        return {"served": self.served}
+
+    def load_state_dict(self, state):
+        self.served = state["served"]
+
+    def close(self):
+        pass
 
 
 class FakeEvaluator:
@@ -73,9 +114,7 @@ class FakeEvaluator:
 class FakeSamples:
     """Draws nothing: blank images, and a file where the grid would go."""
 
-    def __init__(self, real: cb.Samples):
-        self.data_shape, self.num_classes, self.device, self.encoder = (real.data_shape, real.num_classes,
-                                                                        real.device, real.encoder)
+    data_shape, num_classes, device, encoder = (1, 8, 8), 10, torch.device("cpu"), FakeManifest.encoder
 
     def images(self, model, labels, gen, batch_size=None, nfe=None):
         return torch.zeros(len(labels), *self.data_shape)
@@ -84,7 +123,61 @@ class FakeSamples:
         path.write_bytes(b"png")
 
 
-def worker_for(tmp_path, monkeypatch, **sections) -> tuple[Worker, Ctx, FakeLogger, list]:
+class FakeMethod:
+    """A method that trains nothing: it reads its stream, reports constant losses, and records
+    every EMA copy and registration the loop asks of it."""
+
+    streams = ("g",)
+    names = MetricNames(progress=(("D", "d_loss"), ("G", "g_loss")), losses=("d_loss", "g_loss"))
+    samples = FakeSamples()
+
+    def __init__(self, env):
+        self.env, self.engines, self.copies, self.registered = env, {}, [], []
+
+    @classmethod
+    def build(cls, env):
+        return cls(env)
+
+    def parts(self):
+        return {}
+
+    def step(self, k, phase):
+        self.env.streams.next("g")
+        return {"d_loss": torch.tensor(0.0), "g_loss": torch.tensor(0.0)}
+
+    def set_lr(self, phase, factor):
+        return {"lr": phase.lr * factor}
+
+    def on_event(self, event):
+        pass
+
+    def on_new_best(self):
+        pass
+
+    def ema_model(self):
+        self.copies.append(self.env.streams.by_name["g"].served)  # which step asked for a copy
+        return torch.nn.Identity()
+
+    def sizes(self):
+        return {"model/g_params": 1.0}
+
+    def evaluation(self, logger, cadence):
+        if self.env.spec.eval.kind == "none":
+            return None
+        e = cb.Evaluation(self.samples, self.env.spec.eval, logger, cadence)
+        e._evaluator = FakeEvaluator()
+        return e
+
+    def register(self, model, *, name, step, tags, metrics, run_id):
+        self.registered.append((step, metrics, tags))
+
+        class Reg:
+            model_uri, version = f"models:/{name}/{len(self.registered)}", str(len(self.registered))
+
+        return Reg()
+
+
+def run(monkeypatch, logger=None, **sections) -> tuple[TrainLoop, Ctx, FakeLogger]:
     raw = {"data": {"prefix": "/x"}, "train": {"steps": 30, "global_batch": 16, "checkpoint_every": 6,
                                                "log_every": 5, "sample_every": 10},
            "eval": {"kind": "digits", "every": 10, "num_samples": 4, "batch_size": 4},
@@ -92,55 +185,23 @@ def worker_for(tmp_path, monkeypatch, **sections) -> tuple[Worker, Ctx, FakeLogg
     for k, v in sections.items():
         raw[k] = {**raw.get(k, {}), **v}
     spec = RunSpec.from_dict(raw)
-    ctx, logger = Ctx(), FakeLogger()
-    w = Worker(spec, ctx)
-    w.logger, w.data_shape, w.num_classes, w.streams = logger, (1, 8, 8), 10, {"d": FakeStream()}
-    w.manifest = FakeStream.manifest
-    w.G = torch.nn.Linear(1, 1)
-    w.ema_model = lambda: torch.nn.Identity()
-    w.window = MetricWindow(torch.device("cpu"), 1, 16)
-    w.checkpointer = Checkpointer({}, rank=0, world_size=1, every=6, last_step=30, config={})
-    w.build_callbacks()
-    registered: list = []
-
-    class Reg:
-        model_uri, version = "models:/m/1", "1"
-
-    def fake_log_generator(model, **kw):
-        registered.append((kw["step"], kw["metrics"], kw["tags"]))
-        return Reg()
-
-    import advflow.platform.tracking.registry as registry
-
-    monkeypatch.setattr(registry, "log_generator", fake_log_generator)
-    for c in w.callbacks:
-        if isinstance(c, cb.Evaluation):
-            c._evaluator = FakeEvaluator()
-        if hasattr(c, "samples"):
-            c.samples = FakeSamples(c.samples)
-    return w, ctx, logger, registered
+    logger = logger or FakeLogger()
+    monkeypatch.setattr(loop_module, "run_logger", lambda *a, **kw: logger)
+    ctx = Ctx()
+    loop = TrainLoop(spec, ctx, stream_factory=FakeStream, method=FakeMethod)
+    loop.train()
+    return loop, ctx, logger
 
 
-def drive(w: Worker) -> None:
-    """The loop's schedule of callback moments, without the D/G steps."""
-    t = w.spec.train
-    for step in range(1, t.steps + 1):
-        if w.checkpointer.due(step):
-            w.save_checkpoint(step, [{"step": step, "d_loss": 0.0, "g_loss": 0.0}], {})
-        else:
-            rows = [{"step": step, "d_loss": 0.0, "g_loss": 0.0}] if step % t.log_every == 0 else []
-            w.run_callbacks(cb.Moment.at(step, False, w.ema_model, since=step - 1, rows=rows))
-
-
-def test_each_callback_follows_its_own_cadence(tmp_path, monkeypatch):
-    w, ctx, logger, registered = worker_for(tmp_path, monkeypatch)
-    drive(w)
+def test_each_callback_follows_its_own_cadence(monkeypatch):
+    loop, ctx, logger = run(monkeypatch)
     checkpoints = [step for step, _, _ in ctx.reports]
     assert checkpoints == [6, 12, 18, 24, 30]
     # MLflow grids every image_every=4 steps (not only at log or checkpoint steps) and at the end.
     assert logger.grids == [4, 8, 12, 16, 20, 24, 28, 30]
     # Evaluation: the first checkpoint at or after 10, 20, 30; registration: after 15, 30.
     assert logger.metrics == [12, 24, 30]
+    registered = loop.method.registered
     assert [s for s, _, _ in registered] == [18, 30]
     # samples.png in the checkpoint: sample_every=10 (checkpoint-bound), image-due checkpoints, the end.
     with_grid = [step for step, files, _ in ctx.reports if "samples.png" in files]
@@ -148,30 +209,32 @@ def test_each_callback_follows_its_own_cadence(tmp_path, monkeypatch):
     assert all("trainer.json" in files for _, files, _ in ctx.reports)
     # The registered version carries this checkpoint's evaluation and the run's data tags.
     assert registered[-1][1] == {"eval/fd": 4.0} and registered[-1][2]["data.manifest_sha256"] == "abc"
+    assert registered[-1][2]["data.prefix"] == "/x"
     assert ctx.reports[-1][2]["eval/fd"] == 4.0
+    # Every step's row reached MLflow once, in order; the final metrics name the registrations.
+    assert logger.rows == list(range(1, 31))
+    assert [r["step"] for r in logger.final["registered"]] == [18, 30]
 
 
-def test_checkpoint_shares_one_ema_copy(tmp_path, monkeypatch):
-    """Grid, evaluation and registration at a checkpoint use one EMA copy of G, not one each."""
-    w, ctx, logger, _ = worker_for(tmp_path, monkeypatch)
-    copies: list[object] = []
-    w.ema_model = lambda: copies.append(torch.nn.Identity()) or copies[-1]
-    used: list[object] = []
-    w.callbacks = [lambda m: used.append(m.ema()) for _ in range(3)]
-    w.save_checkpoint(30, [], {})
-    assert len(used) == 3 and len(copies) == 1 and all(u is copies[0] for u in used)
-    assert ctx.reports and ctx.reports[-1][0] == 30
+def test_one_ema_copy_per_step_that_needs_one(monkeypatch):
+    """Grid, evaluation and registration at a checkpoint share one EMA copy (a copy of an XL/2 G is
+    2.7 GB); steps where nothing is due make none."""
+    loop, _, logger = run(monkeypatch)
+    copies = loop.method.copies
+    assert len(copies) == len(set(copies)), f"a step made more than one EMA copy: {copies}"
+    # Grids (4, 8, ..., 28, 30), evaluations (12, 24, 30), registrations (18, 30): one copy each step.
+    assert copies == sorted(set(logger.grids) | set(logger.metrics) | {18, 30})
 
 
-def test_untracked_worker_draws_no_mlflow_grids(tmp_path, monkeypatch):
+def test_untracked_loop_draws_no_mlflow_grids(monkeypatch):
     from advflow.platform.tracking.logger import NullRunLogger
 
-    w, ctx, _, _ = worker_for(tmp_path, monkeypatch)
-    w.logger = NullRunLogger()
-    w.build_callbacks()
-    assert not any(isinstance(c, cb.Registration) for c in w.callbacks)
-    grid = next(c for c in w.callbacks if isinstance(c, cb.SampleGrid))
+    loop, ctx, _ = run(monkeypatch, logger=NullRunLogger())
+    assert loop.registration is None and not loop.method.registered
+    grid = next(c for c in loop.callbacks if isinstance(c, cb.SampleGrid))
     assert grid.image is None
+    # samples.png still lands in checkpoints (sample_every=10 and the end), never an MLflow grid.
+    assert [step for step, files, _ in ctx.reports if "samples.png" in files] == [12, 24, 30]
 
 
 @pytest.mark.parametrize("image_every, want", [
@@ -179,10 +242,34 @@ def test_untracked_worker_draws_no_mlflow_grids(tmp_path, monkeypatch):
     (4, [4, 8, 12, 16]),          # its own cadence; checkpoint 6 is not a multiple of 4
     (5, [5, 10, 15, 16]),         # the end always gets one
 ])
-def test_mlflow_grid_cadence(tmp_path, monkeypatch, image_every, want):
-    w, ctx, logger, _ = worker_for(tmp_path, monkeypatch, tracking={"image_every": image_every},
-                                   train={"steps": 16, "checkpoint_every": 6})
-    w.checkpointer = Checkpointer({}, rank=0, world_size=1, every=6, last_step=16, config={})
-    drive(w)
+def test_mlflow_grid_cadence(monkeypatch, image_every, want):
+    _, ctx, logger = run(monkeypatch, tracking={"image_every": image_every}, train={"steps": 16, "checkpoint_every": 6})
     assert [s for s, _, _ in ctx.reports] == [6, 12, 16]
     assert logger.grids == want
+
+
+def test_a_method_without_samples_gets_no_grid(monkeypatch):
+    """The classifier draws no samples: no SampleGrid callback, no samples.png."""
+    monkeypatch.setattr(FakeMethod, "samples", None)
+    loop, ctx, logger = run(monkeypatch, train={"sample_every": 0}, tracking={"image_every": 0},
+                            eval={"kind": "none"})
+    assert not any(isinstance(c, cb.SampleGrid) for c in loop.callbacks)
+    assert logger.grids == [] and not any("samples.png" in files for _, files, _ in ctx.reports)
+
+
+def test_checkpoint_holds_the_loop_and_stream_state(monkeypatch, tmp_path):
+    """The loop's own parts are in every checkpoint: the stream's state, which a restart resumes."""
+    import json
+
+    saved = {}
+
+    class Keeping(Ctx):
+        def report(self, metrics, checkpoint_dir, name=None):
+            super().report(metrics, checkpoint_dir, name)
+            saved[metrics["step"]] = json.loads((Path(checkpoint_dir) / "readers.json").read_text())
+
+    monkeypatch.setattr(loop_module, "run_logger", lambda *a, **kw: FakeLogger())
+    spec = RunSpec.from_dict({"data": {"prefix": "/x"}, "train": {"steps": 12, "global_batch": 16,
+                                                                  "checkpoint_every": 6, "log_every": 3}})
+    TrainLoop(spec, Keeping(), stream_factory=FakeStream, method=FakeMethod).train()
+    assert saved == {6: {"g": {"served": 6}}, 12: {"g": {"served": 12}}}

@@ -144,8 +144,25 @@ def classifier_loss(
     x: (N, C, H, W) clean latents, noise: same shape, t: (N,), y: (N,) long.
     x and noise are detached: this loss must update only C, never whatever produced x.
     """
+    return classifier_loss_and_logits(classifier, x, y, t, noise)[0]
+
+
+def classifier_loss_and_logits(
+    classifier: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    t: torch.Tensor,
+    noise: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`classifier_loss` and the logits it was computed from ((N, num_classes); the training
+    accuracy needs them). The noised input is cast to the classifier's parameter dtype (bf16 under
+    DeepSpeed's bf16), and half-precision logits back to float32, so the loss is never computed in
+    half precision."""
     xt = interp(x.detach(), noise.detach(), t)  # (N, C, H, W)
-    return F.cross_entropy(classifier(xt, t), y)
+    logits = classifier(xt.to(next(classifier.parameters()).dtype), t)  # (N, K)
+    if logits.dtype in (torch.bfloat16, torch.float16):
+        logits = logits.float()
+    return F.cross_entropy(logits, y), logits
 
 
 def guidance_loss(

@@ -47,6 +47,12 @@ class WatchdogParams:
     """Relative margin above the best evaluation that counts as a rise (0.5 = 50 % worse)."""
     mode: str = "min"
     """Whether lower (`min`) or higher (`max`) evaluation values are better."""
+    loss_keys: tuple[str, ...] = LOSS_KEYS
+    """The method's losses (must stay finite)."""
+    grad_keys: tuple[str, ...] = GRAD_KEYS
+    """The method's gradient norms (finite; the spike check)."""
+    logit_keys: tuple[str, ...] = LOGIT_KEYS
+    """The method's mean logits (bounded by logit_bound)."""
 
 
 @dataclass(frozen=True)
@@ -83,16 +89,16 @@ class Watchdog:
         """The closed window's rows ({'step': s, key: value}, identical on every rank)."""
         for row in rows:
             step = int(row["step"])
-            for key in (*LOSS_KEYS, *GRAD_KEYS):
+            for key in (*self.params.loss_keys, *self.params.grad_keys):
                 if key in row and not math.isfinite(row[key]):
                     return self._fire("nonfinite", step, f"{key} = {row[key]} (non-finite)")
-            for key in LOGIT_KEYS:
+            for key in self.params.logit_keys:
                 if key in row and abs(row[key]) > self.params.logit_bound:
                     return self._fire("logits", step, f"|{key}| = {abs(row[key]):.4g} > logit_bound "
                                                       f"{self.params.logit_bound:g}")
             if "cp" in row and row["cp"] > self.params.logit_bound ** 2:
                 return self._fire("logits", step, f"logit centering cp = {row['cp']:.4g} > logit_bound^2")
-            for key in GRAD_KEYS:
+            for key in self.params.grad_keys:
                 if key not in row:
                     continue
                 seen = self.norms.setdefault(key, [])

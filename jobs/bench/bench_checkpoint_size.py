@@ -8,8 +8,10 @@ every checkpoint. For each checkpoint it prints the bytes on disk (all files, an
 alone) and the seconds `Checkpointer.save` took. A checkpoint whose size grows with the step (a
 per-step history inside it) shows as a rising trainer.json column; flat columns are the goal.
 
-It uses only APIs that exist before and after the metric history left trainer.json (Worker,
-LocalContext, Checkpointer.save), so the same script measures an older checkout for comparison:
+It uses only APIs that exist before and after the metric history left trainer.json (the loop,
+LocalContext, Checkpointer.save): the loop is `TrainLoop` (platform/train/loop.py), or on a checkout
+from before the one loop its predecessor `Worker`, so the same script measures an older checkout for
+comparison:
     git worktree add /tmp/old <rev> && cd /tmp/old && python /path/to/this/script.py
 """
 
@@ -36,7 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     from advflow.platform.data.prepare import PrepareConfig, prepare
     from advflow.platform.train import checkpoint as ckpt_mod
     from advflow.platform.train.local_launch import LocalContext
-    from advflow.platform.train.worker import Worker
+
+    try:
+        from advflow.platform.train.loop import TrainLoop as Loop
+    except ImportError:  # a checkout from before the one loop (see the module docstring)
+        from advflow.platform.train.worker import Worker as Loop
 
     root = Path(args.out or tempfile.mkdtemp(prefix="advflow-ckpt-bench-"))
     data = root / "digits"
@@ -64,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     dist.init_process_group("gloo", rank=0, world_size=1)
     run_dir = root / "run"
     t0 = time.perf_counter()
-    Worker(spec, LocalContext(0, 1, run_dir, args.checkpoints)).train()
+    Loop(spec, LocalContext(0, 1, run_dir, args.checkpoints)).train()
     wall = time.perf_counter() - t0
     dist.destroy_process_group()
 

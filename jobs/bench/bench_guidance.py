@@ -2,7 +2,7 @@
 in the guided phase (steps 1000-1250 of jobs/configs/digits_guided.yaml), the way the platform does.
 
     python jobs/prepare_latents.py --source digits --encoder pixel --out /tmp/gm/digits
-    python jobs/train_classifier.py --config jobs/configs/digits_classifier.yaml --no-ray \
+    python jobs/train.py --config jobs/configs/digits_classifier.yaml --no-ray \
         --set data.prefix=/tmp/gm/digits --set run.storage_path=/tmp/gm/runs --set tracking.enabled=false
     for run in guided plain: python jobs/train.py --config jobs/configs/digits_guided.yaml --no-ray \
         --set data.prefix=/tmp/gm/digits --set run.storage_path=/tmp/gm/runs --set run.name=$run \

@@ -7,7 +7,7 @@
 
 1. overhead: one AFM run (same model, batch, steps, ZeRO-2, one worker) four ways: a bare PyTorch
    loop in this process (afm.d_loss/g_loss, torch AdamW, grad clip, EMA, the same LatentStream);
-   the real worker loop `Worker` in this process (DeepSpeed, no launcher); `run_local` (the loop
+   the real training loop `TrainLoop` in this process (DeepSpeed, no launcher); `run_local` (the loop
    in a spawned process); Ray Train (`ensure_ray()`, `build_torch_trainer(spec).fit()`). Steady state only:
    "body" sums the loop's own per-step timer (StepTimes.total; the same span in the bare loop) over
    the report windows after the first; "wall" also counts what happens between steps (metric
@@ -115,10 +115,13 @@ def table(title: str, header: list[str], rows: list[list]) -> str:
 
 
 def bare_loop(spec) -> dict:
-    """The AFM iteration of `Worker` without DeepSpeed or a launcher: same data streams, seeds,
-    models, phase plan, clipping, EMA and on-device metrics flushed once per report window."""
-    from advflow.platform.train.worker import step_seed
+    """The AFM iteration of `TrainLoop` (methods/afm.py) without DeepSpeed or a launcher: same data
+    streams, seeds, models, phase plan, clipping, EMA and on-device metrics flushed once per report
+    window. One worker: each draw is the whole batch of its step's generator (StepEnv.generator)."""
     from advflow.platform.data.reader import LatentStream
+    from advflow.platform.train.methods import step_seed
+    from advflow.platform.train.methods.afm import D_DRAWS, G_DRAWS
+    from advflow.platform.train.phases import plan_of
     from advflow.trainers import afm
     from advflow.trainers.ema import EMA
     from advflow.trainers.models import build_discriminator, build_generator
@@ -141,7 +144,7 @@ def bare_loop(spec) -> dict:
     base = afm.AFMConfig(gp_fraction=a.gp_fraction, gp_eps=a.gp_eps, use_gradnorm=a.gradnorm,
                          gradnorm_momentum=a.gradnorm_momentum)
     gradnorm = afm.make_gradnorm(base)
-    plan = spec.phase_plan()
+    plan = plan_of(spec)
 
     def update(key: str, net, loss) -> None:
         opts[key].zero_grad(set_to_none=True)
@@ -160,12 +163,12 @@ def bare_loop(spec) -> dict:
         for group in opts["d"].param_groups:
             group["lr"] = params.lr_d
         x, y = next(iters["d"])
-        gen = torch.Generator().manual_seed(step_seed(t.seed, step, 0, 0, 1))
+        gen = torch.Generator().manual_seed(step_seed(t.seed, step, 0, D_DRAWS))  # (seed, step, micro, purpose)
         z = torch.randn(x.shape, generator=gen)
         loss, dm = afm.d_loss(G, D, x, y, z, cfg, generator=gen)
         update("d", D, loss)
         x, y = next(iters["g"])
-        gen = torch.Generator().manual_seed(step_seed(t.seed, step, 0, 0, 2))
+        gen = torch.Generator().manual_seed(step_seed(t.seed, step, 0, G_DRAWS))
         z = torch.randn(x.shape, generator=gen)
         loss, gm = afm.g_loss(G, D, gradnorm, x, y, z, cfg, generator=gen)
         update("g", G, loss)
@@ -186,33 +189,51 @@ def bare_loop(spec) -> dict:
 
 
 class _Recorder:
-    """A WorkerContext for the loop run in this process: keeps reports with their wall-clock time."""
+    """A WorkerContext for the loop run in this process: keeps reports with their wall-clock time
+    (no checkpoint is kept, no metrics log written)."""
 
     rank, world_size = 0, 1
+    takes_staging_dir = False
 
     def __init__(self):
         self.reports: list[dict] = []
 
-    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+    def report(self, metrics: dict, checkpoint_dir: str | None, name: str | None = None) -> None:
         self.reports.append({**metrics, "_t": time.perf_counter(), "_cpu": time.process_time(),
                              "_ckpt": checkpoint_dir is not None})
 
     def restore_dir(self) -> str | None:
         return None
 
+    def fetch_checkpoint(self, name: str) -> str:
+        raise FileNotFoundError(f"{name}: this benchmark keeps no checkpoints")
+
+    def run_storage(self) -> str | None:
+        return None
+
+    def drain(self) -> None:
+        pass
+
 
 def inproc_loop(spec) -> dict:
-    """`Worker` (DeepSpeed engines) in this process, gloo world of one; times setup and checkpoints."""
+    """`TrainLoop` (DeepSpeed engines) in this process, gloo world of one; times setup and checkpoints."""
     import torch.distributed as dist
 
-    from advflow.platform.train.worker import Worker
+    from advflow.platform.train.loop import TrainLoop
 
-    class Timed(Worker):
-        """The real loop; only marks the end of set-up and times each checkpoint save."""
+    class Timed(TrainLoop):
+        """The real loop; only marks the end of set-up, records each metric window (the loop reports
+        to its context at checkpoints only) and times each checkpoint save."""
 
         def setup(self):
             super().setup()
             ctx.reports.append({"_t": time.perf_counter(), "_cpu": time.process_time(), "_setup": True})
+
+        def run_callbacks(self, moment):
+            if moment.rows and moment.checkpoint_dir is None:  # a window closed between checkpoints
+                ctx.reports.append({"step": moment.step, **self.window.times.as_metrics(), "_t": time.perf_counter(),
+                                    "_cpu": time.process_time(), "_ckpt": False})
+            return super().run_callbacks(moment)
 
         def save_checkpoint(self, step, rows, window):
             t0 = time.perf_counter()
@@ -335,7 +356,7 @@ def part_overhead(args, prefix: str, work: str) -> tuple[str, dict]:
     out: dict = {}
     log(f"overhead: bare loop, {spec.train.steps} steps x batch {spec.micro_batch}, size {args.size}")
     out["bare"] = bare_loop(spec)
-    log("overhead: Worker in this process (DeepSpeed, no launcher)")
+    log("overhead: TrainLoop in this process (DeepSpeed, no launcher)")
     out["inproc"] = inproc_loop(overhead_spec(args, prefix, f"{work}/runs", "ovh_inproc", args.steps))
     if "local" in args.modes:
         log("overhead: run_local (two lengths)")
@@ -362,7 +383,7 @@ def part_overhead(args, prefix: str, work: str) -> tuple[str, dict]:
     for name in ("bare", "inproc"):
         s = steady(out[name]["reports"], drop_ckpt=True)
         n = s["steps"]
-        add({"bare": "bare torch loop", "inproc": "Worker+DS, in-process"}[name],
+        add({"bare": "bare torch loop", "inproc": "TrainLoop+DS, in-process"}[name],
             per_step_ms(s["total"], n), per_step_ms(s["wall"], n), per_step_ms(s["cpu"], n), f"{n} steps timed")
     n_diff = args.steps - short
     if "local" in out:
@@ -395,7 +416,7 @@ def part_overhead(args, prefix: str, work: str) -> tuple[str, dict]:
              f"process(es) doing the work (robust to other load on the machine); launched runs: "
              f"(T({args.steps}) - T({short})) / {n_diff} over two runs.\n"
              f"ratios are against the bare loop. Goal Ray+DS <= 1.05x. "
-             f"Worker set-up in-process: {out['inproc']['setup_s']:.1f}s; its checkpoints took "
+             f"TrainLoop set-up in-process: {out['inproc']['setup_s']:.1f}s; its checkpoints took "
              + ", ".join(f"{c:.2f}s" for c in out["inproc"]["checkpoint_s"]))
     text = table(f"1. Platform overhead: {args.size}, micro-batch {args.batch}, {args.steps} steps, 1 worker, "
                  "ZeRO-2 G/D (ms per iteration = one D step + one G step)",
@@ -517,7 +538,7 @@ def part_demo(args, prefix: str, work: str) -> tuple[str, dict]:
     rows.append(["wall (controller clock, progress reports)", per_step_ms(cw, cn),
                  100 * cw / cn / (s["total"] / steps) if cn and steps else float("nan")])
     rows.append(["wall (whole fit incl. start-up)", per_step_ms(res["fit_s"], spec.train.steps), float("nan")])
-    text = table(f"3. Worker-loop breakdown, digits demo (rank 0, {steps} steady steps after the first "
+    text = table(f"3. Training-loop breakdown, digits demo (rank 0, {steps} steady steps after the first "
                  f"{spec.train.log_every}; {len(ckpts)} checkpoint(s))",
                  ["component (loop's time/* metrics)", "ms/step", "% of total"], rows)
     frac = s["data"] / s["total"] if s["total"] else float("nan")

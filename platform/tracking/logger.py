@@ -26,7 +26,7 @@ from advflow.platform.tracking.secrets import scrub, secret_values
 class RunLogger:
     """Rank 0's handle on the job's run: metrics, images, final metrics, registered models."""
 
-    def __init__(self, spec: RunSpec, run_id: str):
+    def __init__(self, spec: RunSpec, run_id: str, step_key: str = "d_loss"):
         import mlflow
         from mlflow.tracking import MlflowClient
 
@@ -40,9 +40,8 @@ class RunLogger:
         tags = self.client.get_run(run_id).data.tags
         self.data_tags = {k: v for k, v in tags.items() if k.startswith("data.")}
         # Steps a previous attempt already logged (the restored replay reproduces them exactly).
-        # (The classifier job's spec has no `model.method`: it keeps the AFM key, as before.)
-        fm = getattr(getattr(spec, "model", None), "method", "afm") == "fm"
-        history = self.client.get_metric_history(run_id, "fm_loss" if fm else "d_loss")
+        # `step_key` is a metric the method logs at every step (its first loss).
+        history = self.client.get_metric_history(run_id, step_key)
         self.last_logged_step = max((m.step for m in history), default=0)
         # Grids and evaluations at or before this step were logged by that attempt too.
         self.resumed_through = self.last_logged_step
@@ -154,11 +153,12 @@ class NullRunLogger:
         pass
 
 
-def run_logger(spec: RunSpec, run_id: str | None) -> RunLogger | NullRunLogger:
-    """A RunLogger on `run_id`, or a NullRunLogger when there is no run (untracked, not rank 0)."""
+def run_logger(spec: RunSpec, run_id: str | None, step_key: str = "d_loss") -> RunLogger | NullRunLogger:
+    """A RunLogger on `run_id`, or a NullRunLogger when there is no run (untracked, not rank 0).
+    `step_key`: a metric the method logs at every step (finds the steps an earlier attempt logged)."""
     if run_id is None:
         return NullRunLogger(spec)
-    return RunLogger(spec, run_id)
+    return RunLogger(spec, run_id, step_key)
 
 
 def mlflow_metric_key(key: str) -> str:

@@ -132,6 +132,7 @@ def open_run(spec: RunSpec, *, config_yaml: str | None = None, parent_run_id: st
     secrets = secret_values()
     tags = {RUN_KEY_TAG: key, "advflow.version": advflow_version(), "git.commit": git_commit(),
             "mlflow.source.name": "jobs/train.py", "advflow.model": spec.model.size,
+            "advflow.method": spec.model.method,
             **(extra_tags or {})}
     sub = ray_submission_id()
     if sub:

@@ -207,35 +207,30 @@ class Evaluation:
 
 
 class Registration:
-    """Log and register the EMA generator (pickle-free pyfunc) with this checkpoint's eval metrics."""
+    """Log and register the EMA model (pickle-free, in the method's format: `register`) with this
+    checkpoint's eval metrics and the run's data tags."""
 
-    def __init__(self, samples: Samples, logger, name: str, data_prefix: str, cadence: Cadence,
-                 tags: dict[str, str] | None = None):
-        self.samples, self.logger, self.name, self.prefix, self.cadence = samples, logger, name, data_prefix, cadence
-        self.tags = tags or {}
+    def __init__(self, register: Callable[..., Any], logger, name: str, data_prefix: str, cadence: Cadence):
+        self.register, self.logger, self.name, self.prefix, self.cadence = register, logger, name, data_prefix, cadence
         self.registered: list[dict] = []
 
     def __call__(self, m: Moment) -> None:
         if m.checkpoint_dir is None or not self.cadence.due(m.step, m.since):
             return
-        from advflow.platform.tracking.registry import log_generator  # MLflow: only where a model is logged
-
-        s = self.samples
-        # log_generator adds run_id, step and one `metric.<key>` tag per evaluation result.
-        tags = {"data.prefix": self.prefix, **self.logger.data_tags, **self.tags}
+        tags = {"data.prefix": self.prefix, **self.logger.data_tags}
         metrics = {k: v for k, v in m.metrics.items() if k != "eval/seconds"}
-        reg = log_generator(m.ema(), decoder=s.encoder, data_shape=s.data_shape, num_classes=s.num_classes,
-                            registered_name=self.name, tags=tags, step=m.step, run_id=self.logger.run_id,
-                            metrics=metrics)
+        reg = self.register(m.ema(), name=self.name, step=m.step, tags=tags, metrics=metrics, run_id=self.logger.run_id)
         self.registered.append({"step": m.step, "model_uri": reg.model_uri, "version": reg.version})
         log.info("registered %s version %s (step %d)", self.name, reg.version, m.step)
 
 
 class ProgressMeter:
-    """The progress line and its ETA maths, shared by the worker and the driver's Ray callback."""
+    """The progress line and its ETA maths, shared by the loop and the driver's Ray callback.
+    `summary` renders the method's losses (`MetricNames.line`: 'D 0.6931 G 0.6931')."""
 
-    def __init__(self, total_steps: int, global_batch: int):
+    def __init__(self, total_steps: int, global_batch: int, summary: Callable[[dict], str] | None = None):
         self.total, self.batch = total_steps, global_batch
+        self.summary = summary or (lambda metrics: "")
         self._mark: tuple[float, int] | None = None
 
     def start(self, step: int, now: float | None = None) -> None:
@@ -250,10 +245,7 @@ class ProgressMeter:
             rate = (step - self._mark[1]) / max(now - self._mark[0], 1e-9)
         self._mark = (now, step)
         eta = (self.total - step) / rate if rate > 0 else float("nan")
-        nan = float("nan")
-        losses = (f"FM {metrics['fm_loss']:.4f}" if "fm_loss" in metrics else
-                  f"D {metrics.get('d_loss', nan):.4f} G {metrics.get('g_loss', nan):.4f}")
-        return (f"step {step}/{self.total} | {rate * self.batch:.1f} samples/s | {losses} | "
+        return (f"step {step}/{self.total} | {rate * self.batch:.1f} samples/s | {self.summary(metrics)} | "
                 f"data wait {100 * metrics.get('time/data_wait_frac', 0.0):.1f}% | ETA {eta:.0f}s{suffix}")
 
 

@@ -19,7 +19,7 @@ _ADVFLOW = {
     "DataError": "advflow.platform.data.shards",  # ShardError and its kin: a bad byte in a shard
     "ConfigError": "advflow.platform.config",
     "ResumeError": "advflow.platform.train.checkpoint",
-    "WatchdogError": "advflow.platform.train.worker",
+    "WatchdogError": "advflow.platform.train.recovery",
     "StorageAuthError": "advflow.platform.data.storage",  # credentials rejected: no retry fixes that
 }
 # Python errors that are bugs or bad input, never a fault of the machine. (RuntimeError is not one:

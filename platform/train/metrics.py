@@ -4,7 +4,7 @@ when it closes (no per-step host sync), plus the wall-time breakdown of the wind
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -12,16 +12,24 @@ import torch.distributed as dist
 
 @dataclass
 class StepTimes:
-    """Wall-time breakdown of the loop (seconds, summed since the last window closed)."""
+    """Wall-time breakdown of the loop (seconds, summed since the last window closed). `steps`
+    holds each engine's step time by engine name (`time/d_step`, `time/g_step`, `time/c_step`)."""
 
     data: float = 0.0
-    d_step: float = 0.0
-    g_step: float = 0.0
+    steps: dict[str, float] = field(default_factory=dict)
     checkpoint: float = 0.0
     total: float = 0.0
 
+    def reset(self) -> None:
+        """Zero every figure in place (the method keeps a reference to `steps`); the engine names
+        seen so far stay, at 0, so every window reports the same keys."""
+        self.data = self.checkpoint = self.total = 0.0
+        for k in self.steps:
+            self.steps[k] = 0.0
+
     def as_metrics(self) -> dict[str, float]:
-        out = {f"time/{k}": v for k, v in self.__dict__.items()}
+        out = {"time/data": self.data, **{f"time/{k}_step": v for k, v in sorted(self.steps.items())},
+               "time/checkpoint": self.checkpoint, "time/total": self.total}
         out["time/data_wait_frac"] = self.data / self.total if self.total else 0.0
         return out
 
@@ -39,7 +47,7 @@ class MetricWindow:
     def restart(self, step: int) -> None:
         """Begin a window after `step` (at the start and after each flush)."""
         self._first = step
-        self.times = StepTimes()
+        self.times.reset()
         self._opened = time.perf_counter()
 
     def record(self, metrics: dict[str, torch.Tensor | float]) -> None:

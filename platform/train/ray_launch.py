@@ -1,4 +1,4 @@
-"""Ray at the edges: the TorchTrainer (Ray Train V2) around the worker loop (`worker.run_worker`).
+"""Ray at the edges: the TorchTrainer (Ray Train V2) around the training loop (`loop.run_worker`).
 
 Everything Ray-specific lives here: the worker function `train_fn_per_worker(config)`, the `RayContext` that
 turns the loop's report/restore calls into `ray.train.report` / `ray.train.get_checkpoint`, storage
@@ -29,7 +29,7 @@ from advflow.platform.log import get_logger
 from advflow.platform.tracking.runs import tracking_uri
 from advflow.platform.train.callbacks import ProgressMeter
 from advflow.platform.train.failures import DeterministicFailure, is_deterministic, one_line
-from advflow.platform.train.local_launch import resolve_entry
+from advflow.platform.train.loop import run_worker
 
 log = get_logger(__name__)
 
@@ -147,11 +147,10 @@ def torch_config(spec) -> BoundRendezvousConfig:
 
 
 def train_fn_per_worker(config: dict) -> None:
-    """Runs on every Ray Train worker: the shared worker entry with Ray Train's context
-    (`config["entry"]`, "module:function", when the launch named one; else the AFM loop)."""
+    """Runs on every Ray Train worker: the one training loop with Ray Train's context."""
     use_gpu = config["spec"]["distributed"]["use_gpu"]
     device = torch.device("cuda", ray.train.torch.get_device().index or 0) if use_gpu else torch.device("cpu")
-    resolve_entry(config.get("entry"))(config, RayContext(config["spec"]), device=device)
+    run_worker(config, RayContext(config["spec"]), device=device)
 
 
 class FailFast(UserCallback):
@@ -173,8 +172,8 @@ class FailFast(UserCallback):
 class ProgressCallback(UserCallback):
     """Driver-side progress line at each checkpoint report (runs in Ray's controller)."""
 
-    def __init__(self, total_steps: int, global_batch: int, meter: ProgressMeter | None = None):
-        self.meter = meter or ProgressMeter(total_steps, global_batch)
+    def __init__(self, meter: ProgressMeter):
+        self.meter = meter
 
     def after_report(self, run_context, metrics, checkpoint):
         m = metrics[0] if metrics else {}
@@ -225,22 +224,18 @@ def workers(spec) -> int | tuple[int, int]:
 
 
 def build_torch_trainer(spec: RunSpec, callbacks: list | None = None, run_id: str | None = None,
-                        progress: bool = True, entry: str | None = None,
-                        meter: ProgressMeter | None = None) -> TorchTrainer:
-    """The TorchTrainer for `spec`; `run_id` is the MLflow run rank 0 logs to (`tracking.open_run`).
+                        progress: bool = True) -> TorchTrainer:
+    """The TorchTrainer for `spec` (any `model.method`: every one runs on the same loop); `run_id`
+    is the MLflow run rank 0 logs to (`tracking.open_run`). `progress`: the driver prints the
+    method's progress line at each checkpoint."""
+    from advflow.platform.train.methods import METHODS
 
-    entry: the per-worker entry as "module:function" (None: the AFM loop, `worker.run_worker`); `spec`
-    is then that entry's spec (it needs `distributed`, `run`, `train`, `tracking` and `to_dict()`).
-    meter: the driver's progress line at each checkpoint (default: the AFM job's ProgressMeter)."""
     d = spec.distributed
     storage_path, fs = storage(spec)
     if ray.is_initialized():
         warn_node_local_storage(spec, ray.nodes())
     resources = {"CPU": d.cpus_per_worker}
     loop_config = {"spec": spec.to_dict(), "mlflow_run_id": run_id, "mlflow_uri": tracking_uri(spec) if run_id else None}
-    if entry is not None:
-        resolve_entry(entry)  # fail on the driver, not on every worker
-        loop_config["entry"] = entry
     return TorchTrainer(
         train_fn_per_worker,
         train_loop_config=loop_config,
@@ -253,7 +248,9 @@ def build_torch_trainer(spec: RunSpec, callbacks: list | None = None, run_id: st
             failure_config=FailureConfig(max_failures=spec.run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=spec.run.keep_checkpoints),
             callbacks=[FailFast(),
-                       *([ProgressCallback(spec.train.steps, spec.train.global_batch, meter)] if progress else []),
+                       *([ProgressCallback(ProgressMeter(spec.train.steps, spec.train.global_batch,
+                                                         METHODS[spec.model.method].names.line))]
+                         if progress else []),
                        *(callbacks or [])],
         ),
     )

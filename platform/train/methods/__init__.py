@@ -1,0 +1,26 @@
+"""The training methods on the loop, DiT-`DiT_models` style: `model.method` -> its step class.
+
+Adding a method is one file here (its step class: see base.py) plus its pure loss in `trainers/`,
+and a row in this table (and its name in config.py's `ModelConfig.method`).
+
+| method       | streams  | engines | loss (trainers/)                     | samples with       | registered as        |
+|--------------|----------|---------|--------------------------------------|--------------------|----------------------|
+| `afm`        | d, g     | g, d    | afm.d_loss, afm.g_loss               | trainers.flow      | generator pyfunc     |
+| `fm`         | g        | g       | fm.fm_loss                           | Euler (flow)       | generator pyfunc     |
+| `classifier` | c        | c       | losses.classifier_loss_and_logits    | (none)             | classifier pyfunc    |
+"""
+
+from __future__ import annotations
+
+from advflow.platform.train.methods.afm import AFMStep
+from advflow.platform.train.methods.base import Method, MetricNames, StepEnv, step_seed
+from advflow.platform.train.methods.classifier import ClassifierStep
+from advflow.platform.train.methods.fm import FMStep
+
+METHODS: dict[str, type] = {
+    "afm": AFMStep,
+    "fm": FMStep,
+    "classifier": ClassifierStep,
+}
+
+__all__ = ["METHODS", "Method", "MetricNames", "StepEnv", "step_seed", "AFMStep", "FMStep", "ClassifierStep"]

@@ -1,0 +1,51 @@
+"""What the generator methods (AFM, FM) share: their sampler, their evaluation (`eval.kind`
+digits/fid through `platform.eval.EVALUATORS`) and their registered-model format (the EMA
+generator as a pickle-free MLflow pyfunc)."""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import torch
+
+from advflow.platform.train import callbacks as cb
+
+
+class GeneratorMethod:
+    """Mixin: needs `self.env` (StepEnv), `self.G` and `self.ema`."""
+
+    def ema_model(self) -> torch.nn.Module:
+        """A detached copy of G holding the EMA weights (the model that is sampled and shipped)."""
+        model = copy.deepcopy(self.G).eval()
+        with torch.no_grad():
+            self.ema.copy_to(model)
+        return model
+
+    def sizes(self) -> dict[str, float]:
+        out = {"model/g_params": float(sum(p.numel() for p in self.G.parameters()))}
+        D = getattr(self, "D", None)
+        if D is not None:
+            out["model/d_params"] = float(sum(p.numel() for p in D.parameters()))
+        return out
+
+    @functools.cached_property
+    def samples(self) -> cb.Samples:
+        env = self.env
+        return cb.Samples(env.data_shape, env.num_classes, env.device, env.manifest.encoder,
+                          method=env.spec.model.method)
+
+    def evaluation(self, logger, cadence):
+        ev = self.env.spec.eval
+        if ev.kind == "none":
+            return None
+        return cb.Evaluation(self.samples, ev, logger, cadence, rank=self.env.rank, world_size=self.env.world_size)
+
+    def register(self, model, *, name: str, step: int, tags: dict, metrics: dict, run_id: str):
+        from advflow.platform.tracking import registry  # MLflow: only where a model is logged
+
+        s = self.samples
+        # log_generator adds run_id, step and one `metric.<key>` tag per evaluation result.
+        return registry.log_generator(model, decoder=s.encoder, data_shape=s.data_shape, num_classes=s.num_classes,
+                                      registered_name=name, tags={**tags, "method": self.env.spec.model.method},
+                                      step=step, run_id=run_id, metrics=metrics)
