@@ -15,6 +15,7 @@ import torch
 
 from advflow.platform.config import ConfigError, RunSpec
 from advflow.trainers.schedules import AutoPhases
+from fakes import OneRankContext
 
 TEMPLATES = [{"name": "decay", "lr": 1e-3, "lambda_ot": 0.1},
              {"name": "ema", "lr": 8e-4, "lambda_ot": 0.01, "ema_reload_every": 5},
@@ -145,11 +146,8 @@ class FakeLogger:
         pass
 
 
-class Ctx:
-    """The whole WorkerContext for one rank, keeping each reported checkpoint's trainer.json."""
-
-    rank, world_size = 0, 1
-    takes_staging_dir = False
+class Ctx(OneRankContext):
+    """One rank, keeping each reported checkpoint's trainer.json."""
 
     def __init__(self):
         self.saved: dict[int, dict] = {}
@@ -158,18 +156,6 @@ class Ctx:
         from advflow.platform.train.checkpoint import read_meta
 
         self.saved[metrics["step"]] = read_meta(checkpoint_dir)
-
-    def restore_dir(self):
-        return None
-
-    def fetch_checkpoint(self, name):
-        raise FileNotFoundError(name)
-
-    def run_storage(self):
-        return None
-
-    def drain(self):
-        pass
 
 
 class FakeManifest:

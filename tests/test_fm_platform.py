@@ -18,6 +18,7 @@ from advflow.platform.config import ConfigError, RunSpec
 from advflow.trainers import fm
 from advflow.trainers.flow import euler_sample, generate
 from advflow.trainers.models import build_generator
+from fakes import OneRankContext
 
 STEPS, WORKERS, BATCH = 16, 2, 32
 
@@ -98,26 +99,6 @@ def test_fm_on_two_workers_matches_a_single_process_reference_at_zero_0_and_2(di
                                                                   / "d").exists()
 
 
-class _Ctx:
-    """The loop's WorkerContext for one in-process rank that keeps nothing."""
-
-    rank, world_size = 0, 1
-    takes_staging_dir = False
-
-    def report(self, metrics, checkpoint_dir, name=None):
-        pass
-
-    def restore_dir(self):
-        return None
-
-    def fetch_checkpoint(self, name):
-        raise FileNotFoundError(name)
-
-    def run_storage(self):
-        return None
-
-    def drain(self):
-        pass
 
 
 class _FakeStream:
@@ -146,7 +127,7 @@ def test_eval_at_several_k_uses_the_same_noise_and_names_each_k(tmp_path, monkey
                               "eval": {"kind": "digits", "every": 10, "num_samples": 4, "batch_size": 4,
                                        "nfe": [1, 2, 4]}})
     monkeypatch.setattr("advflow.platform.train.methods.fm.build_engine", lambda model, engine_spec: object())
-    w = TrainLoop(spec, _Ctx(), stream_factory=_FakeStream)
+    w = TrainLoop(spec, OneRankContext(), stream_factory=_FakeStream)
     w.logger = NullRunLogger()
     w.build()
     w.build_callbacks()

@@ -19,30 +19,11 @@ import pytest
 import torch
 
 from advflow.platform.config import RunSpec
+from fakes import OneRankContext
 
 CUDA = torch.cuda.is_available()
 
 
-class _OneProcess:
-    """The loop's WorkerContext for one in-process rank that keeps nothing."""
-
-    rank, world_size = 0, 1
-    takes_staging_dir = False
-
-    def report(self, metrics, checkpoint_dir, name=None):
-        pass
-
-    def restore_dir(self):
-        return None
-
-    def fetch_checkpoint(self, name):
-        raise FileNotFoundError(name)
-
-    def run_storage(self):
-        return None  # no metrics log
-
-    def drain(self):
-        pass
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +61,7 @@ def _check_reloads_last(prefix: str, stage: int, gpu: bool, precision: str | Non
     from advflow.platform.train.loop import TrainLoop
 
     device = torch.device("cuda", 0) if gpu else torch.device("cpu")
-    w = TrainLoop(_spec(prefix, stage, gpu, precision), _OneProcess(), device=device)
+    w = TrainLoop(_spec(prefix, stage, gpu, precision), OneRankContext(), device=device)
     w.setup()
     m = w.method
     try:

@@ -88,32 +88,15 @@ def test_a_classifier_for_other_data_is_refused(digits, classifier_dir, tmp_path
 
     from advflow.platform.data.reader import LatentStream
     from advflow.platform.train.loop import TrainLoop
+    from fakes import OneRankContext
 
-    class Ctx:
-        rank, world_size = 0, 1
-        takes_staging_dir = False
-
-        def report(self, metrics, checkpoint_dir, name=None):
-            pass
-
-        def restore_dir(self):
-            return None
-
-        def fetch_checkpoint(self, name):
-            raise FileNotFoundError(name)
-
-        def run_storage(self):
-            return None
-
-        def drain(self):
-            pass
 
     def seven_classes(*args, **kwargs):  # as if the run's data had 7 classes
         stream = LatentStream(*args, **kwargs)
         stream.manifest = dataclasses.replace(stream.manifest, num_classes=7)
         return stream
 
-    w = TrainLoop(_spec(digits, classifier_dir, True), Ctx(), stream_factory=seven_classes)
+    w = TrainLoop(_spec(digits, classifier_dir, True), OneRankContext(), stream_factory=seven_classes)
     try:
         with pytest.raises(ValueError, match=r"guidance\.classifier=.*10 classes.*7 classes"):
             w.build()

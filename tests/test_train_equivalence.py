@@ -23,6 +23,7 @@ from advflow.platform.train.phases import plan_of
 from advflow.trainers import afm
 from advflow.trainers.ema import EMA
 from advflow.trainers.models import build_discriminator, build_generator
+from fakes import OneRankContext
 
 STEPS = 20
 WORKERS = 2
@@ -110,26 +111,6 @@ def test_zero_stages_match_each_other_and_a_single_process_reference(digits, tmp
                 f"ZeRO-{stage} step {step}: D {d:.8f} vs reference {rd:.8f}, G {g:.8f} vs {rg:.8f}")
 
 
-class _OneProcess:
-    """The loop's WorkerContext for one in-process rank that keeps nothing."""
-
-    rank, world_size = 0, 1
-    takes_staging_dir = False
-
-    def report(self, metrics, checkpoint_dir, name=None):
-        pass
-
-    def restore_dir(self):
-        return None
-
-    def fetch_checkpoint(self, name):
-        raise FileNotFoundError(name)
-
-    def run_storage(self):
-        return None  # no metrics log
-
-    def drain(self):
-        pass
 
 
 def apply_phase(trainer, step: int):
@@ -170,7 +151,7 @@ def test_steps_touch_only_their_own_network(digits, stage, single_process_group)
     """A G step leaves D's weights, gradients and optimizer state alone, and vice versa."""
     from advflow.platform.train.loop import TrainLoop
 
-    trainer = TrainLoop(spec_for(digits, stage, workers=1), _OneProcess())
+    trainer = TrainLoop(spec_for(digits, stage, workers=1), OneRankContext())
     trainer.setup()
     m = trainer.method
     try:
@@ -210,7 +191,7 @@ def test_phase_events_reload_d_and_ema(digits, single_process_group, tmp_path):
     from advflow.platform.train.loop import TrainLoop
     from advflow.trainers.schedules import Event
 
-    trainer = TrainLoop(spec_for(digits, 2, workers=1), _OneProcess())
+    trainer = TrainLoop(spec_for(digits, 2, workers=1), OneRankContext())
     trainer.setup()
     m = trainer.method
     try:

@@ -16,6 +16,7 @@ from advflow.platform.train import callbacks as cb
 from advflow.platform.train import loop as loop_module
 from advflow.platform.train.loop import TrainLoop
 from advflow.platform.train.methods.base import MetricNames
+from fakes import OneRankContext
 
 
 class FakeLogger:
@@ -48,10 +49,8 @@ class FakeLogger:
         pass
 
 
-class Ctx:
-    """A one-rank WorkerContext that keeps what it was reported."""
-
-    rank, world_size, takes_staging_dir = 0, 1, False
+class Ctx(OneRankContext):
+    """One rank that keeps what it was reported."""
 
     def __init__(self):
         self.reports = []
@@ -59,18 +58,6 @@ class Ctx:
     def report(self, metrics, checkpoint_dir, name=None):
         files = sorted(p.name for p in Path(checkpoint_dir).iterdir())
         self.reports.append((metrics["step"], files, metrics))
-
-    def restore_dir(self):
-        return None
-
-    def fetch_checkpoint(self, name):
-        raise FileNotFoundError(name)
-
-    def run_storage(self):
-        return None
-
-    def drain(self):
-        pass
 
 
 class FakeManifest:
