@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
-import torch
 
 from advflow.platform.config import ConfigError, RunSpec
 from advflow.trainers.schedules import AutoPhases
-from fakes import OneRankContext
+from fakes import FakeLogger, FakeMethod, FakeStream, OneRankContext
 
 TEMPLATES = [{"name": "decay", "lr": 1e-3, "lambda_ot": 0.1},
              {"name": "ema", "lr": 8e-4, "lambda_ot": 0.01, "ema_reload_every": 5},
@@ -115,37 +115,6 @@ def test_bad_auto_settings_name_the_field(sections, field):
 # ----------------------------------------------------------------------------- the loop's wiring
 
 
-class FakeLogger:
-    """Untracked (no registration, no MLflow grids); keeps what the loop logs."""
-
-    run_id = None
-    data_tags: dict = {}
-
-    def __init__(self):
-        self.events, self.metrics = [], []
-
-    def log_rows(self, rows, extra=None):
-        pass
-
-    def log_metrics(self, metrics, step):
-        self.metrics.append((step, dict(metrics)))
-
-    def log_grid(self, path, step):
-        pass
-
-    def log_event(self, tags, metrics, step):
-        self.events.append((tags, metrics, step))
-
-    def rewind(self, step):
-        pass
-
-    def log_final(self, metrics):
-        pass
-
-    def close(self):
-        pass
-
-
 class Ctx(OneRankContext):
     """One rank, keeping each reported checkpoint's trainer.json."""
 
@@ -158,102 +127,49 @@ class Ctx(OneRankContext):
         self.saved[metrics["step"]] = read_meta(checkpoint_dir)
 
 
-class FakeManifest:
-    shape, num_classes = (1, 8, 8), 10
-    encoder = {"name": "pixel", "scaling_factor": 1.0}
-
-
-class FakeStream:
-    """A record stream with a manifest and no records (no step runs here)."""
-
-    def __init__(self, prefix, batch_size, **kw):
-        self.manifest = FakeManifest()
-
-    def __iter__(self):
-        return iter(())
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
-
-    def close(self):
-        pass
-
-
-class FakeSamples:
-    """Draws nothing: blank images, and a file where a grid would go."""
-
-    def __init__(self, real):
-        self.data_shape, self.num_classes, self.device, self.encoder = (real.data_shape, real.num_classes,
-                                                                        real.device, real.encoder)
-
-    def images(self, model, labels, gen, batch_size=None, nfe=None):
-        return torch.zeros(len(labels), *self.data_shape)
-
-    def grid(self, model, path):
-        path.write_bytes(b"png")
-
-
-def loop_for(monkeypatch, **sections):
-    """A TrainLoop on `phases: auto` built as at its start (tiny G and D, the phase controller, the
-    callbacks), with fake data streams and engines: no step runs, the checkpoints hold only the
-    controller's state."""
-    from advflow.platform.train import callbacks as cb
-    from advflow.platform.train.checkpoint import Checkpointer
+def train(monkeypatch, values: list[float], **sections):
+    """`TrainLoop.train()` on `phases: auto` with a fake method whose evaluations return `values`
+    in turn: the real schedule, the real phase controller and checkpointer."""
+    from advflow.platform.train import loop as loop_module
     from advflow.platform.train.loop import TrainLoop
 
-    raw = base(train={"steps": 30, "global_batch": 16, "checkpoint_every": 6, "log_every": 5, "sample_every": 10},
-               eval={"num_samples": 4, "batch_size": 4})
+    raw = base(train={"steps": 30, "global_batch": 16, "checkpoint_every": 6, "log_every": 5},
+               eval={"num_samples": 4, "batch_size": 4, "every": 6}, watchdog={"rise_patience": 0})
     for k, v in sections.items():
         raw[k] = {**raw.get(k, {}), **v}
-    spec = RunSpec.from_dict(raw)
-    monkeypatch.setattr("advflow.platform.train.methods.afm.build_engine", lambda model, engine_spec: object())
-    loop = TrainLoop(spec, Ctx(), stream_factory=FakeStream)
-    loop.logger = FakeLogger()
-    loop.build()
-    loop.checkpointer = Checkpointer(loop.phases.parts(), rank=0, world_size=1, every=6, last_step=30, config={})
-    loop.build_callbacks()
-    loop.ema_model = lambda: torch.nn.Identity()
-    for c in loop.callbacks:
-        if isinstance(c, (cb.Evaluation, cb.SampleGrid)):
-            c.samples = FakeSamples(c.samples)
-    return loop
-
-
-def test_the_loop_decides_logs_snapshots_d_and_checkpoints_the_transition(monkeypatch):
-    from advflow.platform.train import callbacks as cb
-
-    loop = loop_for(monkeypatch, eval={"every": 6}, auto_phases={"patience": 2, "min_delta": 0.05},
-                    watchdog={"rise_patience": 0})
-    # A D whose weights say which evaluation they belong to.
-    snapshots = iter(range(100))
-    monkeypatch.setattr("advflow.platform.train.methods.afm.read_weights",
-                        lambda engine: {"w": torch.tensor([float(next(snapshots))])})
-    values = iter([50.0, 40.0, 39.0, 39.5, 38.9, 38.8])
+    script = iter(values)
 
     class Scripted:
         def features(self, images):
-            return torch.zeros(len(images), 1).numpy()
+            return np.zeros((len(images), 1))
 
         def metrics_from_features(self, rows, labels):
-            return {"eval/fd": next(values)}
+            return {"eval/fd": next(script)}
 
-    evaluations = [c for c in loop.callbacks if isinstance(c, cb.Evaluation)]
-    assert len(evaluations) == 1
-    evaluations[0]._evaluator = Scripted()
-    for step in range(6, 31, 6):
-        loop.save_checkpoint(step, [], {})
+    logger = FakeLogger()
+    monkeypatch.setattr(loop_module, "run_logger", lambda *a, **kw: logger)
+    monkeypatch.setattr(FakeMethod, "evaluator", Scripted)
+    lrs: list[float] = []
+    monkeypatch.setattr(FakeMethod, "set_lr", lambda self, phase, factor: lrs.append(phase.lr) or {})
+    loop = TrainLoop(RunSpec.from_dict(raw), Ctx(), stream_factory=FakeStream, method=FakeMethod)
+    loop.train()
+    return loop, logger, lrs
+
+
+def test_the_loop_decides_logs_snapshots_and_checkpoints_the_transition(monkeypatch):
     # Evaluations 6:50, 12:40 (best), 18:39 (< 5 %), 24:39.5 -> plateau: phase ema from step 24.
+    loop, logger, lrs = train(monkeypatch, [50.0, 40.0, 39.0, 39.5, 38.9],
+                              auto_phases={"patience": 2, "min_delta": 0.05})
     plan = loop.phases.plan
     assert [p.start for p in plan.phases] == [0, 24]
-    assert plan.at(24).lr == pytest.approx(0.8 * loop.spec.optim.lr)
-    tags, metrics, step = loop.logger.events[0]
+    # Steps 0-23 ran with the first phase's lr, 24-29 with the ema phase's (0.8 lr).
+    lr = loop.spec.optim.lr
+    assert lrs[:24] == [pytest.approx(lr)] * 24 and lrs[24:] == [pytest.approx(0.8 * lr)] * 6
+    (tags, metrics, step), = [e for e in logger.events if "phase/transition" in e[1]]
     assert step == 24 and metrics == {"phase/transition": 1.0}
     assert json.loads(tags["phase.transition.1"])["to"] == "ema"
-    # D is snapshotted at each new best (6, 12, 18 (a best within min_delta), 30): "best" is the latest.
-    assert loop.method.d_tags["best"]["w"].item() == 3.0
+    # D is snapshotted at each new best (6, 12, 18 (a best within min_delta), 30).
+    assert loop.method.bests == [6, 12, 18, 30]
     # The decision is in the checkpoints from step 24 on.
     saved = loop.ctx.saved
     assert saved[18]["auto_phases"]["starts"] == [0] and saved[24]["auto_phases"]["starts"] == [0, 24]
@@ -261,7 +177,8 @@ def test_the_loop_decides_logs_snapshots_d_and_checkpoints_the_transition(monkey
 
 def test_d_is_snapshotted_at_the_best_only_when_a_phase_reloads_from_it(monkeypatch):
     templates = [{"name": "decay"}, {"name": "ema", "lr": 5e-4}]  # no d_reload_from: best
-    loop = loop_for(monkeypatch, eval={"every": 6}, auto_phases={"templates": templates})
-    assert not loop.phases.snapshot_best and loop.phases.decides
+    loop, _, _ = train(monkeypatch, [50.0, 40.0, 30.0, 20.0, 10.0], auto_phases={"templates": templates})
+    assert loop.phases.decides and not loop.phases.snapshot_best and loop.method.bests == []
     # The defaults' low_lr phase reloads D from the best evaluation.
-    assert loop_for(monkeypatch, eval={"every": 6}).phases.snapshot_best
+    loop, _, _ = train(monkeypatch, [50.0, 40.0, 30.0, 20.0, 10.0])
+    assert loop.phases.snapshot_best and loop.method.bests == [6, 12, 18, 24, 30]
