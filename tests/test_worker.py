@@ -123,3 +123,15 @@ def test_checkpoint_holds_the_loop_and_stream_state(monkeypatch, tmp_path):
                                                                   "checkpoint_every": 6, "log_every": 3}})
     TrainLoop(spec, Keeping(), stream_factory=FakeStream, method=FakeMethod).train()
     assert saved == {6: {"g": {"served": 6}}, 12: {"g": {"served": 12}}}
+
+
+def test_every_method_the_config_accepts_has_a_step_class():
+    """`model.method`'s values (config.py, torch-free) and the METHODS table name the same methods."""
+    import typing
+
+    from advflow.platform.config import ModelConfig
+    from advflow.platform.train.methods import METHODS
+
+    assert set(typing.get_args(ModelConfig.model_fields["method"].annotation)) == set(METHODS)
+    for cls in METHODS.values():
+        assert cls.streams and cls.names.losses, cls  # what the loop builds streams and checks from
