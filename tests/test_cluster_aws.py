@@ -17,6 +17,7 @@ from advflow.infra.cluster.validate import ray_up_checks
 AWS = names.CLUSTER_DIR / "aws.yaml"
 
 
+@pytest.mark.integration  # end-to-end: Ray's own cluster-config validation (imports the autoscaler)
 def test_aws_yaml_passes_rays_validation():
     prepared = ray_up_checks(yaml.safe_load(AWS.read_text()))
     assert prepared["provider"]["type"] == "aws"

@@ -198,6 +198,7 @@ def test_every_lock_pin_satisfies_pyproject_and_every_dependency_is_locked():
     check_lock_against_pyproject(pins())
 
 
+@pytest.mark.integration  # end-to-end: reads the installed metadata of every locked package (seconds)
 def test_the_lock_is_closed_and_consistent_with_the_installed_metadata():
     assert check_lock_closed(pins()) > 100  # most of the lock is installed here: the check is not vacuous
 

@@ -88,6 +88,7 @@ def test_ray_objects_validate_against_the_kuberay_crds(files):
     lambda o: o["spec"]["rayClusterSpec"]["authOptions"].update(mode="tokens"),             # not in the enum
     lambda o: o["spec"].pop("entrypoint") and o["spec"]["rayClusterSpec"]["workerGroupSpecs"][0].pop("groupName"),
 ], ids=["unknown-field", "bad-enum", "missing-required"])
+@pytest.mark.integration  # end-to-end: validates against the full KubeRay CRD schemas (seconds)
 def test_the_crd_check_rejects_a_broken_rayjob(files, mutate):
     import jsonschema
 

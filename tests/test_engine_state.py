@@ -112,6 +112,7 @@ def test_restore_continues_exactly_on_any_stage_and_world_size(tmp_path, stage, 
     assert moved > 1e-4  # the 3 steps after the restore did train: the comparison is not vacuous
 
 
+@pytest.mark.integration  # end-to-end: builds DeepSpeed engines (seconds of DeepSpeed import and set-up)
 def test_a_checkpoint_of_another_model_is_refused_naming_the_file(tmp_path):
     from advflow.platform.train.checkpoint import ResumeError
     from advflow.platform.train.engines import EngineState

@@ -239,6 +239,7 @@ def test_pyfunc_predict_matches_direct_generation(mlflow_env, opts):
         loaded.generate([10], [0])
 
 
+@pytest.mark.integration  # end-to-end: builds an SD-VAE decoder (diffusers) in the real layout (seconds)
 def test_sd_vae_decoder_path_override(tmp_path, monkeypatch):
     """sd-vae models decode with the VAE at the recorded path, or at ADVFLOW_VAE_PATH / vae_path."""
     from diffusers import AutoencoderKL

@@ -259,6 +259,7 @@ def test_the_sweep_job_renders_the_report_the_library_describes(tmp_path, capsys
     assert not (tmp_path / "broken.html").exists() and not (tmp_path / "missing.db").exists()
 
 
+@pytest.mark.integration  # end-to-end: renders whole sweep reports from Optuna studies (seconds)
 def test_missing_and_bad_grids_show_placeholders(tmp_path):
     study = optuna.create_study(study_name="grids", storage=f"sqlite:///{tmp_path / 'g.db'}")
     (tmp_path / "notes.txt").write_text("not an image")
@@ -285,6 +286,7 @@ def test_missing_and_bad_grids_show_placeholders(tmp_path):
     assert src.startswith("data:image/png;base64,") and base64.b64decode(src.split(",", 1)[1]) == given
 
 
+@pytest.mark.integration  # end-to-end: renders whole sweep reports from Optuna studies (seconds)
 @pytest.mark.parametrize("n_trials", [0, 1])
 def test_thin_studies_still_render(tmp_path, n_trials):
     study = optuna.create_study(study_name="thin", storage=f"sqlite:///{tmp_path / 't.db'}")
@@ -320,6 +322,7 @@ def test_storage_errors_name_the_fix(tmp_path):
         write_report(str(tmp_path / "s.db"), "alpha", tmp_path / "r.html")
 
 
+@pytest.mark.integration  # end-to-end: renders whole sweep reports from Optuna studies (seconds)
 def test_write_is_atomic_and_cli(tmp_path, capsys, monkeypatch):
     storage = f"sqlite:///{tmp_path / 'c.db'}"
     optuna.create_study(study_name="cli", storage=storage).optimize(
