@@ -24,6 +24,7 @@ is the one loader and `RunSpec.from_dict` turns pydantic's `ValidationError` int
 from __future__ import annotations
 
 import copy
+import math
 import re
 import typing
 from pathlib import Path
@@ -49,12 +50,17 @@ def _fail(fieldname: str, problem: str, fix: str) -> typing.NoReturn:
 
 
 def _yaml_float(value: Any) -> Any:
-    """YAML 1.1 reads `1e-4` (no dot) as a string; a float field takes any string that parses."""
+    """YAML 1.1 reads `1e-4` (no dot) as a string; a float field takes any string that parses, except
+    'nan' and 'inf' (float() reads them; no setting means them, and a NaN passes every `<`/`>` check
+    of the section's validator). Non-finite YAML floats (`.nan`) are refused by `_check_finite`."""
     if isinstance(value, str):
         try:
-            return float(value)
+            number = float(value)
         except ValueError:
-            pass
+            return value
+        if not math.isfinite(number):
+            raise ConfigError(f": {value} is not a finite number; set a finite value")
+        return number
     return value
 
 
@@ -733,6 +739,7 @@ class RunSpec(BaseModel):
         `METHOD_DEFAULTS`, fill in what it leaves out); raises ConfigError."""
         raw = raw or {}
         if isinstance(raw, dict):
+            _check_finite(raw)
             raw = {**{name: {} for name in _SECTIONS}, **raw}  # validate omitted sections' defaults too
             raw = _with_method_defaults(raw)
         try:
@@ -931,6 +938,37 @@ _SECTIONS = [name for name, f in RunSpec.model_fields.items()
              if isinstance(f.annotation, type) and issubclass(f.annotation, _Section)]
 
 
+def _non_finite(node: Any, loc: tuple = ()):
+    """(loc, value) of every NaN or infinite float in a nested dict/list, in document order."""
+    if isinstance(node, float) and not math.isfinite(node):
+        yield loc, node
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            yield from _non_finite(value, (*loc, key))
+    elif isinstance(node, (list, tuple)):
+        for i, value in enumerate(node):
+            yield from _non_finite(value, (*loc, i))
+
+
+def _check_finite(raw: dict) -> None:
+    """Refuse a NaN or infinity (YAML `.nan`, `.inf`, `1.0e999`; `--set optim.lr=.nan`) at its own
+    field, before any validator sees it: NaN compares false with everything, so a range check such
+    as `lr <= 0` lets it through and a later, derived check (the phase plan) would take the blame.
+    One walk over the user's dict covers every field, list element and schedule or phase value.
+    A key the spec does not know is left to pydantic, which names it as unknown."""
+    for loc, value in _non_finite(raw):
+        if loc[0] in _SECTIONS:
+            if len(loc) < 2 or loc[1] not in RunSpec.model_fields[loc[0]].annotation.model_fields:
+                continue
+        elif loc[0] not in RunSpec.model_fields:
+            continue
+        info = _field_at(loc)
+        default = info.default if info is not None else None
+        example = (f" (the default is {default})" if isinstance(default, (int, float)) and not isinstance(default, bool)
+                   else "")
+        raise ConfigError(f"{_path(loc)}: {value} is not a finite number; set a finite value{example}")
+
+
 # ----------------------------------------------------------------------------- pydantic errors -> ConfigError
 
 # pydantic error type -> what the field expected (the input is appended: "expected an integer, got 'abc'").
@@ -1018,22 +1056,74 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
-    """Read one recipe; `base: other.yaml` (relative to this file) is read first and overlaid."""
+    """Read one recipe; `base: other.yaml` (relative to this file) is read first and overlaid.
+    Every way a file can fail to be a recipe (missing, a folder, unreadable, binary, not UTF-8,
+    empty, bad YAML) is one ConfigError line naming the file and the fix: the user passed the
+    wrong path far more often than the file is damaged, so a decoder's traceback helps nobody."""
+    what = f"config file {path}"
+    if path.is_dir():
+        raise ConfigError(f"{what} is a folder; pass a YAML file, e.g. {path / 'run.yaml'} "
+                          "(recipes live in jobs/configs/)")
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist; pass an existing YAML file "
+        raise ConfigError(f"{what} does not exist; pass an existing YAML file "
                           f"(recipes live in jobs/configs/)")
     if path.resolve() in seen:
-        raise ConfigError(f"config file {path}: `base` chain loops back to itself; remove the cycle")
+        raise ConfigError(f"{what}: `base` chain loops back to itself; remove the cycle")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        data = path.read_bytes()
+    except PermissionError:
+        raise ConfigError(f"{what} is not readable (permission denied); make it readable "
+                          f"(chmod u+r {path}) or pass a copy you can read") from None
+    except OSError as err:
+        raise ConfigError(f"{what} cannot be read ({err.strerror or err}); pass a readable YAML file") from None
+    text = _decode_text(data, what)
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        raise ConfigError(f"{what} is not valid YAML{_yaml_where(err)}; fix the syntax there "
+                          "(recipes in jobs/configs/ show the layout)") from None
+    if raw is None:  # empty, blank or only comments: almost always the wrong file
+        raise ConfigError(f"{what} is empty (no settings); write the run's sections in it (start from a "
+                          "recipe in jobs/configs/) or pass the intended file")
     if not isinstance(raw, dict):
-        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        raise ConfigError(f"{what} must hold a mapping at the top level (section: settings), got a "
+                          f"{type(raw).__name__}; start from a recipe in jobs/configs/")
     base = raw.pop("base", None)
     if base is None:
         return raw
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{what}: base: {base!r} is not a file name; write base: other.yaml "
+                          "(relative to this file)")
     return _merge(_read_yaml(path.parent / base, seen + (path.resolve(),)), raw)
+
+
+# Leading bytes of files passed by mistake for a config -> what they are (named in the error).
+_MAGIC = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"GIF8": "a GIF image",
+          b"%PDF": "a PDF", b"PK\x03\x04": "a zip archive", b"\x1f\x8b": "a gzip archive",
+          b"\x7fELF": "an executable", b"\x93NUMPY": "a NumPy array"}
+
+
+def _decode_text(data: bytes, what: str) -> str:
+    """`data` as UTF-8 text, or a ConfigError saying what the file looks like instead."""
+    kind = next((name for magic, name in _MAGIC.items() if data.startswith(magic)), None)
+    if kind is None and b"\0" in data[:4096] and not data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        kind = "a binary file"
+    if kind is not None:
+        raise ConfigError(f"{what} is {kind}, not a YAML config; pass the run's .yaml file "
+                          "(recipes live in jobs/configs/)")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise ConfigError(f"{what} is not UTF-8 text (byte 0x{data[err.start]:02x} on line {line}); "
+                          "save it as UTF-8 (e.g. iconv -t UTF-8) and pass it again") from None
+
+
+def _yaml_where(err: yaml.YAMLError) -> str:
+    """' at line L, column C: <problem>' of a YAML error, on one line (PyYAML's own text spans several)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return (f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "") + f": {problem}"
 
 
 def _merge(base: dict, top: dict) -> dict:
