@@ -33,6 +33,7 @@ from advflow.platform.data.storage import Storage, StorageError
 from advflow.platform.eval.fid import ADM_IMAGES, as_uint8_pixels, inception_features
 from advflow.platform.eval.frechet import feature_stats, save_stats
 from advflow.platform.eval.inception import load_inception
+from advflow.platform.outputs import OutputError, check_writable
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -65,6 +66,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--limit {a.limit}: statistics need at least 2 images")
     if a.batch_size < 1:
         p.error(f"--batch-size {a.batch_size}: must be >= 1")
+    try:  # before the Inception pass over every image: the files are written at the end
+        check_writable(a.out, "--out")
+        check_writable(a.adm_batch, "--adm-batch")
+    except OutputError as err:
+        p.error(str(err))
     return a
 
 

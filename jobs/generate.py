@@ -16,8 +16,13 @@ import sys
 from pathlib import Path
 
 
+MAX_LABELS = 10_000  # grid rows; more than any class count in use (ImageNet: 1000), and a typo'd
+# range (0-1000000) would otherwise build a million-row list before the model is even loaded
+
+
 def parse_labels(text: str) -> list[int]:
-    """"0-9", "1,3,5", "0-2,7" -> list of ints in the order given (ranges inclusive)."""
+    """"0-9", "1,3,5", "0-2,7" -> list of ints in the order given (ranges inclusive). A label given
+    twice gets two grid rows (with different seeds), so repeats are kept."""
     out: list[int] = []
     for part in text.split(","):
         part = part.strip()
@@ -27,13 +32,40 @@ def parse_labels(text: str) -> list[int]:
                 lo_i, hi_i = int(lo), int(hi)
                 if hi_i < lo_i:
                     raise ValueError
+                if len(out) + hi_i - lo_i + 1 > MAX_LABELS:
+                    raise OverflowError
                 out.extend(range(lo_i, hi_i + 1))
             else:
                 out.append(int(part))
+        except OverflowError:
+            raise ValueError(f"--labels: {text!r} asks for over {MAX_LABELS} labels (one grid row each); "
+                             "list the model's class ids, e.g. 0-9") from None
         except ValueError:
             raise ValueError(f"--labels: {part!r} in {text!r} is not an int or an a-b range with a <= b; "
                              "use e.g. 0-9 or 1,3,5") from None
     return out
+
+
+def label_ranges(labels: list[int]) -> str:
+    """[10, 11, 12, 15, -1] -> '-1, 10-12, 15': each label once, runs folded into ranges."""
+    runs: list[list[int]] = []
+    for v in sorted(set(labels)):
+        if runs and v == runs[-1][1] + 1:
+            runs[-1][1] = v
+        else:
+            runs.append([v, v])
+    return ", ".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in runs)
+
+
+def check_labels(labels: list[int], num_classes: int, given: str) -> None:
+    """ValueError naming each label outside [0, num_classes) once (a label repeats per image)."""
+    bad = [v for v in labels if not 0 <= v < num_classes]
+    if bad:
+        classes = f"0-{num_classes - 1}" if num_classes > 1 else "0"
+        many = len(set(bad)) > 1
+        raise ValueError(f"--labels {given}: label{'s' if many else ''} {label_ranges(bad)} "
+                         f"{'are' if many else 'is'} outside the model's classes {classes}; "
+                         f"pass labels in {classes}")
 
 
 def _save_npz(path: Path, **arrays) -> None:
@@ -77,7 +109,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
+    from advflow.platform.outputs import check_writable
+
     try:
+        # Before the model loads and the images are made: a path that cannot be written would
+        # otherwise fail only after all the work, on the grid's temp file.
+        check_writable(a.out, "--out")
+        check_writable(a.npz, "--npz")
         labels = parse_labels(a.labels)
         if a.per_label < 1:
             raise ValueError(f"--per-label: {a.per_label} must be >= 1")
@@ -105,11 +143,16 @@ def main(argv: list[str] | None = None) -> int:
         _fail(f"--model {a.model}: {e}")
         return 2
     src = model.source
+    try:
+        check_labels(labels, model.spec.num_classes, a.labels)  # before the images, once per label
+    except ValueError as e:
+        _fail(e)
+        return 2
     ys = [y for y in labels for _ in range(a.per_label)]
     seeds = [a.seed + i for i in range(len(ys))]
     try:
         images = model.images(ys, seeds)  # (N, C, H, W) in [-1, 1]
-    except ValueError as e:  # labels outside the model's classes
+    except ValueError as e:  # the model's own checks (seeds)
         _fail(e)
         return 2
     save_grid(images, a.out, nrow=a.per_label)

@@ -18,6 +18,7 @@ import sys
 from advflow.platform.data.prepare import PrepareConfig, prepare
 from advflow.platform.data.shards import DataError, verify_dataset
 from advflow.platform.data.storage import StorageError
+from advflow.platform.outputs import check_writable
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -62,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"BAD {line}", file=sys.stderr)
             print(f"{args.verify}: {'OK' if not problems else f'{len(problems)} bad shard(s)'}")
             return 1 if problems else 0
+        # A local prefix is checked before any image is encoded (an s3:// one by its storage).
+        check_writable(args.out, "--out", folder=True)
         cfg = PrepareConfig(
             source=args.source, out=args.out, encoder=args.encoder, vae_path=args.vae_path,
             vae_sample=args.vae_sample, resolution=args.resolution, flips=args.flips,

@@ -114,6 +114,13 @@ def main(argv=None) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    from advflow.platform.outputs import OutputError, check_writable
+
+    try:  # before any run trains: results.json and report.html go there after each run and at the end
+        check_writable(Path(args.out) / args.name, "--out (with --name)", folder=True)
+    except OutputError as err:
+        print(err, file=sys.stderr)
+        return 2
     only = set(args.only.split(",")) if args.only else None
     unknown = (only or set()) - set(specs)
     if unknown:

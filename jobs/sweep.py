@@ -77,6 +77,20 @@ def main(argv=None) -> int:
     except ConfigError as err:
         print(f"[advflow] config error: {err}", file=sys.stderr)
         return 2
+    from advflow.platform.outputs import OutputError, check_writable
+    from advflow.platform.sweep.study import sweep_dir
+
+    try:
+        # Before Ray starts and any trial trains: the report is written only at the very end, and the
+        # SQLite study and Tune's state go to the sweep's folder (beside a SQLite study, else ./sweeps).
+        check_writable(args.report or space.report, "--report" if args.report else "the space's report:")
+        if space.storage.startswith("sqlite:///"):
+            check_writable(space.storage[len("sqlite:///"):] or None,
+                           "--storage" if args.storage else "the space's storage: sqlite:///")
+        check_writable(sweep_dir(space), "the sweep's folder", folder=True)
+    except OutputError as err:
+        print(f"[advflow] {err}", file=sys.stderr)
+        return 2
     from advflow.platform.sweep.tune import run_sweep
 
     try:

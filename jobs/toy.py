@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from advflow.platform.atomic import write_bytes, write_text
+from advflow.platform.outputs import check_writable
 from advflow.trainers.toy import ToyConfig, evaluate, make_target, ot_map, train
 
 
@@ -115,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
             extra={"argv": sys.argv[1:] if argv is None else list(argv)},
         )
         target = make_target(cfg)  # validates --data before any training
-    except ValueError as exc:
+        check_writable(a.out, "--out", folder=True)  # the outputs are written after the training
+    except ValueError as exc:  # OutputError too
         print(f"error: {exc}", file=sys.stderr)
         return 2
     torch.set_num_threads(a.threads)

@@ -31,6 +31,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoints", type=int, default=10)
     ap.add_argument("--out", default=None, help="run folder (default: a temporary one)")
     args = ap.parse_args(argv)
+    try:  # a checkout from before platform/outputs.py (the older loop, above) has no check to run
+        from advflow.platform.outputs import OutputError, check_writable
+    except ImportError:
+        pass
+    else:
+        try:  # before the data is prepared and the checkpoints are trained
+            check_writable(args.out, "--out", folder=True)
+        except OutputError as err:
+            ap.error(str(err))
 
     import torch.distributed as dist
 

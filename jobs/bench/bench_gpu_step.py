@@ -81,6 +81,12 @@ def main() -> None:
     ap.add_argument("--peak-tflops", type=float, default=989.0)
     ap.add_argument("--json", default="")
     a = ap.parse_args()
+    from advflow.platform.outputs import OutputError, check_writable
+
+    try:  # before the timed steps: the JSON is written at the end
+        check_writable(a.json or None, "--json")
+    except OutputError as err:
+        ap.error(str(err))
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29531")

@@ -589,6 +589,13 @@ def parse(argv=None):
         p.error("--short-steps must be in (0, --steps)")
     if args.short_steps <= args.window:
         p.error("--short-steps must exceed --window (the first window is warm-up)")
+    from advflow.platform.outputs import OutputError, check_writable
+
+    try:  # before the runs: the figures are written at the very end, the scratch folder at once
+        check_writable(args.json, "--json")
+        check_writable(args.work, "--work", folder=True)
+    except OutputError as err:
+        p.error(str(err))
     return args
 
 

@@ -64,6 +64,12 @@ def main(argv=None) -> int:
         return 0 if a == b else 1
     if not (args.config and args.data and args.out):
         p.error("--config, --data and --out are needed (or --compare A B)")
+    from advflow.platform.outputs import OutputError, check_writable
+
+    try:  # before the training run: the rows are written after it
+        check_writable(args.out, "--out")
+    except OutputError as err:
+        p.error(str(err))
     out = rows(args.config, args.data, args.workers, args.sets)
     Path(args.out).write_text(json.dumps(out))
     print(f"{len(out)} rows -> {args.out}")
