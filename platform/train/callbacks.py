@@ -226,7 +226,16 @@ class Registration:
 
 class ProgressMeter:
     """The progress line and its ETA maths, shared by the loop and the driver's Ray callback.
-    `summary` renders the method's losses (`MetricNames.line`: 'D 0.6931 G 0.6931')."""
+    `summary` renders the method's losses (`MetricNames.line`: 'D 0.6931 G 0.6931').
+
+    The rate is measured between two moments of one attempt: `start` (the loop, once its state is
+    restored) or a previous line. Until there are two, it is not known, and the line says so
+    (`— samples/s`, `ETA —`) instead of printing 0.0 samples/s and a NaN ETA. A new attempt (a
+    restart: the driver's callback calls `new_attempt`) or a step that went back (a rollback) forgets
+    the mark: the time in between was spent restarting or redoing steps, not on this attempt's steps,
+    and the first report of a resumed attempt (at a step > 0) is no rate from step 0 either."""
+
+    UNKNOWN = "—"
 
     def __init__(self, total_steps: int, global_batch: int, summary: Callable[[dict], str] | None = None):
         self.total, self.batch = total_steps, global_batch
@@ -234,19 +243,34 @@ class ProgressMeter:
         self._mark: tuple[float, int] | None = None
 
     def start(self, step: int, now: float | None = None) -> None:
+        """This attempt begins at `step` now (the next line's rate is measured from here)."""
         self._mark = (time.perf_counter() if now is None else now, step)
 
+    def new_attempt(self) -> None:
+        """A new attempt is about to begin (e.g. after a worker failure): the next line's rate is
+        unknown, unless `start` is called first."""
+        self._mark = None
+
+    def rate(self, step: int, now: float) -> float | None:
+        """Steps per second since the mark, or None when there is no mark of this attempt to measure
+        from (first line, after a restart or a rollback, or no time passed)."""
+        if self._mark is None:
+            return None
+        then, last = self._mark
+        if step <= last or now <= then:
+            return None
+        return (step - last) / (now - then)
+
     def line(self, step: int, metrics: dict, now: float | None = None, suffix: str = "") -> str:
-        """Rate since the previous line (0 for the first line, or after a restart went back)."""
         now = time.perf_counter() if now is None else now
-        if self._mark is None or step <= self._mark[1]:
-            rate = 0.0
-        else:
-            rate = (step - self._mark[1]) / max(now - self._mark[0], 1e-9)
+        rate = self.rate(step, now)
         self._mark = (now, step)
-        eta = (self.total - step) / rate if rate > 0 else float("nan")
-        return (f"step {step}/{self.total} | {rate * self.batch:.1f} samples/s | {self.summary(metrics)} | "
-                f"data wait {100 * metrics.get('time/data_wait_frac', 0.0):.1f}% | ETA {eta:.0f}s{suffix}")
+        if rate is None:
+            speed, eta = f"{self.UNKNOWN} samples/s", self.UNKNOWN
+        else:
+            speed, eta = f"{rate * self.batch:.1f} samples/s", f"{max(self.total - step, 0) / rate:.0f}s"
+        return (f"step {step}/{self.total} | {speed} | {self.summary(metrics)} | "
+                f"data wait {100 * metrics.get('time/data_wait_frac', 0.0):.1f}% | ETA {eta}{suffix}")
 
 
 class Progress:
