@@ -11,9 +11,12 @@ needs one key and one HMAC per request and does not depend on moto's internals.
 What is verified: the signature over method, path, query, the signed headers and the payload hash
 the client declared (``x-amz-content-sha256``), in the header form every SDK uses (boto3, s3fs /
 aiobotocore, pyarrow's AWS SDK, MLflow through boto3) and the presigned-query form; the request time
-must be within 15 minutes, as on AWS. Not verified: that the body matches the declared hash, nor
-the per-chunk signatures of streaming uploads (their seed signature is checked). Both would only
-matter to someone who can already capture and replay loopback traffic.
+must be within 15 minutes, as on AWS. Presigned URLs: SigV4 (X-Amz-Signature) and the Signature
+Version 2 form boto3's generate_presigned_url makes by default (AWSAccessKeyId, Expires, Signature;
+S3 and MinIO accept both), each with the stack's key, compared in constant time, for at most 7 days.
+Not verified: that the body matches the declared hash, nor the per-chunk signatures of streaming
+uploads (their seed signature is checked). Both would only matter to someone who can already
+capture and replay loopback traffic.
 
 The credentials file is an AWS shared-credentials file (INI, profile ``advflow-stack``), so the
 same file that configures the server also configures every client that reads
@@ -23,6 +26,7 @@ the stack's Ray workers use it that way and never see the secret in an environme
 
 from __future__ import annotations
 
+import base64
 import configparser
 import datetime as dt
 import hashlib
@@ -39,6 +43,7 @@ from advflow.platform.atomic import write_text
 PROFILE = "advflow-stack"
 REGION = "us-east-1"
 MAX_SKEW = dt.timedelta(minutes=15)  # AWS's own limit (RequestTimeTooSkewed)
+MAX_PRESIGN_S = 7 * 24 * 3600  # AWS's longest X-Amz-Expires for SigV4 presigned URLs (604800 s)
 _ALGORITHM = "AWS4-HMAC-SHA256"
 _AUTH_RE = re.compile(
     r"AWS4-HMAC-SHA256\s+Credential=(?P<credential>[^,\s]+)\s*,\s*"
@@ -146,6 +151,26 @@ def _signing_key(secret: str, date: str, region: str, service: str) -> bytes:
     return key
 
 
+def _check_presigned_window(when: dt.datetime, expires: str | None, now: dt.datetime) -> None:
+    """A presigned URL's time checks, as AWS makes them: X-Amz-Expires is a whole number of seconds
+    in 1..604800 (7 days), the URL is refused once X-Amz-Date + X-Amz-Expires has passed, and an
+    X-Amz-Date over 15 minutes ahead of the server's clock is refused (a URL dated far ahead would
+    otherwise stay valid for as long as its date is in the future, whatever X-Amz-Expires says).
+    X-Amz-Expires is part of the signed query, so it cannot be changed without the key."""
+    if expires is None or not (expires.isascii() and expires.isdigit()) or not 1 <= int(expires) <= MAX_PRESIGN_S:
+        raise Refused(
+            "AuthorizationQueryParametersError",
+            f"X-Amz-Expires must be a whole number of seconds from 1 to {MAX_PRESIGN_S} (7 days), got "
+            f"{expires!r}; presign again with ExpiresIn in that range",
+        )
+    if when - now > MAX_SKEW:
+        raise Refused("AccessDenied", "the presigned URL's X-Amz-Date is over 15 minutes in the future; check the "
+                      "clock of the machine that presigned it and presign again")  # fmt: skip
+    end = when + dt.timedelta(seconds=int(expires))
+    if now > end:
+        raise Refused("AccessDenied", f"the presigned URL expired at {end:%Y-%m-%d %H:%M:%S} UTC; presign a new one")
+
+
 def verify(environ: dict[str, Any], key_id: str, secret: str, now: dt.datetime | None = None) -> None:
     """Raise Refused unless the request is signed with ``key_id``/``secret`` (SigV4)."""
     query = environ.get("QUERY_STRING", "")
@@ -163,7 +188,7 @@ def verify(environ: dict[str, Any], key_id: str, secret: str, now: dt.datetime |
         amz_date = _header(environ, "x-amz-date") or ""
         payload = _header(environ, "x-amz-content-sha256") or hashlib.sha256(b"").hexdigest()
         canonical_query = _canonical_query(query)
-        expires = None
+        expires, presigned_form = None, False
     elif presigned:
         params = {unquote(k): unquote(v) for k, _, v in (p.partition("=") for p in query.split("&"))}
         if params.get("X-Amz-Algorithm") != _ALGORITHM:
@@ -174,13 +199,11 @@ def verify(environ: dict[str, Any], key_id: str, secret: str, now: dt.datetime |
         amz_date = params.get("X-Amz-Date", "")
         payload = "UNSIGNED-PAYLOAD"
         canonical_query = _canonical_query(query, drop="X-Amz-Signature")
-        expires = params.get("X-Amz-Expires")
+        expires, presigned_form = params.get("X-Amz-Expires"), True
     elif "Signature=" in query and "AWSAccessKeyId=" in query:
-        raise Refused(
-            "AccessDenied",
-            "Signature Version 2 URLs are not accepted; presign with signature_version='s3v4' "
-            "(botocore.config.Config)",
-        )
+        # boto3's generate_presigned_url signs this way by default (no signature_version in the
+        # client's config), and S3 and MinIO accept it: so does this endpoint, with the same key.
+        return _verify_v2_query(environ, query, key_id, secret, now)
     else:
         raise Refused(
             "AccessDenied",
@@ -202,9 +225,8 @@ def verify(environ: dict[str, Any], key_id: str, secret: str, now: dt.datetime |
     except ValueError:
         raise Refused("AccessDenied", "the request has no valid X-Amz-Date") from None
     now = now or dt.datetime.now(dt.timezone.utc)
-    if expires is not None:
-        if not expires.isdigit() or now > when + dt.timedelta(seconds=int(expires)):
-            raise Refused("AccessDenied", "the presigned URL has expired")
+    if presigned_form:
+        _check_presigned_window(when, expires, now)
     elif abs(now - when) > MAX_SKEW:
         raise Refused("RequestTimeTooSkewed", "the request time differs from the server's by over 15 minutes")
     names = signed.lower().split(";")
@@ -225,13 +247,84 @@ def verify(environ: dict[str, Any], key_id: str, secret: str, now: dt.datetime |
             [_ALGORITHM, amz_date, "/".join(scope[1:]), hashlib.sha256(canonical.encode()).hexdigest()]
         )
         expected = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
-        if hmac.compare_digest(expected, signature.lower()):
+        # As bytes: compare_digest refuses str with non-ASCII characters, which a presigned URL's
+        # X-Amz-Signature may carry (%-decoded), and that must be a refusal, not a server error.
+        if hmac.compare_digest(expected.encode(), signature.lower().encode()):
             return
+    if presigned_form:  # the key id matched: the URL was edited, or presigned with another secret
+        raise Refused(
+            "SignatureDoesNotMatch",
+            "the presigned URL's signature does not match: it was changed after presigning, or presigned "
+            "with another secret key; presign it again with the stack's credentials (`advflow stack env`)",
+        )
     raise Refused(
         "SignatureDoesNotMatch",
         "the signature does not match: the secret access key is not the stack's; "
         "`eval \"$(advflow stack env)\"` exports the current one",
     )
+
+
+# Query parameters that are part of a Signature Version 2 string to sign (S3's "sub-resources" and
+# response overrides); any other parameter may be added or dropped without breaking the signature.
+_V2_SUBRESOURCES = frozenset(
+    "accelerate acl cors defaultObjectAcl delete lifecycle location logging metrics notification object-lock "
+    "partNumber policy replication requestPayment response-cache-control response-content-disposition "
+    "response-content-encoding response-content-language response-content-type response-expires restore "
+    "select select-type storageClass tagging torrent uploadId uploads versionId versioning versions website "
+    "analytics inventory".split()
+)
+
+
+def _verify_v2_query(environ: dict[str, Any], query: str, key_id: str, secret: str, now: dt.datetime | None) -> None:
+    """A Signature Version 2 presigned URL (AWSAccessKeyId, Expires, Signature in the query): the
+    same key (constant-time), the same 7-day limit and a base64 HMAC-SHA1 over method, Content-MD5,
+    Content-Type, Expires, the x-amz-* values and the path with its sub-resources, as S3 defines it."""
+    pairs = [(unquote(k), unquote(v), "=" in p) for p in query.split("&") if p
+             for k, _, v in [p.partition("=")]]  # fmt: skip
+    params = {k: v for k, v, _ in pairs}
+    if not hmac.compare_digest(params.get("AWSAccessKeyId", "").encode(), key_id.encode()):
+        raise Refused(
+            "InvalidAccessKeyId",
+            "the presigned URL's AWSAccessKeyId is not the stack's; presign it again with the stack's "
+            "credentials (`advflow stack env`)",
+        )
+    expires = params.get("Expires", "")
+    if not (expires.isascii() and expires.isdigit()):
+        raise Refused("AccessDenied", f"the presigned URL's Expires must be a time in epoch seconds, got {expires!r}")
+    now = now or dt.datetime.now(dt.timezone.utc)
+    end = dt.datetime.fromtimestamp(int(expires), dt.timezone.utc)
+    if now > end:
+        raise Refused("AccessDenied", f"the presigned URL expired at {end:%Y-%m-%d %H:%M:%S} UTC; presign a new one")
+    if end - now > dt.timedelta(seconds=MAX_PRESIGN_S) + MAX_SKEW:
+        raise Refused("AuthorizationQueryParametersError", f"the presigned URL is valid until {end:%Y-%m-%d} UTC, "
+                      "over 7 days from now; presign again with ExpiresIn of at most 604800")  # fmt: skip
+    amz = sorted((k.lower(), v.strip()) for k, v, _ in pairs if k.lower().startswith("x-amz-"))
+    amz += [(n, " ".join(v.split())) for n, v in _amz_headers(environ) if n not in dict(amz)]
+    custom = "".join(f"{n}:{v}\n" for n, v in sorted(amz))
+    sub = sorted((k, v, has) for k, v, has in pairs if k in _V2_SUBRESOURCES)
+    resource_query = "&".join(f"{k}={v}" if has else k for k, v, has in sub)
+    method = environ.get("REQUEST_METHOD", "GET")
+    signature = params.get("Signature", "").encode()
+    # Content-Type/MD5 are signed as the client had them: in the request, or moved into the query
+    # by the presigner (botocore does that), or absent.
+    for md5 in {_header(environ, "content-md5") or "", params.get("content-md5", "")}:
+        for ctype in {_header(environ, "content-type") or "", params.get("content-type", ""), ""}:
+            for path in _canonical_paths(environ):
+                resource = path + ("?" + resource_query if resource_query else "")
+                to_sign = f"{method}\n{md5}\n{ctype}\n{expires}\n{custom}{resource}"
+                digest = hmac.new(secret.encode(), to_sign.encode(), hashlib.sha1).digest()
+                if hmac.compare_digest(base64.b64encode(digest), signature):
+                    return
+    raise Refused(
+        "SignatureDoesNotMatch",
+        "the presigned URL's signature does not match: it was changed after presigning, or presigned "
+        "with another secret key; presign it again with the stack's credentials (`advflow stack env`)",
+    )
+
+
+def _amz_headers(environ: dict[str, Any]) -> list[tuple[str, str]]:
+    return [(k[5:].lower().replace("_", "-"), str(v)) for k, v in environ.items()
+            if k.startswith("HTTP_X_AMZ_")]  # fmt: skip
 
 
 class RequireSignature:

@@ -537,10 +537,31 @@ def build_app(store: DiskStore | None, credentials: dict[str, str]) -> Callable:
 
     from advflow.infra.local.s3_auth import RequireSignature
 
-    app: Callable = DomainDispatcherApplication(create_backend_app)
+    app: Callable = RawPutBody(DomainDispatcherApplication(create_backend_app))
     if store is not None:
         app = WriteThrough(app, store, MotoView())
     return RequireSignature(app, credentials, log=_log)
+
+
+_FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
+
+
+class RawPutBody:
+    """A PUT's body is the object, whatever its Content-Type says. moto's server (Flask) parses a
+    body sent as a form (urllib's and `curl --data-binary`'s default Content-Type) into form fields:
+    the object was stored EMPTY with a 200, or a binary body hung the request and failed with 400.
+    Such a PUT reaches moto as application/octet-stream instead (the object's stored Content-Type
+    is then that, not the form type the client defaulted to). Runs after the signature check,
+    which must see the header as the client signed it. POST (S3's browser form upload) is left as is."""
+
+    def __init__(self, app: Callable):
+        self.app = app
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
+        ctype = (environ.get("CONTENT_TYPE") or "").split(";")[0].strip().lower()
+        if environ.get("REQUEST_METHOD") == "PUT" and ctype in _FORM_TYPES:
+            environ = {**environ, "CONTENT_TYPE": "application/octet-stream"}
+        return self.app(environ, start_response)
 
 
 def main(argv: list[str] | None = None) -> int:
