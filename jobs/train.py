@@ -5,8 +5,11 @@
     python jobs/train.py --config ... --no-ray        # plain processes (debugging), same loop
     python jobs/train.py --config jobs/configs/digits_classifier.yaml   # the guidance classifier
 
-The lifecycle: validate the config (errors name the field and the fix) -> open or re-find the job's
-MLflow run -> train on Ray (or local processes) -> close the run FINISHED or FAILED.
+The lifecycle: validate the config (errors name the field and the fix) -> check before launch
+(platform/train/preflight.py: the dataset, the run's storage, a resume's checkpoint and settings, the
+cluster; a refusal is one line `[advflow] refused: ...`, exit 2, recorded as an attempt on the job's
+existing MLflow run without changing its status) -> open or re-find the job's MLflow run -> train on
+Ray (or local processes) -> close the run FINISHED or FAILED.
 """
 
 from __future__ import annotations
@@ -43,7 +46,6 @@ def main(argv=None) -> int:
     if args.print_config:
         print(printed_config(spec))
         return 0
-    from advflow.platform.data.shards import dataset_tags
     from advflow.platform.log import get_logger
     from advflow.platform.tracking.runs import tracked_run
 
@@ -54,13 +56,42 @@ def main(argv=None) -> int:
 
         if not connect_driver(args.ray_address):  # before the MLflow run opens
             return 2
-    with tracked_run(spec, config_yaml=config_yaml(spec), data_tags=dataset_tags(spec.data.prefix)) as run:
+    findings = preflight(spec, ray=not args.no_ray, log=log)
+    if findings is None:
+        return 2
+    with tracked_run(spec, config_yaml=config_yaml(spec), data_tags=findings.data_tags) as run:
         if run.url:
             log.info("MLflow run: %s", run.url)
-        run.ok = (train_local if args.no_ray else train_on_ray)(spec, run.run_id, log)
+        resuming = findings.resume_line(run.attempt)
+        if resuming:
+            log.info(resuming)
+        run.ok = (train_local if args.no_ray else train_on_ray)(spec, run, log)
     if run.url:
         log.info("MLflow run: %s", run.url)
     return 0 if run.ok else 1
+
+
+def preflight(spec, *, ray: bool, log):
+    """The checks before launch (platform/train/preflight.py), before the MLflow run is opened or
+    changed and before any worker starts: their findings, or None after one line
+    `[advflow] refused: <what, the value(s), the fix>` (the refusal is recorded as an attempt on the
+    job's existing run, whose status stays as it was)."""
+    import time
+
+    from advflow.platform.tracking.runs import find_run, record_refusal
+    from advflow.platform.train.preflight import Refused, cluster_facts, run_preflight
+
+    t0 = time.perf_counter()
+    previous = find_run(spec)  # read only
+    try:
+        findings = run_preflight(spec, ray=ray, previous_run=previous, cluster=cluster_facts() if ray else None)
+    except Refused as err:
+        print(f"[advflow] refused: {err}", file=sys.stderr)
+        record_refusal(spec, str(err), previous)
+        return None
+    log.info("preflight: passed in %.2f s (%s)", time.perf_counter() - t0,
+             ", ".join(f"{k} {v:.2f} s" for k, v in findings.seconds.items()))
+    return findings
 
 
 def describe(spec) -> str:
@@ -104,12 +135,25 @@ def config_yaml(spec) -> str:
     return yaml.safe_dump(json.loads(json.dumps(spec.to_dict())), sort_keys=False)
 
 
-def train_local(spec, run_id, log) -> bool:
+def note_refusal(run, cause: str) -> None:
+    """Mark the attempt refused when the workers refused to resume (a ResumeError: a checkpoint
+    check, the last line of defence behind preflight): such an attempt trained nothing, so
+    `tracked_run` records it REFUSED and leaves the run's status as it was (FINISHED stays FINISHED).
+    `run`: the TrackedRun (jobs/reproduce.py passes only a run id: nothing to mark)."""
+    if "ResumeError" in cause and hasattr(run, "refused"):
+        run.refused = cause
+
+
+def _run_id(run) -> str | None:
+    return getattr(run, "run_id", run)  # a TrackedRun, or a run id (jobs/reproduce.py)
+
+
+def train_local(spec, run, log) -> bool:
     from advflow.platform.train.local_launch import latest_checkpoint, run_local
 
     run_dir = Path(spec.run.storage_path) / spec.run.name
     try:
-        history = run_local(spec, run_dir, run_id=run_id)
+        history = run_local(spec, run_dir, run_id=_run_id(run))
     except Exception as err:  # noqa: BLE001 - a worker process failed: one line, the traceback in a file
         from advflow.platform.train.failures import one_line
 
@@ -117,6 +161,7 @@ def train_local(spec, run_id, log) -> bool:
         trace.parent.mkdir(parents=True, exist_ok=True)
         trace.write_text(str(err))
         log.error("training failed: %s (traceback: %s)", one_line(err), trace)
+        note_refusal(run, one_line(err))
         return False
     last = latest_checkpoint(run_dir)
     samples = f"; samples {last / 'samples.png'}" if (last / "samples.png").is_file() else ""
@@ -125,12 +170,14 @@ def train_local(spec, run_id, log) -> bool:
     return True
 
 
-def train_on_ray(spec, run_id, log) -> bool:
+def train_on_ray(spec, run, log) -> bool:
     from advflow.platform.train.ray_launch import build_torch_trainer, checkpoint_uri, ensure_ray, fit
 
     ensure_ray()
-    result = fit(build_torch_trainer(spec, run_id=run_id), spec, log)  # prints the one failure line
+    causes: list[str] = []
+    result = fit(build_torch_trainer(spec, run_id=_run_id(run)), spec, log, causes=causes)  # prints the one failure line
     if result is None:
+        note_refusal(run, causes[0] if causes else "")
         return False
     log.info(f"done: final metrics {summary(spec, result.metrics or {})}")
     where = checkpoint_uri(spec, result.checkpoint)

@@ -17,6 +17,10 @@ Who does what:
   `jobs/stale_runs.py` (`sweep_stale_runs`: status KILLED + end time, and the same tag). Each driver
   records how to tell whether it is still alive: its Ray submission id (every one is kept in
   `ray.submission_ids`, the latest in `ray.submission_id`) and `advflow.driver` (host, pid, start).
+- Refusals: a submission refused before launch (`train/preflight.py`) that concerns an existing run
+  is an attempt too (`record_refusal`: `advflow.attempt.<n>.ended` = "REFUSED at <time>: <reason>"),
+  and leaves the run's status, end time, params and driver tags as they were; so does a resume the
+  workers refuse (`TrackedRun.refused`, `close_refused`): a FINISHED run stays FINISHED.
 
 The rest of tracking/: `secrets` (what is masked before anything is logged), `provenance` (git
 commit, Ray submission id, advflow version tags), `logger` (rank 0's RunLogger), `registry` and
@@ -89,6 +93,14 @@ class TrackedRun:
     url: str | None
     """The run's page on an HTTP tracking server (None: untracked or not an HTTP server)."""
     ok: bool = False
+    attempt: int | None = None
+    """This driver's attempt number (`advflow.attempt`; None: untracked)."""
+    refused: str | None = None
+    """Set by the body when the workers refused to resume (a checkpoint check, not a training
+    failure): the run is then closed as it was before this attempt (a FINISHED run stays
+    FINISHED) with the attempt recorded REFUSED, see `close_refused`."""
+    previous_status: str | None = None
+    previous_end_time: int | None = None
 
 
 @contextmanager
@@ -99,15 +111,29 @@ def tracked_run(spec: RunSpec, *, config_yaml: str | None = None, parent_run_id:
     `.ok`, FAILED if not or if it raised (the exception propagates). Untracked: run_id None.
 
     data_tags: the dataset's provenance (`advflow.platform.data.shards.dataset_tags(spec.data.prefix)`)."""
-    run_id = open_run(spec, config_yaml=config_yaml, parent_run_id=parent_run_id, extra_tags=extra_tags,
-                      data_tags=data_tags)
-    run = TrackedRun(run_id=run_id, url=run_url(spec, run_id))
+    opened = _open_run(spec, config_yaml=config_yaml, parent_run_id=parent_run_id, extra_tags=extra_tags,
+                       data_tags=data_tags)
+    run_id = opened.run_id if opened else None
+    run = TrackedRun(run_id=run_id, url=run_url(spec, run_id), attempt=opened.attempt if opened else None,
+                     previous_status=opened.previous_status if opened else None,
+                     previous_end_time=opened.previous_end_time if opened else None)
     try:
         yield run
     except BaseException:
         close_run(spec, run_id, ok=False)
         raise
-    close_run(spec, run_id, ok=run.ok)
+    if run.refused and not run.ok:
+        close_refused(spec, run)
+    else:
+        close_run(spec, run_id, ok=run.ok)
+
+
+@dataclass
+class _Opened:
+    run_id: str
+    attempt: int
+    previous_status: str | None
+    previous_end_time: int | None
 
 
 def open_run(spec: RunSpec, *, config_yaml: str | None = None, parent_run_id: str | None = None,
@@ -117,6 +143,13 @@ def open_run(spec: RunSpec, *, config_yaml: str | None = None, parent_run_id: st
     Logs params (the flattened validated config), tags (commit, Ray submission id, advflow version,
     run key, the caller's `data_tags`: manifest URI and hash) and the config YAML. `parent_run_id`
     nests the run (sweep trials)."""
+    opened = _open_run(spec, config_yaml=config_yaml, parent_run_id=parent_run_id, extra_tags=extra_tags,
+                       data_tags=data_tags)
+    return opened.run_id if opened else None
+
+
+def _open_run(spec: RunSpec, *, config_yaml: str | None = None, parent_run_id: str | None = None,
+              extra_tags: dict[str, str] | None = None, data_tags: dict[str, str] | None = None) -> _Opened | None:
     uri = tracking_uri(spec)
     if uri is None:
         if spec.tracking.enabled:
@@ -155,7 +188,8 @@ def open_run(spec: RunSpec, *, config_yaml: str | None = None, parent_run_id: st
                      tags=[RunTag(k, str(v)) for k, v in scrub(tags, secrets).items()])
     if config_yaml is not None:
         client.log_text(run_id, scrub(config_yaml, secrets), "config/config.yaml")
-    return run_id
+    attempt = current_attempt(found.data.tags) + 1 if found else 1
+    return _Opened(run_id, attempt, found.info.status if found else None, found.info.end_time if found else None)
 
 
 def open_parent_run(spec: RunSpec, *, key_tag: str, key: str, run_name: str, kind: str,
@@ -208,6 +242,76 @@ def find_or_create_run(client, experiment: str, key_tag: str, key: str, run_name
         return run.info.run_id, run
     tags = {key_tag: key, ATTEMPT_TAG: "1", DRIVER_TAG: driver_identity()}
     return client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id, None
+
+
+# ----------------------------------------------------------------------------------------- refusals
+
+
+def find_run(spec: RunSpec):
+    """This job's existing run (found by its run key), or None (untracked, or no run yet). Read
+    only: the driver's preflight compares a resubmission with what the run recorded before any
+    run is opened or changed."""
+    uri = tracking_uri(spec)
+    if uri is None:
+        return None
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(spec.tracking.experiment)
+    if exp is None:
+        return None
+    found = client.search_runs([exp.experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{_quote(run_key(spec))}'",
+                               order_by=["attributes.start_time DESC"], max_results=1)
+    return found[0] if found else None
+
+
+def record_refusal(spec: RunSpec, reason: str, run=None) -> str | None:
+    """Record a refused submission of an existing run as an attempt: `advflow.attempt` bumped and
+    `advflow.attempt.<n>.ended` = "REFUSED at <time>: <reason>". The run's status, end time and
+    params are left as they were (a FINISHED run stays FINISHED); no run is created when none
+    exists (returns None), else the run id.
+
+    `run`: the run as `find_run` returned it (looked up again when None). Its driver tag and
+    submission ids are not touched either: they name the driver of the run's last real attempt,
+    which `jobs/stale_runs.py` checks while the run is RUNNING."""
+    run = run or find_run(spec)
+    if run is None:
+        return None
+    from mlflow.entities import RunTag
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri(spec))
+    n = current_attempt(run.data.tags)
+    tags: dict[str, str] = {}
+    # How the previous attempt ended, as the next real driver would record it; except while the run
+    # is RUNNING under a driver that may still live: that attempt has not ended.
+    if run.info.status != "RUNNING" or driver_alive(run.data.tags.get(DRIVER_TAG)) is False:
+        tags.update(previous_attempt_end(run))
+    tags[ATTEMPT_TAG] = str(n + 1)
+    tags[attempt_ended_tag(n + 1)] = f"REFUSED at {iso(now_ms())}: {reason}"[:TAG_LIMIT]
+    client.log_batch(run.info.run_id, tags=[RunTag(k, v) for k, v in scrub(tags, secret_values()).items()])
+    log.info("MLflow run %s: attempt %d refused before launch; the run stays %s", run.info.run_id, n + 1,
+             run.info.status)
+    return run.info.run_id
+
+
+def close_refused(spec: RunSpec, run: TrackedRun) -> None:
+    """Close an attempt whose workers refused to resume (`TrackedRun.refused`): the attempt is
+    recorded REFUSED and the run goes back to the status and end time it had before this attempt
+    (FINISHED stays FINISHED); a run that had not ended before (new, or KILLED/RUNNING) is FAILED."""
+    if run.run_id is None:
+        return
+    from mlflow.entities import RunTag
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri(spec))
+    tag = attempt_ended_tag(run.attempt or 1)
+    client.log_batch(run.run_id, tags=[RunTag(tag, scrub(f"REFUSED at {iso(now_ms())}: {run.refused}",
+                                                        secret_values())[:TAG_LIMIT])])
+    if run.previous_status in ("FINISHED", "FAILED"):
+        client.set_terminated(run.run_id, status=run.previous_status, end_time=run.previous_end_time)
+    else:
+        client.set_terminated(run.run_id, status="FAILED")
 
 
 # ----------------------------------------------------------------------------------------- attempts

@@ -35,8 +35,8 @@ import contextlib
 import json
 import shutil
 import tempfile
-from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import torch
 from safetensors import SafetensorError
@@ -91,37 +91,74 @@ SAFE_SUFFIXES = (".safetensors", ".json", ".jsonl", ".png")
 SAFE_NAMES = ("COMPLETE",)
 
 
-def check_files(root: Path) -> None:
-    """Refuse a checkpoint directory holding any file advflow does not write (see Checkpointer.load)."""
-    odd = sorted(str(p.relative_to(root)) for p in root.rglob("*")
-                 if (p.is_file() or p.is_symlink()) and not (p.suffix in SAFE_SUFFIXES or p.name in SAFE_NAMES))
+def unexpected_files(names: Iterable[str]) -> list[str]:
+    """The names (relative paths) among `names` of files advflow never writes into a checkpoint."""
+    return sorted(n for n in names if not (PurePosixPath(n).suffix in SAFE_SUFFIXES or PurePosixPath(n).name in SAFE_NAMES))
+
+
+def is_pickle(head: bytes) -> bool:
+    """Whether a file's first two bytes open a pickle (protocols 2-5)."""
+    return head[:2] in _PICKLE_MAGIC
+
+
+def needs_head_check(name: str) -> bool:
+    """Files whose first bytes are checked for a pickle (a PNG cannot start with one)."""
+    return PurePosixPath(name).suffix != ".png"
+
+
+def check_listing(names: Iterable[str], head: Callable[[str], bytes], where: str) -> None:
+    """The planted-file rule over a listing of a checkpoint's files (relative names), wherever the
+    checkpoint is: `head(name)` returns a file's first two bytes; `where` is how the checkpoint is
+    named in the message (its storage URI, so the user can find the file). Used by
+    `Checkpointer.load` on the worker and by the driver's preflight on the stored checkpoint."""
+    names = sorted(names)
+    odd = unexpected_files(names)
     if odd:
         raise ResumeError(
-            f"{root}: unexpected file(s) {odd[:5]}{' ...' if len(odd) > 5 else ''}: an advflow checkpoint holds only "
+            f"{where}: unexpected file(s) {odd[:5]}{' ...' if len(odd) > 5 else ''}: an advflow checkpoint holds only "
             "safetensors, JSON and PNG files, never a pickle, and nothing else in it is ever loaded. Check where "
             "the file came from (anyone with write access to the storage can plant one), remove it, and resume")
-    for p in root.rglob("*"):
-        if p.is_file() and p.suffix != ".png" and _head(p) in _PICKLE_MAGIC:
-            raise ResumeError(f"{p}: a pickle under a safe file name: the checkpoint was tampered with. It is not "
-                              "loaded: resume from an earlier checkpoint")
+    for name in names:
+        if needs_head_check(name) and is_pickle(head(name)):
+            raise ResumeError(f"{where.rstrip('/')}/{name}: a pickle under a safe file name: the checkpoint was tampered "
+                              "with. It is not loaded: resume from an earlier checkpoint")
+
+
+def check_files(root: Path, shown_as: str | None = None) -> None:
+    """Refuse a checkpoint directory holding any file advflow does not write (see Checkpointer.load).
+    `shown_as`: the checkpoint's storage URI, named in messages instead of a local (temporary) copy."""
+    names = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() or p.is_symlink()]
+    check_listing(names, lambda name: _head(root / name), shown_as or str(root))
 
 
 _PICKLE_MAGIC = {b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"}  # pickle protocols 2-5
 
 
 def _head(path: Path) -> bytes:
+    if not path.is_file():
+        return b""  # a dangling symlink: nothing to read (its name was checked above)
     with open(path, "rb") as f:
         return f.read(2)
 
 
-def read_meta(directory: str | Path) -> dict[str, Any]:
+def read_meta(directory: str | Path, shown_as: str | None = None) -> dict[str, Any]:
     path = Path(directory) / META_NAME
+    where = shown_as or str(directory)
     if not path.is_file():
-        raise ResumeError(f"{directory}: no {META_NAME}; this is not a complete advflow checkpoint")
-    meta = json.loads(path.read_text())
-    if meta.get("format") != FORMAT_VERSION:
-        raise ResumeError(f"{path}: format {meta.get('format')} is not {FORMAT_VERSION}; "
-                          "resume it with the advflow version that wrote it")
+        raise ResumeError(f"{where}: no {META_NAME}; this is not a complete advflow checkpoint")
+    return parse_meta(path.read_text(), f"{where.rstrip('/')}/{META_NAME}")
+
+
+def parse_meta(text: str | bytes, where: str) -> dict[str, Any]:
+    """trainer.json's content, checked for its format; `where` names the file in messages."""
+    try:
+        meta = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ResumeError(f"{where}: not valid JSON ({err}); the checkpoint is corrupted: resume from an earlier "
+                          "one") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
+        raise ResumeError(f"{where}: format {meta.get('format') if isinstance(meta, dict) else None} is not "
+                          f"{FORMAT_VERSION}; resume it with the advflow version that wrote it")
     return meta
 
 
@@ -156,33 +193,36 @@ class Checkpointer:
                                            "config": self.config, **meta})
         self.last_saved = step
 
-    def load(self, directory: str | Path) -> int:
-        """Restore every part from `directory`; returns the checkpoint's step.
+    def load(self, directory: str | Path, shown_as: str | None = None) -> int:
+        """Restore every part from `directory`; returns the checkpoint's step. `shown_as`: where
+        the checkpoint is stored (e.g. s3://.../checkpoint_000400), named in every message instead
+        of `directory` when that is a temporary local copy.
 
         Nothing in storage is trusted: before anything is read, every file must be of a kind that
         is parsed without running code (safetensors, JSON, PNG, the local COMPLETE marker); any
         other file (a pickle, a .pt, an executable) stops the resume with its name. Parse errors
         of the files that are read name the file too."""
         root = Path(directory)
-        check_files(root)
+        where = shown_as or str(directory)
+        check_files(root, where)
         try:
-            return self._load(root)
+            return self._load(root, where)
         except (SafetensorError, json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ResumeError(f"{directory}: a checkpoint file is not what its name says ({err}); the checkpoint "
+            raise ResumeError(f"{where}: a checkpoint file is not what its name says ({err}); the checkpoint "
                               "is corrupted or was tampered with: resume from an earlier one") from None
 
-    def _load(self, root: Path) -> int:
-        meta = read_meta(root)
+    def _load(self, root: Path, where: str) -> int:
+        meta = read_meta(root, where)
         written_by = int(meta["world_size"])
         if written_by != self.world_size and not self.elastic:
             raise ResumeError(
-                f"{root}: written by {written_by} workers, resuming with {self.world_size}; this run's "
+                f"{where}: written by {written_by} workers, resuming with {self.world_size}; this run's "
                 f"data streams are per worker (data.order partitioned), so set distributed.workers={written_by} "
                 "to resume it (runs with data.order global resume on any number of workers)")
         missing = [f for part in self.parts.values() for f in part.required(written_by)
                    if not (root / f).exists()]
         if missing:
-            raise ResumeError(f"{root}: incomplete checkpoint, missing {missing}")
+            raise ResumeError(f"{where}: incomplete checkpoint, missing {missing}")
         for part in self.parts.values():
             part.load(root, self.rank, meta)
         self.last_saved = int(meta["step"])

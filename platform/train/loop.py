@@ -209,8 +209,12 @@ class TrainLoop:
         self.build()
         restore = self.ctx.restore_dir()
         if restore:
-            self.checkpointer.load(restore)  # the "loop" part restores state.step
+            # Messages name the stored checkpoint (s3://.../checkpoint_000400), not a temp copy of it.
+            stored = getattr(self.ctx, "restore_uri", None) or restore
+            self.checkpointer.load(restore, shown_as=stored)  # the "loop" part restores state.step
             self.phases.loaded()
+            if self.ctx.rank == 0:
+                log.info("resuming from %s (step %d)", stored, self.state.step)
         self.state.continue_from(self.state.step)
         if self.state.step == 0:  # sizes, for reports (jobs/reproduce.py's table)
             self.logger.log_event({}, self.method.sizes(), 0)

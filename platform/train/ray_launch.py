@@ -54,6 +54,8 @@ class RayContext:
         self.upload_async = (spec or {}).get("run", {}).get("checkpoint_upload", "sync") == "async"
         self.takes_staging_dir = self.upload_async
         self._restore_tmp: tempfile.TemporaryDirectory | None = None
+        self.restore_uri: str | None = None
+        """Where the restored checkpoint is stored (s3://... or a path): messages name it, not the temp copy."""
         self._fetch_tmp: tempfile.TemporaryDirectory | None = None
 
     def report(self, metrics: dict, checkpoint_dir: str | None, name: str | None = None) -> None:
@@ -101,6 +103,9 @@ class RayContext:
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             return None
+        path = str(checkpoint.path)
+        remote = str((self.spec or {}).get("run", {}).get("storage_path", "")).startswith("s3://")
+        self.restore_uri = f"s3://{path}" if remote and not path.startswith("s3://") else path
         self._restore_tmp = tempfile.TemporaryDirectory(prefix="advflow-restore-")
         return checkpoint.to_directory(self._restore_tmp.name)
 
@@ -179,6 +184,11 @@ class ProgressCallback(UserCallback):
         m = metrics[0] if metrics else {}
         suffix = f" checkpoint={checkpoint.path}" if checkpoint else ""
         log.info(self.meter.line(int(m.get("step", 0)), m, now=time.time(), suffix=suffix))
+
+    def after_exception(self, run_context, worker_exceptions):
+        # Ray restarts the worker group after this: the restart's time is not training time, so
+        # the next line's rate is measured within the new attempt only.
+        self.meter.new_attempt()
 
 
 def storage(spec: RunSpec) -> tuple[str, object | None]:
@@ -292,9 +302,31 @@ def controller_env() -> dict[str, str]:
     return {START_TIMEOUT_ENV: os.environ.get(START_TIMEOUT_ENV, str(QUEUE_WAIT_S))}
 
 
+def own_placement_groups() -> dict[str, dict]:
+    """The placement groups of this driver's Ray job, as `ray.util.placement_group_table()` gives
+    them: {id: {"state", "bundles", "stats", ...}}.
+
+    Ray Train V2's worker group asks for its workers with an unnamed placement group created by its
+    controller actor, which belongs to the driver's job; the GCS records that job as the group's
+    `creator_job_id` (PlacementGroupTableData), which the public table leaves out. So the table is
+    read from the GCS here and filtered by it: another job's pending group (a second run queued on
+    the same cluster) is not this job's wait."""
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+
+    job = ray.get_runtime_context().get_job_id()
+    out = {}
+    for raw in state._connect_and_get_accessor().get_placement_group_table():
+        data = gcs_pb2.PlacementGroupTableData.FromString(raw)
+        if data.creator_job_id.hex() == job:
+            info = state._gen_placement_group_info(data)
+            out[info["placement_group_id"]] = info
+    return out
+
+
 class QueueNotice(threading.Thread):
-    """Driver side, while `fit` runs: every `every` seconds that a worker group's placement group is
-    pending, one line says what is asked for, what is free and how long the group has waited
+    """Driver side, while `fit` runs: every `every` seconds that a worker group's placement group of
+    this job (`own_placement_groups`) is pending, one line says what is asked for, what is free and how long the group has waited
     ("infeasible" when no node of the cluster could ever hold a worker).
 
     The wait is counted from when a pending group was first seen, and starts again after the
@@ -302,11 +334,9 @@ class QueueNotice(threading.Thread):
 
     def __init__(self, log, every: float | None = None, table=None, free=None, clock=time.monotonic):
         super().__init__(daemon=True, name="advflow-queue-notice")
-        from ray.util.placement_group import placement_group_table
-
         self.log, self.clock = log, clock
         self.every = every if every is not None else float(os.environ.get("ADVFLOW_QUEUE_NOTICE_S", "60"))
-        self.table, self.free = table or placement_group_table, free or ray.available_resources
+        self.table, self.free = table or own_placement_groups, free or ray.available_resources
         self.stop = threading.Event()
         self.lines = 0
         self.pending_since: float | None = None
@@ -348,11 +378,12 @@ class QueueNotice(threading.Thread):
                 self.log.info(text)
 
 
-def fit(trainer: TorchTrainer, spec, log):
+def fit(trainer: TorchTrainer, spec, log, causes: list[str] | None = None):
     """trainer.fit(), and on failure exactly one line for the user:
     `[advflow] training failed: <cause> (traceback: <file>)`, the cause naming the culprit (shard,
     field, step: advflow's messages do). The traceback goes to `<run storage>/failures/`, not to
-    the terminal. Returns Ray's Result, or None when training failed."""
+    the terminal. Returns Ray's Result, or None when training failed (the cause appended to
+    `causes` when given)."""
     from ray.train import TrainingFailedError
 
     notice = QueueNotice(log)
@@ -366,7 +397,10 @@ def fit(trainer: TorchTrainer, spec, log):
         notice.stop.set()
     if error is None:
         return result
-    log.error("training failed: %s%s", one_line(error), _save_traceback(spec, error))
+    cause = one_line(error)
+    if causes is not None:
+        causes.append(cause)
+    log.error("training failed: %s%s", cause, _save_traceback(spec, error))
     return None
 
 
