@@ -91,6 +91,14 @@ def main(argv=None) -> int:
     except OutputError as err:
         print(f"[advflow] {err}", file=sys.stderr)
         return 2
+    from advflow.platform.train.preflight import Refused, check_dataset, check_storage
+
+    try:  # what every trial would otherwise find out on its workers, once per trial
+        check_dataset(spec.data.prefix)
+        check_storage(spec)
+    except Refused as err:
+        print(f"[advflow] refused: {err}", file=sys.stderr)
+        return 2
     from advflow.platform.sweep.tune import run_sweep
 
     try:

@@ -154,6 +154,27 @@ def test_sweep_with_an_unknown_parameter_fails_before_launch(tmp_path, digits, m
     assert MlflowClient().get_experiment_by_name(experiment) is None  # no parent run
 
 
+def test_sweep_on_a_missing_dataset_is_refused_before_any_trial(tmp_path, digits, mlflow_env):
+    """The preflight's dataset check runs once on the sweep's driver, not once per trial on workers."""
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    db = tmp_path / "sweeps" / "nodata.db"
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({
+        "study_name": "nodata", "storage": f"sqlite:///{db}",
+        "params": {"optim.lr": {"type": "float", "low": 1e-5, "high": 1e-3, "log": True}}}))
+    experiment = "cli-sweep-" + uuid.uuid4().hex[:8]
+    missing = str(tmp_path / "no-such-dataset")
+    rc, lines = _cli("sweep.py", "--config", str(REPO / "jobs/configs/digits_tiny.yaml"), "--space", str(space),
+                     "--trials", "2", "--set", f"data.prefix={missing}", "--set", f"tracking.experiment={experiment}",
+                     "--set", f"run.storage_path={tmp_path / 'runs'}", cwd=tmp_path, unset=("RAY_ADDRESS",))
+    assert rc == 2
+    _one_line(lines, "refused", f"data.prefix={missing}", "manifest.json")
+    assert not db.exists()  # no study
+    assert MlflowClient().get_experiment_by_name(experiment) is None  # no parent run
+
+
 # ------------------------------------------------------------------------- prepare_latents
 
 
