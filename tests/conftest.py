@@ -20,6 +20,7 @@ tests may stay in the fast tier when they are fast; anything that spawns ranks i
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -291,7 +292,10 @@ def storage_root(request, tmp_path):
 @pytest.fixture(scope="session")
 def mlflow_server(moto_endpoint, tmp_path_factory):
     """A real MLflow tracking server on 127.0.0.1: SQLite backend, artifacts proxied to the moto
-    endpoint under s3://advflow-test/mlflow (the same endpoint the data tests use)."""
+    endpoint under s3://advflow-test/mlflow (the same endpoint the data tests use). Started as the
+    stack starts it, so anonymous requests get 401: `handle.env` holds the admin credential
+    (`mlflow_env` exports it), `services.mlflow_worker_env(handle)` the path of its 0600 file for
+    Ray nodes (`mlflow_ray_env`)."""
     import os
 
     from advflow.infra.local import services
@@ -312,15 +316,42 @@ def mlflow_server(moto_endpoint, tmp_path_factory):
 
 
 @pytest.fixture
-def mlflow_env(mlflow_server, s3_env, monkeypatch):
-    """MLFLOW_TRACKING_URI pointing at the test server (and the S3 variables of `s3_env`)."""
+def mlflow_env(mlflow_server, s3_env):
+    """MLFLOW_TRACKING_URI pointing at the test server with its admin credential, as `advflow stack
+    env` exports them (and the S3 variables of `s3_env`)."""
     import mlflow
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
-    mlflow.set_tracking_uri(mlflow_server.url)
-    yield mlflow_server.url
-    if mlflow.active_run():
-        mlflow.end_run()
+    # Its own MonkeyPatch: a test's `monkeypatch.undo()` (of its own patches) must not log it out,
+    # as it did not unset the tracking URI either (mlflow.set_tracking_uri keeps that).
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in mlflow_server.env.items():  # MLFLOW_TRACKING_URI, _USERNAME, _PASSWORD
+            mp.setenv(key, value)
+        mlflow.set_tracking_uri(mlflow_server.url)
+        yield mlflow_server.url
+        if mlflow.active_run():
+            mlflow.end_run()
+
+
+@contextlib.contextmanager
+def mlflow_ray_env(mlflow_server):
+    """While a test starts a local Ray (`ray.init()`), name the server's credentials file in the
+    environment its raylet and workers inherit: the way the stack's head passes it, never the
+    password itself (a runtime_env would show it in Ray's state API)."""
+    import os
+
+    from advflow.infra.local import services
+
+    env = services.mlflow_worker_env(mlflow_server)
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @pytest.fixture(scope="session")

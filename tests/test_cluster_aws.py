@@ -35,6 +35,14 @@ def test_aws_yaml_fits_the_recipe_and_authenticates():
     assert "--shm-size=96g" in config["docker"]["worker_run_options"]
     assert "--env RAY_AUTH_MODE=token" in config["docker"]["run_options"]
     assert any("advflow.infra.cluster.ray_token" in c for c in config["setup_commands"])
+    # MLflow's password: fetched into a 0600 file, named to every process `ray start` spawns.
+    fetch = [c for c in config["setup_commands"] if "--mlflow-user" in c]
+    assert len(fetch) == 1 and "--out ~/.advflow/mlflow_credentials" in fetch[0]
+    for start in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
+        ray_start = [c for c in start if "ray start" in c]
+        assert ray_start and all(
+            c.startswith("ADVFLOW_MLFLOW_CREDENTIALS_FILE=$HOME/.advflow/mlflow_credentials ray start") for c in ray_start)
+    assert "MLFLOW_TRACKING_PASSWORD" not in AWS.read_text()
     assert config["docker"]["image"].endswith("/advflow:0.1.0")
     assert config["available_node_types"]["head"]["resources"] == {"CPU": 0}
 
@@ -69,3 +77,23 @@ def test_the_token_lands_in_rays_default_path_readable_only_by_its_user(tmp_path
     ssm.put_parameter(Name="/advflow/empty", Value=" ", Type="SecureString", Overwrite=True)
     with pytest.raises(SystemExit, match="ray get-auth-token --generate"):
         ray_token.fetch("/advflow/empty", out, client=ssm)
+
+
+@pytest.mark.integration
+def test_mlflows_password_lands_in_a_0600_credentials_file_advflow_reads(tmp_path, s3_env):
+    import boto3
+
+    from advflow.platform.tracking.credentials import ensure_mlflow_credentials
+
+    ssm = boto3.client("ssm", region_name="us-east-1", endpoint_url=s3_env)
+    ssm.put_parameter(Name="/advflow/mlflow-password", Value="pw-456\n", Type="SecureString", Overwrite=True)
+    out = tmp_path / ".advflow" / "mlflow_credentials"
+    argv = ["--parameter", "/advflow/mlflow-password", "--mlflow-user", "admin", "--out", str(out)]
+    assert ray_token.main(argv) == 0
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o600
+    env = {"ADVFLOW_MLFLOW_CREDENTIALS_FILE": str(out)}
+    assert ensure_mlflow_credentials(env)
+    assert (env["MLFLOW_TRACKING_USERNAME"], env["MLFLOW_TRACKING_PASSWORD"]) == ("admin", "pw-456")
+    ssm.put_parameter(Name="/advflow/empty-pw", Value=" ", Type="SecureString", Overwrite=True)
+    with pytest.raises(SystemExit, match="MLflow password of 'admin'"):
+        ray_token.fetch_mlflow("/advflow/empty-pw", out, "admin", client=ssm)

@@ -104,8 +104,8 @@ def test_the_crd_check_rejects_a_broken_rayjob(files, mutate):
 
 def test_core_objects_validate_against_kubernetes(files):
     core = [obj for docs in files.values() for obj in docs if obj["kind"] not in RAY_KINDS]
-    assert sorted(o["kind"] for o in core) == ["ConfigMap", "ConfigMap", "Deployment", "Service", "Service",
-                                               "StatefulSet"]
+    assert sorted(o["kind"] for o in core) == ["ConfigMap", "ConfigMap", "ConfigMap", "Deployment", "Service",
+                                               "Service", "StatefulSet"]
     for obj in core:
         validate.validate_core(obj)
 
@@ -248,11 +248,51 @@ def test_mlflow_runs_on_postgres_with_artifacts_on_s3(files):
     (deployment,) = objects(files, "Deployment")
     command = deployment["spec"]["template"]["spec"]["containers"][0]["command"]
     option = dict(zip(command, command[1:]))
-    assert command[:2] == ["mlflow", "server"]
+    assert command[:2] == ["mlflow", "server"] and option["--app-name"] == "basic-auth"
     assert option["--backend-store-uri"] == "postgresql+psycopg2://mlflow@advflow-postgres.advflow.svc:5432/mlflow"
     assert option["--artifacts-destination"] == "s3://advflow/mlflow-artifacts"
     assert "advflow-mlflow.advflow.svc:5000" in option["--allowed-hosts"].split(",")
     assert files["config"][0]["data"]["MLFLOW_TRACKING_URI"] == "http://advflow-mlflow.advflow.svc:5000"
+
+
+def test_mlflow_refuses_anonymous_requests_and_ray_pods_log_in_from_the_secret(files):
+    (deployment,) = objects(files, "Deployment")
+    validate.check_mlflow_auth(deployment, files["mlflow"])
+    for kind in ("raycluster", "rayjob-train", "rayjob-sweep"):  # check_ray_cluster requires MLflow's credential
+        spec = validate.ray_cluster_spec(files[kind][0])
+        for _, pod in validate.pod_specs({"kind": "RayCluster", "spec": spec}):
+            env = {e["name"]: e for e in pod["containers"][0]["env"]}
+            assert env["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == names.MLFLOW_AUTH_SECRET
+    assert "CREATE DATABASE mlflow_auth OWNER mlflow;" in files["postgres"][0]["data"]["10-advflow-databases.sh"]
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda c, cm: c["command"].remove("--app-name"), "without authentication"),
+    (lambda c, cm: c["env"].__setitem__(
+        [e["name"] for e in c["env"]].index("MLFLOW_AUTH_ADMIN_PASSWORD"),
+        {"name": "MLFLOW_AUTH_ADMIN_PASSWORD", "value": "hunter2hunter2"}), "not from the Secret"),
+    (lambda c, cm: cm["data"].update({"basic_auth.ini": cm["data"]["basic_auth.ini"].replace("READ", "EDIT")}),
+     "default_permission"),
+], ids=["no-auth-app", "literal-admin-password", "default-edit"])
+def test_a_mutated_mlflow_auth_is_caught(files, mutate, message):
+    docs = copy.deepcopy(files["mlflow"])
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    (config,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    mutate(deployment["spec"]["template"]["spec"]["containers"][0], config)
+    with pytest.raises((AssertionError, ValueError), match=message):
+        validate.check_mlflow_auth(deployment, docs)
+
+
+def test_no_manifest_holds_a_literal_secret(files):
+    for docs in files.values():
+        for obj in docs:
+            validate.check_no_literal_secrets(obj)
+    (config,) = [d for d in files["mlflow"] if d["kind"] == "ConfigMap"]
+    for text in ("admin_password = hunter2", "database_uri = postgresql+psycopg2://mlflow:hunter2@db:5432/mlflow_auth"):
+        broken = copy.deepcopy(config)
+        broken["data"]["basic_auth.ini"] += text + "\n"
+        with pytest.raises(AssertionError, match="literal password"):
+            validate.check_no_literal_secrets(broken)
 
 
 # ------------------------------------------------------------------------- options and errors

@@ -72,3 +72,23 @@ def test_optuna_opens_a_study_on_the_configmaps_url(empty_server, monkeypatch):
     study = optuna.create_study(study_name="t", storage=url, load_if_exists=True)
     study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=2)
     assert len(optuna.load_study(study_name="t", storage=url).trials) == 2
+
+
+def test_mlflow_auth_creates_its_admin_in_its_own_database_on_the_configmaps_url(empty_server, monkeypatch):
+    """The MLflow pod's basic_auth.ini: MLflow's auth store migrates `mlflow_auth` (owned by role
+    mlflow, password from PGPASSWORD) and creates the admin there, as on the server's first start."""
+    import configparser
+
+    from mlflow.server.auth.sqlalchemy_store import SqlAlchemyStore
+
+    s = empty_server
+    ini = configparser.ConfigParser()
+    ini.read_string(services.mlflow_auth_ini("advflow"))
+    url = ini["mlflow"]["database_uri"].replace("advflow-postgres.advflow.svc:5432", f"{s.host}:{s.port}")
+    assert url.endswith("/mlflow_auth") and ":" not in url.split("//")[1].split("@")[0]
+    monkeypatch.setenv("PGPASSWORD", PASSWORDS["MLFLOW_DB_PASSWORD"])
+    store = SqlAlchemyStore()
+    store.init_db(url)
+    store.create_user("admin", "a-generated-password-1234", is_admin=True)
+    assert store.authenticate_user("admin", "a-generated-password-1234")
+    assert ini["mlflow"]["default_permission"] == "READ" and "admin_password" not in ini["mlflow"]

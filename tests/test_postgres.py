@@ -56,7 +56,8 @@ def mlflow_pg(postgres, moto_endpoint, tmp_path_factory):
 def pg_env(mlflow_pg, s3_env, monkeypatch):
     import mlflow
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_pg.url)
+    for key, value in mlflow_pg.env.items():  # the URI and the admin credential (basic auth)
+        monkeypatch.setenv(key, value)
     mlflow.set_tracking_uri(mlflow_pg.url)
     yield mlflow_pg.url
     if mlflow.active_run():
@@ -207,7 +208,7 @@ def tracked_pg_job(digits, tmp_path_factory, mlflow_pg, moto_endpoint):
     from test_tracking import run_tracked_job
 
     return run_tracked_job(digits, tmp_path_factory.mktemp("tracked-pg"), mlflow_pg.url, moto_endpoint,
-                           experiment="test-tracking-pg", model=MODEL)
+                           env=mlflow_pg.env, experiment="test-tracking-pg", model=MODEL)
 
 
 @pytest.mark.timeout(600)

@@ -53,11 +53,14 @@ def train_workers() -> list[psutil.Process]:
 
 
 @pytest.fixture(scope="module")
-def local_ray():
+def local_ray(mlflow_server):
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    from conftest import mlflow_ray_env
+
+    with mlflow_ray_env(mlflow_server):  # the workers read MLflow's credential from its file
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     yield
     ray.shutdown()
 

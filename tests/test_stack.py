@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from advflow.infra.local import services
-from advflow.infra.local.proc import ServiceError, free_port, free_ports, port_in_use, session_alive
+from advflow.infra.local.proc import ServiceError, free_port, free_ports, http_get, port_in_use, session_alive
 from advflow.infra.local import stack as stack_mod
 from advflow.infra.local.stack import PORT_OPTIONS, StackConfig, StackState, format_exports
 
@@ -79,6 +79,30 @@ def test_config_precedence_flag_over_env_over_default(tmp_path):
     assert config.bucket == "envbucket"
     assert config.s3_endpoint is None
     assert config.state_dir == tmp_path.resolve()
+
+
+def test_up_restarts_a_ray_head_whose_jobs_lack_a_variable_the_stack_gives_now(tmp_path):
+    # After an upgrade: a healthy head started before MLflow had authentication hands its jobs no
+    # credentials file, and they would get 401. `up` restarts it; a current head is kept.
+    config = StackConfig.resolve({"state_dir": tmp_path}, {})
+    stopped = []
+
+    def head(job_env):
+        return services.ServiceHandle(name="ray", kind="ray-head", url="http://127.0.0.1:1", pid=None, log_path=None,
+                                      env={}, info={"job_env": job_env})
+
+    old = head(sorted(set(stack_mod._job_env(config)) - {services.CREDENTIALS_FILE_ENV}))
+    old.stop = lambda *a, **k: stopped.append("old")
+    healthy, lines = {"ray": old, "s3": object()}, []
+    stack_mod._restart_outdated_ray(healthy, config, lines.append)
+    assert stopped == ["old"] and "ray" not in healthy and "s3" in healthy
+    assert services.CREDENTIALS_FILE_ENV in lines[0] and "restarting it" in lines[0]
+
+    current = head(sorted(stack_mod._job_env(config)))
+    current.stop = lambda *a, **k: stopped.append("current")
+    healthy = {"ray": current}
+    stack_mod._restart_outdated_ray(healthy, config, lines.append)
+    assert healthy == {"ray": current} and stopped == ["old"]
 
 
 def test_config_external_s3_unless_it_is_our_own_moto(tmp_path):
@@ -290,6 +314,11 @@ def test_env_exports_point_at_the_stack(stack, stack_env):
     assert stack_env["AWS_ACCESS_KEY_ID"] in creds_file.read_text()
     assert stack_env["AWS_SECRET_ACCESS_KEY"] in creds_file.read_text()
     assert stack_env["AWS_SECRET_ACCESS_KEY"] != "testing"
+    # MLflow's admin credential, as MLflow's client reads it, from the 0600 file `up` generated.
+    mlflow_file = stack["state_dir"] / "mlflow_credentials"
+    assert stat.S_IMODE(mlflow_file.stat().st_mode) == 0o600
+    assert stack_env["MLFLOW_TRACKING_USERNAME"] == "admin"
+    assert f"mlflow_tracking_password = {stack_env['MLFLOW_TRACKING_PASSWORD']}" in mlflow_file.read_text()
     token_file = Path(stack_env["RAY_AUTH_TOKEN_PATH"])
     assert stat.S_IMODE(token_file.stat().st_mode) == 0o600  # a secret: owner-only
     assert len(token_file.read_text().strip()) == 64
@@ -458,7 +487,15 @@ def use_s3(where):
         out.write(b"pyarrow")
     listed = sorted(i.base_name for i in fs.get_file_info(pyarrow.fs.FileSelector(f"{path}/{where}")))
     seen = {k for k, v in os.environ.items() if hashlib.sha256(v.encode()).hexdigest() == SECRET}
-    return {"listed": listed, "read": st.read("s3fs").decode(), "secret_in_env": sorted(seen)}
+    return {"listed": listed, "read": st.read("s3fs").decode(), "secret_in_env": sorted(seen),
+            "mlflow": use_mlflow()}
+
+def use_mlflow():
+    # The worker has only the head's ADVFLOW_MLFLOW_CREDENTIALS_FILE: importing advflow's tracking
+    # package turns it into the credential, so this authenticated call succeeds (else 401).
+    import advflow.platform.tracking
+    from mlflow.tracking import MlflowClient
+    return len(MlflowClient().search_experiments(max_results=1)) >= 0
 
 @ray.remote(num_cpus=0)
 def task():
@@ -496,7 +533,7 @@ def test_no_s3_secret_in_rays_apis_while_jobs_use_s3(stack, stack_env, tmp_path)
     script.parent.mkdir()
     script.write_text(_SECRET_PROBE)
     env = {**stack_env, "HOME": str(tmp_path), "PROBE_SECRET_HASH": hashlib.sha256(secret.encode()).hexdigest()}
-    want = {"listed": ["boto3", "pyarrow", "s3fs"], "read": "s3fs", "secret_in_env": []}
+    want = {"listed": ["boto3", "pyarrow", "s3fs"], "read": "s3fs", "secret_in_env": [], "mlflow": True}
 
     # 1. A driver run from the shell that holds the secret (`eval "$(advflow stack env)"`).
     direct = subprocess.run(
@@ -529,6 +566,8 @@ def test_no_s3_secret_in_rays_apis_while_jobs_use_s3(stack, stack_env, tmp_path)
     assert stack_env["AWS_ENDPOINT_URL"] in shown["during the direct job"]  # its runtime_env is shown
     leaks = [where for where, text in shown.items() if secret in text]
     assert not leaks, f"the S3 secret is visible in: {leaks}"
+    leaks = [where for where, text in shown.items() if stack_env["MLFLOW_TRACKING_PASSWORD"] in text]
+    assert not leaks, f"the MLflow password is visible in: {leaks}"
 
 
 _LOOPBACK_HEX = {"0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F"}
@@ -608,9 +647,49 @@ def test_seed_what_a_restart_must_keep(stack):
     assert (stack["probe_dir"] / "reference.npz").exists()
 
 
+CREDENTIAL_FILES = {services.S3_CREDENTIALS_FILE, "mlflow_credentials"}
+
+
+def _files_holding(root: Path, secrets_: list[str]) -> dict[Path, list[str]]:
+    """{file: the secrets in it} for every regular file under ``root`` (Ray's temp dir, a link, too)."""
+    found = {}
+    for folder, _, names in os.walk(root, followlinks=True):
+        for name in names:
+            path = Path(folder) / name
+            try:
+                if not stat.S_ISREG(path.lstat().st_mode):
+                    continue
+                data = path.read_bytes()
+            except OSError:
+                continue  # a socket, or a file Ray just removed
+            held = [s for s in secrets_ if s.encode() in data]
+            if held:
+                found[path] = held
+    return found
+
+
+@pytest.mark.slow
+def test_secrets_are_only_in_the_0600_credential_files(stack, stack_env):
+    """After up, jobs, MLflow runs, a registration and generate.py: every file of the state dir
+    (stack.json, logs, Ray's session logs, the dbs) is scanned for the S3 secret and the MLflow
+    password; only the two named credential files may hold them, and they are 0600."""
+    state_dir = stack["state_dir"]
+    secrets_ = [stack_env["AWS_SECRET_ACCESS_KEY"], stack_env["MLFLOW_TRACKING_PASSWORD"]]
+    assert all(len(s) >= 40 for s in secrets_) and stack_env["MLFLOW_TRACKING_USERNAME"] == "admin"
+    found = _files_holding(state_dir, secrets_)
+    assert {p.name for p in found} == CREDENTIAL_FILES, f"secrets outside the credential files: {found}"
+    for path in found:
+        assert path.parent == state_dir and stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    record = json.loads((state_dir / "stack.json").read_text())["services"]
+    assert record["mlflow"]["env"] == {"MLFLOW_TRACKING_URI": stack_env["MLFLOW_TRACKING_URI"]}
+    assert record["s3"]["info"]["credentials_file"] == str(state_dir.resolve() / services.S3_CREDENTIALS_FILE)
+    assert stat.S_IMODE((state_dir / "mlflow_auth.db").stat().st_mode) == 0o600  # password hashes
+
+
 @pytest.mark.slow
 def test_down_stops_everything_and_is_idempotent(stack):
     state_dir, root = stack["state_dir"], stack["root"]
+    stack["admin_before_down"] = _exported_env(stack)["MLFLOW_TRACKING_PASSWORD"]
     pids = [v["pid"] for v in json.loads((state_dir / "stack.json").read_text())["services"].values()]
     result = _advflow("stack", "down", "--state-dir", str(state_dir), cwd=root, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -651,6 +730,13 @@ def test_up_after_down_serves_everything_again(stack):
     assert "restoring" in result.stdout and "objects" in result.stdout
     assert "orphaned" not in result.stdout  # mlflow.db stays: its artifacts are all there
     assert "ALL KEPT" in _probe(stack, "check", str(stack["probe_dir"]), "down-up").stdout
+    # A new MLflow admin password (the old one is refused), as with the S3 key and the Ray token.
+    env = _exported_env(stack)
+    old = stack.get("admin_before_down")
+    assert old and env["MLFLOW_TRACKING_PASSWORD"] != old
+    probe = env["MLFLOW_TRACKING_URI"] + "/api/2.0/mlflow/experiments/search?max_results=1"
+    assert http_get(probe, {"Authorization": services.basic_auth("admin", old)})[0] == 401
+    assert http_get(probe, {"Authorization": services.basic_auth("admin", env["MLFLOW_TRACKING_PASSWORD"])})[0] == 200
 
 
 @pytest.mark.slow
@@ -684,6 +770,8 @@ def test_a_killed_stack_comes_back_with_everything(stack):
     result = _up_again(stack)
     assert "starting s3" in result.stdout and "starting mlflow" in result.stdout
     assert "orphaned" not in result.stdout
+    # A restarted MLflow keeps the admin password the shell already has.
+    assert _exported_env(stack)["MLFLOW_TRACKING_PASSWORD"] == env["MLFLOW_TRACKING_PASSWORD"]
     assert "ALL KEPT" in _probe(stack, "check", str(stack["probe_dir"]), "kill-up").stdout
     got = boto3.client(
         "s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
@@ -696,7 +784,7 @@ def test_a_killed_stack_comes_back_with_everything(stack):
 
 
 @pytest.mark.integration
-def test_down_of_an_in_memory_s3_warns_before_dropping_and_moves_the_db_aside(tmp_path):
+def test_down_of_an_in_memory_s3_warns_before_dropping_and_moves_the_db_aside(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     state_dir = tmp_path / "st"
@@ -706,6 +794,8 @@ def test_down_of_an_in_memory_s3_warns_before_dropping_and_moves_the_db_aside(tm
     stack_mod._write_binding(config, s3.info["store"])
     mlflow_srv = services.start_mlflow(state_dir, s3=s3, bucket=config.bucket)
     try:
+        for key, value in mlflow_srv.env.items():  # MLflow refuses anonymous requests
+            monkeypatch.setenv(key, value)
         client = MlflowClient(tracking_uri=mlflow_srv.url)
         run = client.create_run(client.create_experiment("memory-stack"))
         (tmp_path / "a.txt").write_text("lost at down")

@@ -32,10 +32,11 @@ STEPS = 20
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory, mlflow_server, moto_endpoint):
-    from advflow.infra.local.services import start_ray_head
+    from advflow.infra.local.services import mlflow_worker_env, start_ray_head
     from conftest import FAKE_ENV
 
-    job_env = {"OMP_NUM_THREADS": "1", "AWS_ENDPOINT_URL": moto_endpoint, **FAKE_ENV, **mlflow_server.env}
+    # MLflow's credential as its file's path, as the stack's head gets it (never the password)
+    job_env = {"OMP_NUM_THREADS": "1", "AWS_ENDPOINT_URL": moto_endpoint, **FAKE_ENV, **mlflow_worker_env(mlflow_server)}
     with start_ray_head(tmp_path_factory.mktemp("ray"), num_cpus=2, job_env=job_env) as head:
         yield head
 

@@ -105,7 +105,7 @@ def tracked_job(digits, tmp_path_factory, mlflow_server, moto_endpoint):
     """The tiny tracked job, shared by the tracking and the registry end-to-end tests. moto accepts
     any credentials: real-looking secret values (SENTINELS) that must never reach MLflow."""
     return run_tracked_job(digits, tmp_path_factory.mktemp("tracked"), mlflow_server.url, moto_endpoint,
-                           env=SENTINELS)
+                           env={**SENTINELS, **mlflow_server.env})
 
 
 @pytest.mark.timeout(600)

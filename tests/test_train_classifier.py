@@ -77,7 +77,7 @@ def trained(digits, tmp_path_factory, mlflow_server, moto_endpoint):
     root = tmp_path_factory.mktemp("classifier")
     sets = overrides(digits, str(root / "runs")) + [f"tracking.register_name={MODEL}"]
     with pytest.MonkeyPatch.context() as mp:
-        for k, v in {**FAKE_ENV, "AWS_ENDPOINT_URL": moto_endpoint, "MLFLOW_TRACKING_URI": mlflow_server.url}.items():
+        for k, v in {**FAKE_ENV, "AWS_ENDPOINT_URL": moto_endpoint, **mlflow_server.env}.items():
             mp.setenv(k, v)
         mlflow.set_tracking_uri(mlflow_server.url)
         t0 = time.perf_counter()

@@ -1,8 +1,8 @@
 """KubeRay objects (RayCluster, RayJob) built from a run config's `distributed` section.
 
 Every pod runs the advflow image as its fixed non-root user. Ray pods read the shared settings
-from the ConfigMap (MLflow and Optuna URIs, region), the S3 keys and the Optuna database password
-from Secrets, and run with Ray token authentication: `authOptions` makes the KubeRay operator
+from the ConfigMap (MLflow and Optuna URIs, region), the S3 keys, the Optuna database password and
+MLflow's credential (MLFLOW_TRACKING_USERNAME/PASSWORD) from Secrets, and run with Ray token authentication: `authOptions` makes the KubeRay operator
 inject the token of the Secret it names into every Ray container, and RAY_AUTH_MODE=token is also
 set on the containers themselves, so an operator that ignored authOptions would leave pods that
 refuse to start without a token rather than a cluster that accepts anyone.
@@ -55,6 +55,9 @@ def _ray_env(extra: list[dict] | None = None) -> tuple[list[dict], list[dict]]:
     # libpq reads PGPASSWORD when the URL has none: OPTUNA_STORAGE_URL stays secret-free, and so do
     # the job entrypoints, which Ray's job API shows in plain text.
     env.append(_secret_env("PGPASSWORD", n.DB_SECRET, "OPTUNA_DB_PASSWORD"))
+    # MLflow refuses anonymous requests: drivers, Train workers and trials log in with the Secret's
+    # credential, read by MLflow's client from the pod's environment (never a job's runtime_env).
+    env += [_secret_env(key, n.MLFLOW_AUTH_SECRET, key) for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")]
     return env + (extra or []), [{"configMapRef": {"name": n.CONFIGMAP}}]
 
 

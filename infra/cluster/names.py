@@ -25,6 +25,10 @@ RAY_TOKEN_SECRET = "advflow-ray-token"
 RAY_TOKEN_KEY = "auth_token"  # the key KubeRay's authOptions.secretName expects
 DB_SECRET = "advflow-db"
 DB_KEYS = ("POSTGRES_PASSWORD", "MLFLOW_DB_PASSWORD", "OPTUNA_DB_PASSWORD")
+# MLflow's admin (basic auth): the server creates it on first start; Ray pods log in with it. The
+# Flask key signs the auth app's CSRF tokens and must be the same in every MLflow worker.
+MLFLOW_AUTH_SECRET = "advflow-mlflow-auth"
+MLFLOW_AUTH_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY")
 
 # Non-secret settings every pod reads (envFrom).
 CONFIGMAP = "advflow-config"
@@ -35,6 +39,9 @@ POSTGRES_IMAGE = "postgres:17.6"
 MLFLOW = "advflow-mlflow"
 MLFLOW_PORT = 5000
 MLFLOW_DB = "mlflow"  # database and role name
+MLFLOW_AUTH_DB = "mlflow_auth"  # MLflow's users and permissions: a database of its own, owned by role mlflow
+MLFLOW_AUTH_CONFIG = "advflow-mlflow-auth"  # the ConfigMap with MLflow's basic_auth.ini
+MLFLOW_AUTH_DIR = "/etc/advflow/mlflow-auth"  # where the MLflow pod mounts it
 OPTUNA_DB = "optuna"  # database and role name
 
 LABELS = {"app.kubernetes.io/part-of": "advflow"}

@@ -1,6 +1,7 @@
 """Core Kubernetes objects beside the Ray cluster: the shared ConfigMap, PostgreSQL (one server, a
-database each for MLflow and Optuna) and the MLflow tracking server (runs in PostgreSQL, artifacts
-on S3). Passwords never appear here: pods read them from the advflow-db Secret, and URLs carry
+database each for MLflow, MLflow's users and Optuna) and the MLflow tracking server (runs in
+PostgreSQL, artifacts on S3, MLflow's basic-auth app: anonymous requests get 401). Passwords never
+appear here: pods read them from the advflow-db and advflow-mlflow-auth Secrets, and URLs carry
 only the role name (libpq takes the password from PGPASSWORD)."""
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ psql -v ON_ERROR_STOP=1 --username "$POSTGRES_USER" --dbname "$POSTGRES_DB" \\
   -v mlflow_pw="$MLFLOW_DB_PASSWORD" -v optuna_pw="$OPTUNA_DB_PASSWORD" <<'SQL'
 CREATE ROLE {n.MLFLOW_DB} LOGIN PASSWORD :'mlflow_pw';
 CREATE DATABASE {n.MLFLOW_DB} OWNER {n.MLFLOW_DB};
+CREATE DATABASE {n.MLFLOW_AUTH_DB} OWNER {n.MLFLOW_DB};
 CREATE ROLE {n.OPTUNA_DB} LOGIN PASSWORD :'optuna_pw';
 CREATE DATABASE {n.OPTUNA_DB} OWNER {n.OPTUNA_DB};
 SQL
@@ -37,9 +39,21 @@ def _service(name: str, namespace: str, port: int) -> dict:
                      "ports": [{"name": "main", "port": port, "targetPort": port}]}}
 
 
-def db_url(role: str, namespace: str) -> str:
+def db_url(role: str, namespace: str, database: str | None = None) -> str:
     # +psycopg2: a bare postgresql:// means psycopg 3 since SQLAlchemy 2.1; the image has psycopg2.
-    return f"postgresql+psycopg2://{role}@{n.service_host(n.POSTGRES, namespace)}:{n.POSTGRES_PORT}/{role}"
+    return (f"postgresql+psycopg2://{role}@{n.service_host(n.POSTGRES, namespace)}:{n.POSTGRES_PORT}/"
+            f"{database or role}")
+
+
+def mlflow_auth_ini(namespace: str) -> str:
+    """MLflow's basic-auth config (MLFLOW_AUTH_CONFIG_PATH). No password in it: the admin's comes
+    from the Secret (MLFLOW_AUTH_ADMIN_PASSWORD, used once, to create the admin on the first start),
+    the database's from PGPASSWORD. default_permission READ: a user an admin adds reads every
+    experiment and model, and changes only what they create or are granted."""
+    return ("[mlflow]\n"
+            "default_permission = READ\n"
+            f"database_uri = {db_url(n.MLFLOW_DB, namespace, n.MLFLOW_AUTH_DB)}\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
 
 
 def s3_bucket(storage_path: str) -> str:
@@ -99,7 +113,7 @@ def mlflow(namespace: str, image: str, bucket: str) -> list[dict]:
     # MLflow refuses Host headers it does not know (DNS-rebinding guard): the Service's names, and
     # localhost for `kubectl port-forward`.
     allowed = [f"{h}:{n.MLFLOW_PORT}" for h in (n.MLFLOW, host, f"{host}.cluster.local", "localhost", "127.0.0.1")]
-    command = ["mlflow", "server", "--host", "0.0.0.0", "--port", str(n.MLFLOW_PORT),
+    command = ["mlflow", "server", "--app-name", "basic-auth", "--host", "0.0.0.0", "--port", str(n.MLFLOW_PORT),
                "--backend-store-uri", db_url(n.MLFLOW_DB, namespace),
                # artifacts go through the server (--serve-artifacts): clients need no S3 access for them
                "--artifacts-destination", f"s3://{bucket}/mlflow-artifacts", "--serve-artifacts",
@@ -107,8 +121,10 @@ def mlflow(namespace: str, image: str, bucket: str) -> list[dict]:
     container = {
         "name": "mlflow", "image": image, "command": command,
         "env": [_secret_env("PGPASSWORD", "MLFLOW_DB_PASSWORD")]
-        + [{"name": key, "valueFrom": {"secretKeyRef": {"name": n.S3_SECRET, "key": key}}} for key in n.S3_KEYS],
+        + [{"name": key, "valueFrom": {"secretKeyRef": {"name": n.S3_SECRET, "key": key}}} for key in n.S3_KEYS]
+        + _auth_env(),
         "envFrom": [{"configMapRef": {"name": n.CONFIGMAP}}],
+        "volumeMounts": [{"name": "auth", "mountPath": n.MLFLOW_AUTH_DIR, "readOnly": True}],
         "ports": [{"containerPort": n.MLFLOW_PORT, "name": "http"}],
         "readinessProbe": {"httpGet": {"path": "/health", "port": n.MLFLOW_PORT,
                                        "httpHeaders": [{"name": "Host", "value": f"localhost:{n.MLFLOW_PORT}"}]},
@@ -120,6 +136,20 @@ def mlflow(namespace: str, image: str, bucket: str) -> list[dict]:
         "apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta(n.MLFLOW, namespace),
         "spec": {"replicas": 1, "selector": {"matchLabels": {"app.kubernetes.io/name": n.MLFLOW}},
                  "template": {"metadata": {"labels": {**n.LABELS, "app.kubernetes.io/name": n.MLFLOW}},
-                              "spec": {"securityContext": pod_security(), "containers": [container]}}},
+                              "spec": {"securityContext": pod_security(), "containers": [container],
+                                       "volumes": [{"name": "auth", "configMap": {"name": n.MLFLOW_AUTH_CONFIG}}]}}},
     }
-    return [deployment, _service(n.MLFLOW, namespace, n.MLFLOW_PORT)]
+    config = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(n.MLFLOW_AUTH_CONFIG, namespace),
+              "data": {"basic_auth.ini": mlflow_auth_ini(namespace)}}
+    return [config, deployment, _service(n.MLFLOW, namespace, n.MLFLOW_PORT)]
+
+
+def _auth_env() -> list[dict]:
+    """The basic-auth app's settings: its config file, the admin from the Secret, the Flask key."""
+    def secret(name: str, key: str) -> dict:
+        return {"name": name, "valueFrom": {"secretKeyRef": {"name": n.MLFLOW_AUTH_SECRET, "key": key}}}
+
+    return [{"name": "MLFLOW_AUTH_CONFIG_PATH", "value": f"{n.MLFLOW_AUTH_DIR}/basic_auth.ini"},
+            secret("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_TRACKING_USERNAME"),
+            secret("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_TRACKING_PASSWORD"),
+            secret("MLFLOW_FLASK_SERVER_SECRET_KEY", "MLFLOW_FLASK_SERVER_SECRET_KEY")]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import re
 
 import yaml
 
@@ -22,7 +23,8 @@ CRDS = n.REPO.parent / "shared" / "kuberay-crds"
 # Service, ConfigMap are all stable v1.
 K8S_VERSION = "1.33.0"
 # What the README's `kubectl create secret generic` lines create: name -> keys.
-SECRETS = {n.S3_SECRET: set(n.S3_KEYS), n.RAY_TOKEN_SECRET: {n.RAY_TOKEN_KEY}, n.DB_SECRET: set(n.DB_KEYS)}
+SECRETS = {n.S3_SECRET: set(n.S3_KEYS), n.RAY_TOKEN_SECRET: {n.RAY_TOKEN_KEY}, n.DB_SECRET: set(n.DB_KEYS),
+           n.MLFLOW_AUTH_SECRET: set(n.MLFLOW_AUTH_KEYS)}
 
 
 def committed() -> dict[str, list[dict]]:
@@ -123,6 +125,47 @@ def check_secret_refs(obj: dict) -> None:
                         f"{where}/{c['name']}: {env['name']} is set literally, not from a Secret"
 
 
+# A URL with a password (scheme://user:password@host) or an INI/env line that sets one to a value
+# (not to a shell variable: the init script passes "$MLFLOW_DB_PASSWORD" from the Secret).
+_LITERAL_SECRET = re.compile(r"://[^/@\s:]+:[^/@\s]+@|\b\w*password\s*=\s*[^\s$\"']", re.IGNORECASE)
+
+
+def check_no_literal_secrets(obj: dict) -> None:
+    """No string anywhere in the object (commands, ConfigMap data, env values) carries a password."""
+    def walk(node, where: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{where}.{key}")
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                walk(value, f"{where}[{i}]")
+        elif isinstance(node, str):
+            assert not _LITERAL_SECRET.search(node), f"{obj['kind']} {where}: a literal password in {node!r}"
+
+    walk(obj, obj["metadata"]["name"])
+
+
+def check_mlflow_auth(deployment: dict, config_maps: list[dict]) -> None:
+    """MLflow runs its basic-auth app: admin and Flask key from the Secret, users in PostgreSQL."""
+    (pod,) = [p for _, p in pod_specs(deployment)]
+    (c,) = pod["containers"]
+    command = c["command"]
+    assert command[:2] == ["mlflow", "server"] and "--app-name" in command, "MLflow runs without authentication"
+    assert command[command.index("--app-name") + 1] == "basic-auth", "MLflow's app is not basic-auth"
+    env = {e["name"]: e for e in c["env"]}
+    for name, key in (("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_TRACKING_PASSWORD"),
+                      ("MLFLOW_FLASK_SERVER_SECRET_KEY", "MLFLOW_FLASK_SERVER_SECRET_KEY")):
+        ref = env.get(name, {}).get("valueFrom", {}).get("secretKeyRef")
+        assert ref == {"name": n.MLFLOW_AUTH_SECRET, "key": key}, f"MLflow's {name} is not from the Secret"
+    path = env["MLFLOW_AUTH_CONFIG_PATH"]["value"]
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    volumes = {v["name"]: v.get("configMap", {}).get("name") for v in pod["volumes"]}
+    (volume,) = [v for v, mount in mounts.items() if path.startswith(mount + "/")]
+    (ini,) = [cm["data"][path.rsplit("/", 1)[1]] for cm in config_maps if cm["metadata"]["name"] == volumes[volume]]
+    assert "default_permission = READ" in ini, ini
+    assert f"database_uri = postgresql+psycopg2://{n.MLFLOW_DB}@" in ini and f"/{n.MLFLOW_AUTH_DB}\n" in ini, ini
+
+
 def ray_cluster_spec(obj: dict) -> dict:
     return obj["spec"]["rayClusterSpec"] if obj["kind"] == "RayJob" else obj["spec"]
 
@@ -139,6 +182,9 @@ def check_ray_cluster(obj: dict, workers: int, cpus: int) -> None:
         (ray,) = [c for c in pod["containers"] if c["name"].startswith("ray-")]
         assert {"name": "RAY_AUTH_MODE", "value": "token"} in ray["env"], f"{where}: RAY_AUTH_MODE is not token"
         assert {"configMapRef": {"name": n.CONFIGMAP}} in ray["envFrom"], f"{where}: no ConfigMap"
+        for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):  # MLflow refuses anonymous requests
+            ref = {"name": key, "valueFrom": {"secretKeyRef": {"name": n.MLFLOW_AUTH_SECRET, "key": key}}}
+            assert ref in ray["env"], f"{where}: no {key} from the {n.MLFLOW_AUTH_SECRET} Secret"
         shm = [v for v in pod["volumes"] if v["name"] == "dshm"]
         assert shm and shm[0]["emptyDir"].get("medium") == "Memory", f"{where}: /dev/shm is not memory-backed"
         assert {"name": "dshm", "mountPath": "/dev/shm"} in ray["volumeMounts"], f"{where}: /dev/shm not mounted"

@@ -9,13 +9,17 @@ directory, and returns a ``ServiceHandle``. Tests of other issues reuse these di
         services.ensure_bucket(s3, "advflow")
         with services.start_mlflow(tmp_path / "mlflow", s3=s3, bucket="advflow") as mlflow_srv, \\
              services.start_ray_head(tmp_path / "ray",
-                                     job_env={**services.worker_env(s3), **mlflow_srv.env}) as ray:
+                                     job_env=services.worker_env(s3, mlflow_srv)) as ray:
             env = {**s3.env, **mlflow_srv.env, **ray.env}         # what a client exports
             ...
 
 The S3 servers started here answer only requests signed with the key they were given (a 0600
 credentials file, ``<state_dir>/s3_credentials``); ``s3.env`` carries it for clients, and
 ``worker_env(s3)`` names the file instead, for a Ray head whose jobs must not hold the secret.
+MLflow likewise refuses anonymous requests (MLflow's basic-auth app, ``mlflow_auth``): its
+``env`` carries MLFLOW_TRACKING_USERNAME/PASSWORD, ``worker_env(s3, mlflow_srv)`` the path of its
+0600 credentials file. ``to_record`` (what ``stack.json`` holds) never contains a secret:
+``from_record`` reads them back from those files.
 
 ``advflow.infra.local.stack`` composes them into ``advflow stack up | down | status | env``.
 """
@@ -37,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from advflow.platform.atomic import write_text
+from advflow.platform.tracking.credentials import CREDENTIALS_FILE_ENV, PASSWORD_ENV, USERNAME_ENV
 from advflow.infra.local.proc import (
     LOCALHOST,
     ServiceError,
@@ -60,6 +65,12 @@ _AWS_CREDENTIAL_VARS = (
     "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
     "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SHARED_CREDENTIALS_FILE",
 )  # fmt: skip
+# The same for MLflow: a stale exported password would beat the credentials file a head names.
+_MLFLOW_CREDENTIAL_VARS = (USERNAME_ENV, PASSWORD_ENV, "MLFLOW_TRACKING_TOKEN")
+# Never written to stack.json (or any state file other than the 0600 credential files): a handle's
+# env keeps them in memory only, and ``from_record`` reads them back from the files ``info`` names.
+_SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
+               *_MLFLOW_CREDENTIAL_VARS)  # fmt: skip
 
 # Ray puts AF_UNIX sockets under <temp-dir>/session_<date>_<pid>/sockets/plasma_store; Linux caps a
 # socket path at 107 bytes, and the part after <temp-dir> takes about 63 of them.
@@ -118,26 +129,30 @@ class ServiceHandle:
         return was_running
 
     def to_record(self) -> dict[str, Any]:
+        """What ``stack.json`` keeps: no credentials (they stay in their 0600 files)."""
         return {
             "name": self.name,
             "kind": self.kind,
             "url": self.url,
             "pid": self.pid,
             "log_path": str(self.log_path) if self.log_path else None,
-            "env": self.env,
+            "env": _without_secrets(self.env),
             "info": self.info,
         }
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> ServiceHandle:
+        """The handle again, its credentials read from the files ``info`` names. A key that an older
+        ``stack.json`` still carries is ignored: the file is what the service checks against."""
+        info = dict(record.get("info", {}))
         return cls(
             name=record["name"],
             kind=record["kind"],
             url=record["url"],
             pid=record["pid"],
             log_path=Path(record["log_path"]) if record.get("log_path") else None,
-            env=dict(record.get("env", {})),
-            info=dict(record.get("info", {})),
+            env={**_without_secrets(record.get("env", {})), **_credentials_of(record["kind"], info)},
+            info=info,
         )
 
     def __enter__(self) -> ServiceHandle:
@@ -145,6 +160,27 @@ class ServiceHandle:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _without_secrets(env: Mapping[str, str]) -> dict[str, str]:
+    return {k: v for k, v in env.items() if k not in _SECRET_ENV}
+
+
+def _credentials_of(kind: str, info: Mapping[str, Any]) -> dict[str, str]:
+    """The client variables in the credentials file of a recorded service ({} when it is gone)."""
+    path = info.get("credentials_file")
+    if not path:
+        return {}
+    if kind == "mlflow":
+        from advflow.infra.local.mlflow_auth import client_env
+
+        return client_env(Path(path))
+    from advflow.infra.local.s3_auth import read_credentials
+
+    try:
+        return read_credentials(Path(path))
+    except ValueError:  # deleted: the probe then fails, and `up` restarts the service with a new key
+        return {}
 
 
 # ----------------------------------------------------------------------------------------- S3
@@ -279,21 +315,31 @@ def _s3_credentials(state_dir: Path, credentials_file: Path | None) -> tuple[Pat
     return path, ensure_credentials(path)
 
 
-def worker_env(s3: ServiceHandle) -> dict[str, str]:
-    """What a Ray head's jobs need to reach ``s3``, with the credentials as a file, not values.
+def worker_env(s3: ServiceHandle, mlflow: ServiceHandle | None = None) -> dict[str, str]:
+    """What a Ray head's jobs need to reach ``s3`` (and ``mlflow``), with credentials as files.
 
     A Ray job's runtime_env is shown in plain text by Ray's state API (actors, tasks, jobs); the
-    head's own environment is not. Even there only the file's path goes: boto3, aiobotocore
-    (s3fs) and pyarrow's AWS SDK read AWS_SHARED_CREDENTIALS_FILE + AWS_PROFILE themselves. For an
-    external endpoint (no file of ours) this is ``s3.env``: credentials stay the caller's.
+    head's own environment is not. Even there only the files' paths go: boto3, aiobotocore
+    (s3fs) and pyarrow's AWS SDK read AWS_SHARED_CREDENTIALS_FILE + AWS_PROFILE themselves, and
+    advflow's MLflow code reads ADVFLOW_MLFLOW_CREDENTIALS_FILE
+    (``advflow.platform.tracking.credentials``). For an external S3 endpoint (no file of ours) the
+    S3 part is ``s3.env``: credentials stay the caller's.
     """
     from advflow.infra.local.s3_auth import profile_env
 
+    env = mlflow_worker_env(mlflow) if mlflow is not None else {}
     path = s3.info.get("credentials_file")
     if not path:
-        return dict(s3.env)
+        return {**s3.env, **env}
     endpoints = {k: v for k, v in s3.env.items() if k in ("AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL")}
-    return {**endpoints, **profile_env(Path(path))}
+    return {**endpoints, **profile_env(Path(path)), **env}
+
+
+def mlflow_worker_env(mlflow: ServiceHandle) -> dict[str, str]:
+    env = {"MLFLOW_TRACKING_URI": mlflow.url}
+    if mlflow.info.get("credentials_file"):
+        env[CREDENTIALS_FILE_ENV] = str(mlflow.info["credentials_file"])
+    return env
 
 
 def external_s3(url: str, *, timeout_s: float = 30.0) -> ServiceHandle:
@@ -324,7 +370,28 @@ def external_s3(url: str, *, timeout_s: float = 30.0) -> ServiceHandle:
 
 def _probe_mlflow(handle: ServiceHandle, timeout_s: float) -> str | None:
     status, body = http_get(f"{handle.url}/health", timeout=timeout_s)
-    return None if status == 200 else f"GET {handle.url}/health -> {status or body}"
+    if status != 200:
+        return f"GET {handle.url}/health -> {status or body}"
+    username, password = handle.env.get(USERNAME_ENV), handle.env.get(PASSWORD_ENV)
+    if not (username and password):
+        where = handle.info.get("credentials_file") or "the record (started before MLflow had authentication)"
+        return f"no MLflow credentials in {where}"
+    # Authentication must stay on: an anonymous request has to be refused, the admin's accepted.
+    probe = f"{handle.url}/api/2.0/mlflow/experiments/search?max_results=1"
+    status, _ = http_get(probe, timeout=timeout_s)
+    if status != 401:
+        return f"authentication is NOT enforced: an anonymous request got HTTP {status}"
+    status, body = http_get(probe, {"Authorization": basic_auth(username, password)}, timeout=timeout_s)
+    if status != 200:
+        return f"the admin credential from {handle.info.get('credentials_file')} -> HTTP {status}: {body[:200]}"
+    return None
+
+
+def basic_auth(username: str, password: str) -> str:
+    """An HTTP Basic ``Authorization`` header value."""
+    import base64
+
+    return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
 
 
 def start_mlflow(
@@ -339,7 +406,8 @@ def start_mlflow(
     wait: bool = True,
     backend_store_uri: str | None = None,
 ) -> ServiceHandle:
-    """Start an MLflow tracking server: SQLite in ``state_dir``, artifacts proxied to S3.
+    """Start an MLflow tracking server: SQLite in ``state_dir``, artifacts proxied to S3,
+    anonymous requests refused (MLflow's basic-auth app, see ``advflow.infra.local.mlflow_auth``).
 
     Clients log artifacts through the server (``mlflow-artifacts:/``), which writes them to
     ``s3://<bucket>/<prefix>`` on ``s3``'s endpoint, so clients need no S3 credentials.
@@ -347,15 +415,27 @@ def start_mlflow(
     ``backend_store_uri`` replaces the SQLite file with another database, e.g.
     ``postgresql://user:password@host:5432/mlflow`` (``advflow.infra.local.postgres``; needs the
     ``postgres`` extra); ``info["db"]`` then shows it without the password.
+    The admin credential is ``<state_dir>/mlflow_credentials`` (0600; kept when present, so a
+    restart keeps what clients have); ``handle.env`` carries it as MLFLOW_TRACKING_USERNAME/PASSWORD,
+    ``worker_env(s3, handle)`` names the file instead. Users and permissions are in
+    ``<state_dir>/mlflow_auth.db``.
     """
     from urllib.parse import urlsplit
+
+    from advflow.infra.local import mlflow_auth
 
     state_dir = _service_dir(state_dir)
     port = port or free_port()
     url = f"http://{LOCALHOST}:{port}"
     db_path = state_dir / "mlflow.db"
+    creds_path = state_dir / mlflow_auth.CREDENTIALS_FILE
+    creds = mlflow_auth.ensure_credentials(creds_path)
+    auth_db = state_dir / mlflow_auth.AUTH_DB
+    auth_config = mlflow_auth.write_auth_config(state_dir / mlflow_auth.AUTH_CONFIG, f"sqlite:///{auth_db}")
+    # Through mlflow_auth's main: it makes the auth db's admin password the file's, then runs `mlflow`.
     argv = [
-        sys.executable, "-m", "mlflow", "server",
+        sys.executable, "-m", "advflow.infra.local.mlflow_auth", str(creds_path), "server",
+        "--app-name", "basic-auth",
         "--host", LOCALHOST,
         "--port", str(port),
         "--artifacts-destination", f"s3://{bucket}/{prefix}",
@@ -370,7 +450,13 @@ def start_mlflow(
     if s3.info.get("credentials_file"):
         for name in _AWS_CREDENTIAL_VARS:
             env.pop(name, None)
-    env.update(s3.env)
+    env.update(worker_env(s3))  # our S3 key as its file's path: no secret in the server's environment
+    # The ini names the admin; the caller's MLFLOW_AUTH_ADMIN_* would override it. The Flask key only
+    # signs the sign-up form's CSRF token: a new one per start costs nothing.
+    for name in ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD", *_MLFLOW_CREDENTIAL_VARS):
+        env.pop(name, None)
+    env["MLFLOW_AUTH_CONFIG_PATH"] = str(auth_config)
+    env["MLFLOW_FLASK_SERVER_SECRET_KEY"] = secrets.token_hex(32)
     if backend_store_uri is not None:
         # In MLflow's own variable, not argv: a database URL carries its password, and argv is
         # world-readable (`ps`) and written to the service's log.
@@ -380,8 +466,9 @@ def start_mlflow(
             f":{url_parts.password}@", ":***@", 1)
     return _launch(
         "mlflow", "mlflow", url, argv, state_dir, env,
-        client_env={"MLFLOW_TRACKING_URI": url},
-        info={"port": port, "db": db, "artifacts": f"s3://{bucket}/{prefix}"},
+        client_env={"MLFLOW_TRACKING_URI": url, **creds},
+        info={"port": port, "db": db, "artifacts": f"s3://{bucket}/{prefix}", "credentials_file": str(creds_path),
+              "auth_db": str(auth_db)},
         timeout_s=timeout_s,
         wait=wait,
     )  # fmt: skip
@@ -537,11 +624,7 @@ def _start_ray_head_once(
         "--include-dashboard", "true",
         "--disable-usage-stats",
     ]  # fmt: skip
-    env = dict(os.environ)
-    if any(name in (job_env or {}) for name in _AWS_CREDENTIAL_VARS):
-        for name in _AWS_CREDENTIAL_VARS:  # the caller's shell must not override job_env's credentials
-            env.pop(name, None)
-    env.update(job_env or {})
+    env = _node_env(job_env)
     # RAY_AUTH_TOKEN would beat RAY_AUTH_TOKEN_PATH; RAY_ADDRESS (say, from an earlier
     # `eval "$(advflow stack env)"`) would point `ray start` and the jobs at another cluster.
     for stale in ("RAY_AUTH_TOKEN", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
@@ -583,10 +666,28 @@ def _start_ray_head_once(
             "token_path": str(token_path),
             "temp_dir": str(temp_dir),
             "num_cpus": num_cpus,
+            # The names only (the values are URLs and file paths): `up` restarts a head whose jobs
+            # lack a variable the stack now gives them (a head from before MLflow had authentication).
+            "job_env": sorted(job_env or {}),
         },
         timeout_s=timeout_s,
         wait=wait,
     )
+
+
+def _node_env(job_env: Mapping[str, str] | None) -> dict[str, str]:
+    """The caller's environment with ``job_env`` on top; credentials from the caller's shell (an
+    earlier `eval "$(advflow stack env)"`, stale after a new `up`) must not beat the files job_env names."""
+    env = dict(os.environ)
+    job_env = dict(job_env or {})
+    if any(name in job_env for name in _AWS_CREDENTIAL_VARS):
+        for name in _AWS_CREDENTIAL_VARS:
+            env.pop(name, None)
+    if CREDENTIALS_FILE_ENV in job_env:
+        for name in _MLFLOW_CREDENTIAL_VARS:  # also keeps the password out of every job's environment
+            env.pop(name, None)
+    env.update(job_env)
+    return env
 
 
 # `ray start --address` cannot add a node to this head: while Ray runs loopback-only
@@ -665,11 +766,7 @@ def start_ray_worker(
     }
     # The head's environment rules: job_env's credentials win, no stale token or address, the venv's
     # interpreter first, loopback only.
-    env = dict(os.environ)
-    if any(name in (job_env or {}) for name in _AWS_CREDENTIAL_VARS):
-        for name in _AWS_CREDENTIAL_VARS:
-            env.pop(name, None)
-    env.update(job_env or {})
+    env = _node_env(job_env)
     for stale in ("RAY_AUTH_TOKEN", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
         env.pop(stale, None)
     auth_env = {k: head.env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}

@@ -6,10 +6,12 @@ Three services, all bound to 127.0.0.1, started detached so they outlive the CLI
   (``advflow.infra.local.s3_store``; ``--s3-memory``: plain in-memory moto), or the S3/MinIO
   endpoint already named by AWS_ENDPOINT_URL (then it is only health-checked and the bucket created);
 - ``ray``: a single-node Ray head with token authentication (RAY_AUTH_MODE=token);
-- ``mlflow``: an MLflow tracking server, SQLite backend, artifacts proxied to ``s3://BUCKET/mlflow``.
+- ``mlflow``: an MLflow tracking server, SQLite backend, artifacts proxied to ``s3://BUCKET/mlflow``,
+  anonymous requests refused (MLflow's basic-auth app; ``advflow.infra.local.mlflow_auth``).
 
-State (``stack.json`` with pids, ports and URLs), logs, the Ray token, the S3 store and the SQLite
-db live in one project-local directory (``./.advflow/stack``, or ``--state-dir`` /
+State (``stack.json`` with pids, ports and URLs, never a secret), logs, the Ray token, the S3 key
+and the MLflow admin credential (each a 0600 file), the S3 store and the SQLite dbs live in one
+project-local directory (``./.advflow/stack``, or ``--state-dir`` /
 ADVFLOW_STACK_DIR). Every command is idempotent: ``up`` keeps healthy services and starts only the
 missing ones, ``down`` on a stopped stack only says so.
 
@@ -35,7 +37,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from advflow.infra.local import services
+from advflow.infra.local import mlflow_auth, services
 from advflow.infra.local.proc import LOCALHOST, ServiceError, require_free_port
 from advflow.infra.local.services import ServiceHandle
 from advflow.platform.atomic import write_text
@@ -305,8 +307,10 @@ def _locked(state_dir: Path) -> Iterator[None]:
 def _job_env(config: StackConfig) -> dict[str, str]:
     """What every Ray job inherits through the head's environment (S3, MLflow, bucket).
 
-    The S3 key goes as the path of its credentials file, never as a value: Ray's state API shows
-    a job's runtime_env, and a value in the head's environment would reach every process it starts."""
+    The S3 key and the MLflow password go as the paths of their credentials files, never as values:
+    Ray's state API shows a job's runtime_env, and a value in the head's environment would reach
+    every process it starts. (MLflow's file is written when MLflow starts, after the head: no job
+    runs before `up` returns.)"""
     if config.s3_endpoint:
         s3_env = {"AWS_ENDPOINT_URL": config.s3_endpoint, "MLFLOW_S3_ENDPOINT_URL": config.s3_endpoint}
     else:
@@ -321,6 +325,7 @@ def _job_env(config: StackConfig) -> dict[str, str]:
     return {
         **s3_env,
         "MLFLOW_TRACKING_URI": f"http://{LOCALHOST}:{config.mlflow_port}",
+        services.CREDENTIALS_FILE_ENV: str(config.state_dir / mlflow_auth.CREDENTIALS_FILE),
         "ADVFLOW_BUCKET": config.bucket,
     }
 
@@ -507,6 +512,7 @@ def up(config: StackConfig, echo: Callable[[str], None] = log.info) -> StackStat
                 elif handle.alive():
                     echo(f"{name} is running but unhealthy ({reason}); restarting it")
                     handle.stop()
+            _restart_outdated_ray(healthy, state.config, echo)
             if healthy:
                 # Live services keep their ports; the config they were started with stays in force.
                 diff = _differences(config, state.config)
@@ -558,6 +564,22 @@ def up(config: StackConfig, echo: Callable[[str], None] = log.info) -> StackStat
     return state
 
 
+def _restart_outdated_ray(healthy: dict[str, ServiceHandle], config: StackConfig,
+                          echo: Callable[[str], None]) -> None:
+    """Stop a healthy Ray head whose jobs would miss a variable the stack gives them now (after an
+    upgrade: a head started before MLflow had authentication has no credentials file to hand its
+    jobs, which would then get 401 from MLflow). `up` starts it again with the current job env."""
+    head = healthy.get("ray")
+    if head is None:
+        return
+    missing = sorted(set(_job_env(config)) - set(head.info.get("job_env") or []))
+    if missing:
+        echo(f"ray is running, but its jobs lack {', '.join(missing)} (it was started by an older advflow); "
+             "restarting it")
+        head.stop()
+        healthy.pop("ray")
+
+
 def down(state_dir: Path, echo: Callable[[str], None] = log.info) -> bool:
     """Stop every service of the stack in ``state_dir``; False when nothing was recorded.
 
@@ -588,10 +610,11 @@ def down(state_dir: Path, echo: Callable[[str], None] = log.info) -> bool:
                 state_dir, "its artifacts were in the in-memory S3 server (--s3-memory) that stopped", echo
             )
         (state_dir / STATE_FILE).unlink(missing_ok=True)
-        # The token and the S3 key only guard services that just stopped; the next `up` writes
-        # new ones (a shell's old exports stop working, as they should).
+        # The token, the S3 key and MLflow's admin password only guard services that just stopped;
+        # the next `up` writes new ones (a shell's old exports stop working, as they should).
         (state_dir / "ray_auth_token").unlink(missing_ok=True)
         (state_dir / services.S3_CREDENTIALS_FILE).unlink(missing_ok=True)
+        (state_dir / mlflow_auth.CREDENTIALS_FILE).unlink(missing_ok=True)
         if s3 is not None and s3.kind == "moto-disk":
             _, objects, size = _store_stats(Path(s3.info["data_dir"]))
             echo(
@@ -668,7 +691,8 @@ def _detail(handle: ServiceHandle) -> str:
     if handle.kind == "external-s3":
         return "external endpoint (AWS_ENDPOINT_URL)"
     if handle.kind == "mlflow":
-        return f"artifacts {handle.info['artifacts']}"
+        auth = "basic auth on" if handle.info.get("credentials_file") else "NO authentication"
+        return f"artifacts {handle.info['artifacts']}, {auth}"
     return f"GCS {LOCALHOST}:{handle.info['gcs_port']}, token auth on"
 
 
