@@ -91,8 +91,14 @@ def main(argv=None) -> int:
     except OutputError as err:
         print(f"[advflow] {err}", file=sys.stderr)
         return 2
+    from advflow.platform.train.connect import check_configured
     from advflow.platform.train.preflight import Refused, check_dataset, check_storage
 
+    try:  # the cluster first, as jobs/train.py does: an unreachable one is the first thing to fix
+        check_configured(args.ray_address)
+    except ConfigError as err:
+        print(f"[advflow] config error: {err}", file=sys.stderr)
+        return 2
     try:  # what every trial would otherwise find out on its workers, once per trial
         check_dataset(spec.data.prefix)
         check_storage(spec)

@@ -260,6 +260,52 @@ def test_a_queued_job_says_what_it_waits_for_in_one_line(local_ray):
     assert "waited" in lines[-1] and all("Traceback" not in line for line in lines)
 
 
+@pytest.mark.integration
+def test_a_queue_notice_says_nothing_about_another_jobs_pending_group(local_ray):
+    """Issue 24: with several jobs on one cluster, a running job printed "waiting for resources"
+    about another job's pending placement group. The notice reads only this driver's job's groups."""
+    import subprocess
+    import sys
+
+    import ray
+
+    from advflow.platform.train.ray_launch import QueueNotice, own_placement_groups
+
+    other = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time, ray\n"
+         "from ray.util.placement_group import placement_group\n"
+         "ray.init(address=sys.argv[1], log_to_driver=False)\n"
+         "pg = placement_group([{'CPU': 64}])\n"  # infeasible here: pending for as long as it lives
+         "print('pending', flush=True)\n"
+         "time.sleep(60)\n",
+         ray.get_runtime_context().gcs_address],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "pending"
+        from ray.util.placement_group import placement_group_table
+
+        deadline = time.monotonic() + 30
+        while not any(g["state"] == "PENDING" for g in placement_group_table().values()):
+            assert time.monotonic() < deadline, "the other job's group never showed up in the cluster's table"
+            time.sleep(0.2)
+        assert all(g["state"] != "PENDING" for g in own_placement_groups().values())
+        lines: list[str] = []
+
+        class Log:
+            def info(self, text):
+                lines.append(text)
+
+        notice = QueueNotice(Log(), every=0.2)
+        notice.start()
+        time.sleep(1.5)
+        notice.stop.set()
+        assert lines == [], lines
+    finally:
+        other.kill()
+        other.wait()
+
+
 def test_the_queue_notice_counts_each_wait_from_when_it_began():
     """A job that ran for hours and then lost a node reports the minutes it has waited for the new
     node, not the hours since fit() started; the count restarts after the workers got resources."""
