@@ -188,7 +188,7 @@ def train_one(spec, run: dict, parent: str | None, no_ray: bool, log) -> dict:
                          extra_tags={"advflow.reproduce.run": run["name"]},
                          data_tags=dataset_tags(spec.data.prefix)) as tracked:
             record["run_id"] = tracked.run_id
-            tracked.ok = (train_local if no_ray else train_on_ray)(spec, tracked.run_id, log)
+            tracked.ok = (train_local if no_ray else train_on_ray)(spec, tracked, log)
             record["status"] = "FINISHED" if tracked.ok else "FAILED"
     except Exception as err:  # noqa: BLE001 - one failed run must not stop the others
         log.error("%s failed: %s", run["name"], str(err).strip().splitlines()[-1] if str(err).strip() else err)

@@ -139,13 +139,10 @@ def note_refusal(run, cause: str) -> None:
     """Mark the attempt refused when the workers refused to resume (a ResumeError: a checkpoint
     check, the last line of defence behind preflight): such an attempt trained nothing, so
     `tracked_run` records it REFUSED and leaves the run's status as it was (FINISHED stays FINISHED).
-    `run`: the TrackedRun (jobs/reproduce.py passes only a run id: nothing to mark)."""
-    if "ResumeError" in cause and hasattr(run, "refused"):
+    `run`: the TrackedRun. The cause is the one-line text of a worker's exception (it crossed a
+    process boundary), which names its class: `ResumeError: ...` or `rank 0: ResumeError: ...`."""
+    if "ResumeError" in cause:
         run.refused = cause
-
-
-def _run_id(run) -> str | None:
-    return getattr(run, "run_id", run)  # a TrackedRun, or a run id (jobs/reproduce.py)
 
 
 def train_local(spec, run, log) -> bool:
@@ -153,7 +150,7 @@ def train_local(spec, run, log) -> bool:
 
     run_dir = Path(spec.run.storage_path) / spec.run.name
     try:
-        history = run_local(spec, run_dir, run_id=_run_id(run))
+        history = run_local(spec, run_dir, run_id=run.run_id)
     except Exception as err:  # noqa: BLE001 - a worker process failed: one line, the traceback in a file
         from advflow.platform.train.failures import one_line
 
@@ -175,7 +172,7 @@ def train_on_ray(spec, run, log) -> bool:
 
     ensure_ray()
     causes: list[str] = []
-    result = fit(build_torch_trainer(spec, run_id=_run_id(run)), spec, log, causes=causes)  # prints the one failure line
+    result = fit(build_torch_trainer(spec, run_id=run.run_id), spec, log, causes=causes)  # prints the one failure line
     if result is None:
         note_refusal(run, causes[0] if causes else "")
         return False
