@@ -300,17 +300,9 @@ def mlflow_server(moto_endpoint, tmp_path_factory):
 
     from advflow.infra.local import services
 
-    saved = {k: os.environ.get(k) for k in FAKE_ENV}
-    os.environ.update(FAKE_ENV)  # the server process inherits the fake credentials
-    try:
+    with environ_set(FAKE_ENV):  # the server process inherits the fake credentials
         s3 = services.external_s3(moto_endpoint)
         handle = services.start_mlflow(tmp_path_factory.mktemp("mlflow"), s3=s3, bucket=BUCKET)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     yield handle
     handle.stop()
 
@@ -337,11 +329,15 @@ def mlflow_ray_env(mlflow_server):
     """While a test starts a local Ray (`ray.init()`), name the server's credentials file in the
     environment its raylet and workers inherit: the way the stack's head passes it, never the
     password itself (a runtime_env would show it in Ray's state API)."""
-    import os
-
     from advflow.infra.local import services
 
-    env = services.mlflow_worker_env(mlflow_server)
+    with environ_set(services.mlflow_worker_env(mlflow_server)):
+        yield
+
+
+@contextlib.contextmanager
+def environ_set(env: dict[str, str]):
+    """os.environ with `env` on top for the block (processes started in it inherit it), then as it was."""
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
