@@ -51,4 +51,4 @@ python jobs/promote.py --name afm-digits --alias champion --best-metric eval/fd 
 python jobs/generate.py --model models:/afm-digits@champion --labels 0-9 --per-label 8 --seed 0 \
     --out "$out/generated.png"
 echo "[advflow] registry grid: $out/generated.png  (models:/afm-digits@champion, one step per image)"
-echo "[advflow] Ray dashboard: $RAY_API_SERVER_ADDRESS   MLflow UI: $MLFLOW_TRACKING_URI   stop: advflow stack down"
+echo "[advflow] Ray dashboard: $RAY_API_SERVER_ADDRESS   MLflow UI: $MLFLOW_TRACKING_URI (user $MLFLOW_TRACKING_USERNAME, password from \`advflow stack env\`)   stop: advflow stack down"
