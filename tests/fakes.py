@@ -15,6 +15,7 @@ class OneRankContext:
 
     rank, world_size = 0, 1
     takes_staging_dir = False
+    restore_uri = None
 
     def report(self, metrics, checkpoint_dir, name=None):
         pass

@@ -347,6 +347,12 @@ class Storage:
             out[base] = int(e.get("size") or 0)
         return out
 
+    def list_tree(self) -> list[str]:
+        """The relative names of every file below the prefix, at any depth (one recursive listing)."""
+        base = self.path("").rstrip("/") + "/"
+        found = self.call("list", "", lambda: self.fs.find(self.path(""), withdirs=False))
+        return sorted(str(p)[len(base):] for p in found if str(p).startswith(base))
+
     def remove(self, name: str) -> None:
         p = self.path(name)
 

@@ -48,6 +48,7 @@ class LocalContext:
 
     def __init__(self, rank: int, world_size: int, run_dir: Path, keep: int):
         self.rank, self.world_size, self.run_dir, self.keep = rank, world_size, run_dir, keep
+        self.restore_uri: str | None = None
 
     def drain(self) -> None:
         pass  # nothing in flight: report copies synchronously
@@ -70,7 +71,8 @@ class LocalContext:
 
     def restore_dir(self) -> str | None:
         latest = latest_checkpoint(self.run_dir)
-        return str(latest) if latest else None
+        self.restore_uri = str(latest) if latest else None  # read in place: the copy is the stored one
+        return self.restore_uri
 
     def run_storage(self) -> str:
         return str(self.run_dir)

@@ -56,6 +56,10 @@ class WorkerContext(Protocol):
     def report(self, metrics: dict, checkpoint_dir: str | None, name: str | None = None) -> None:
         """Report metrics (every rank, same points) and the staged checkpoint, stored under `name`."""
 
+    restore_uri: str | None
+    """Where the checkpoint `restore_dir` returned is stored (s3://.../checkpoint_000400 or a path),
+    named in messages instead of a temporary local copy; None before `restore_dir` or without one."""
+
     def restore_dir(self) -> str | None:
         """A local directory holding the latest complete checkpoint, or None for a fresh start."""
 
@@ -210,7 +214,7 @@ class TrainLoop:
         restore = self.ctx.restore_dir()
         if restore:
             # Messages name the stored checkpoint (s3://.../checkpoint_000400), not a temp copy of it.
-            stored = getattr(self.ctx, "restore_uri", None) or restore
+            stored = self.ctx.restore_uri or restore
             self.checkpointer.load(restore, shown_as=stored)  # the "loop" part restores state.step
             self.phases.loaded()
             if self.ctx.rank == 0:

@@ -259,12 +259,10 @@ def check_checkpoint_files(point: ResumePoint) -> None:
     from advflow.platform.train.checkpoint import ResumeError, check_listing
 
     storage = Storage(point.uri)
-    base = storage.path("").rstrip("/") + "/"
     try:
-        found = storage.call("list", "", lambda: storage.fs.find(storage.path(""), withdirs=False))
+        names = storage.list_tree()
     except StorageError as err:
         raise Refused(f"{point.uri}: {_line(err)}") from None
-    names = [str(p)[len(base):] if str(p).startswith(base) else str(p).rsplit("/", 1)[-1] for p in found]
     try:
         check_listing(names, lambda name: storage.read(name, 0, 2), point.uri)
     except ResumeError as err:

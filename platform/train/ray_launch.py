@@ -103,9 +103,8 @@ class RayContext:
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             return None
-        path = str(checkpoint.path)
-        remote = str((self.spec or {}).get("run", {}).get("storage_path", "")).startswith("s3://")
-        self.restore_uri = f"s3://{path}" if remote and not path.startswith("s3://") else path
+        self.restore_uri = stored_uri(str((self.spec or {}).get("run", {}).get("storage_path", "")),
+                                      str(checkpoint.path))
         self._restore_tmp = tempfile.TemporaryDirectory(prefix="advflow-restore-")
         return checkpoint.to_directory(self._restore_tmp.name)
 
@@ -412,10 +411,10 @@ def _save_traceback(spec, error: BaseException) -> str:
 
     text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
     name = f"failures/{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.txt"
-    run = spec.run
-    root = run.storage_path.rstrip("/") if run.storage_path.startswith("s3://") else os.path.abspath(run.storage_path)
+    from advflow.platform.train.preflight import run_root
+
     try:
-        storage = Storage(f"{root}/{run.name}")
+        storage = Storage(run_root(spec))
         storage.write_atomic(name, text.encode())
         return f" (traceback: {storage.url(name)})"
     except Exception:  # noqa: BLE001 - the one line matters more than where the traceback went
@@ -426,7 +425,10 @@ def _save_traceback(spec, error: BaseException) -> str:
 def checkpoint_uri(spec: RunSpec, checkpoint: Checkpoint | None) -> str | None:
     """Where a reported checkpoint lives, with its scheme (Ray gives the path inside its pyarrow S3
     filesystem, without `s3://`)."""
-    where = checkpoint.path if checkpoint else None
-    if where and spec.run.storage_path.startswith("s3://") and not where.startswith("s3://"):
-        where = "s3://" + where
-    return where
+    return stored_uri(spec.run.storage_path, checkpoint.path) if checkpoint else None
+
+
+def stored_uri(storage_path: str, path: str) -> str:
+    """A Ray checkpoint's path with its scheme: Ray gives the path inside its pyarrow S3
+    filesystem, without `s3://`, when run.storage_path is on S3."""
+    return f"s3://{path}" if storage_path.startswith("s3://") and not path.startswith("s3://") else path
