@@ -46,26 +46,13 @@ def parse_labels(text: str) -> list[int]:
     return out
 
 
-def label_ranges(labels: list[int]) -> str:
-    """[10, 11, 12, 15, -1] -> '-1, 10-12, 15': each label once, runs folded into ranges."""
-    runs: list[list[int]] = []
-    for v in sorted(set(labels)):
-        if runs and v == runs[-1][1] + 1:
-            runs[-1][1] = v
-        else:
-            runs.append([v, v])
-    return ", ".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in runs)
-
-
 def check_labels(labels: list[int], num_classes: int, given: str) -> None:
-    """ValueError naming each label outside [0, num_classes) once (a label repeats per image)."""
-    bad = [v for v in labels if not 0 <= v < num_classes]
-    if bad:
-        classes = f"0-{num_classes - 1}" if num_classes > 1 else "0"
-        many = len(set(bad)) > 1
-        raise ValueError(f"--labels {given}: label{'s' if many else ''} {label_ranges(bad)} "
-                         f"{'are' if many else 'is'} outside the model's classes {classes}; "
-                         f"pass labels in {classes}")
+    """ValueError naming each label outside [0, num_classes) once, as `--labels <given>: ...`."""
+    from advflow.platform.tracking.model_format import labels_outside
+
+    problem = labels_outside(labels, num_classes)
+    if problem:
+        raise ValueError(f"--labels {given}: {problem}")
 
 
 def _save_npz(path: Path, **arrays) -> None:

@@ -59,6 +59,29 @@ MAX_BATCH = 64  # rows generated together; bounds memory for large requests
 DECODERS = ("pixel", "sd-vae")
 
 
+
+def label_ranges(labels: Sequence[int]) -> str:
+    """[10, 11, 12, 15, -1] -> '-1, 10-12, 15': each label once, runs folded into ranges."""
+    runs: list[list[int]] = []
+    for v in sorted(set(labels)):
+        if runs and v == runs[-1][1] + 1:
+            runs[-1][1] = v
+        else:
+            runs.append([v, v])
+    return ", ".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in runs)
+
+
+def labels_outside(labels: Sequence[int], num_classes: int) -> str | None:
+    """The message naming each label outside [0, num_classes) once (a grid repeats a label per
+    image, and a range such as 0-12 must not list 10, 10, 11, 11, 12), or None when all are in range."""
+    bad = [v for v in labels if not 0 <= v < num_classes]
+    if not bad:
+        return None
+    classes = f"0-{num_classes - 1}" if num_classes > 1 else "0"
+    many = len(set(bad)) > 1
+    return (f"label{'s' if many else ''} {label_ranges(bad)} {'are' if many else 'is'} outside the model's "
+            f"classes {classes}; pass labels in {classes}")
+
 class ModelFormatError(ValueError):
     """A model folder's generator.json / weights do not form a valid advflow generator."""
 
@@ -169,9 +192,9 @@ class GeneratorModel:
         labels, seeds = [int(v) for v in labels], [int(v) for v in seeds]
         if len(labels) != len(seeds):
             raise ValueError(f"labels/seeds: {len(labels)} labels but {len(seeds)} seeds; pass one seed per label")
-        bad = [v for v in labels if not 0 <= v < self.spec.num_classes]
-        if bad:
-            raise ValueError(f"label: {bad[:5]} outside [0, {self.spec.num_classes}); use class ids of the model")
+        problem = labels_outside(labels, self.spec.num_classes)
+        if problem:
+            raise ValueError(problem)
         if any(s < 0 or s >= 2**63 for s in seeds):
             raise ValueError("seed: seeds must lie in [0, 2**63); pass non-negative integers")
         return labels, seeds
