@@ -15,15 +15,27 @@ Failure policy (why it is here and not in botocore/s3fs):
 
 Endpoint override: `endpoint_url=` or the standard `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL`
 variables, exactly as the AWS SDKs read them.
+
+Two S3 clients: s3fs (aiobotocore) for listing, writing and `read`, and a plain botocore client for
+`read_verified`, the reader's hot path: a range GET streamed into a preallocated buffer and hashed
+piece by piece as it arrives. Against a local S3 server (jobs/bench/profile_reader.py) that costs
+~1.1 client CPU-ms per MB, sha256's ~0.6 included, where s3fs's `cat_file` (aiohttp's small pieces
+through its event loop, then a join) plus hashlib costs ~1.4.
+
+I/O accounting: `io_counters()` counts requests (each GET or file read attempt, retries included)
+and the bytes received, per process.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import random
 import socket
+import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
@@ -161,18 +173,76 @@ _CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TO
                    "AWS_DEFAULT_REGION", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE")
 
 
-def _shared_session() -> Any:
-    """One aiobotocore session per process and credential environment: building a session reloads
-    botocore's service models (~0.3 s), which would otherwise be paid by every Storage / DataLoader
-    worker / test."""
-    key = (os.getpid(), *(os.environ.get(name) for name in _CREDENTIAL_ENV))
+def _shared_session(kind: str = "aiobotocore") -> Any:
+    """One aiobotocore (s3fs) or botocore session per process and credential environment: building
+    a session reloads botocore's service models (~0.1-0.3 s), which would otherwise be paid by every
+    Storage / DataLoader worker / test."""
+    key = (kind, os.getpid(), *(os.environ.get(name) for name in _CREDENTIAL_ENV))
     if key not in _SESSIONS:
-        from aiobotocore.session import AioSession
-
-        if any(k[0] != key[0] for k in _SESSIONS):
+        if any(k[1] != key[1] for k in _SESSIONS):
             _SESSIONS.clear()  # a forked child does not reuse its parent's sessions
-        _SESSIONS[key] = AioSession()
+        if kind == "aiobotocore":
+            from aiobotocore.session import AioSession
+
+            _SESSIONS[key] = AioSession()
+        else:
+            import botocore.session
+
+            _SESSIONS[key] = botocore.session.Session()
     return _SESSIONS[key]
+
+
+# storage_options that the botocore client of `read_verified` understands, as s3fs reads them; any
+# other option keeps that Storage's reads on s3fs, which does understand it.
+_BOTOCORE_OPTIONS = frozenset({"key", "secret", "token", "anon", "use_ssl", "client_kwargs", "config_kwargs"})
+# Bytes per readinto of a streamed GET body: large enough that per-piece Python overhead is noise,
+# small enough that hashing overlaps the transfer.
+_PIECE = 1 << 20
+# Guards botocore client creation: a botocore session is not thread-safe, and the reader's I/O
+# threads may all make their first read at once. Replaced in a forked child (see _after_fork).
+_CLIENT_LOCK = threading.Lock()
+
+
+class _IOCounters:
+    """Requests made and bytes received, thread-safe. Each process counts its own: a pickled copy
+    and a forked child start from zero."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.requests = 0
+        self.bytes = 0
+        _LIVE_COUNTERS.add(self)
+
+    def add(self, requests: int, nbytes: int) -> None:
+        with self._lock:
+            self.requests += requests
+            self.bytes += nbytes
+
+    def reset(self) -> None:
+        with self._lock:
+            self.requests = self.bytes = 0
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return {"requests": self.requests, "bytes": self.bytes}
+
+    def __reduce__(self) -> tuple:
+        return (_IOCounters, ())
+
+
+_LIVE_COUNTERS: "weakref.WeakSet[_IOCounters]" = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    """In a forked child no other thread survives, so locks they held would never be released."""
+    global _CLIENT_LOCK
+    _CLIENT_LOCK = threading.Lock()
+    for counters in list(_LIVE_COUNTERS):
+        counters._lock = threading.Lock()
+        counters.requests = counters.bytes = 0
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 def resolve_endpoint(endpoint_url: str | None) -> str | None:
@@ -219,6 +289,9 @@ class Storage:
         self.uri = f"s3://{self.root}" if self.protocol == "s3" else self.root
         self._fs: fsspec.AbstractFileSystem | None = None
         self._pid = -1
+        self._s3: Any = None  # botocore client of read_verified (None: s3fs fallback)
+        self._s3_pid = -1
+        self._io = _IOCounters()
 
     # -- plumbing -------------------------------------------------------------------------------
     @property
@@ -240,25 +313,66 @@ class Storage:
         import s3fs  # imported lazily: local-only use needs no AWS stack
 
         opts = dict(self.storage_options)
-        config = dict(opts.pop("config_kwargs", {}))
-        config.setdefault("connect_timeout", self.retry.connect_timeout)
-        config.setdefault("read_timeout", self.retry.read_timeout)
-        # One attempt inside botocore: our loop is the only retry layer (bounded, see module doc).
-        config.setdefault("retries", {"total_max_attempts": 1, "mode": "standard"})
-        # botocore >= 1.36 validates a CRC32 of every GET body by default, on s3fs's single event
-        # loop thread, where it became the reader's bottleneck. Every byte the reader uses is
-        # already checked against the manifest's sha256, so response validation is left to that.
-        config.setdefault("response_checksum_validation", "when_required")
+        opts.pop("config_kwargs", None)
         opts.setdefault("session", _shared_session())
         fs = s3fs.S3FileSystem(
             endpoint_url=self.endpoint_url,
-            config_kwargs=config,
+            config_kwargs=self._config_kwargs(),
             skip_instance_cache=True,
             use_listings_cache=False,
             **opts,
         )
         fs.retries = 1  # s3fs's own retry loop off, same reason
         return fs
+
+    def _config_kwargs(self) -> dict[str, Any]:
+        """botocore Config options of both S3 clients: storage_options' config_kwargs over ours."""
+        config = dict(self.storage_options.get("config_kwargs") or {})
+        config.setdefault("connect_timeout", self.retry.connect_timeout)
+        config.setdefault("read_timeout", self.retry.read_timeout)
+        # One attempt inside botocore: our loop is the only retry layer (bounded, see module doc).
+        config.setdefault("retries", {"total_max_attempts": 1, "mode": "standard"})
+        # botocore >= 1.36 validates a CRC32 of every GET body by default (on s3fs's single event
+        # loop thread it became the reader's bottleneck). Every byte the reader uses is already
+        # checked against the manifest's sha256, so response validation is left to that.
+        config.setdefault("response_checksum_validation", "when_required")
+        return config
+
+    @property
+    def _client(self) -> Any:
+        """This process's botocore S3 client (thread-safe, shared by the reader's I/O threads), or
+        None when storage_options name something only s3fs understands. Rebuilt per process, like `fs`."""
+        if self._s3_pid != os.getpid():
+            with _CLIENT_LOCK:
+                if self._s3_pid != os.getpid():
+                    self._s3 = self._make_client()
+                    self._s3_pid = os.getpid()
+        return self._s3
+
+    def _make_client(self) -> Any:
+        """The botocore equivalent of `_make_fs`'s s3fs client: same endpoint, timeouts, retry and
+        checksum settings, and storage_options mapped as s3fs maps them."""
+        opts = self.storage_options
+        if not set(opts) <= _BOTOCORE_OPTIONS:
+            return None
+        from botocore.config import Config
+
+        config = self._config_kwargs()
+        config.setdefault("max_pool_connections", 32)  # >= the reader's I/O threads: no reconnects
+        kwargs = {
+            "aws_access_key_id": opts.get("key"), "aws_secret_access_key": opts.get("secret"),
+            "aws_session_token": opts.get("token"), "endpoint_url": self.endpoint_url,
+            "use_ssl": opts.get("use_ssl", True),
+        }  # fmt: skip
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        kwargs.update(opts.get("client_kwargs") or {})
+        if opts.get("anon"):
+            from botocore import UNSIGNED
+
+            for k in ("aws_access_key_id", "aws_secret_access_key", "aws_session_token"):
+                kwargs.pop(k, None)
+            config["signature_version"] = UNSIGNED
+        return _shared_session("botocore").create_client("s3", config=Config(**config), **kwargs)
 
     def path(self, name: str) -> str:
         """Filesystem path of `name` (no scheme) for fsspec calls."""
@@ -303,7 +417,94 @@ class Storage:
         """Bytes [start, end) of object `name` (whole object when both are None). May return fewer
         bytes than asked for when the object is shorter; callers check lengths."""
         p = self.path(name)
-        return self.call("read", name, lambda: self.fs.cat_file(p, start=start, end=end))
+
+        def _cat() -> bytes:
+            data = b""
+            try:
+                data = self.fs.cat_file(p, start=start, end=end)
+            finally:
+                self._io.add(1, len(data))
+            return data
+
+        return self.call("read", name, _cat)
+
+    def read_verified(self, name: str, start: int, end: int) -> tuple[memoryview, str]:
+        """Bytes [start, end) of object `name` and the sha256 hexdigest of exactly those bytes, for
+        callers that check chunks against a manifest (the caller compares the digest).
+
+        Cheaper than `read` + hashlib: the body lands in one preallocated buffer (no join copy) and
+        is hashed piece by piece as it arrives; a retry starts both over. numpy.frombuffer uses the
+        view without a copy (it is writable, except on the s3fs fallback). Like `read`, it is
+        shorter when the object is (empty when the object ends at or before `start`); callers
+        check the length."""
+        if not 0 <= start <= end:
+            raise ValueError(f"{self.url(name)}: bad byte range [{start}, {end})")
+        if start == end:
+            return memoryview(b""), hashlib.sha256().hexdigest()
+        if self.protocol == "s3" and self._client is None:  # storage_options only s3fs understands
+            data = self.read(name, start, end)
+            return memoryview(data), hashlib.sha256(data).hexdigest()
+        buf = bytearray(end - start)
+        fill = self._read_local_into if self.protocol == "file" else self._get_into
+        n, digest = self.call("read", name, lambda: fill(name, start, buf))
+        return memoryview(buf)[:n], digest
+
+    def _read_local_into(self, name: str, start: int, buf: bytearray) -> tuple[int, str]:
+        """One attempt: file bytes from `start` into `buf` (unbuffered readinto: no intermediate
+        copy), then one sha256 over them (hashlib releases the GIL for large buffers)."""
+        view, n = memoryview(buf), 0
+        try:
+            with open(self.path(name), "rb", buffering=0) as f:
+                f.seek(start)
+                while n < len(buf):
+                    got = f.readinto(view[n:])
+                    if not got:
+                        break
+                    n += got
+        finally:
+            self._io.add(1, n)
+        return n, hashlib.sha256(view[:n]).hexdigest()
+
+    def _get_into(self, name: str, start: int, buf: bytearray) -> tuple[int, str]:
+        """One attempt: a range GET streamed into `buf` from its start with a fresh hasher. Errors
+        mid-body (timeouts, resets, a body shorter than its Content-Length) surface as botocore
+        exceptions that `classify_error` calls transient."""
+        from botocore.exceptions import ClientError
+
+        bucket, _, key = self.path(name).partition("/")
+        view, n, hasher = memoryview(buf), 0, hashlib.sha256()
+        try:
+            try:
+                rng = f"bytes={start}-{start + len(buf) - 1}"
+                resp = self._client.get_object(Bucket=bucket, Key=key, Range=rng)
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") == "InvalidRange":  # starts at or past the end
+                    return 0, hasher.hexdigest()
+                raise
+            body = resp["Body"]
+            try:
+                while n < len(buf):
+                    got = body.readinto(view[n:n + _PIECE])
+                    if not got:
+                        break
+                    hasher.update(view[n:n + got])
+                    n += got
+            finally:
+                body.close()  # after a complete body the connection is back in the pool already
+        finally:
+            self._io.add(1, n)
+        return n, hasher.hexdigest()
+
+    def io_counters(self) -> dict[str, int]:
+        """{"requests": GET / file read attempts (retries included), "bytes": bytes received} by
+        `read` and `read_verified` in this process since construction, unpickling or the last reset.
+        A failed attempt's partial body counts where it is seen (read_verified). A whole-object
+        `read` on S3 counts as one request, though s3fs first HEADs the object and splits one larger
+        than its block size (50 MiB) into parallel range GETs."""
+        return self._io.snapshot()
+
+    def reset_io_counters(self) -> None:
+        self._io.reset()
 
     def write_atomic(self, name: str, data: bytes) -> None:
         """Write `data` so that readers see either the old object or the complete new one, never a
@@ -367,6 +568,7 @@ class Storage:
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_fs"], state["_pid"] = None, -1  # rebuilt in the receiving process
+        state["_s3"], state["_s3_pid"] = None, -1
         return state
 
     def __repr__(self) -> str:
