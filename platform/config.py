@@ -90,6 +90,15 @@ def _one_of(options: list[str]) -> str:
 CLASSIFIER_COMMAND = "python jobs/train.py --config jobs/configs/digits_classifier.yaml"
 
 
+AUTO_PARTITIONS_MAX = 64
+
+
+def auto_partitions(draw_records: int, cap: int = AUTO_PARTITIONS_MAX) -> int:
+    """`data.partitions: auto`: the largest divisor of the records one micro-step takes across the
+    cluster, up to `cap` (a divisor, so every worker gets equal shares; 64 covers a 64-worker job)."""
+    return max(v for v in range(1, min(cap, draw_records) + 1) if draw_records % v == 0)
+
+
 def time_key(t: float) -> str:
     """The metric suffix of evaluation time t: 0.25 -> 't0.25' (`eval/acc_t0.25`, eval.kind accuracy)."""
     return f"t{float(t):.2f}"
@@ -99,7 +108,6 @@ def time_key(t: float) -> str:
 # (`_config_error`, pydantic's literal_error).
 Method = Literal["afm", "fm", "classifier"]
 METHODS: tuple[str, ...] = typing.get_args(Method)
-DataOrder = Literal["global", "partitioned"]  # advflow.platform.data.reader.ORDERS (a test keeps them equal)
 GeneratorKind = Literal["1nfe", "multistep", "anystep"]
 FmTimes = Literal["uniform", "logit_normal"]
 PairSource = Literal["same", "permute"]
@@ -124,15 +132,28 @@ class DataConfig(_Section):
     """Records held in the in-memory shuffle buffer of each stream."""
     prefetch: int = 4
     """Shards fetched ahead of the reader by the background thread."""
-    order: DataOrder = "global"
-    """How the workers share the record sequence (platform/data/reader.py). `global`: every worker
-    reads the whole sequence and keeps its slots of each global batch, so the global batches do not
-    depend on the number of workers and a run resumes exactly on another number (elastic);
-    each worker reads all chunks (workers-fold read amplification). `partitioned`: each worker reads
-    only its slice (1/workers of the I/O), and a run resumes only on the same number of workers."""
+    partitions: int | Literal["auto"] = "auto"
+    """V, the canonical partitions that define the record order (platform/data/DATA.md). Each worker
+    reads only its V/workers partitions (1/workers of the data), and any number of workers that
+    divides V replays the same global batches, so a run resumes exactly on such a number. V must
+    divide the records one micro-step takes (train.global_batch / train.grad_accum). `auto`: the
+    largest such divisor up to 64 (64 for global batches of 64, 128, 256, ...: enough for a
+    64-worker job). A resume cannot change it."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _migrate(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "order" in data:
+            _fail("order", "was removed: the record order is now defined by canonical partitions, which read "
+                  "1/workers of the data per worker and resume on any number of workers dividing them "
+                  "(what `global` and `partitioned` each did half of)",
+                  "delete data.order (set data.partitions to choose V; platform/data/DATA.md)")
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
+        if isinstance(self.partitions, int) and self.partitions < 1:
+            _fail("partitions", f"is {self.partitions}", "use a positive number, or auto")
         if not self.prefix:
             _fail("prefix", "is empty", "set it to the dataset prefix written by jobs/prepare_latents.py, "
                   "e.g. --set data.prefix=s3://advflow/digits")
@@ -373,7 +394,7 @@ class DistributedConfig(_Section):
     number of workers in [min_workers, workers] that the cluster can place, and resizes the group
     (from the latest checkpoint) when nodes come or go (every method: its noise is drawn by the
     sample's row in the global batch). 0: exactly `workers`. Needs
-    `data.order: global`, and `train.global_batch` divisible by every count x grad_accum, so the
+    every count to divide `data.partitions`, and `train.global_batch` divisible by every count x grad_accum, so the
     global batch (and the run's numbers) stay the same whatever the count."""
     use_gpu: bool = False
     cpus_per_worker: int = 1
@@ -778,15 +799,13 @@ class RunSpec(BaseModel):
             _fail("train.global_batch", f"{t.global_batch} is not divisible by workers x grad_accum = "
                   f"{d.workers} x {t.grad_accum}", "pick a global batch that is a multiple of their product")
         if d.min_workers:
-            if self.data.order != "global":
-                _fail("distributed.min_workers", "an elastic worker range needs data.order global (partitioned "
-                      "data resumes only on the same number of workers)", "set data.order: global")
             odd = [w for w in range(d.min_workers, d.workers + 1) if t.global_batch % (w * t.grad_accum)]
             if odd:
                 _fail("distributed.min_workers", f"train.global_batch {t.global_batch} is not divisible by "
                       f"{odd} workers x grad_accum {t.grad_accum}, and Ray may pick any count in "
                       f"[{d.min_workers}, {d.workers}]", "narrow the range or pick a global batch every "
                       "count divides (e.g. a multiple of their least common multiple)")
+        self._check_partitions()
         self._check_method_and_eval()
         if self.phases == "auto":
             self._check_auto_phases()
@@ -932,6 +951,27 @@ class RunSpec(BaseModel):
         t = self.train
         assert t.global_batch % (world_size * t.grad_accum) == 0, (t.global_batch, world_size, t.grad_accum)
         return t.global_batch // (world_size * t.grad_accum)
+
+    @property
+    def partitions(self) -> int:
+        """V of the data order: `data.partitions`, with `auto` resolved (`auto_partitions`)."""
+        v = self.data.partitions
+        return auto_partitions(self.train.global_batch // self.train.grad_accum) if v == "auto" else v
+
+    def _check_partitions(self) -> None:
+        t, d, v = self.train, self.distributed, self.partitions
+        draw = t.global_batch // t.grad_accum
+        if draw % v:
+            _fail("data.partitions", f"{v} does not divide the {draw} records of one micro-step (train.global_batch "
+                  f"{t.global_batch} / grad_accum {t.grad_accum}), so the partitions cannot give out equal shares",
+                  f"use a divisor of {draw}, e.g. {auto_partitions(draw)} (or auto)")
+        counts = range(d.min_workers or d.workers, d.workers + 1)
+        odd = [w for w in counts if v % w]
+        if odd:
+            fits = [w for w in range(1, v + 1) if v % w == 0]
+            _fail("distributed.workers" if len(counts) == 1 else "distributed.min_workers",
+                  f"{odd} worker(s) do not divide data.partitions {v}: each worker owns whole partitions",
+                  f"use a number of workers in {fits}, or a data.partitions that the counts divide")
 
 
 _SECTIONS = [name for name, f in RunSpec.model_fields.items()

@@ -113,7 +113,7 @@ def test_json_adapters(tmp_path):
 
 
 def test_elastic_checkpointer_loads_another_world_size_and_checks_the_writers_files(tmp_path):
-    """elastic=True (data.order global): a checkpoint of 2 ranks loads on 1 and on 3; the files it
+    """elastic=True (the trainer's: its data streams are the same on every rank): a checkpoint of 2 ranks loads on 1 and on 3; the files it
     must have are those of the world that wrote it."""
     loop, streams = Counter(7), {"d": Counter(3)}
     for rank in (1, 0):

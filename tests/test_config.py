@@ -215,7 +215,7 @@ def test_guided_phase_needs_a_classifier_and_kind_defaults():
 
 def test_elastic_worker_range_is_validated_where_it_is_defined(tmp_path):
     """distributed.min_workers: a range Ray may pick any count from; every count must keep the
-    global batch, and the data order must be the one that resumes on any count."""
+    global batch and divide data.partitions (each worker owns whole partitions)."""
     from advflow.platform.train.ray_launch import workers
 
     base = {"data": {"prefix": str(tmp_path)}, "train": {"global_batch": 24}}
@@ -226,11 +226,32 @@ def test_elastic_worker_range_is_validated_where_it_is_defined(tmp_path):
         RunSpec.from_dict({**base, "distributed": {"workers": 6, "min_workers": 4}})
     with pytest.raises(ConfigError, match="min_workers.*not in \\[1, workers - 1 = 3\\]"):
         RunSpec.from_dict({**base, "distributed": {"workers": 4, "min_workers": 4}})
-    with pytest.raises(ConfigError, match="needs data.order global"):
-        RunSpec.from_dict({**base, "data": {"prefix": str(tmp_path), "order": "partitioned"},
+    with pytest.raises(ConfigError, match=r"distributed.min_workers: \[3\] worker\(s\) do not divide data.partitions 8.*"
+                                          r"in \[1, 2, 4, 8\]"):
+        RunSpec.from_dict({**base, "data": {"prefix": str(tmp_path), "partitions": 8},
                            "distributed": {"workers": 4, "min_workers": 2}})
-    with pytest.raises(ConfigError, match="data.order.*'sorted' is unknown"):
-        RunSpec.from_dict({**base, "data": {"prefix": str(tmp_path), "order": "sorted"}})
+
+
+def test_data_partitions_resolve_and_are_checked_before_launch(tmp_path):
+    """auto: the largest divisor of one micro-step's records up to 64; an explicit V must divide
+    that and be divisible by the workers; the removed data.order names its replacement."""
+    from advflow.platform.config import auto_partitions
+
+    def parts(**kw) -> int:
+        return RunSpec.from_dict({"data": {"prefix": str(tmp_path), **kw.pop("data", {})}, **kw}).partitions
+
+    assert [auto_partitions(n) for n in (1, 24, 64, 96, 256, 120, 97)] == [1, 24, 64, 48, 64, 60, 1]
+    assert parts(train={"global_batch": 256}) == 64
+    assert parts(train={"global_batch": 256, "grad_accum": 8}) == 32  # 32 records per micro-step
+    assert parts(data={"partitions": 16}, train={"global_batch": 256}, distributed={"workers": 4}) == 16
+    with pytest.raises(ConfigError, match=r"^data.partitions: 48 does not divide the 64 records of one micro-step"):
+        parts(data={"partitions": 48}, train={"global_batch": 64})
+    with pytest.raises(ConfigError, match=r"^distributed.workers: \[3\] worker\(s\) do not divide data.partitions 64"):
+        parts(train={"global_batch": 192}, data={"partitions": 64}, distributed={"workers": 3})
+    with pytest.raises(ConfigError, match=r"^data.partitions: is 0"):
+        parts(data={"partitions": 0})
+    with pytest.raises(ConfigError, match=r"^data.order: was removed.*delete data.order"):
+        parts(data={"order": "global"})
 
 
 # ----------------------------------------------------------------------------- what importing the config loads
@@ -250,12 +271,9 @@ def test_importing_the_config_loads_no_torch_network_or_evaluator():
 
 
 def test_leaf_tables_are_the_ones_the_code_uses():
-    """The config's copies of the data orders and the sizes are the reader's and the networks'."""
-    from advflow.platform.config import DataConfig
-    from advflow.platform.data.reader import ORDERS
+    """The config's copy of the sizes is the networks'."""
     from advflow.trainers import models, sizes
 
-    assert typing.get_args(DataConfig.model_fields["order"].annotation) == ORDERS
     assert models.SIZES is sizes.SIZES and models.DiTSize is sizes.DiTSize
     with pytest.raises(ConfigError, match=r"^model\.size: 'XXL/2' is not a known size; use one of \["):
         spec(model={"size": "XXL/2"})
@@ -265,7 +283,6 @@ def test_leaf_tables_are_the_ones_the_code_uses():
 
 
 LITERALS = [  # field, a bad value, the options the message lists
-    ("data.order", "sorted", "global or partitioned"),
     ("model.method", "gan", "afm, fm or classifier"),
     ("model.kind", "twostep", "1nfe, multistep or anystep"),
     ("model.fm_times", "beta", "uniform or logit_normal"),

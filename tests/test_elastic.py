@@ -1,10 +1,10 @@
-"""Elastic exact resume (issue 14, item 1): a run checkpointed by N workers continues on M != N
-workers, ZeRO-2, and its per-step losses after the resume equal those of the uninterrupted
+"""Elastic exact resume (issues 14 and 25): a run checkpointed by N workers continues on M != N
+workers (2 -> 1, 1 -> 2, 4 -> 2), ZeRO-2, and its per-step losses after the resume equal those of the uninterrupted
 N-worker run, up to the order in which gradients are reduced.
 
 What makes it possible, each tested on its own elsewhere: the engines' state is saved as full
-tensors and re-partitioned (test_engine_state.py), the data streams read one global order
-(test_reader.py), and every random draw is keyed by the sample's row in the global batch
+tensors and re-partitioned (test_engine_state.py), the data streams' order is defined by canonical
+partitions, not ranks (test_reader.py), and every random draw is keyed by the sample's row in the global batch
 (test_draws.py). This test is the whole loop: anystep AFM with augmentation, R1/R2, the OT loss and
 gradient normalisation, so every draw of a step is exercised.
 """
@@ -27,10 +27,10 @@ STEPS, RESUME_AT = 12, 6
 KEYS = ("d_loss", "g_loss", "d_adv", "r1", "r2", "cp")
 
 
-def spec_for(prefix: str, workers: int, order: str = "global") -> RunSpec:
+def spec_for(prefix: str, workers: int, partitions: int | str = "auto") -> RunSpec:
     return RunSpec.from_dict({
         "run": {"keep_checkpoints": 4},
-        "data": {"prefix": prefix, "shuffle_buffer": 128, "prefetch": 2, "order": order},
+        "data": {"prefix": prefix, "shuffle_buffer": 128, "prefetch": 2, "partitions": partitions},
         "model": {"size": "tiny", "kind": "anystep"},
         "optim": {"lr": 3e-4, "grad_clip": 1.0, "ema_decay": 0.9},
         "adversarial": {"ot_scale": {"kind": "cosine", "start": 0.2, "end": 0.01, "steps": STEPS}},
@@ -44,11 +44,11 @@ def spec_for(prefix: str, workers: int, order: str = "global") -> RunSpec:
 def uninterrupted(digits, tmp_path_factory):
     """The 2- and 1-worker runs without stopping (each resume below is compared with its writer's)."""
     root = tmp_path_factory.mktemp("elastic")
-    return {n: (root / f"w{n}", run_local(spec_for(digits, n), root / f"w{n}")) for n in (2, 1)}
+    return {n: (root / f"w{n}", run_local(spec_for(digits, n), root / f"w{n}")) for n in (2, 1, 4)}
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
+@pytest.mark.parametrize("before,after", [(2, 1), (1, 2), (4, 2)])
 def test_resume_on_another_number_of_workers_continues_the_same_run(digits, tmp_path, uninterrupted,
                                                                     before, after):
     run_dir, reference = uninterrupted[before]
@@ -80,13 +80,14 @@ def test_resume_on_another_number_of_workers_continues_the_same_run(digits, tmp_
 
 
 @pytest.mark.timeout(600)
-def test_partitioned_order_refuses_another_number_of_workers_naming_the_fix(digits, tmp_path):
-    """data.order partitioned ties the data to the number of workers: the resume stops before
-    training, with the fix in the message, and the run's log is left as it was."""
-    raw = spec_for(digits, 2, order="partitioned").to_dict()
+def test_a_resume_with_other_partitions_stops_in_the_workers_naming_the_fix(digits, tmp_path):
+    """data.partitions defines the order: a resume that changes it (past the driver's preflight,
+    e.g. run_local) stops before training with the fix in the message, and the run's log is left
+    as it was."""
+    raw = spec_for(digits, 2, partitions=8).to_dict()
     raw["train"]["steps"] = RESUME_AT
     run_local(RunSpec.from_dict(raw), tmp_path / "p")
-    raw["distributed"]["workers"], raw["train"]["steps"] = 1, STEPS
-    with pytest.raises(Exception, match=r"written by 2 workers, resuming with 1.*distributed.workers=2"):
+    raw["data"]["partitions"], raw["train"]["steps"] = 16, STEPS
+    with pytest.raises(Exception, match=r"'partitions' is 8 but this stream has 16.*data.partitions"):
         run_local(RunSpec.from_dict(raw), tmp_path / "p")
     assert MetricsLog(str(tmp_path / "p")).read()[-1]["step"] == RESUME_AT

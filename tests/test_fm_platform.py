@@ -53,7 +53,7 @@ def reference_losses(spec: RunSpec) -> list[float]:
     from advflow.platform.train.methods import step_seed
 
     torch.manual_seed(spec.train.seed)
-    stream = LatentStream(spec.data.prefix, spec.train.global_batch, seed=spec.train.seed, stream="g",
+    stream = LatentStream(spec.data.prefix, spec.train.global_batch, partitions=spec.partitions, seed=spec.train.seed, stream="g",
                           shuffle_buffer=spec.data.shuffle_buffer, prefetch=spec.data.prefetch)
     it = iter(stream)
     m = stream.manifest

@@ -124,7 +124,8 @@ def test_a_resume_with_another_model_size_is_refused_naming_both_sizes(data, tmp
 def test_a_resume_with_another_global_batch_or_kind_is_refused(data, tmp_path):
     old = spec_for(data, str(tmp_path / "runs"))
     plant_checkpoint(old)
-    with pytest.raises(Refused, match=r"train.global_batch=16; this submission has train.global_batch=32"):
+    with pytest.raises(Refused, match=r"train.global_batch=16, data.partitions=16; this "
+                       r"submission has train.global_batch=32, data.partitions=32"):
         preflight.run_preflight(spec_for(data, str(tmp_path / "runs"), train__global_batch=32), ray=True)
     with pytest.raises(Refused, match=r"model.kind=1nfe; this submission has model.kind=anystep"):
         preflight.run_preflight(spec_for(data, str(tmp_path / "runs"), model__kind="anystep"), ray=True)
@@ -138,6 +139,28 @@ def test_settings_a_resume_may_change_are_allowed(data, tmp_path):
     findings = preflight.run_preflight(new, ray=True)
     assert findings.resume.name == "checkpoint_000002" and findings.resume.step == 2
     assert findings.resume_line(3).startswith("resuming from checkpoint_000002 (step 2, attempt 3)")
+
+
+def test_a_resume_with_other_data_partitions_is_refused_and_auto_equal_to_the_value_is_not(data, tmp_path):
+    """data.partitions defines the record order: a resume cannot change it. `auto` is compared by the
+    number it resolves to (16 for a global batch of 16), so spelling it out is no change."""
+    plant_checkpoint(spec_for(data, str(tmp_path / "runs")))
+    with pytest.raises(Refused, match=r"data.partitions=16; this submission has data.partitions=8"):
+        preflight.run_preflight(spec_for(data, str(tmp_path / "runs"), data__partitions=8), ray=True)
+    findings = preflight.run_preflight(spec_for(data, str(tmp_path / "runs"), data__partitions=16), ray=True)
+    assert findings.resume.step == 2
+
+
+def test_a_checkpoint_of_the_removed_data_order_is_refused_before_launch(data, tmp_path):
+    """A checkpoint written with data.order (before canonical partitions) cannot be replayed exactly:
+    refused in one line naming the order, not left to fail in the workers."""
+    spec = spec_for(data, str(tmp_path / "runs"))
+    old = spec.to_dict()
+    old["data"] = {**old["data"], "order": "global"}
+    old["data"].pop("partitions")
+    plant_checkpoint(spec, config=old)
+    with pytest.raises(Refused, match=r"used data.order=global, an order this advflow no longer has.*new run.name"):
+        preflight.run_preflight(spec, ray=True)
 
 
 def test_nfe_is_locked_only_where_it_shapes_the_training():

@@ -166,7 +166,7 @@ def test_watchdog_rolls_back_through_ray_storage_as_it_does_locally(digits, tmp_
 def test_elastic_range_runs_on_the_workers_ray_can_place_with_the_same_numbers(digits, tmp_path, local_ray):
     """distributed.min_workers: with room for one 2-CPU worker of the two asked for, Ray Train's
     elastic group starts with one, and the run's losses are those of two local workers (the numbers
-    do not depend on the count: data.order global, per-sample noise)."""
+    do not depend on the count: canonical data partitions, per-sample noise)."""
     from advflow.platform.train.ray_launch import build_torch_trainer
 
     def spec_at(storage: str, **dist) -> RunSpec:

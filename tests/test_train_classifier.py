@@ -130,11 +130,11 @@ def test_classifier_learns_and_logs_to_mlflow(trained, mlflow_env):
         assert by_step[row["step"]] == pytest.approx(row["loss"], rel=1e-6)
 
     # Step 1 is the paper's loss, by hand: CE(C0(x_t, t), y) over the first global batch of the "c"
-    # stream (data.order global: the two ranks' halves), with t ~ U(0, 1) and z ~ N(0, I) drawn for
+    # stream (canonical partitions: the two ranks' halves), with t ~ U(0, 1) and z ~ N(0, I) drawn for
     # the whole batch from step 0's generator (each sample's draw keyed by its row, not the rank).
     torch.manual_seed(spec.train.seed)
     C0 = build_classifier("tiny", in_channels=1, input_size=8, num_classes=10)
-    stream = LatentStream(spec.data.prefix, spec.train.global_batch, seed=spec.train.seed, stream="c",
+    stream = LatentStream(spec.data.prefix, spec.train.global_batch, partitions=spec.partitions, seed=spec.train.seed, stream="c",
                           shuffle_buffer=spec.data.shuffle_buffer, prefetch=spec.data.prefetch)
     x, y = next(iter(stream))
     stream.close()
@@ -256,7 +256,7 @@ def test_a_run_checkpointed_by_2_workers_resumes_exactly_on_1(digits, tmp_path):
     sets = overrides(digits, str(tmp_path / "runs")) + [
         f"train.steps={ELASTIC_STEPS}", f"train.checkpoint_every={ELASTIC_AT}", "tracking.enabled=false"]
     two = load_config(RECIPE, sets)
-    assert two.distributed.workers == 2 and two.data.order == "global"
+    assert two.distributed.workers == 2 and two.partitions % 2 == 0
     t0 = time.perf_counter()
     reference = run_local(two, tmp_path / "whole")
     resumed = tmp_path / "resumed"
@@ -433,7 +433,7 @@ def test_ray_train_runs_the_classifier_on_the_same_loop(trained, digits, tmp_pat
     meta = json.loads((ckpt / "trainer.json").read_text())
     rows = MetricsLog(str(ckpt.parent)).read()
     assert meta["step"] == 20 and [r["step"] for r in rows] == list(range(1, 21))
-    # data.order global: one readers.json for every rank (elastic); the engine under c/.
+    # one readers.json for every rank (elastic); the engine under c/.
     assert {"readers.json", "classifier.json", "ema.safetensors", "c"} <= {p.name for p in ckpt.iterdir()}
     assert result.metrics["step"] == 20 and "eval/acc_t0.00" in result.metrics
     C = registry.load_classifier(str(ckpt), device="cpu")

@@ -44,11 +44,11 @@ def spec_for(prefix: str, stage: int, workers: int = WORKERS) -> RunSpec:
 def reference_losses(spec: RunSpec) -> list[tuple[float, float]]:
     """The whole global batch in one process: plain torch modules and AdamW, one loss per step.
 
-    What the workers must add up to: each worker's rows of the global batch (data.order global)
+    What the workers must add up to: each worker's rows of the global batch (the data order's canonical partitions)
     with each sample's noise drawn from the step's generator as if the whole batch were one
     (trainers/draws.py), per-worker mean losses whose averaged gradients are the global mean's."""
     torch.manual_seed(spec.train.seed)
-    streams = {name: LatentStream(spec.data.prefix, spec.train.global_batch, seed=spec.train.seed, stream=name,
+    streams = {name: LatentStream(spec.data.prefix, spec.train.global_batch, partitions=spec.partitions, seed=spec.train.seed, stream=name,
                                   shuffle_buffer=spec.data.shuffle_buffer, prefetch=spec.data.prefetch)
                for name in ("d", "g")}
     iters = {k: iter(s) for k, s in streams.items()}

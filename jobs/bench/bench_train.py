@@ -127,7 +127,7 @@ def bare_loop(spec) -> dict:
     from advflow.trainers.models import build_discriminator, build_generator
 
     d, t, o, a, m = spec.data, spec.train, spec.optim, spec.adversarial, spec.model
-    streams = {name: LatentStream(d.prefix, spec.micro_batch, seed=t.seed, stream=name,
+    streams = {name: LatentStream(d.prefix, spec.micro_batch, partitions=spec.partitions, seed=t.seed, stream=name,
                                   shuffle_buffer=d.shuffle_buffer, prefetch=d.prefetch) for name in ("d", "g")}
     iters = {k: iter(s) for k, s in streams.items()}
     man = streams["d"].manifest

@@ -16,17 +16,17 @@ after every rank has uploaded, so a checkpoint becomes visible only when complet
     ema.safetensors         EMA(G) weights                                    (rank 0)
     gradnorm.safetensors    GradNormalizer buffers                            (rank 0)
     dtag-<tag>.safetensors  D snapshots taken at phase ends                   (rank 0; Table 11's D reload)
-    readers.json            data-stream states, data.order global             (rank 0; the same on every rank)
-    reader-rank{r}.json     data-stream states of rank r, data.order partitioned (every rank)
+    readers.json            data-stream states                                 (rank 0; the same on every rank)
     trainer.json            format, step, world size, config, and the parts' JSON state (EMA
                             counters, engine step counters, resumes)          (rank 0, written last)
 
 Every file is safetensors or JSON: nothing in a checkpoint is a pickle, so nothing read back on
 resume can run code. The size does not grow with the step: the per-step metric rows live in the
 run's metrics log (metrics_log.py), not here. Nothing depends on the number of workers that wrote
-it except the per-rank reader files of data.order partitioned, so a checkpoint of a global-order
-run resumes on any number of workers (`Checkpointer(elastic=True)`): the engines re-partition the
-full tensors (engines.EngineState) and the streams continue the global sequence.
+it, so a checkpoint resumes on any number of workers that divides data.partitions
+(`Checkpointer(elastic=True)`): the engines re-partition the full tensors (engines.EngineState) and
+the streams continue their canonical partitions. (`PerRankJSON` with `elastic=False` is for parts
+that are per rank; the trainer has none today.)
 """
 
 from __future__ import annotations
@@ -217,8 +217,7 @@ class Checkpointer:
         if written_by != self.world_size and not self.elastic:
             raise ResumeError(
                 f"{where}: written by {written_by} workers, resuming with {self.world_size}; this run's "
-                f"data streams are per worker (data.order partitioned), so set distributed.workers={written_by} "
-                "to resume it (runs with data.order global resume on any number of workers)")
+                f"some of its parts are per worker, so set distributed.workers={written_by} to resume it")
         missing = [f for part in self.parts.values() for f in part.required(written_by)
                    if not (root / f).exists()]
         if missing:
@@ -319,8 +318,7 @@ class PerRankJSON:
 
 
 class SharedJSON:
-    """Objects with JSON state_dicts that are the same on every rank (the data streams of
-    data.order global), in one file written by rank 0 and read by every rank: `{name: state}`."""
+    """Objects with JSON state_dicts that are the same on every rank (the data streams), in one file written by rank 0 and read by every rank: `{name: state}`."""
 
     def __init__(self, objects: dict[str, Any], filename: str = "readers.json",
                  after_load: Callable[[], None] | None = None):

@@ -15,7 +15,8 @@ and tests give it a plain torch.distributed one. What a method does is its step 
 Determinism (what makes resume and the ZeRO-equivalence test exact): every random draw of step k
 comes from a generator seeded by (seed, k, micro-batch, purpose[, rollbacks]) and keyed by the
 sample's row in the global batch, not by the rank (methods/base.py `StepEnv.generator`); the data
-streams read one global order and resume from their own state. So a restored run replays the
+streams' order is defined by canonical partitions, not ranks (platform/data/reader.py), and they
+resume from their own state. So a restored run replays the
 same numbers without saving RNG states mid-step, on the same number of workers or another.
 """
 
@@ -178,10 +179,10 @@ class TrainLoop:
         t = self.spec.train
         parts = {**self.method.parts(), "readers": self.streams.part(), "loop": JSONEntries(self.state),
                  **self.recovery.parts(), **self.phases.parts()}
-        # data.order global: the whole checkpoint is independent of the number of workers (elastic).
+        # Canonical data partitions: the whole checkpoint is independent of the number of workers (elastic).
         self.checkpointer = Checkpointer(parts, rank=self.ctx.rank, world_size=self.ctx.world_size,
                                          every=t.checkpoint_every, last_step=t.steps, config=self.spec.to_dict(),
-                                         elastic=self.streams.elastic)
+                                         elastic=True)
 
     def build_callbacks(self) -> None:
         """The callbacks, in the order they run at a step. Evaluation runs first (for generators a

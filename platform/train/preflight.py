@@ -26,6 +26,7 @@ storage can change between here and there.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -36,7 +37,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from advflow.platform.config import RunSpec, flatten
+from advflow.platform.config import RunSpec, auto_partitions, flatten
 from advflow.platform.data.shards import MANIFEST_NAME, Manifest, ManifestError
 from advflow.platform.data.storage import Storage, StorageError
 
@@ -270,12 +271,14 @@ def check_checkpoint_files(point: ResumePoint) -> None:
 
 
 LOCKED = ("model.method", "model.size", "model.d_size", "model.kind", "model.repeats", "model.nfe",
-          "train.global_batch")
+          "train.global_batch", "data.partitions")
 """What a resume cannot change: the networks' shapes (method, sizes, kind, depth repetition; K for
 a `multistep` generator, whose training grid has K steps), and the global batch (the data streams'
-positions, the draws keyed by the row in the global batch). The dataset is compared by its
+positions, the draws keyed by the row in the global batch), and data.partitions (the record
+order; `auto` resolved). The dataset is compared by its
 manifest's sha256. Everything else may change on a resume: train.steps, a later phase's lr, the
-evaluation and checkpoint cadences, the number of workers (data.order global), tracking."""
+evaluation and checkpoint cadences, the number of workers (any that divides data.partitions),
+tracking."""
 
 
 def locked_values(flat: dict[str, Any]) -> dict[str, str]:
@@ -288,6 +291,10 @@ def locked_values(flat: dict[str, Any]) -> dict[str, str]:
         out.pop("model.d_size", None)
     if out.get("model.kind") != "multistep":
         out.pop("model.nfe", None)  # 1nfe: always 1; anystep: only the sampling count
+    if out.get("data.partitions") == "auto":
+        with contextlib.suppress(KeyError, ValueError):
+            draw = int(flat["train.global_batch"]) // int(flat.get("train.grad_accum", 1))
+            out["data.partitions"] = str(auto_partitions(draw))
     return out
 
 
@@ -313,6 +320,11 @@ def check_resume(spec: RunSpec, point: ResumePoint | None, data_tags: dict[str, 
         source = f"MLflow run {previous_run.info.run_id} of run.name={spec.run.name}"
     else:
         return
+    if point is not None and "data.order" in previous:
+        raise Refused(f"run.name={spec.run.name} would resume {source}, whose data streams used data.order="
+                      f"{previous['data.order']}, an order this advflow no longer has (canonical partitions replaced "
+                      "it), so the run cannot continue exactly: use a new run.name to train it from scratch, or "
+                      "resume it with the advflow commit that started it")
     new = flatten(spec.to_dict())
     old_locked, new_locked = locked_values(previous), locked_values(new)
     changed = [k for k in LOCKED if k in old_locked and k in new_locked and old_locked[k] != new_locked[k]]

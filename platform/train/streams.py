@@ -1,7 +1,7 @@
 """The data streams of one worker: one `LatentStream` per name a method reads (AFM: "d" and "g",
 separate record sequences for D's and G's steps), timed as the window's data wait, checkpointed as
-one part (`readers.json`, the same on every rank under `data.order: global`; one file per rank
-under `partitioned`)."""
+one part (`readers.json`: a stream's position is the same on every rank and for every number of
+workers that divides `data.partitions`, so the file is rank 0's and the checkpoint is elastic)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any, Callable
 import torch
 
 from advflow.platform.data.reader import LatentStream
-from advflow.platform.train.checkpoint import PerRankJSON, SharedJSON
+from advflow.platform.train.checkpoint import SharedJSON
 from advflow.platform.train.metrics import StepTimes
 
 
@@ -23,9 +23,8 @@ class Streams:
         d = spec.data
         factory = factory or LatentStream
         self.device, self.names, self.times = device, names, times
-        self.elastic = d.order == "global"
         self.by_name = {name: factory(d.prefix, micro_batch, stream=name, rank=rank, world_size=world_size,
-                                      seed=spec.train.seed, order=d.order, shuffle_buffer=d.shuffle_buffer,
+                                      seed=spec.train.seed, partitions=spec.partitions, shuffle_buffer=d.shuffle_buffer,
                                       prefetch=d.prefetch)
                         for name in names}
         self.manifest = self.by_name[names[0]].manifest
@@ -48,8 +47,8 @@ class Streams:
                 next(it)
 
     def part(self):
-        """The checkpoint part: global order -> one shared file (elastic); partitioned -> per rank."""
-        return (SharedJSON if self.elastic else PerRankJSON)(self.by_name, after_load=self.reset)
+        """The checkpoint part: one file, the same for every rank and every number of workers."""
+        return SharedJSON(self.by_name, after_load=self.reset)
 
     def close(self) -> None:
         for s in self.by_name.values():
