@@ -24,7 +24,7 @@ def many_chunks(tmp_path_factory):
 @pytest.mark.parametrize("world", [1, 2, 4, 8])
 def test_each_worker_reads_its_share_and_the_cluster_reads_the_dataset_once_per_epoch(many_chunks, world):
     """Bytes counted by the reader over 10 epochs, W workers in one process: the cluster reads
-    <= 1.1x the dataset per epoch whatever W (the global order read W x), each worker about 1/W
+    <= 1.1x the dataset per epoch whatever W (the former data.order global read W x), each worker about 1/W
     of it, and each worker's count is what `read_schedule` replays (plus the read-ahead)."""
     prefix, m = many_chunks
     v, draw = 8, 64
@@ -101,3 +101,26 @@ def test_global_batches_mix_the_classes_like_a_uniform_shuffle(digits):
 def ids_of_digits(x) -> list[bytes]:
     """A digit image's bytes are its identity (the digits carry no id field)."""
     return [row.numpy().tobytes() for row in x]
+
+
+def test_simulate_scale_reports_what_the_reader_schedule_gives(capsys):
+    """jobs/bench/simulate_scale.py's numbers are read_schedule's (the producer's own schedule),
+    not a formula beside it: its row for (V, W) carries the replay's bytes and GETs."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "jobs" / "bench" / "simulate_scale.py"
+    spec = importlib.util.spec_from_file_location("simulate_scale_test", path)
+    sim = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sim)  # type: ignore[union-attr]
+    args = ["--records", "20000", "--shape", "4,8,8", "--shard-records", "4096", "--chunk-mb", "0.25",
+            "--workers", "2,8", "--partitions", "8", "--global-batch", "64"]
+    assert sim.main(args) == 0
+    lines = [ln.split() for ln in capsys.readouterr().out.splitlines() if ln.split()[:1] == ["8"]]
+    m = sim.synthetic_manifest(20000, (4, 8, 8), "float16", 4096, int(0.25 * 2**20) // 520)
+    for row, world in zip(lines, (2, 8)):
+        vols = read_schedule(m, 8, world)
+        assert int(row[1]) == world
+        assert float(row[4]) == pytest.approx(sum(v.bytes for v in vols) / m.total_bytes, abs=1e-3)
+        assert int(row[5].replace(",", "")) == sum(v.requests for v in vols)
+    assert len(lines) == 2

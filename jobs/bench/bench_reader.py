@@ -7,10 +7,14 @@
     # an existing dataset on any endpoint (AWS_ENDPOINT_URL / credentials from the environment)
     python jobs/bench/bench_reader.py --prefix s3://bucket/latents
 
-Prints raw boto3 MB/s (whole-shard GETs, one at a time: the issue's baseline; and range GETs of
-chunk size with the reader's concurrency, for reference), the reader's records/s and MB/s over
+Prints raw boto3 MB/s (whole-shard GETs, one at a time: the issue's baseline, with botocore's
+default CRC32 body check and without it, as the reader's client runs; and range GETs of chunk
+size with the reader's concurrency, for reference), the reader's records/s and MB/s over
 --epochs epochs with its background prefetch, the ratio reader / raw (goal >= 0.9), and the CPU
-this process spends per MB on each path (on a CPU-starved host that, not I/O, sets the ratio).
+this process spends per MB on each path (on a CPU-starved host that, not I/O, sets the ratio), and
+the bytes the reader read against those it gave out (its own counters). `--partitions V` makes the
+one reader hold V canonical partitions; `python jobs/bench/profile_reader.py` breaks the reader's
+CPU down by stage.
 """
 
 from __future__ import annotations
@@ -57,18 +61,22 @@ def write_synthetic(prefix: str, size_mb: float, shard_mb: float, shape: tuple[i
     return m
 
 
-def _client():
+def _client(crc: bool = True):
+    """boto3's S3 client. crc=True: botocore's defaults, which check a CRC32 of every GET body (the
+    baseline as a plain boto3 user gets it); False: no body check, as the reader's client (whose
+    sha256 check replaces it): the fair floor."""
     import boto3
     from botocore.config import Config
 
+    extra = {} if crc else {"response_checksum_validation": "when_required"}
     return boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL"),
-                        config=Config(max_pool_connections=64))
+                        config=Config(max_pool_connections=64, **extra))
 
 
-def raw_sequential(prefix: str, m: Manifest) -> tuple[float, float]:
+def raw_sequential(prefix: str, m: Manifest, crc: bool = True) -> tuple[float, float]:
     """(MB/s, client CPU ms per MB) of whole-shard GETs, one after another."""
     bucket, _, key = prefix[len("s3://"):].partition("/")
-    c = _client()
+    c = _client(crc)
     t0, c0 = time.perf_counter(), time.process_time()
     n = 0
     for s in m.shards:
@@ -94,11 +102,11 @@ def raw_concurrent(prefix: str, m: Manifest, threads: int) -> float:
 
 
 def reader_epoch(prefix: str, m: Manifest, batch_size: int, prefetch: int, shuffle_buffer: int,
-                 out_dtype: str, epochs: float) -> tuple[float, float, float]:
-    """(records/s, MB/s of stored bytes, client CPU ms per MB) over `epochs` epochs, timed from
-    iter() (start-up counts)."""
+                 out_dtype: str, epochs: float, partitions: int = 1) -> tuple[float, float, float, float]:
+    """(records/s, MB/s of stored bytes, client CPU ms per MB, bytes read / bytes given out) over
+    `epochs` epochs, timed from iter() (start-up counts)."""
     ds = LatentStream(prefix, batch_size, prefetch=prefetch, shuffle_buffer=shuffle_buffer, seed=0,
-                      out_dtype=out_dtype)
+                      out_dtype=out_dtype, partitions=partitions)
     batches = int(m.num_records * epochs) // batch_size
     t0, c0 = time.perf_counter(), time.process_time()
     it = iter(ds)
@@ -108,7 +116,7 @@ def reader_epoch(prefix: str, m: Manifest, batch_size: int, prefetch: int, shuff
     ds.close()
     recs = batches * batch_size
     mb = recs * m.record.record_bytes / 2**20
-    return recs / dt, mb / dt, 1e3 * cpu / mb
+    return recs / dt, mb / dt, 1e3 * cpu / mb, ds.io_counters()["bytes"] / (recs * m.record.record_bytes)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--epochs", type=float, default=3.0,
                    help="reader epochs per measurement (amortises start-up and the read-ahead left at the end)")
+    p.add_argument("--partitions", type=int, default=1,
+                   help="the reader's canonical partitions (one worker holds all of them: V chunks in memory)")
     p.add_argument("--out-dtype", default="float32", choices=["float32", "stored"],
                    help="reader output dtype (float32 casts on the CPU; stored leaves fp16 for the GPU)")
     args = p.parse_args(argv)
@@ -148,28 +158,36 @@ def main(argv: list[str] | None = None) -> int:
               f"x {m.record.record_bytes} B = {m.total_bytes / 2**20:.1f} MiB in {len(m.shards)} shards "
               f"({m.shards[0].bytes / 2**20:.1f} MiB), chunks of {m.chunk_records} records")
         raw_sequential(prefix, m)  # warm-up pass, untimed: first reads of fresh objects cost the server more
-        seq, seq_cpu, conc, rps, mbs, rd_cpu = [], [], [], [], [], []
-        for r in range(args.repeats):  # interleaved so drift in machine load hits all three alike
+        seq, seq_cpu, nocrc, nocrc_cpu, conc, rps, mbs, rd_cpu, amp = ([] for _ in range(9))
+        for r in range(args.repeats):  # interleaved so drift in machine load hits all of them alike
             a, b = raw_sequential(prefix, m)
             seq.append(a)
             seq_cpu.append(b)
+            a, b = raw_sequential(prefix, m, crc=False)
+            nocrc.append(a)
+            nocrc_cpu.append(b)
             conc.append(raw_concurrent(prefix, m, args.prefetch))
-            a, b, c = reader_epoch(prefix, m, args.batch_size, args.prefetch, args.shuffle_buffer,
-                                   args.out_dtype, args.epochs)
+            a, b, c, d = reader_epoch(prefix, m, args.batch_size, args.prefetch, args.shuffle_buffer,
+                                      args.out_dtype, args.epochs, args.partitions)
             rps.append(a)
             mbs.append(b)
             rd_cpu.append(c)
-            print(f"  run {r}: raw seq {seq[-1]:.1f} MB/s ({seq_cpu[-1]:.2f} cpu-ms/MB)  raw x{args.prefetch} "
-                  f"{conc[-1]:.1f} MB/s  reader {a:,.0f} rec/s {b:.1f} MB/s ({c:.2f} cpu-ms/MB)")
+            amp.append(d)
+            print(f"  run {r}: raw seq {seq[-1]:.1f} MB/s ({seq_cpu[-1]:.2f} cpu-ms/MB)  no CRC {nocrc[-1]:.1f} MB/s "
+                  f"({nocrc_cpu[-1]:.2f})  raw x{args.prefetch} {conc[-1]:.1f} MB/s  reader {a:,.0f} rec/s "
+                  f"{b:.1f} MB/s ({c:.2f} cpu-ms/MB, read {d:.3f}x what it gave out)")
         med = statistics.median
         print(f"raw boto3 GET, whole shards, sequential : {med(seq):8.1f} MB/s")
+        print(f"  the same without botocore's CRC32     : {med(nocrc):8.1f} MB/s")
         print(f"raw boto3 GET, chunk ranges, {args.prefetch} threads  : {med(conc):8.1f} MB/s")
-        print(f"reader (prefetch={args.prefetch}, batch={args.batch_size}, out {args.out_dtype}) : "
+        print(f"reader (V={args.partitions}, prefetch={args.prefetch}, batch={args.batch_size}, out {args.out_dtype}) : "
               f"{med(rps):8,.0f} records/s  {med(mbs):8.1f} MB/s")
         print(f"ratio reader / raw sequential           : {med(mbs) / med(seq):8.2f}x  (goal >= 0.9)")
+        print(f"ratio reader / raw without CRC32        : {med(mbs) / med(nocrc):8.2f}x")
         print(f"ratio reader / raw concurrent           : {med(mbs) / med(conc):8.2f}x")
-        print(f"client CPU per MB: raw {med(seq_cpu):.2f} ms, reader {med(rd_cpu):.2f} ms "
-              f"(this process only; the server's CPU is not counted)")
+        print(f"client CPU per MB: raw {med(seq_cpu):.2f} ms (without CRC32 {med(nocrc_cpu):.2f}), reader "
+              f"{med(rd_cpu):.2f} ms (this process only; the server's CPU is not counted)")
+        print(f"bytes the reader read / bytes it gave out: {med(amp):.3f} (read-ahead of the last epoch included)")
         return 0
 
 
