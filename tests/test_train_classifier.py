@@ -250,7 +250,7 @@ def test_a_run_checkpointed_by_2_workers_resumes_exactly_on_1(digits, tmp_path):
     untracked, trained by 2 workers to the end; a copy of it cut back to its checkpoint at step 20 (as
     if it died there) continues on 1 worker. Its per-step rows after the resume are the uninterrupted
     run's: the classifier's draws are keyed by the sample's row in the global batch and its stream
-    "c" reads one global order, so only the order of the gradient reduction differs."""
+    "c" has one order for every worker count (canonical partitions), so only the order of the gradient reduction differs."""
     from advflow.platform.train.checkpoint import read_meta
 
     sets = overrides(digits, str(tmp_path / "runs")) + [

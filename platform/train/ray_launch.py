@@ -226,8 +226,9 @@ def warn_node_local_storage(spec, nodes: list[dict]) -> bool:
 def workers(spec) -> int | tuple[int, int]:
     """Ray Train's num_workers: the fixed count, or the elastic range (min_workers, workers). The
     elastic range is safe because a checkpoint resumes exactly on any count that divides
-    data.partitions (the config checks every count of the range), engines re-partitioned on load, per-sample noise): Ray restarts the group from the latest
-    checkpoint whenever it resizes it."""
+    data.partitions (the config checks every count of the range), with the engines re-partitioned
+    on load and per-sample noise: Ray restarts the group from the latest checkpoint whenever it
+    resizes it."""
     d = spec.distributed
     return (d.min_workers, d.workers) if getattr(d, "min_workers", 0) else d.workers
 
