@@ -119,8 +119,9 @@ def reader_epoch(prefix: str, m: Manifest, batch_size: int, prefetch: int, shuff
     return recs / dt, mb / dt, 1e3 * cpu / mb, ds.io_counters()["bytes"] / (recs * m.record.record_bytes)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def data_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The options this benchmark shares with profile_reader.py: where the data is, the reader's."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prefix", help="existing dataset (s3://...)")
     p.add_argument("--local-server", action="store_true", help="start a local S3 server and write synthetic data")
     p.add_argument("--size-mb", type=float, default=256)
@@ -130,6 +131,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefetch", type=int, default=4)
     p.add_argument("--shuffle-buffer", type=int, default=4096)
     p.add_argument("--repeats", type=int, default=3)
+    return p
+
+
+def open_dataset(args: argparse.Namespace, cleanup: contextlib.ExitStack, tag: str) -> tuple[str, Manifest]:
+    """(prefix, manifest): --prefix as it is, or --local-server: moto's S3 server in its own process
+    (so it does not share this process's GIL; its log in a temporary directory removed after it
+    stops) with a synthetic dataset written to it."""
+    if not args.local_server:
+        prefix = args.prefix.rstrip("/")
+        return prefix, read_manifest(prefix)
+    scratch = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix=f"advflow-{tag}-")))
+    server = cleanup.enter_context(services.start_moto(scratch, timeout_s=60))
+    os.environ.update(server.env)  # its endpoint and the key it generated (it refuses others)
+    _client().create_bucket(Bucket="advflow-bench")
+    prefix = "s3://advflow-bench/latents"
+    shape = tuple(int(v) for v in args.shape.split(","))
+    return prefix, write_synthetic(prefix, args.size_mb, args.shard_mb, shape)  # type: ignore[arg-type]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = data_parser(__doc__)
     p.add_argument("--epochs", type=float, default=3.0,
                    help="reader epochs per measurement (amortises start-up and the read-ahead left at the end)")
     p.add_argument("--partitions", type=int, default=1,
@@ -141,19 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("pass --prefix s3://... or --local-server")
 
     with contextlib.ExitStack() as cleanup:
-        if args.local_server:
-            # moto's S3 server in its own process (so it does not share this process's GIL); its log
-            # goes to a temporary directory removed after the server stops.
-            scratch = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="advflow-bench-reader-")))
-            server = cleanup.enter_context(services.start_moto(scratch, timeout_s=60))
-            os.environ.update(server.env)  # its endpoint and the key it generated (it refuses others)
-            _client().create_bucket(Bucket="advflow-bench")
-            prefix = "s3://advflow-bench/latents"
-            shape = tuple(int(v) for v in args.shape.split(","))
-            m = write_synthetic(prefix, args.size_mb, args.shard_mb, shape)  # type: ignore[arg-type]
-        else:
-            prefix = args.prefix.rstrip("/")
-            m = read_manifest(prefix)
+        prefix, m = open_dataset(args, cleanup, "bench-reader")
         print(f"endpoint {os.environ.get('AWS_ENDPOINT_URL', 'AWS')}  data {prefix}: {m.num_records} records "
               f"x {m.record.record_bytes} B = {m.total_bytes / 2**20:.1f} MiB in {len(m.shards)} shards "
               f"({m.shards[0].bytes / 2**20:.1f} MiB), chunks of {m.chunk_records} records")

@@ -32,7 +32,6 @@ import os
 import pstats
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -40,9 +39,8 @@ from typing import Callable
 
 import numpy as np
 
-from advflow.infra.local import services
 from advflow.platform.data.reader import LatentStream
-from advflow.platform.data.shards import Manifest, read_manifest
+from advflow.platform.data.shards import Manifest
 from advflow.platform.data.storage import Storage
 
 try:
@@ -197,16 +195,7 @@ def _short(path: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prefix", help="existing dataset (s3://...)")
-    p.add_argument("--local-server", action="store_true", help="start a local S3 server and write synthetic data")
-    p.add_argument("--size-mb", type=float, default=256)
-    p.add_argument("--shard-mb", type=float, default=16)
-    p.add_argument("--shape", default="4,32,32")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--prefetch", type=int, default=4)
-    p.add_argument("--shuffle-buffer", type=int, default=4096)
-    p.add_argument("--repeats", type=int, default=3)
+    p = bench_reader.data_parser(__doc__)
     p.add_argument("--epochs", type=float, default=2.0, help="reader epochs per reader run and for the profile")
     p.add_argument("--top", type=int, default=15, help="functions shown from the profile")
     args = p.parse_args(argv)
@@ -214,17 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("pass --prefix s3://... or --local-server")
 
     with contextlib.ExitStack() as cleanup:
-        if args.local_server:
-            scratch = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="advflow-profile-reader-")))
-            server = cleanup.enter_context(services.start_moto(scratch, timeout_s=60))
-            os.environ.update(server.env)  # its endpoint and the key it generated (it refuses others)
-            bench_reader._client().create_bucket(Bucket="advflow-bench")
-            prefix = "s3://advflow-bench/latents"
-            shape = tuple(int(v) for v in args.shape.split(","))
-            m = bench_reader.write_synthetic(prefix, args.size_mb, args.shard_mb, shape)
-        else:
-            prefix = args.prefix.rstrip("/")
-            m = read_manifest(prefix)
+        prefix, m = bench_reader.open_dataset(args, cleanup, "profile-reader")
         st = Storage(prefix)
         print(f"endpoint {os.environ.get('AWS_ENDPOINT_URL', 'AWS')}  data {prefix}: {m.total_bytes / MB:.1f} MiB "
               f"in {len(m.shards)} shards, chunks of {m.chunk_records} records "
