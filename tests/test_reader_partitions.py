@@ -8,7 +8,7 @@ import pytest
 from scipy import stats
 
 from advflow.platform.data.reader import LatentStream, read_schedule
-from helpers_data import ids_of, make_dataset
+from helpers_data import make_dataset
 
 EPOCHS = 10
 
