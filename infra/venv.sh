@@ -19,7 +19,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     # torch is named with the range's CPU build so that a machine without a GPU does not pull a
     # multi-GB CUDA wheel; on a GPU cluster, install your CUDA torch first and set ADVFLOW_TORCH="".
     torch_req="${ADVFLOW_TORCH-torch==2.13.0}"
-    "$venv/bin/python" -m pip install -q $torch_req -e "$repo[test]"
+    "$venv/bin/python" -m pip install -q $torch_req -e "$repo[stack,test]"
     "$venv/bin/python" -m pip check
     echo "$want" > "$stamp"
 fi

@@ -33,6 +33,7 @@ import shlex
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from importlib.util import find_spec
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -162,6 +163,12 @@ class StackConfig:
             raise ValueError(
                 f"s3_memory (--s3-memory) applies to the stack's own moto server, but s3_endpoint="
                 f"{self.s3_endpoint!r} (--s3-endpoint or AWS_ENDPOINT_URL) replaces it; drop one"
+            )
+        if not self.s3_endpoint and any(find_spec(m) is None for m in ("moto", "werkzeug")):
+            raise ValueError(
+                "the stack's S3 endpoint is moto's server, which is not installed: pip install "
+                "'advflow[stack]' (infra/venv.sh does), or use an existing S3/MinIO endpoint with "
+                "--s3-endpoint URL"
             )
         if self.s3_endpoint and not self.s3_endpoint.startswith(("http://", "https://")):
             raise ValueError(
