@@ -520,10 +520,7 @@ class LatentStream(IterableDataset):
         self.shuffle, self.shuffle_buffer, self.prefetch = bool(shuffle), int(shuffle_buffer), int(prefetch)
         self._partitions = partitions
         self._worker_override = (num_workers, worker_id) if num_workers is not None else None
-        if num_workers is not None or partitions is None:
-            self._layout()  # what can be checked now is checked now (DataLoader workers: at iter())
-        elif partitions % world_size or (batch_size * world_size) % partitions:
-            self._layout_error(world_size)
+        self._layout()  # checked here for this process; DataLoader workers check again at iter()
         self.storage = Storage(prefix, endpoint_url=endpoint_url, retry=retry, storage_options=storage_options)
         self.manifest = read_manifest(self.storage)
         if expect_shape is not None and tuple(expect_shape) != self.manifest.shape:
