@@ -523,6 +523,10 @@ class TrackingConfig(_Section):
     """MLflow system metrics (CPU, memory, disk, network; GPU when pynvml is installed)."""
     system_metrics_interval: Number = 10.0
     """Seconds between system-metric samples."""
+    live_metrics: bool = True
+    """Export the loop's numbers live through Ray's Prometheus endpoint (`ray.util.metrics`; names in
+    platform/tracking/live.py), for Ray's Metrics view and the Grafana dashboards in dashboards/grafana/.
+    A no-op where the process is not connected to Ray."""
 
     @model_validator(mode="after")
     def _check(self) -> TrackingConfig:

@@ -173,7 +173,8 @@ def run_sweep(spec: RunSpec, space: SweepSpace, trials: int, *, space_yaml: str 
                                         mode=space.mode, num_samples=remaining,
                                         max_concurrent_trials=space.max_concurrent_trials),
             run_config=tune.RunConfig(name=f"{space.study_name}-{int(t0)}", storage_path=tune_path,
-                                      storage_filesystem=tune_fs, verbose=1),
+                                      storage_filesystem=tune_fs, verbose=1,
+                                      callbacks=[live_sweep_callback(space, study)]),
         )
         results = tuner.fit()
         ok = not results.errors
@@ -187,6 +188,39 @@ def run_sweep(spec: RunSpec, space: SweepSpace, trials: int, *, space_yaml: str 
         client.log_metric(parent, "sweep_wall_s", summary["wall_s"])
         tracking.close_run(spec, parent, ok=ok)
     return SweepOutcome(summary, report)
+
+
+def live_sweep_callback(space: SweepSpace, study):
+    """A Tune callback exporting the sweep's trial counts by state and its best value so far
+    (`advflow_sweep_*`, tracking/live.py) at every step of Tune's loop. The best starts from the
+    study's (trials of earlier attempts of a resumed sweep count)."""
+    from ray.tune import Callback
+
+    from advflow.platform.tracking.live import SweepMetrics
+
+    better = min if space.mode == "min" else max
+    try:
+        known = [t.value for t in study.trials if t.value is not None]
+    except Exception:  # an empty or unreadable study: the trials of this attempt decide
+        known = []
+    prior = better(known) if known else None
+
+    class LiveSweep(Callback):
+        def __init__(self):
+            self.metrics = SweepMetrics(space.study_name, space.metric)
+
+        def on_step_end(self, iteration, trials, **info):
+            values = [t.last_result.get(space.metric) for t in trials if t.last_result]
+            values = [float(v) for v in values if isinstance(v, (int, float)) and v == v]
+            if prior is not None:
+                values.append(prior)
+            self.metrics.update([t.status for t in trials], better(values) if values else None)
+
+        def on_experiment_end(self, trials, **info):
+            self.on_step_end(-1, trials)  # the final states
+            self.metrics.flush()
+
+    return LiveSweep()
 
 
 def tune_storage(spec: RunSpec, space: SweepSpace) -> tuple[str, object | None]:

@@ -21,6 +21,7 @@ import torch.multiprocessing as mp
 
 from advflow.platform.net import free_port
 from advflow.platform.config import RunSpec
+from advflow.platform.tracking.live import connect_for_metrics
 from advflow.platform.tracking.runs import tracking_uri
 from advflow.platform.train.metrics_log import MetricsLog
 from advflow.platform.train.rendezvous import init_process_group
@@ -90,6 +91,10 @@ def _worker(rank: int, world_size: int, port: int, config: dict, run_dir: str) -
     d = config["spec"]["distributed"]
     init_process_group("gloo", rank, world_size, "127.0.0.1", port,  # every socket on loopback
                        timeout_s=d.get("timeout_s", 1800.0), env=d.get("nccl"))
+    if config["spec"]["tracking"].get("live_metrics", True):
+        # Where a Ray cluster is named (RAY_ADDRESS, e.g. `advflow stack env`), the live metrics of
+        # a run without Ray Train reach its Prometheus endpoint too (tracking/live.py).
+        connect_for_metrics()
     try:
         ctx = LocalContext(rank, world_size, Path(run_dir), config["spec"]["run"]["keep_checkpoints"])
         run_worker(config, ctx)

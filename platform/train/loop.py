@@ -31,6 +31,7 @@ from typing import Any, Callable, Protocol
 import torch
 
 from advflow.platform.log import get_logger, set_rank
+from advflow.platform.tracking.live import LiveMetrics, live_metrics
 from advflow.platform.tracking.logger import run_logger
 from advflow.platform.train import callbacks as cb
 from advflow.platform.train.cadence import Cadence
@@ -136,6 +137,8 @@ class TrainLoop:
     """The divergence watchdog; outlives a rollback to the initial state (it counts rollbacks)."""
     logger: Any
     """Rank 0's RunLogger on the driver's MLflow run; a NullRunLogger elsewhere or untracked."""
+    live: LiveMetrics
+    """The live export through Ray's Prometheus endpoint (a no-op without Ray; tracking/live.py)."""
     # Built together by `build()` (and rebuilt by a rollback to the initial state):
     streams: Streams
     method: Method
@@ -211,6 +214,7 @@ class TrainLoop:
     def setup(self) -> None:
         self.logger = run_logger(self.spec, self.run_id if self.ctx.rank == 0 else None,
                                  step_key=self.method_cls.names.losses[0])
+        self.live = live_metrics(self.spec, self.ctx.rank, self.method_cls.names)
         self.build()
         restore = self.ctx.restore_dir()
         if restore:
@@ -263,6 +267,8 @@ class TrainLoop:
                     self.rollback(trigger)
                     continue
                 self.state.record(rows)
+                self.live.window(rows, window, self.window.times.total, self.window.times.data,
+                                 rollbacks=self.recovery.rollbacks)
                 if at_checkpoint:
                     self.save_checkpoint(step, rows, window)
                 else:
@@ -300,6 +306,7 @@ class TrainLoop:
                 del moment
                 self.rollback(trigger)
                 return
+            self.live.evaluation(moment.metrics)
             self.phases.decide(step, value, self.logger)
             name = self.recovery.name(step)
             self.recovery.passed(step, name)  # saved with this checkpoint: good from here on
@@ -317,6 +324,7 @@ class TrainLoop:
             t_report = time.perf_counter()
             self.ctx.report(metrics, tmp, name)
             self.report_seconds = time.perf_counter() - t_report
+            self.live.checkpoint(self.window.times.checkpoint, self.report_seconds)
 
     def shared_metric(self, value: float | None) -> float:
         """Rank 0's evaluation value (NaN where there was none) on every rank."""
@@ -349,12 +357,16 @@ class TrainLoop:
         self.window.restart(good)
         self.logger.rewind(good)  # the replayed steps are logged again
         rollbacks = self.recovery.rollbacks
+        self.live.rollback(rollbacks)
         self.logger.log_event({f"watchdog.rollback.{rollbacks}": f"{trigger.kind} at step {trigger.step}: "
                                f"{trigger.reason} -> {self.recovery.where(trigger)}"},
                               {"watchdog/rollbacks": float(rollbacks)}, trigger.step)
 
     def close(self) -> None:
         self.ctx.drain()  # asynchronous uploads in flight finish before the run ends
+        live = getattr(self, "live", None)
+        if live is not None:  # the final numbers reach Ray's endpoint before the worker exits
+            live.flush()
         if getattr(self, "streams", None) is not None:
             self.streams.close()
         logger = getattr(self, "logger", None)

@@ -25,7 +25,8 @@ class AFMStep(GeneratorMethod):
     streams: ClassVar[tuple[str, ...]] = ("d", "g")
     names: ClassVar[MetricNames] = MetricNames(
         progress=(("D", "d_loss"), ("G", "g_loss")), losses=("d_loss", "g_loss"),
-        grads=("d_grad_norm", "g_grad_norm"), logits=("d_logit_real", "d_logit_fake", "g_logit_fake"))
+        grads=("d_grad_norm", "g_grad_norm"), logits=("d_logit_real", "d_logit_fake", "g_logit_fake"),
+        terms=("d_adv", "r1", "r2", "cp", "g_adv", "ot", "cg"))
 
     def __init__(self, env: StepEnv, G: torch.nn.Module, D: torch.nn.Module):
         spec = env.spec

@@ -43,6 +43,8 @@ class MetricNames:
     """Gradient norms: finite, and the watchdog's spike check."""
     logits: tuple[str, ...] = ()
     """Mean logits bounded by watchdog.logit_bound."""
+    terms: tuple[str, ...] = ()
+    """Loss terms (exported live as losses: tracking/live.py)."""
 
     def line(self, metrics: dict[str, float]) -> str:
         """The progress line's loss part: 'D 0.6931 G 0.6931'."""
