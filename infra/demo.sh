@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's main command: the whole demo from a fresh clone.
 #   1. create/reuse ./.venv and install advflow        (infra/venv.sh)
-#   2. start the local stack: Ray head with token auth, S3 endpoint, MLflow (advflow stack up)
+#   2. start the local stack: Ray head with token auth, S3 endpoint, MLflow, Prometheus (advflow stack up)
 #   3. encode scikit-learn's handwritten digits into latent shards on the S3 bucket
 #   4. submit the training job to Ray with `ray job submit` and wait for it
 #   5. copy the 1NFE sample grid out of the final checkpoint
@@ -11,7 +11,13 @@
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$repo/infra/venv.sh"
+source "$repo/infra/apt.sh"
 cd "$repo"
+# The stack's Prometheus scrapes the job's live metrics (Ray's Metrics view, dashboards/grafana/);
+# without it the demo still runs, and `advflow stack up` says what is missing.
+if [[ -z "${ADVFLOW_PROMETHEUS:-}" ]] && ! command -v prometheus >/dev/null 2>&1; then
+  apt_install prometheus "the stack's live metrics" --no-install-recommends  # the server only
+fi
 
 advflow stack up
 eval "$(advflow stack env)"

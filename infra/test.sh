@@ -5,27 +5,7 @@ set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$repo/infra/venv.sh"
 cd "$repo"
-# apt_install PACKAGE WHAT: install a Debian package the tests need, as root or with passwordless
-# sudo; otherwise say what to install and what fails without it (the run goes on).
-apt_install() {
-  local apt_get=()
-  if [[ "$(id -u)" -eq 0 ]]; then
-    apt_get=(env DEBIAN_FRONTEND=noninteractive apt-get)
-  elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
-    apt_get=(sudo -n env DEBIAN_FRONTEND=noninteractive apt-get)
-  fi
-  if ((${#apt_get[@]} == 0)); then
-    echo "test.sh: $1 is not installed and this user cannot run apt-get (not root, no passwordless sudo):" \
-         "install the '$1' package; $2 need it" >&2
-    return 0
-  fi
-  echo "test.sh: installing $1 ($2 need it) via apt-get ..." >&2
-  # Try the cached package lists first; refresh them only when that fails (fresh or stale image).
-  if ! "${apt_get[@]}" install -y -qq "$1" >/dev/null 2>&1; then
-    "${apt_get[@]}" update -qq >/dev/null && "${apt_get[@]}" install -y -qq "$1" >/dev/null \
-      || echo "test.sh: apt-get could not install $1; $2 will fail until it is installed" >&2
-  fi
-}
+source "$repo/infra/apt.sh"
 
 # The dashboard tests render reports in headless Chromium (tests/chromium.py); CHROMIUM=/path/to/browser
 # names another browser.
@@ -44,6 +24,12 @@ for dir in "${ADVFLOW_PG_BINDIR:-}" "$(pg_config --bindir 2>/dev/null || true)" 
 done
 if [[ -z "$pg_found" ]]; then
   apt_install postgresql "tests/test_postgres.py and the sweep test"
+fi
+# The live-metrics tests and the stack run Prometheus (infra/local/services.py start_prometheus);
+# ADVFLOW_PROMETHEUS=/path/to/prometheus names another binary.
+if [[ -z "${ADVFLOW_PROMETHEUS:-}" ]] && ! command -v prometheus >/dev/null 2>&1; then
+  # Without recommends: the server only (not node-exporter, which would listen on every interface).
+  apt_install prometheus "tests/test_live_metrics.py and the stack's live metrics" --no-install-recommends
 fi
 # Tests use tiny models: one intra-op thread per process avoids oversubscribing the cores when
 # several worker processes (gloo ranks, Ray workers) run at once.

@@ -56,8 +56,8 @@ def _print_status(state_dir) -> bool:
     print(f"advflow stack in {state_dir}")
     for row in rows:
         state = "healthy" if row.healthy else "down"
-        print(f"  {row.name:<7}{state:<9}{row.url:<28}{row.detail}")
-    return all(row.healthy for row in rows)
+        print(f"  {row.name:<11}{state:<9}{row.url:<28}{row.detail}")
+    return all(row.healthy or not row.required for row in rows)
 
 
 def _stack_status(args: argparse.Namespace) -> int:
@@ -74,16 +74,28 @@ def _stack_env(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stack_dashboards(args: argparse.Namespace) -> int:
+    from advflow.infra.local.grafana import load_dashboards
+    from advflow.infra.local.stack import grafana_host
+
+    host = args.grafana or grafana_host()
+    if not host:
+        raise ValueError("no Grafana named: pass --grafana URL or export RAY_GRAFANA_HOST (the stack runs none)")
+    for url in load_dashboards(host):
+        print(url)
+    return 0
+
+
 def _add_stack(groups: argparse._SubParsersAction) -> None:
     from advflow.infra.local.stack import PORT_OPTIONS, StackConfig
 
     parser = groups.add_parser(
         "stack",
-        help="local Ray head (token auth) + S3 (moto, kept on disk) + MLflow, all on 127.0.0.1",
+        help="local Ray head (token auth) + S3 (moto, kept on disk) + MLflow + Prometheus, all on 127.0.0.1",
         description="Start, check and stop the local stack. State and logs live in "
         "--state-dir (default $ADVFLOW_STACK_DIR or ./.advflow/stack).",
     )
-    commands = parser.add_subparsers(dest="stack_command", metavar="{up,down,status,env}")
+    commands = parser.add_subparsers(dest="stack_command", metavar="{up,down,status,env,dashboards}")
     commands.required = True
 
     def add(name: str, handler: Callable[[argparse.Namespace], int], help_text: str):
@@ -142,6 +154,10 @@ def _add_stack(groups: argparse._SubParsersAction) -> None:
     add("down", _stack_down, "stop every service of the stack")
     add("status", _stack_status, "show each service as healthy/down (exit 1 unless all healthy)")
     add("env", _stack_env, 'print shell exports; use as eval "$(advflow stack env)"')
+    dashboards = add("dashboards", _stack_dashboards,
+                     "load dashboards/grafana/*.json into a Grafana you run (RAY_GRAFANA_HOST or --grafana)")
+    dashboards.add_argument("--grafana", default=None, metavar="URL",
+                            help="Grafana's URL (default: $RAY_GRAFANA_HOST)")
 
 
 # ---------------------------------------------------------------------------- advflow cluster

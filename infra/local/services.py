@@ -78,6 +78,7 @@ _RAY_TEMP_DIR_MAX_LEN = 40
 
 # Keeps Ray on the loopback interface, in the head and in every client that talks to it.
 _LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+METRICS_INTERVAL_ENV, METRICS_INTERVAL_MS = "RAY_metrics_report_interval_ms", "2000"
 
 
 @dataclass
@@ -89,8 +90,8 @@ class ServiceHandle:
     state, so a later CLI call can check or stop what an earlier one started.
     """
 
-    name: str  # "s3", "mlflow" or "ray"
-    kind: str  # "moto", "moto-disk", "external-s3", "mlflow" or "ray-head"
+    name: str  # "s3", "prometheus", "mlflow" or "ray"
+    kind: str  # "moto", "moto-disk", "external-s3", "prometheus", "mlflow" or "ray-head"
     url: str
     pid: int | None  # session leader (the service's whole process tree); None for an external endpoint
     log_path: Path | None
@@ -635,6 +636,9 @@ def _start_ray_head_once(
     # even when the user called the console script without activating the venv.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["RAY_USAGE_STATS_ENABLED"] = "0"
+    # Processes push their metrics to the node's endpoint every 10 s by default; 2 s keeps live panels
+    # current and lets a finishing worker hand over its last values quickly (tracking/live.py flush).
+    env[METRICS_INTERVAL_ENV] = env.get(METRICS_INTERVAL_ENV) or METRICS_INTERVAL_MS
     # Ray swaps a --node-ip-address of 127.0.0.1 for the host's routable IP and then binds GCS and
     # raylet on every interface, unless it runs as a "local-only" cluster (its macOS/Windows mode).
     env.update(_LOOPBACK_ENV)
@@ -655,6 +659,9 @@ def _start_ray_head_once(
             # submission and a plain ray.init() from the same shell reach this head.
             "RAY_API_SERVER_ADDRESS": url,
             "RAY_ADDRESS": f"{LOCALHOST}:{gcs_port}",
+            # Drivers (jobs/train.py, a sweep's Tune loop) report at the nodes' interval: the
+            # node's endpoint drops a process's series when its reports come slower than its own.
+            METRICS_INTERVAL_ENV: env[METRICS_INTERVAL_ENV],
             **auth_env,
             **_LOOPBACK_ENV,
         },
@@ -773,6 +780,9 @@ def start_ray_worker(
     env.update(auth_env)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["RAY_USAGE_STATS_ENABLED"] = "0"
+    # Processes push their metrics to the node's endpoint every 10 s by default; 2 s keeps live panels
+    # current and lets a finishing worker hand over its last values quickly (tracking/live.py flush).
+    env[METRICS_INTERVAL_ENV] = env.get(METRICS_INTERVAL_ENV) or METRICS_INTERVAL_MS
     env.update(_LOOPBACK_ENV)
     return _launch(
         "ray-worker",
@@ -794,9 +804,85 @@ def start_ray_worker(
     )
 
 
+# ----------------------------------------------------------------------------------- Prometheus
+
+PROMETHEUS_ENV = "ADVFLOW_PROMETHEUS"  # the server binary, when it is not `prometheus` on PATH
+PROMETHEUS_INSTALL_HINT = ("install Debian's `prometheus` package (`apt-get install prometheus`; infra/test.sh and "
+                           f"infra/demo.sh do it when they can), or name the binary with {PROMETHEUS_ENV}=/path")
+SCRAPE_INTERVAL_S = 5
+"""How often the stack's Prometheus scrapes Ray (Ray's own template says 10 s; 5 s keeps a short
+local run visible, at negligible cost on one node)."""
+
+
+def prometheus_binary() -> str | None:
+    """The Prometheus server to run: $ADVFLOW_PROMETHEUS, else `prometheus` on PATH; None if neither."""
+    named = os.environ.get(PROMETHEUS_ENV)
+    if named:
+        return named if os.access(named, os.X_OK) else None
+    return shutil.which("prometheus")
+
+
+def ray_service_discovery_file(ray_temp_dir: Path) -> Path:
+    """Where a Ray head started with --temp-dir writes the targets of every node's metrics endpoint
+    (Ray keeps this top-level link pointing at the current session's file)."""
+    return Path(ray_temp_dir) / "prom_metrics_service_discovery.json"
+
+
+def prometheus_config(sd_files: list[Path], scrape_interval_s: int = SCRAPE_INTERVAL_S) -> str:
+    """prometheus.yml: scrape every target listed in Ray's service-discovery file(s)."""
+    files = ", ".join(json.dumps(str(f)) for f in sd_files)
+    return (f"# Written by advflow (infra/local/services.py); rewritten at every start.\n"
+            f"global:\n  scrape_interval: {scrape_interval_s}s\n  evaluation_interval: {scrape_interval_s}s\n"
+            f"scrape_configs:\n  - job_name: ray\n    file_sd_configs:\n"
+            f"      - files: [{files}]\n        refresh_interval: {scrape_interval_s}s\n")
+
+
+def start_prometheus(
+    state_dir: Path,
+    port: int | None = None,
+    *,
+    sd_files: list[Path],
+    timeout_s: float = 60.0,
+    wait: bool = True,
+) -> ServiceHandle:
+    """Start Prometheus on 127.0.0.1 scraping the Ray nodes listed in ``sd_files`` (Ray's
+    service-discovery files), its time series kept in ``<state_dir>/prometheus`` across restarts.
+
+    Raises ServiceError naming the package when the binary is missing."""
+    binary = prometheus_binary()
+    if binary is None:
+        raise ServiceError(f"the Prometheus server was not found; {PROMETHEUS_INSTALL_HINT}")
+    state_dir = _service_dir(state_dir)
+    port = port or free_port()
+    data = state_dir / "prometheus"
+    data.mkdir(parents=True, exist_ok=True)
+    config = state_dir / "prometheus.yml"
+    write_text(config, prometheus_config(sd_files))
+    url = f"http://{LOCALHOST}:{port}"
+    argv = [
+        binary,
+        f"--config.file={config}",
+        f"--storage.tsdb.path={data}",
+        f"--web.listen-address={LOCALHOST}:{port}",
+        "--storage.tsdb.retention.time=15d",
+    ]
+    # Debian's binary also looks for its console templates under /etc; none are needed here.
+    return _launch("prometheus", "prometheus", url, argv, state_dir, dict(os.environ),
+                   client_env={"ADVFLOW_PROMETHEUS_URL": url},
+                   info={"port": port, "data_dir": str(data), "config": str(config),
+                         "sd_files": [str(f) for f in sd_files]},
+                   timeout_s=timeout_s, wait=wait)
+
+
+def _probe_prometheus(handle: ServiceHandle, timeout_s: float) -> str | None:
+    status, body = http_get(f"{handle.url}/-/ready", timeout=timeout_s)
+    return None if status == 200 else f"GET {handle.url}/-/ready -> {status or body}"
+
+
 # ------------------------------------------------------------------------------------- common
 
 _PROBES = {
+    "prometheus": _probe_prometheus,
     "moto": _probe_s3,
     "moto-disk": _probe_s3,
     "external-s3": _probe_s3,

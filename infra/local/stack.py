@@ -1,11 +1,15 @@
 """The local stack behind ``advflow stack up | down | status | env``.
 
-Three services, all bound to 127.0.0.1, started detached so they outlive the CLI:
+Four services, all bound to 127.0.0.1, started detached so they outlive the CLI:
 
 - ``s3``: moto's S3 server with every bucket kept on disk in ``<state dir>/s3``
   (``advflow.infra.local.s3_store``; ``--s3-memory``: plain in-memory moto), or the S3/MinIO
   endpoint already named by AWS_ENDPOINT_URL (then it is only health-checked and the bucket created);
-- ``ray``: a single-node Ray head with token authentication (RAY_AUTH_MODE=token);
+- ``prometheus``: Prometheus scraping every Ray node's metrics endpoint (found through Ray's
+  service-discovery file), its series kept in ``<state dir>/prometheus`` across ``down``/``up``;
+  skipped with a warning when Debian's ``prometheus`` is not installed;
+- ``ray``: a single-node Ray head with token authentication (RAY_AUTH_MODE=token), its dashboard
+  pointed at that Prometheus (RAY_PROMETHEUS_HOST) for the Metrics view;
 - ``mlflow``: an MLflow tracking server, SQLite backend, artifacts proxied to ``s3://BUCKET/mlflow``,
   anonymous requests refused (MLflow's basic-auth app; ``advflow.infra.local.mlflow_auth``).
 
@@ -54,7 +58,12 @@ MLFLOW_DB = "mlflow.db"
 MLFLOW_BINDING = "mlflow_artifacts.json"  # which S3 store and bucket mlflow.db's artifacts are in
 MLFLOW_PREFIX = "mlflow"
 _TRUE = ("1", "true", "yes", "on")
-SERVICE_ORDER = ("s3", "ray", "mlflow")  # start order; stop runs in reverse
+# Start order; stop runs in reverse. Prometheus starts before Ray: the head's dashboard is told
+# its URL (RAY_PROMETHEUS_HOST) at start, and Prometheus only reads a file until Ray writes it.
+SERVICE_ORDER = ("s3", "prometheus", "ray", "mlflow")
+OPTIONAL = ("prometheus",)
+"""Services `up` skips, with a warning, when their program is not installed (the stack still
+trains and tracks without live metrics)."""
 
 
 @dataclass(frozen=True)
@@ -88,11 +97,13 @@ PORT_OPTIONS: tuple[PortOption, ...] = (
     ),
     PortOption("s3_port", "the S3 endpoint (moto)", "--s3-port", "ADVFLOW_S3_PORT", 29000),
     PortOption("mlflow_port", "the MLflow tracking server", "--mlflow-port", "ADVFLOW_MLFLOW_PORT", 25000),
+    PortOption("prometheus_port", "Prometheus", "--prometheus-port", "ADVFLOW_PROMETHEUS_PORT", 29090),
 )
 _PORTS_OF = {
     "s3": ("s3_port",),
     "ray": ("ray_gcs_port", "ray_dashboard_port", "ray_client_port", "ray_agent_port"),
     "mlflow": ("mlflow_port",),
+    "prometheus": ("prometheus_port",),
 }
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
@@ -111,6 +122,8 @@ class StackConfig:
     s3_port: int = 29000
     """Port of the moto server; unused when ``s3_endpoint`` is set."""
     mlflow_port: int = 25000
+    prometheus_port: int = 29090
+    """Prometheus (scrapes Ray's metrics endpoints; Ray's dashboard reads it: RAY_PROMETHEUS_HOST)."""
     s3_endpoint: str | None = None
     """An existing S3/MinIO endpoint to use instead of moto (default: AWS_ENDPOINT_URL)."""
     s3_memory: bool = False
@@ -329,8 +342,18 @@ def _job_env(config: StackConfig) -> dict[str, str]:
             "MLFLOW_S3_ENDPOINT_URL": url,
             **profile_env(config.state_dir / services.S3_CREDENTIALS_FILE),
         }
+    # Ray's dashboard (the head) reads these for its Metrics view; a Grafana the user runs is
+    # passed on (RAY_GRAFANA_HOST), and `up` loads advflow's dashboards into it.
+    # A finishing worker outlives three scrapes, so its last values reach Prometheus even when a
+    # busy 2-core machine makes a scrape time out (tracking/live.py flush).
+    monitoring = {"RAY_PROMETHEUS_HOST": f"http://{LOCALHOST}:{config.prometheus_port}",
+                  "ADVFLOW_LIVE_LINGER_S": str(3 * services.SCRAPE_INTERVAL_S)}
+    for name in ("RAY_GRAFANA_HOST", "RAY_GRAFANA_IFRAME_HOST"):
+        if os.environ.get(name):
+            monitoring[name] = os.environ[name]
     return {
         **s3_env,
+        **monitoring,
         "MLFLOW_TRACKING_URI": f"http://{LOCALHOST}:{config.mlflow_port}",
         services.CREDENTIALS_FILE_ENV: str(config.state_dir / mlflow_auth.CREDENTIALS_FILE),
         "ADVFLOW_BUCKET": config.bucket,
@@ -364,6 +387,9 @@ def _spawn(
         return services.start_persistent_s3(
             state_dir, config.s3_data_dir, config.s3_port, wait=False
         )
+    if name == "prometheus":
+        sd_file = services.ray_service_discovery_file(services.ray_temp_dir(state_dir))
+        return services.start_prometheus(state_dir, config.prometheus_port, sd_files=[sd_file], wait=False)
     if name == "ray":
         return services.start_ray_head(
             state_dir,
@@ -499,9 +525,29 @@ def _differences(requested: StackConfig, running: StackConfig) -> list[str]:
     ]
 
 
+def grafana_host(environ: Mapping[str, str] | None = None) -> str | None:
+    """The Grafana the user runs (RAY_GRAFANA_HOST), if any."""
+    return (os.environ if environ is None else environ).get("RAY_GRAFANA_HOST") or None
+
+
+def wanted_services(echo: Callable[[str], None] | None = None) -> tuple[str, ...]:
+    """The services `up` runs: all of SERVICE_ORDER, less an optional one whose program is missing
+    (said through `echo`)."""
+    names = []
+    for name in SERVICE_ORDER:
+        if name == "prometheus" and services.prometheus_binary() is None:
+            if echo is not None:
+                echo(f"WARNING: prometheus is not installed, so live metrics are not scraped (Ray's Metrics "
+                     f"view and the Grafana dashboards stay empty); {services.PROMETHEUS_INSTALL_HINT}")
+            continue
+        names.append(name)
+    return tuple(names)
+
+
 def up(config: StackConfig, echo: Callable[[str], None] = log.info) -> StackState:
     """Start whatever part of the stack is not running and healthy; no-op when all of it is."""
     config.validate()
+    wanted = wanted_services(echo)
     started_at = time.monotonic()
     with _locked(config.state_dir):
         state = load_state(config.state_dir)
@@ -530,13 +576,13 @@ def up(config: StackConfig, echo: Callable[[str], None] = log.info) -> StackStat
                         + "; run `advflow stack down` first to change them"
                     )
                 config = state.config
-        if all(name in healthy for name in SERVICE_ORDER):
+        if all(name in healthy for name in wanted):
             echo(f"advflow stack is already running (state: {config.state_dir})")
             return StackState(config, healthy)
 
         store = _store_of(config, healthy)
         _check_db_binding(config, store, healthy, echo)
-        missing = [name for name in SERVICE_ORDER if name not in healthy]
+        missing = [name for name in wanted if name not in healthy]
         _check_ports(config, missing)
         if "s3" in missing and store.startswith("disk:"):
             _, objects, size = _store_stats(config.s3_data_dir)
@@ -568,7 +614,23 @@ def up(config: StackConfig, echo: Callable[[str], None] = log.info) -> StackStat
         save_state(state)
     elapsed = time.monotonic() - started_at
     echo(f"advflow stack is up ({elapsed:.1f}s); state and logs in {config.state_dir}")
+    _load_grafana(echo)
     return state
+
+
+def _load_grafana(echo: Callable[[str], None]) -> None:
+    """Where the user runs a Grafana (RAY_GRAFANA_HOST), load advflow's dashboards into it; a Grafana
+    that refuses them is reported, never a reason to fail `up`."""
+    host = grafana_host()
+    if not host:
+        return
+    from advflow.infra.local.grafana import load_dashboards
+
+    try:
+        for url in load_dashboards(host):
+            echo(f"grafana dashboard {url}")
+    except ServiceError as exc:
+        echo(f"WARNING: could not load the dashboards into Grafana: {exc}")
 
 
 def _restart_outdated_ray(healthy: dict[str, ServiceHandle], config: StackConfig,
@@ -670,6 +732,8 @@ class ServiceStatus:
     healthy: bool
     url: str
     detail: str
+    required: bool = True
+    """False for an optional service that is not installed (its being down fails nothing)."""
 
 
 def status(state_dir: Path) -> list[ServiceStatus]:
@@ -680,6 +744,10 @@ def status(state_dir: Path) -> list[ServiceStatus]:
     rows = []
     for name in SERVICE_ORDER:
         handle = state.services.get(name)
+        if handle is None and name == "prometheus" and services.prometheus_binary() is None:
+            rows.append(ServiceStatus(name, False, "-", f"not installed: {services.PROMETHEUS_INSTALL_HINT}",
+                                      required=False))
+            continue
         if handle is None:
             rows.append(ServiceStatus(name, False, "-", "not running"))
             continue
@@ -697,6 +765,8 @@ def _detail(handle: ServiceHandle) -> str:
         return f"moto, buckets kept in {handle.info['data_dir']}"
     if handle.kind == "external-s3":
         return "external endpoint (AWS_ENDPOINT_URL)"
+    if handle.kind == "prometheus":
+        return f"scrapes Ray every {services.SCRAPE_INTERVAL_S}s, series kept in {handle.info['data_dir']}"
     if handle.kind == "mlflow":
         auth = "basic auth on" if handle.info.get("credentials_file") else "NO authentication"
         return f"artifacts {handle.info['artifacts']}, {auth}"
@@ -714,6 +784,8 @@ def env_exports(state_dir: Path) -> dict[str, str]:
     exports: dict[str, str] = {}
     for name in SERVICE_ORDER:
         handle = state.services.get(name)
+        if handle is None and name in OPTIONAL:
+            continue  # not installed when the stack started (`up` warned)
         if handle is None or not handle.alive():
             raise ServiceError(
                 f"{name} of the stack in {state_dir} is not running; `advflow stack status` "
