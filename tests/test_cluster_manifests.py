@@ -1,7 +1,8 @@
 """The generated Kubernetes manifests (infra/cluster/kuberay/): equal to the generator's output,
 valid against the KubeRay CRD schemas and Kubernetes' own (kubernetes-validate, Kubernetes
-`validate.K8S_VERSION`), sized from the config's `distributed` section, non-root, token-authenticated;
-and mutated manifests are caught. No cluster, no network."""
+`validate.K8S_VERSION`), sized from the config's `distributed` section, non-root, token-authenticated,
+scraped by PodMonitors that select the Ray pods and name ports they declare; and mutated manifests
+are caught. No cluster, no network."""
 
 from __future__ import annotations
 
@@ -64,8 +65,8 @@ def test_out_dir_writes_the_committed_set(tmp_path, capsys, monkeypatch):
 def test_stdout_all_is_one_valid_multi_document_stream(capsys, monkeypatch):
     monkeypatch.chdir(names.REPO)
     docs = [d for d in yaml.safe_load_all(generate(["--config", RECIPE, "--kind", "all"], capsys)) if d]
-    assert sorted({d["kind"] for d in docs}) == ["ConfigMap", "Deployment", "RayCluster", "RayJob", "Service",
-                                                  "StatefulSet"]
+    assert sorted({d["kind"] for d in docs}) == ["ConfigMap", "Deployment", "PodMonitor", "RayCluster", "RayJob",
+                                                  "Service", "StatefulSet"]
 
 
 # ------------------------------------------------------------------------- schemas
@@ -103,7 +104,7 @@ def test_the_crd_check_rejects_a_broken_rayjob(files, mutate):
 
 
 def test_core_objects_validate_against_kubernetes(files):
-    core = [obj for docs in files.values() for obj in docs if obj["kind"] not in RAY_KINDS]
+    core = [obj for docs in files.values() for obj in docs if obj["kind"] not in (*RAY_KINDS, "PodMonitor")]
     assert sorted(o["kind"] for o in core) == ["ConfigMap", "ConfigMap", "ConfigMap", "Deployment", "Service",
                                                "Service", "StatefulSet"]
     for obj in core:
@@ -162,7 +163,18 @@ def test_every_pod_is_non_root_and_reads_secrets_from_secrets(files):
     (lambda s: s["workerGroupSpecs"][0]["template"]["spec"]["volumes"][0]["emptyDir"].pop("medium"), "/dev/shm"),
     (lambda s: s.update(rayVersion="2.9.0"), "rayVersion"),
     (lambda s: s["headGroupSpec"]["template"]["spec"]["containers"][0]["env"].pop(0), "RAY_AUTH_MODE"),
-], ids=["no-gpu", "gpu-request-only", "replicas", "no-auth", "shm-on-disk", "ray-version", "no-auth-env"])
+    (lambda s: s["workerGroupSpecs"][0]["template"]["spec"]["containers"][0].pop("ports"), "no port 'metrics'"),
+    (lambda s: s["workerGroupSpecs"][0]["rayStartParams"].update({"metrics-export-port": "9090"}),
+     "no port 'metrics' = 9090"),
+    (lambda s: s["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"].pop(), "no dash-metrics port"),
+    (lambda s: [e.update(value="prometheus:9090") for e in s["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
+                if e["name"] == "RAY_PROMETHEUS_HOST"], "RAY_PROMETHEUS_HOST"),
+    (lambda s: s["headGroupSpec"]["template"]["spec"]["containers"][0].update(
+        env=[e for e in s["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
+             if e["name"] != "RAY_GRAFANA_IFRAME_HOST"]), "RAY_GRAFANA_IFRAME_HOST"),
+], ids=["no-gpu", "gpu-request-only", "replicas", "no-auth", "shm-on-disk", "ray-version", "no-auth-env",
+        "no-worker-metrics-port", "metrics-port-mismatch", "no-dashboard-metrics-port", "prometheus-not-a-url",
+        "no-grafana-iframe-host"])
 def test_a_mutated_ray_cluster_is_caught(files, mutate, message):
     job = copy.deepcopy(files["rayjob-train"][0])
     mutate(job["spec"]["rayClusterSpec"])
@@ -295,6 +307,102 @@ def test_no_manifest_holds_a_literal_secret(files):
             validate.check_no_literal_secrets(broken)
 
 
+# ------------------------------------------------------------------------- metrics: PodMonitors
+
+
+def ray_clusters(files) -> list[dict]:
+    return [obj for kind in RAY_KINDS for obj in objects(files, kind)]
+
+
+def test_pod_monitors_scrape_the_metrics_ports_of_every_ray_pod(files):
+    monitors = {m["metadata"]["name"]: m for m in files["podmonitors"]}
+    assert set(monitors) == {"ray-head-monitor", "ray-workers-monitor"}
+    clusters = ray_clusters(files)
+    assert len(clusters) == 3
+    for monitor in monitors.values():
+        validate.check_pod_monitor(monitor, clusters)
+        assert monitor["metadata"]["namespace"] == "advflow" and monitor["metadata"]["labels"]["release"] == "prometheus"
+        for ep in monitor["spec"]["podMetricsEndpoints"]:  # Ray's panels filter by cluster
+            assert {"action": "replace", "sourceLabels": ["__meta_kubernetes_pod_label_ray_io_cluster"],
+                    "targetLabel": "ray_io_cluster"} in ep["relabelings"]
+    head, workers = monitors["ray-head-monitor"]["spec"], monitors["ray-workers-monitor"]["spec"]
+    assert head["selector"]["matchLabels"] == {"ray.io/is-ray-node": "yes", "ray.io/node-type": "head"}
+    assert [e["port"] for e in head["podMetricsEndpoints"]] == ["metrics", "dash-metrics"]
+    assert workers["selector"]["matchLabels"] == {"ray.io/is-ray-node": "yes", "ray.io/node-type": "worker"}
+    assert [e["port"] for e in workers["podMetricsEndpoints"]] == ["metrics"]
+    # what they select: the head and the GPU workers of every cluster, each with the port at Ray's
+    for obj in clusters:
+        pods = validate.ray_pods(obj)
+        assert [labels["ray.io/node-type"] for _, labels, _ in pods] == ["head", "worker"]
+        for _, _, pod in pods:
+            assert {"containerPort": names.METRICS_PORT, "name": "metrics"} in pod["containers"][0]["ports"]
+        spec = validate.ray_cluster_spec(obj)
+        for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+            assert group["rayStartParams"]["metrics-export-port"] == str(names.METRICS_PORT)
+
+
+def test_the_head_points_rays_dashboard_at_prometheus_and_grafana(files):
+    for kind in ("raycluster", "rayjob-train", "rayjob-sweep"):
+        head = validate.ray_cluster_spec(files[kind][0])["headGroupSpec"]["template"]["spec"]["containers"][0]
+        env = {e["name"]: e.get("value") for e in head["env"]}
+        assert env["RAY_PROMETHEUS_HOST"] == "http://prometheus-kube-prometheus-prometheus.prometheus-system.svc:9090"
+        assert env["RAY_GRAFANA_HOST"] == "http://prometheus-grafana.prometheus-system.svc:80"
+        assert env["RAY_GRAFANA_IFRAME_HOST"] == "http://127.0.0.1:3000" and env["RAY_PROMETHEUS_NAME"] == "Prometheus"
+        worker = validate.ray_cluster_spec(files[kind][0])["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+        assert not any(e["name"].startswith(("RAY_PROMETHEUS", "RAY_GRAFANA")) for e in worker["env"])
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda m: m["spec"]["podMetricsEndpoints"][0].update(port="metricz"), "port 'metricz' is not declared"),
+    (lambda m: m["spec"]["podMetricsEndpoints"].append({"port": "dash-metrics"}), "not declared on RayCluster"),
+    (lambda m: m["spec"]["selector"]["matchLabels"].update({"ray.io/node-type": "workers"}), "select no Ray pod"),
+    (lambda m: m["spec"]["selector"]["matchLabels"].update({"ray.io/is-ray-node": True}), "must map label names"),
+    (lambda m: m["spec"].update(podMetricEndpoints=m["spec"].pop("podMetricsEndpoints")), "unknown field"),
+    (lambda m: m["spec"]["podMetricsEndpoints"][0].update(ports="metrics"), "unknown field"),
+    (lambda m: m["spec"]["podMetricsEndpoints"][0]["relabelings"][0].update(action="rename"), "relabeling action"),
+    (lambda m: m["spec"]["podMetricsEndpoints"][0].update(port=8080), "not a port name"),
+    (lambda m: m.update(apiVersion="monitoring.coreos.com/v1alpha1"), "apiVersion"),
+    (lambda m: m["spec"].update(namespaceSelector={"matchNames": ["default"]}), "select no Ray pod"),
+    (lambda m: m["metadata"].pop("namespace"), "no metadata.namespace"),
+], ids=["unknown-port", "head-only-port", "bad-selector", "non-string-label", "misspelt-field",
+        "misspelt-endpoint-field", "bad-action", "port-number", "api-version", "other-namespace", "no-namespace"])
+def test_a_broken_pod_monitor_is_caught(files, mutate, message):
+    monitor = copy.deepcopy([m for m in files["podmonitors"] if m["metadata"]["name"] == "ray-workers-monitor"][0])
+    mutate(monitor)
+    with pytest.raises(AssertionError, match=message):
+        validate.check_pod_monitor(monitor, ray_clusters(files))
+
+
+def test_a_pod_monitor_needs_the_port_on_the_pods(files):
+    """The workers' PodMonitor is fine as generated; without the port on the worker pods it is not."""
+    clusters = copy.deepcopy(ray_clusters(files))
+    (workers,) = [m for m in files["podmonitors"] if m["metadata"]["name"] == "ray-workers-monitor"]
+    validate.check_pod_monitor(workers, clusters)
+    validate.ray_cluster_spec(clusters[0])["workerGroupSpecs"][0]["template"]["spec"]["containers"][0].pop("ports")
+    with pytest.raises(AssertionError, match="port 'metrics' is not declared on RayCluster"):
+        validate.check_pod_monitor(workers, clusters)
+
+
+def test_monitoring_flags_reach_the_head_and_the_pod_monitors(capsys, monkeypatch):
+    monkeypatch.chdir(names.REPO)
+    flags = ["--prometheus-url", "http://prom.monitoring.svc:9090", "--grafana-url", "http://grafana.monitoring.svc",
+             "--grafana-iframe-url", "https://grafana.example.com", "--prometheus-release", "kps"]
+    text = generate(["--config", RECIPE, *flags, "--kind", "raycluster"], capsys)
+    assert text.startswith("# Generated by: advflow cluster manifest --config jobs/configs/imagenet_xl2_1nfe.yaml "
+                           "--prometheus-url http://prom.monitoring.svc:9090 --grafana-url http://grafana.monitoring.svc "
+                           "--grafana-iframe-url https://grafana.example.com --kind raycluster\n")
+    (cluster,) = yaml.safe_load_all(text)
+    env = {e["name"]: e.get("value") for e in cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]}
+    assert (env["RAY_PROMETHEUS_HOST"], env["RAY_GRAFANA_HOST"], env["RAY_GRAFANA_IFRAME_HOST"]) == \
+        ("http://prom.monitoring.svc:9090", "http://grafana.monitoring.svc", "https://grafana.example.com")
+    text = generate(["--config", RECIPE, *flags, "--namespace", "ml", "--kind", "podmonitors"], capsys)
+    assert text.startswith("# Generated by: advflow cluster manifest --config jobs/configs/imagenet_xl2_1nfe.yaml "
+                           "--namespace ml --prometheus-release kps --kind podmonitors\n")
+    for monitor in yaml.safe_load_all(text):
+        assert monitor["metadata"]["labels"]["release"] == "kps" and monitor["metadata"]["namespace"] == "ml"
+        validate.check_pod_monitor(monitor, [{**cluster, "metadata": {**cluster["metadata"], "namespace": "ml"}}])
+
+
 # ------------------------------------------------------------------------- options and errors
 
 
@@ -331,8 +439,13 @@ def test_overrides_image_and_namespace_reach_every_object(capsys, monkeypatch, t
      ["eval.kind", "sweep needs a quality metric"]),
     (["--config", RECIPE, "--trials", "0", "--kind", "rayjob-sweep"], ["--trials", ">= 1"]),
     (["--config", RECIPE, "--namespace", "ML_team", "--kind", "config"], ["--namespace", "lower-case"]),
+    (["--config", RECIPE, "--prometheus-url", "prometheus:9090", "--kind", "raycluster"],
+     ["--prometheus-url", "not an http(s) URL"]),
+    (["--config", RECIPE, "--grafana-iframe-url", "http://", "--kind", "config"], ["--grafana-iframe-url", "http(s) URL"]),
+    (["--config", RECIPE, "--prometheus-release", "kube prometheus", "--kind", "podmonitors"],
+     ["--prometheus-release", "Helm release"]),
 ], ids=["kind", "cpu-recipe", "use-gpu-off", "outside-repo", "missing", "bad-config", "local-storage",
-        "no-metric", "trials", "namespace"])
+        "no-metric", "trials", "namespace", "prometheus-url", "grafana-iframe-url", "release"])
 def test_user_errors_name_the_flag_or_field_and_the_fix(argv, words, capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(names.REPO)
     outside = tmp_path / "mine.yaml"  # a valid config the image does not hold

@@ -5,7 +5,9 @@ from the ConfigMap (MLflow and Optuna URIs, region), the S3 keys, the Optuna dat
 MLflow's credential (MLFLOW_TRACKING_USERNAME/PASSWORD) from Secrets, and run with Ray token authentication: `authOptions` makes the KubeRay operator
 inject the token of the Secret it names into every Ray container, and RAY_AUTH_MODE=token is also
 set on the containers themselves, so an operator that ignored authOptions would leave pods that
-refuse to start without a token rather than a cluster that accepts anyone.
+refuse to start without a token rather than a cluster that accepts anyone. Every Ray container
+declares its metrics port for Prometheus' PodMonitors, and the head's dashboard is told where
+Prometheus and Grafana are (monitoring.py).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from advflow.infra.cluster import names as n
+from advflow.infra.cluster.monitoring import Monitoring, head_ports, worker_ports
 
 GI = 1024**3
 # Host memory per CPU of a GPU worker: rank-local copies of G and D, the gathered full-precision
@@ -108,19 +111,22 @@ def _fid_fetch(image: str, prefix: str) -> dict:
             "resources": _resources(1, 2)}
 
 
-def cluster_spec(workers: Workers, image: str, *, fid_prefix: str | None = None) -> dict:
-    """spec of a RayCluster (also a RayJob's rayClusterSpec)."""
+def cluster_spec(workers: Workers, image: str, *, fid_prefix: str | None = None,
+                 monitoring: Monitoring = Monitoring()) -> dict:
+    """spec of a RayCluster (also a RayJob's rayClusterSpec). Every Ray container declares its
+    metrics port(s) by name for the PodMonitors (monitoring.py); the head's dashboard is pointed at
+    Prometheus and Grafana."""
     env, env_from = _ray_env()
     head = {
-        "name": "ray-head", "image": image, "env": env, "envFrom": env_from,
+        "name": "ray-head", "image": image, "env": env + monitoring.head_env(), "envFrom": env_from,
         "securityContext": container_security(),
         "resources": _resources(HEAD_CPUS, HEAD_MEMORY_GI + HEAD_SHM_GI),
         "ports": [{"containerPort": 6379, "name": "gcs-server"}, {"containerPort": 8265, "name": "dashboard"},
-                  {"containerPort": 10001, "name": "client"}],
+                  {"containerPort": 10001, "name": "client"}, *head_ports()],
     }
     worker = {"name": "ray-worker", "image": image, "env": list(env), "envFrom": env_from,
               "securityContext": container_security(),
-              "resources": _resources(workers.cpus, workers.memory_gi, gpus=1)}
+              "resources": _resources(workers.cpus, workers.memory_gi, gpus=1), "ports": worker_ports()}
     init, volumes = None, None
     if fid_prefix:
         worker["volumeMounts"] = [{"name": "fid", "mountPath": FID_DIR, "readOnly": True}]
@@ -131,13 +137,15 @@ def cluster_spec(workers: Workers, image: str, *, fid_prefix: str | None = None)
         "headGroupSpec": {
             # num-cpus 0: no training task lands on the head; it runs GCS, the dashboard and drivers.
             "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0",
-                               "object-store-memory": str(HEAD_OBJECT_STORE_GI * GI)},
+                               "object-store-memory": str(HEAD_OBJECT_STORE_GI * GI),
+                               "metrics-export-port": str(n.METRICS_PORT)},
             "template": _pod(head, HEAD_SHM_GI, gpu=False),
         },
         "workerGroupSpecs": [{
             "groupName": "gpu",
             "replicas": workers.replicas, "minReplicas": workers.min_replicas, "maxReplicas": workers.replicas,
-            "rayStartParams": {"object-store-memory": str(OBJECT_STORE_GI * GI)},
+            "rayStartParams": {"object-store-memory": str(OBJECT_STORE_GI * GI),
+                               "metrics-export-port": str(n.METRICS_PORT)},
             "template": _pod(worker, workers.shm_gi, gpu=True, init=init, volumes=volumes),
         }],
     }

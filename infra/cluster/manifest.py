@@ -8,7 +8,8 @@ The config is loaded and validated like `jobs/train.py` does (`--set` overrides 
 passed on to the job's command line, so the job trains the config the cluster was sized for). The
 GPU worker group follows `distributed`: one pod per Ray Train worker, one GPU and
 `cpus_per_worker` CPUs each (see kuberay.py for memory and /dev/shm). The sweep's cluster holds
-max_concurrent_trials x the trial's workers. Each output starts with a comment naming the command
+max_concurrent_trials x the trial's workers. `podmonitors` are the Prometheus operator's scrape
+configuration of the Ray pods (monitoring.py; `--prometheus-*`/`--grafana-*` flags). Each output starts with a comment naming the command
 that regenerates it; tests/test_cluster_manifests.py checks the committed files against it.
 """
 
@@ -23,12 +24,20 @@ from pathlib import Path
 
 import yaml
 
-from advflow.infra.cluster import kuberay, services
+from advflow.infra.cluster import kuberay, monitoring, services
 from advflow.infra.cluster import names as n
 
-KINDS = ("config", "postgres", "mlflow", "raycluster", "rayjob-train", "rayjob-sweep")
+KINDS = ("config", "postgres", "mlflow", "raycluster", "rayjob-train", "rayjob-sweep", "podmonitors")
+_MONITORING = monitoring.Monitoring()
 DEFAULTS = {"space": "jobs/configs/sweeps/imagenet_space.yaml", "trials": 32, "image": n.DEFAULT_IMAGE,
-            "namespace": "advflow", "region": "us-east-1"}
+            "namespace": "advflow", "region": "us-east-1", "prometheus_url": _MONITORING.prometheus_url,
+            "grafana_url": _MONITORING.grafana_url, "grafana_iframe_url": _MONITORING.grafana_iframe_url,
+            "prometheus_release": _MONITORING.release}
+# Flags that go into a file's header command when they differ from DEFAULTS, by the kinds they change.
+_FLAGS_OF = {"image": KINDS, "namespace": KINDS, "region": KINDS, "space": ("rayjob-sweep",),
+             "trials": ("rayjob-sweep",), "prometheus_url": ("raycluster", "rayjob-train", "rayjob-sweep"),
+             "grafana_url": ("raycluster", "rayjob-train", "rayjob-sweep"),
+             "grafana_iframe_url": ("raycluster", "rayjob-train", "rayjob-sweep"), "prometheus_release": ("podmonitors",)}
 
 
 class _Dumper(yaml.SafeDumper):
@@ -94,10 +103,23 @@ def entrypoint(command: str) -> str:
     return f"bash -c {shlex.quote(f'cd {n.WORKDIR} && exec {command}')}"
 
 
+def metrics_settings(args) -> monitoring.Monitoring:
+    """Where the head's dashboard finds Prometheus and Grafana, and the PodMonitors' release label."""
+    for flag in ("prometheus_url", "grafana_url", "grafana_iframe_url"):
+        if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", getattr(args, flag)):
+            raise ManifestError(f"--{flag.replace('_', '-')}: {getattr(args, flag)!r} is not an http(s) URL; "
+                                "give scheme, host and port, e.g. http://prometheus.monitoring.svc:9090")
+    if not re.fullmatch(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?", args.prometheus_release):
+        raise ManifestError(f"--prometheus-release: {args.prometheus_release!r} is not a Kubernetes label value; "
+                            "use your kube-prometheus-stack Helm release's name")
+    return monitoring.Monitoring(prometheus_url=args.prometheus_url, grafana_url=args.grafana_url,
+                                 grafana_iframe_url=args.grafana_iframe_url, release=args.prometheus_release)
+
+
 def build_train(args, spec) -> list[dict]:
     workers = gpu_workers(spec)
     command = f"python jobs/train.py --config {shlex.quote(in_repo(args.config, '--config'))}{_sets(args)}"
-    cluster = kuberay.cluster_spec(workers, args.image)
+    cluster = kuberay.cluster_spec(workers, args.image, monitoring=metrics_settings(args))
     return [kuberay.rayjob(f"train-{dns_name(spec.run.name)}", args.namespace, entrypoint(command), cluster, args.image)]
 
 
@@ -129,7 +151,7 @@ def build_sweep(args, spec) -> list[dict]:
     # $OPTUNA_STORAGE_URL: the ConfigMap's, expanded on the head; it holds no password (PGPASSWORD does).
     command = (f"python jobs/sweep.py --config {shlex.quote(in_repo(args.config, '--config'))}{_sets(args)}"
                f' --space {shlex.quote(space_path)} --trials {args.trials} --storage "$OPTUNA_STORAGE_URL"')
-    cluster = kuberay.cluster_spec(workers, args.image, fid_prefix=fid_prefix)
+    cluster = kuberay.cluster_spec(workers, args.image, fid_prefix=fid_prefix, monitoring=metrics_settings(args))
     return [kuberay.rayjob(f"sweep-{dns_name(space.study_name)}", args.namespace, entrypoint(command), cluster,
                            args.image)]
 
@@ -139,9 +161,11 @@ BUILDERS: dict[str, Callable[[argparse.Namespace, object], list[dict]]] = {
     "postgres": lambda args, spec: services.postgres(args.namespace),
     "mlflow": lambda args, spec: services.mlflow(args.namespace, args.image, services.s3_bucket(spec.run.storage_path)),
     "raycluster": lambda args, spec: [kuberay.raycluster(
-        f"advflow-{dns_name(spec.run.name)}", args.namespace, kuberay.cluster_spec(gpu_workers(spec), args.image))],
+        f"advflow-{dns_name(spec.run.name)}", args.namespace,
+        kuberay.cluster_spec(gpu_workers(spec), args.image, monitoring=metrics_settings(args)))],
     "rayjob-train": build_train,
     "rayjob-sweep": build_sweep,
+    "podmonitors": lambda args, spec: monitoring.pod_monitors(args.namespace, metrics_settings(args)),
 }
 
 
@@ -149,10 +173,10 @@ def command_line(args: argparse.Namespace, kind: str) -> str:
     """The command that regenerates `kind` with these arguments (defaults left out)."""
     parts = ["advflow cluster manifest", f"--config {shlex.quote(args.config)}"]
     parts += [f"--set {shlex.quote(item)}" for item in args.overrides]
-    for flag in ("image", "namespace", "region") + (("space", "trials") if kind == "rayjob-sweep" else ()):
+    for flag, kinds in _FLAGS_OF.items():
         value = getattr(args, flag)
-        if value != DEFAULTS[flag]:
-            parts.append(f"--{flag} {shlex.quote(str(value))}")
+        if kind in kinds and value != DEFAULTS[flag]:
+            parts.append(f"--{flag.replace('_', '-')} {shlex.quote(str(value))}")
     return " ".join(parts + [f"--kind {kind}"])
 
 
@@ -178,6 +202,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--region", default=DEFAULTS["region"], help="AWS region of the bucket (default %(default)s)")
     p.add_argument("--space", default=DEFAULTS["space"], help="sweep space, rayjob-sweep only (default %(default)s)")
     p.add_argument("--trials", type=int, default=DEFAULTS["trials"], help="sweep trials (default %(default)s)")
+    p.add_argument("--prometheus-url", default=DEFAULTS["prometheus_url"],
+                   help="Prometheus as the Ray head reaches it: RAY_PROMETHEUS_HOST (default %(default)s)")
+    p.add_argument("--grafana-url", default=DEFAULTS["grafana_url"],
+                   help="Grafana as the Ray head reaches it: RAY_GRAFANA_HOST (default %(default)s)")
+    p.add_argument("--grafana-iframe-url", default=DEFAULTS["grafana_iframe_url"],
+                   help="Grafana as your browser reaches it: RAY_GRAFANA_IFRAME_HOST (default %(default)s)")
+    p.add_argument("--prometheus-release", default=DEFAULTS["prometheus_release"],
+                   help="the kube-prometheus-stack Helm release whose Prometheus picks up the PodMonitors "
+                        "(their `release` label; default %(default)s)")
     p.add_argument("--out-dir", default=None, help="write <kind>.yaml files there instead of to stdout")
 
 
@@ -189,6 +222,7 @@ def run(args: argparse.Namespace) -> int:
     if not re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", args.namespace):
         raise ManifestError(f"--namespace: {args.namespace!r} is not a Kubernetes name; use lower-case letters, "
                             "digits and '-'")
+    metrics_settings(args)  # a bad URL or release fails whatever the kind
     spec = load(args)
     texts = {kind: render(args, kind, spec) for kind in kinds}
     if args.out_dir is None:

@@ -46,6 +46,12 @@ OPTUNA_DB = "optuna"  # database and role name
 
 LABELS = {"app.kubernetes.io/part-of": "advflow"}
 
+# Ray's metrics ports (infra/cluster/monitoring.py): every Ray node's metrics export (Ray's node
+# metrics and the ray.util.metrics series of its processes: advflow's live metrics), and the head's
+# dashboard's own. Named as KubeRay's docs name them: the PodMonitors scrape the ports by name.
+METRICS_PORT, METRICS_PORT_NAME = 8080, "metrics"
+DASHBOARD_METRICS_PORT, DASHBOARD_METRICS_PORT_NAME = 44227, "dash-metrics"
+
 
 def locked_version(name: str) -> str:
     """The exact version requirements.lock pins for `name` (the image installs exactly that)."""

@@ -70,6 +70,9 @@ def configmap(namespace: str, region: str) -> dict:
         "OPTUNA_STORAGE_URL": db_url(n.OPTUNA_DB, namespace),
         "AWS_REGION": region,
         "AWS_DEFAULT_REGION": region,
+        # A finishing worker keeps serving its last live metrics for one scrape (kube-prometheus-stack
+        # scrapes every 30 s), so a run's final values reach Prometheus (platform/tracking/live.py).
+        "ADVFLOW_LIVE_LINGER_S": "30",
     }
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(n.CONFIGMAP, namespace), "data": data}
 

@@ -1,7 +1,8 @@
 """Offline checks of the manifests (tests/test_cluster_*.py use them; so can you before `kubectl
 apply`): the KubeRay CRD schemas (made strict the way the API server's field validation is), the
 Kubernetes schemas of the core objects (kubernetes-validate), and the invariants a manifest must
-keep (a GPU per worker, non-root pods, token auth, Secrets the README creates); and aws.yaml
+keep (a GPU per worker, non-root pods, token auth, Secrets the README creates, metrics ports and the
+PodMonitors that scrape them); and aws.yaml
 through `ray up`'s own checks (`ray_up_checks`). Each check raises (AssertionError for an
 invariant) with what is wrong. jsonschema and kubernetes-validate are in the `test` extra."""
 
@@ -197,3 +198,106 @@ def check_ray_cluster(obj: dict, workers: int, cpus: int) -> None:
         assert limits.get("cpu") == str(cpus), f"{where}: cpu {limits.get('cpu')} != {cpus}"
         shm_gi = int(shm[0]["emptyDir"]["sizeLimit"].removesuffix("Gi"))
         assert int(limits["memory"].removesuffix("Gi")) > shm_gi >= 8, f"{where}: /dev/shm {shm_gi}Gi"
+    check_ray_metrics(obj)
+
+
+# The head's dashboard's settings for its Metrics view (ray/dashboard/modules/metrics/metrics_head.py).
+RAY_DASHBOARD_URLS = ("RAY_PROMETHEUS_HOST", "RAY_GRAFANA_HOST", "RAY_GRAFANA_IFRAME_HOST")
+
+
+def check_ray_metrics(obj: dict) -> None:
+    """Every Ray container declares its metrics-export port by the name the PodMonitors scrape
+    (and Ray listens where the port says); the head's dashboard knows Prometheus and Grafana."""
+    spec = ray_cluster_spec(obj)
+    groups = [("head", spec["headGroupSpec"])] + [(g["groupName"], g) for g in spec["workerGroupSpecs"]]
+    for where, group in groups:
+        (ray,) = [c for c in group["template"]["spec"]["containers"] if c["name"].startswith("ray-")]
+        ports = {p.get("name"): p["containerPort"] for p in ray.get("ports", [])}
+        listens = int(group.get("rayStartParams", {}).get("metrics-export-port", n.METRICS_PORT))
+        assert ports.get(n.METRICS_PORT_NAME) == listens, \
+            f"{where}: no port {n.METRICS_PORT_NAME!r} = {listens} (Ray's metrics-export-port) to scrape; ports {ports}"
+        if where != "head":
+            continue
+        assert ports.get(n.DASHBOARD_METRICS_PORT_NAME) == n.DASHBOARD_METRICS_PORT, f"head: no {n.DASHBOARD_METRICS_PORT_NAME} port"
+        env = {e["name"]: e.get("value") for e in ray["env"]}
+        for name in RAY_DASHBOARD_URLS:
+            assert re.fullmatch(r"https?://[^\s/]+(/\S*)?", env.get(name) or ""), \
+                f"head: {name} is {env.get(name)!r}, not a URL (Ray's Metrics view needs it)"
+
+
+# ------------------------------------------------------------------------- PodMonitors
+# No CRD file of the Prometheus operator is kept beside the repo: a structural check of the fields
+# advflow uses (monitoring.coreos.com/v1 PodMonitor), strict about unknown ones, and a check that
+# what a PodMonitor selects are Ray pods of the manifests that declare the ports it scrapes.
+
+_PODMONITOR_SPEC = {"selector", "podMetricsEndpoints", "namespaceSelector", "jobLabel", "podTargetLabels",
+                    "sampleLimit", "targetLimit", "labelLimit", "labelNameLengthLimit", "labelValueLengthLimit",
+                    "attachMetadata", "scrapeProtocols", "scrapeClass"}
+_ENDPOINT = {"port", "portNumber", "path", "scheme", "params", "interval", "scrapeTimeout", "honorLabels",
+             "honorTimestamps", "trackTimestampsStaleness", "metricRelabelings", "relabelings", "proxyUrl",
+             "followRedirects", "enableHttp2", "filterRunning", "tlsConfig", "basicAuth", "authorization", "oauth2",
+             "bearerTokenSecret"}
+_RELABEL = {"action", "sourceLabels", "separator", "targetLabel", "regex", "modulus", "replacement"}
+_RELABEL_ACTIONS = {"replace", "keep", "drop", "hashmod", "labelmap", "labeldrop", "labelkeep", "lowercase",
+                    "uppercase", "keepequal", "dropequal"}
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
+_PORT_NAME = re.compile(r"(?=.{1,15}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?")  # IANA_SVC_NAME, as a containerPort name
+_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+
+
+def ray_pods(obj: dict) -> list[tuple[str, dict, dict]]:
+    """(where, labels, pod spec) of each Ray pod group of a RayCluster/RayJob, with the labels the
+    KubeRay operator gives its pods (ray.io/node-type, ray.io/is-ray-node, ray.io/cluster,
+    ray.io/group) over the pod template's own."""
+    spec = ray_cluster_spec(obj)
+    cluster = obj["metadata"]["name"]  # a RayJob's cluster gets a generated name; no selector here uses it
+    groups = [("head", "head", "headgroup", spec["headGroupSpec"])]
+    groups += [(g["groupName"], "worker", g["groupName"], g) for g in spec["workerGroupSpecs"]]
+    out = []
+    for where, node_type, group_name, group in groups:
+        template = group["template"]
+        labels = {**template.get("metadata", {}).get("labels", {}), "ray.io/cluster": cluster,
+                  "ray.io/node-type": node_type, "ray.io/group": group_name, "ray.io/is-ray-node": "yes"}
+        out.append((f"{obj['kind']} {cluster} {where}", labels, template["spec"]))
+    return out
+
+
+def check_pod_monitor(monitor: dict, clusters: list[dict]) -> None:
+    """A PodMonitor's structure, and that it selects Ray pods of `clusters` (RayCluster/RayJob
+    objects of its namespace) each of which declares every port it scrapes."""
+    name = monitor.get("metadata", {}).get("name", "")
+    assert monitor.get("apiVersion") == "monitoring.coreos.com/v1", f"PodMonitor {name}: apiVersion {monitor.get('apiVersion')}"
+    assert monitor.get("kind") == "PodMonitor", f"{name}: kind {monitor.get('kind')}"
+    assert _DNS_SUBDOMAIN.fullmatch(name), f"PodMonitor: metadata.name {name!r} is not a Kubernetes name"
+    namespace = monitor["metadata"].get("namespace")
+    assert namespace, f"PodMonitor {name}: no metadata.namespace"
+    spec = monitor.get("spec", {})
+    assert set(spec) <= _PODMONITOR_SPEC, f"PodMonitor {name}: unknown field(s) {sorted(set(spec) - _PODMONITOR_SPEC)}"
+    match = spec.get("selector", {}).get("matchLabels")
+    assert isinstance(match, dict) and match and all(isinstance(k, str) and isinstance(v, str) for k, v in match.items()), \
+        f"PodMonitor {name}: spec.selector.matchLabels must map label names to strings, got {match!r}"
+    endpoints = spec.get("podMetricsEndpoints")
+    assert isinstance(endpoints, list) and endpoints, f"PodMonitor {name}: no podMetricsEndpoints"
+    for i, ep in enumerate(endpoints):
+        where = f"PodMonitor {name} podMetricsEndpoints[{i}]"
+        assert set(ep) <= _ENDPOINT, f"{where}: unknown field(s) {sorted(set(ep) - _ENDPOINT)}"
+        assert isinstance(ep.get("port"), str) and _PORT_NAME.fullmatch(ep["port"]), \
+            f"{where}: port {ep.get('port')!r} is not a port name"
+        for rule in ep.get("relabelings", []) + ep.get("metricRelabelings", []):
+            assert set(rule) <= _RELABEL, f"{where}: unknown relabeling field(s) {sorted(set(rule) - _RELABEL)}"
+            assert rule.get("action", "replace") in _RELABEL_ACTIONS, f"{where}: relabeling action {rule.get('action')!r}"
+            if rule.get("action", "replace") == "replace":
+                assert _LABEL_NAME.fullmatch(rule.get("targetLabel", "")), f"{where}: targetLabel {rule.get('targetLabel')!r}"
+    namespaces = spec.get("namespaceSelector", {})
+    if namespaces.get("any"):
+        scope = None
+    else:
+        scope = set(namespaces.get("matchNames") or [namespace])
+    selected = [(where, pod) for obj in clusters if scope is None or obj["metadata"]["namespace"] in scope
+                for where, labels, pod in ray_pods(obj) if match.items() <= labels.items()]
+    assert selected, f"PodMonitor {name}: matchLabels {match} select no Ray pod of the manifests"
+    for where, pod in selected:
+        declared = {p.get("name") for c in pod["containers"] for p in c.get("ports", [])}
+        for ep in endpoints:
+            assert ep["port"] in declared, \
+                f"PodMonitor {name}: port {ep['port']!r} is not declared on {where} (ports: {sorted(filter(None, declared))})"
