@@ -3,11 +3,14 @@
   python jobs/promote.py --name NAME --alias champion --version 3
   python jobs/promote.py --name NAME --alias champion --best-metric eval/fd --mode min
 
-Metric convention: a version carries evaluation results as version tags `metric.<key>` holding the
-float as text (e.g. `metric.eval/fd = "12.5"`); `advflow.platform.tracking.registry.log_generator(...,
-metrics={"eval/fd": 12.5})` writes them. `--best-metric KEY --mode min|max` picks the version with
-the lowest / highest `metric.KEY`; versions without the tag (or with a non-numeric / NaN value) are
-skipped, and ties go to the newest version. Prints `alias: old -> new`.
+Metric convention: a version's evaluation results are the metrics of its MLflow 3 LoggedModel (the
+model the version was registered from, `models:/<model_id>`), linked to the training run and its
+dataset; `advflow.platform.tracking.registry.log_generator(..., metrics={"eval/fd": 12.5}, run_id=...)`
+logs them (training does at each registration). MLflow refuses '@' in metric names, so KEY
+`eval/fd@4` is read as the metric `eval/fd_at_4` (`registry.metric_name`). `--best-metric KEY --mode
+min|max` picks the version with the lowest / highest value of that metric (the latest one its
+LoggedModel holds); versions whose LoggedModel lacks it (or holds NaN) are skipped, and ties go to
+the newest version. Prints `alias: old -> new`.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import math
 import sys
 from dataclasses import dataclass
 
-from advflow.platform.tracking.registry import METRIC_TAG_PREFIX, all_versions, metric_tag
+from advflow.platform.tracking.registry import all_versions, metric_name, model_metrics
 
 
 class PromoteError(ValueError):
@@ -43,25 +46,23 @@ def _is_missing(exc: Exception) -> bool:
     return getattr(exc, "error_code", "") == "RESOURCE_DOES_NOT_EXIST" or "not found" in str(exc).lower()
 
 
-def best_version(versions: list, key: str, mode: str) -> tuple[str, float]:
-    """(version, value) with the best finite `metric.<key>` tag; ties -> newest version."""
+def best_version(versions: list, key: str, mode: str, client) -> tuple[str, float]:
+    """(version, value) with the best finite LoggedModel metric `key`; ties -> newest version."""
     if mode not in ("min", "max"):
         raise PromoteError(f"--mode: {mode!r} unknown; use min or max")
-    scored = []
+    name = metric_name(key)
+    scored, have = [], set()
     for mv in versions:
-        raw = (mv.tags or {}).get(metric_tag(key))
-        try:
-            value = float(raw) if raw is not None else math.nan
-        except ValueError:
-            value = math.nan
+        metrics = model_metrics(client, mv)
+        have.update(metrics)
+        value = metrics.get(name, math.nan)
         if not math.isnan(value):
             scored.append((value if mode == "max" else -value, int(mv.version), value))
     if not scored:
-        have = sorted({t[len(METRIC_TAG_PREFIX):] for mv in versions for t in (mv.tags or {})
-                       if t.startswith(METRIC_TAG_PREFIX)})
         raise PromoteError(
-            f"--best-metric {key}: no version has a numeric tag {metric_tag(key)!r}; metrics present on "
-            f"versions: {have or 'none'} (log them with log_generator(..., metrics={{...}}))"
+            f"--best-metric {key}: no version's LoggedModel has a numeric metric {name!r}; metrics present on "
+            f"versions: {sorted(have) or 'none'} (registration logs them: log_generator(..., metrics={{...}}, "
+            "run_id=...), as training does)"
         )
     _, version, value = max(scored)
     return str(version), value
@@ -88,7 +89,7 @@ def promote(name: str, alias: str, *, version: str | int | None = None, best_met
     versions = all_versions(client, name)
     value = None
     if best_metric is not None:
-        new, value = best_version(versions, best_metric, mode)
+        new, value = best_version(versions, best_metric, mode, client)
     else:
         new = str(version)
         if new not in {str(mv.version) for mv in versions}:
@@ -110,7 +111,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--alias", required=True, help="alias to set, e.g. candidate or champion")
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--version", help="explicit version number")
-    how.add_argument("--best-metric", help="metric key, read from the version tag metric.<key>")
+    how.add_argument("--best-metric", help="metric key, read from each version's LoggedModel metrics")
     p.add_argument("--mode", choices=["min", "max"], default="min", help="with --best-metric: lower or higher is better")
     return p.parse_args(argv)
 

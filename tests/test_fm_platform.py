@@ -183,6 +183,7 @@ def test_a_registered_fm_model_carries_its_k_and_per_k_metrics(digits, tmp_path,
     from mlflow.tracking import MlflowClient
     from safetensors.torch import load_file
 
+    from advflow.platform.tracking import registry
     from advflow.platform.tracking.registry import load_generator
     from advflow.platform.tracking.runs import tracked_run
     from advflow.platform.train.local_launch import latest_checkpoint, run_local
@@ -194,10 +195,12 @@ def test_a_registered_fm_model_carries_its_k_and_per_k_metrics(digits, tmp_path,
     with tracked_run(spec) as run:
         run_local(spec, tmp_path / "fm", run_id=run.run_id)
         run.ok = True
-    version = MlflowClient().get_model_version(name, "1")
+    client = MlflowClient()
+    version = client.get_model_version(name, "1")
     assert version.tags["method"] == "fm"
-    assert float(version.tags["metric.eval/fd_at_4"]) == float(version.tags["metric.eval/fd"])
-    assert "metric.eval/fd_at_2" in version.tags
+    metrics = registry.model_metrics(client, version)  # the LoggedModel's metrics ('@' is logged as '_at_')
+    assert metrics["eval/fd_at_4"] == metrics["eval/fd"] and "eval/fd_at_2" in metrics
+    assert "FM 4-step generator (DiT tiny, K=4, R=1)" in version.description
     model = load_generator(f"models:/{name}/1")
     G = model.generator
     assert (G.kind, G.nfe) == ("multistep", 4)  # its sampler: 4 Euler steps (first test of this file)

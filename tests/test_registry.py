@@ -160,8 +160,9 @@ def test_log_register_artifacts_signature_tags(mlflow_env, tmp_path, monkeypatch
 
     monkeypatch.setattr(model_format, "_load_pyfunc", no_load)
     name = _name()
-    done = _log(_tiny(), name, step=120, tags={"data_manifest": "s3://b/m.json", "data_sha256": "ab12"},
-                metrics={"eval/fd": 3.25})
+    sha = hashlib.sha256(b"a manifest").hexdigest()
+    data = {"data.prefix": "s3://b/d", "data.manifest_uri": "s3://b/d/manifest.json", "data.manifest_sha256": sha}
+    done = _log(_tiny(), name, step=120, tags={**data, "method": "afm"}, metrics={"eval/fd": 3.25, "eval/fd@4": 2.5})
     run_id = mlflow.last_active_run().info.run_id
     assert done.version == "1" and done.name == name and done.model_uri == f"models:/{done.model_id}"
     assert done.registry_uri == f"models:/{name}/1"
@@ -191,12 +192,48 @@ def test_log_register_artifacts_signature_tags(mlflow_env, tmp_path, monkeypatch
     assert spec["sampler"] == {"kind": "1nfe", "nfe": 1, "repeats": 1} and spec["data_shape"] == [1, 8, 8]
     assert spec["decoder"]["name"] == "pixel" and spec["generator"]["name"] == "tiny"
 
-    mv = mlflow.MlflowClient().get_model_version(name, "1")
-    assert mv.tags == {"data_manifest": "s3://b/m.json", "data_sha256": "ab12", "metric.eval/fd": "3.25",
-                       "run_id": run_id, "step": "120", "source": "train",
+    client = mlflow.MlflowClient()
+    mv = client.get_model_version(name, "1")
+    # Tags identify the model; the evaluation results are no tags (no `metric.*`), but LoggedModel metrics.
+    assert mv.tags == {**data, "method": "afm", "run_id": run_id, "step": "120", "source": "train",
                        "advflow.arch": json.dumps({"size": "tiny", "kind": "1nfe", "repeats": 1,
                                                    "data_shape": [1, 8, 8]})}
-    assert mlflow.get_logged_model(done.model_id).source_run_id == run_id
+    model = mlflow.get_logged_model(done.model_id)
+    assert model.source_run_id == run_id and registry.logged_model_id(mv) == done.model_id
+    assert model.experiment_id == client.get_run(run_id).info.experiment_id
+    got = {m.key: (m.value, m.step, m.run_id, m.dataset_name, m.dataset_digest) for m in model.metrics}
+    linked = (120, run_id, "s3://b/d", sha[:16])  # step, run, dataset name and digest
+    assert got == {"eval/fd": (3.25, *linked), "eval/fd_at_4": (2.5, *linked)}
+    assert registry.model_metrics(client, mv) == {"eval/fd": 3.25, "eval/fd_at_4": 2.5}
+    run = client.get_run(run_id)
+    assert [(o.model_id, o.step) for o in run.outputs.model_outputs] == [(done.model_id, 120)]
+    (dataset,) = [i.dataset for i in run.inputs.dataset_inputs]  # the metrics' dataset is the run's input
+    assert (dataset.name, dataset.digest, dataset.source_type) == ("s3://b/d", sha[:16], "s3")
+    assert json.loads(dataset.source) == {"uri": "s3://b/d/manifest.json"}
+    assert [m.value for m in client.get_metric_history(run_id, "eval/fd")] == [3.25]  # the run holds it too
+
+    text = mv.description
+    for part in ("AFM one-step generator (DiT tiny, K=1, R=1) trained on s3://b/d", "**Method**: afm",
+                 f"{sum(p.numel() for p in _tiny().parameters()):,} parameters", "**K** (sampling steps, nfe): 1",
+                 "**R** (depth repetition): 1", f"sha256 {sha[:16]}", "10 classes", f"{run_id}, step 120",
+                 f"LoggedModel {done.model_id}", "eval/fd = 3.25", "eval/fd_at_4 = 2.5",
+                 f"python jobs/generate.py --model models:/{name}/1 --labels 0-9 --per-label 8 --out grid.png"):
+        assert part in text, part
+    assert model.tags["mlflow.note.content"] == text  # the LoggedModel page's description
+    described = client.get_registered_model(name).description
+    assert described.startswith(text) and registry.AUTO_DESCRIPTION + " 1" in described
+    # The command the description gives samples from this version, as written.
+    (command,) = [line for line in text.splitlines() if line.startswith("python jobs/generate.py")]
+    argv = command.split()[2:]
+    argv[argv.index("--out") + 1] = str(tmp_path / "grid.png")
+    assert _job("generate").main(argv) == 0 and (tmp_path / "grid.png").is_file()
+    # advflow's registered-model description follows the latest version; a person's is kept.
+    _log(_tiny(), name, step=130, tags=data)
+    assert f"models:/{name}/2 --labels" in client.get_registered_model(name).description
+    client.update_registered_model(name, description="Our digits generator.")
+    _log(_tiny(), name, step=140, tags=data)
+    assert client.get_registered_model(name).description == "Our digits generator."
+    assert f"models:/{name}/3 --labels" in client.get_model_version(name, "3").description
 
 
 @pytest.mark.integration
@@ -211,6 +248,11 @@ def test_log_generator_rejects_bad_input(mlflow_env):
     with pytest.raises(ValueError, match="source"):
         registry.log_generator(G, decoder=PIXEL, data_shape=SHAPE, num_classes=10, registered_name=None,
                                source="web")
+    with pytest.raises(ValueError, match=r"metrics: \['eval/fd'\] need a run.*run_id"):
+        registry.log_generator(G, decoder=PIXEL, data_shape=SHAPE, num_classes=10, registered_name=None,
+                               metrics={"eval/fd": 1.0})
+    with pytest.raises(ValueError, match="metrics: two keys become the MLflow metric name 'eval/fd_at_4'"):
+        _log(G, None, metrics={"eval/fd@4": 1.0, "eval/fd_at_4": 2.0})
 
 
 @pytest.mark.integration
@@ -296,11 +338,13 @@ def test_promote_explicit_and_by_metric(mlflow_env, capsys):
 
     promote = _job("promote")
     name = _name()
-    done = _log(_tiny(), name, metrics={"eval/fd": 5.0, "eval/acc": 0.1})  # version 1
-    for fd, acc in [(2.0, 0.7), (9.0, 0.3)]:  # versions 2 and 3 (same weights, other scores)
-        mlflow.register_model(done.model_uri, name, tags={"metric.eval/fd": str(fd), "metric.eval/acc": str(acc)})
-    mlflow.register_model(done.model_uri, name)  # version 4: no metrics, must be skipped
+    G = _tiny()
+    # Versions 1-3: one LoggedModel each (same weights, other scores); version 4: no metrics, skipped.
+    for fd, acc in [(5.0, 0.1), (2.0, 0.7), (9.0, 0.3)]:
+        _log(G, name, step=10, metrics={"eval/fd": fd, "eval/acc": acc, "eval/fd@4": 10 - fd})
+    _log(G, name)
     client = mlflow.MlflowClient()
+    client.set_model_version_tag(name, "4", "metric.eval/fd", "0.5")  # the old convention: no longer read
 
     assert promote.main(["--name", name, "--alias", "champion", "--version", "3"]) == 0
     assert f"{name}@champion: (unset) -> 3" in capsys.readouterr().out
@@ -313,16 +357,26 @@ def test_promote_explicit_and_by_metric(mlflow_env, capsys):
     got = promote.promote(name, "candidate", best_metric="eval/acc", mode="max")
     assert (got.old, got.new, got.value) == ("3", "2", 0.7)
     assert client.get_model_version_by_alias(name, "candidate").version == "2"
+    got = promote.promote(name, "candidate", best_metric="eval/fd@4", mode="min")  # read as eval/fd_at_4
+    assert (got.old, got.new, got.value) == ("2", "3", 1.0)
 
     with pytest.raises(promote.PromoteError, match=r"no version 7; existing versions: \[1, 2, 3, 4\]"):
         promote.promote(name, "champion", version=7)
-    with pytest.raises(promote.PromoteError, match=r"metric\.eval/is.*eval/acc"):
+    with pytest.raises(promote.PromoteError, match=r"--best-metric eval/is: no version's LoggedModel has a numeric "
+                       r"metric 'eval/is'; metrics present on versions: \['eval/acc', 'eval/fd', 'eval/fd_at_4'\]"):
         promote.promote(name, "champion", best_metric="eval/is")
     with pytest.raises(promote.PromoteError, match="not found"):
         promote.promote(name + "-nope", "champion", version=1)
     assert promote.main(["--name", name, "--alias", "champion", "--version", "9"]) == 2
     assert "no version 9" in capsys.readouterr().err
     assert client.get_model_version_by_alias(name, "champion").version == "2"  # untouched by failures
+    # A metric logged onto a version's LoggedModel the MLflow way (a later evaluation, say) counts too.
+    model_id = registry.logged_model_id(client.get_model_version(name, "4"))
+    mlflow.log_metrics({"eval/fd": 1.5}, model_id=model_id, run_id=client.get_logged_model(model_id).source_run_id)
+    assert promote.promote(name, "champion", best_metric="eval/fd").describe() == f"{name}@champion: 2 -> 4 (1.5)"
+    # A version whose LoggedModel was deleted has no metrics left: skipped (version 1 has the lowest eval/acc).
+    client.delete_logged_model(registry.logged_model_id(client.get_model_version(name, "1")))
+    assert promote.promote(name, "candidate", best_metric="eval/acc", mode="min").new == "3"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -484,9 +538,15 @@ def test_log_classifier_registers_a_pickle_free_model_that_loads_everywhere(mlfl
     run_id = mlflow.last_active_run().info.run_id
     monkeypatch.undo()
     assert done.version == "1" and done.registry_uri == f"models:/{name}/1"
-    mv = mlflow.MlflowClient().get_model_version(name, "1")
-    assert mv.tags == {"data.prefix": "s3://b/d", "metric.eval/acc_t0.00": "0.75", "run_id": run_id, "step": "40",
-                       "source": "train"}
+    client = mlflow.MlflowClient()
+    mv = client.get_model_version(name, "1")
+    assert mv.tags == {"data.prefix": "s3://b/d", "run_id": run_id, "step": "40", "source": "train"}
+    # No manifest digest in the tags: the metric is linked to the run, to no dataset.
+    metrics = mlflow.get_logged_model(done.model_id).metrics
+    assert [(m.key, m.value, m.step, m.run_id, m.dataset_name) for m in metrics] == [
+        ("eval/acc_t0.00", 0.75, 40, run_id, None)]
+    assert "classifier guidance (DiT tiny, 10 classes, t in [0, 0.9]) trained on s3://b/d" in mv.description
+    assert f"`guidance.classifier: models:/{name}/1`" in mv.description
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/1", dst_path=str(tmp_path / "dl")))
     files = [p for p in local.rglob("*") if p.is_file()]
     assert {"MLmodel", "weights.safetensors", "classifier.json", "input_example.json"} <= {p.name for p in files}
@@ -648,6 +708,7 @@ def test_register_checkpoint_pt_and_safetensors(mlflow_env, tmp_path, capsys):
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
         assert mv.tags["source"] == "import" and mv.tags["source_sha256"] == digest
         assert mv.tags["source_path"] == str(path)
+        assert mv.description.startswith(f"One-step generator (DiT tiny, K=1, R=1) imported from {path}.")
         run = client.get_run(mv.run_id)
         assert run.data.tags["source_sha256"] == digest
         assert client.get_experiment(run.info.experiment_id).name == "imports"

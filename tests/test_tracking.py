@@ -194,6 +194,7 @@ def test_end_to_end_registered_promoted_and_generated_from_the_registry(tracked_
     from mlflow.tracking import MlflowClient
     from safetensors.torch import load_file
 
+    from advflow.platform.tracking import registry
     from advflow.trainers.flow import generate
     from advflow.trainers.models import build_generator
 
@@ -202,12 +203,20 @@ def test_end_to_end_registered_promoted_and_generated_from_the_registry(tracked_
     assert client.get_metric_history(run_id, "eval/fd") and client.list_artifacts(run_id, "images")
     versions = sorted(client.search_model_versions(f"name = '{MODEL}'"), key=lambda v: int(v.version))
     assert [v.tags["step"] for v in versions] == ["6", "12"]
+    run_tags = client.get_run(run_id).data.tags
+    fd = {}  # version -> its LoggedModel's eval/fd (the evaluation results are no version tags)
     for v in versions:
         assert v.run_id == run_id and v.tags["run_id"] == run_id
-        assert float(v.tags["metric.eval/fd"]) == pytest.approx(
-            [m.value for m in client.get_metric_history(run_id, "eval/fd") if m.step == int(v.tags["step"])][0])
-        assert v.tags["data.manifest_sha256"] == client.get_run(run_id).data.tags["data.manifest_sha256"]
-    best = min(versions, key=lambda v: float(v.tags["metric.eval/fd"]))
+        assert not [t for t in v.tags if t.startswith("metric.")]
+        (m,) = [m for m in client.get_logged_model(registry.logged_model_id(v)).metrics if m.key == "eval/fd"]
+        history = client.get_metric_history(run_id, "eval/fd")
+        # The run's number at that step, linked to the run and to the run's dataset; logged once on the run.
+        assert [h.value for h in history if h.step == int(v.tags["step"])] == [m.value]
+        digest = run_tags["data.manifest_sha256"][:registry.DATASET_DIGEST_CHARS]
+        assert (m.step, m.run_id, m.dataset_digest) == (int(v.tags["step"]), run_id, digest)
+        assert v.tags["data.manifest_sha256"] == run_tags["data.manifest_sha256"]
+        fd[v.version] = m.value
+    best = min(versions, key=lambda v: fd[v.version])
 
     repo = Path(__file__).resolve().parents[1]
     env = {**__import__("os").environ}

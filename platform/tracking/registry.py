@@ -1,11 +1,16 @@
 """MLflow model registry for trained generators: log (safetensors pyfunc, no pickle), register, load.
 
-- `log_generator(G, ...)` logs the (EMA) generator as an MLflow LoggedModel of the pyfunc flavour
+- `log_generator(G, ...)` logs the (EMA) generator as an MLflow 3 LoggedModel of the pyfunc flavour
   with `loader_module="advflow.platform.tracking.model_format"` (format and decoder rules: that module's
   docstring), a signature (DataFrame `label`, `seed` (int64) -> uint8 (-1, H, W, C)), an input
-  example and explicit pip requirements; then, with `registered_name`, registers a version and tags
-  it: the caller's tags plus `run_id`, `step`, `source` (train | import) and one
-  `metric.<key>` tag per entry of `metrics` (the convention jobs/promote.py ranks versions by).
+  example and explicit pip requirements, under the run's experiment and as the run's output at
+  `step`. Its evaluation results (`metrics`) become the LoggedModel's metrics, linked to the run and
+  to the dataset the run's `data.*` tags name (`data_dataset`): what jobs/promote.py ranks versions
+  by and the MLflow UI shows on the model's page. With `registered_name` it registers a version,
+  tags it with what identifies the model (the caller's tags plus `run_id`, `step`, `source` (train |
+  import), `advflow.arch`). The LoggedModel, the version and the registered model get a description
+  (what it is, method, size, K, R, data, the command that samples from it: `generator_description`;
+  the registered model's only while no person has written their own).
   The serving environment needs advflow installed (it is the loader module; not on PyPI, so it is
   not in the pip requirements) and, for sd-vae decoders, diffusers.
 - `load_generator(uri)` resolves aliases to a fixed version, downloads the model, scans every file
@@ -13,10 +18,15 @@
   .images(...), .config, .source).
 - `log_classifier(C, ...)` logs the (EMA) time-conditioned classifier the same way (same loader
   module, classifier.json instead of generator.json; signature: tensors `x` float32 (-1, C, H, W)
-  and `t` float32 (-1,) -> float32 `logits` (-1, num_classes)), registers and tags it likewise.
+  and `t` float32 (-1,) -> float32 `logits` (-1, num_classes)), registers, tags and describes it likewise.
 - `load_classifier(ref, device)` returns the classifier module itself (eval mode, frozen) from a
   registry / run URI, a local registered-model folder or a classifier-job checkpoint, never
   unpickling anything: the AFM worker's entry point for classifier guidance.
+- `model_metrics(client, mv)`: the evaluation results of a registered version (its LoggedModel's
+  metrics, latest value per name).
+
+Metric names: MLflow refuses '@' in metric names, so a key such as `eval/fd@4` is stored as
+`eval/fd_at_4` (`metric_name`, the same mapping as the run's metrics: tracking.logger.mlflow_metric_key).
 """
 
 from __future__ import annotations
@@ -25,6 +35,8 @@ import json
 import math
 import os
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -37,11 +49,16 @@ from advflow.platform.tracking.artifact_scan import UnsafeArtifactError, scan_mo
 
 LOADER_MODULE = fmt.__name__  # "advflow.platform.tracking.model_format"
 REGISTRY_WAIT_S = 15  # OSS registries mark versions READY at once; do not block training for 5 min
-METRIC_TAG_PREFIX = "metric."
 SOURCES = ("train", "import")
 _REQUIREMENTS = ("torch", "safetensors", "numpy", "pandas")
 ARCH_TAG = "advflow.arch"
 """Version tag: the generator's architecture as JSON (size, kind, repeats, data_shape)."""
+DATASET_DIGEST_CHARS = 16
+"""The manifest sha256's first hex digits: an MLflow dataset digest holds at most 36 characters (the
+version tag `data.manifest_sha256` keeps the whole hash)."""
+AUTO_DESCRIPTION = "Written by advflow when version"
+"""How a registered model's description written by `_describe` ends: advflow rewrites such a
+description at each registration, and leaves any other (a person's) alone."""
 
 
 @dataclass(frozen=True)
@@ -59,29 +76,66 @@ class RegisteredGenerator:
         return f"models:/{self.name}/{self.version}" if self.version is not None else None
 
 
-def metric_tag(key: str) -> str:
-    """Version tag that carries metric `key` (e.g. "eval/fd" -> "metric.eval/fd"; "eval/fd@4" ->
-    "metric.eval/fd_at_4": tag names follow MLflow's metric-name rules)."""
+def metric_name(key: str) -> str:
+    """The LoggedModel (and run) metric name of evaluation result `key`: MLflow refuses '@', so
+    "eval/fd@4" -> "eval/fd_at_4"; "eval/fd" stays as it is."""
     from advflow.platform.tracking.logger import mlflow_metric_key
 
-    return METRIC_TAG_PREFIX + mlflow_metric_key(key)
+    return mlflow_metric_key(key)
 
 
-class _PyfuncWithoutServingCheck:
-    """mlflow.pyfunc as a flavour for `Model.log`, minus the serving-input validation.
+def data_dataset(tags: dict[str, str]):
+    """The dataset a model was trained and evaluated on, as an MLflow dataset entity built from the
+    run's data tags (`data.prefix` from the spec, `data.manifest_uri` / `data.manifest_sha256` from
+    data.shards.dataset_tags): name = the data prefix, digest = the manifest's sha256 (first
+    DATASET_DIGEST_CHARS hex digits), source = the manifest's URI. None when the tags hold no
+    manifest digest (an imported checkpoint, or a manifest the driver could not read): the metrics
+    are then linked to the run only."""
+    from urllib.parse import urlparse
 
-    That validation loads the logged model and runs predict on the input example: on rank 0 in the
-    middle of training it would build a second copy of G (and load the VAE) every time a model is
-    logged. The example is checked by the tests instead. pyfunc.save_model rejects unknown keyword
-    arguments, hence this shim that takes the flag off before forwarding."""
+    from mlflow.entities import Dataset
 
-    __name__ = "mlflow.pyfunc"
+    digest = tags.get("data.manifest_sha256")
+    if not digest:
+        return None
+    uri = tags.get("data.manifest_uri") or tags.get("data.prefix") or ""
+    scheme = urlparse(uri).scheme
+    # source_type as MLflow's own file-system sources name theirs: the URI scheme, "local" for paths.
+    return Dataset(name=tags.get("data.prefix") or uri or digest[:DATASET_DIGEST_CHARS],
+                   digest=digest[:DATASET_DIGEST_CHARS], source_type=scheme if scheme not in ("", "file") else "local",
+                   source=json.dumps({"uri": uri}))
 
-    @staticmethod
-    def save_model(*, validate_serving_input: bool = False, **kwargs):
-        import mlflow.pyfunc
 
-        return mlflow.pyfunc.save_model(**kwargs)
+def logged_model_id(mv) -> str | None:
+    """The LoggedModel behind registered version `mv`: its source models:/<model_id> (the REST
+    client leaves ModelVersion.model_id empty in MLflow 3.x); None for a version registered from
+    something else (runs:/..., a path)."""
+    source = mv.source or ""
+    if source.startswith("models:/m-") and "/" not in source[len("models:/"):]:
+        return source[len("models:/"):]
+    return getattr(mv, "model_id", None)
+
+
+def model_metrics(client, mv) -> dict[str, float]:
+    """Registered version `mv`'s evaluation results: its LoggedModel's metrics, the latest (step,
+    timestamp) value per metric name (NaN where none is stored); {} when it has no LoggedModel (or
+    that was deleted) or no metrics."""
+    from mlflow.exceptions import MlflowException
+
+    model_id = logged_model_id(mv)
+    if model_id is None:
+        return {}
+    try:
+        model = client.get_logged_model(model_id)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        return {}
+    latest: dict[str, Any] = {}
+    for m in model.metrics or []:
+        if m.key not in latest or (m.step, m.timestamp) >= (latest[m.key].step, latest[m.key].timestamp):
+            latest[m.key] = m
+    return {k: math.nan if m.value is None else float(m.value) for k, m in latest.items()}
 
 
 def _pip_requirements(decoder: dict[str, Any]) -> list[str]:
@@ -116,17 +170,27 @@ def _input_example(num_classes: int):
     return pd.DataFrame({"label": [0, min(1, num_classes - 1)], "seed": [0, 1]}, dtype="int64")
 
 
-def _check_tags(tags: dict[str, str] | None, metrics: dict[str, float] | None) -> dict[str, str]:
+def _check_tags(tags: dict[str, str] | None) -> dict[str, str]:
     out: dict[str, str] = {}
     for k, v in (tags or {}).items():
         if not isinstance(k, str) or not k:
             raise ValueError(f"tags: key {k!r} must be a non-empty string")
         out[k] = str(v)
+    return out
+
+
+def _check_metrics(metrics: dict[str, float] | None) -> dict[str, float]:
+    """`metrics` under their MLflow names (metric_name), all finite."""
+    out: dict[str, float] = {}
     for k, v in (metrics or {}).items():
         value = float(v)
         if not math.isfinite(value):
             raise ValueError(f"metrics: {k}={v!r} is not finite; log only finite evaluation results")
-        out[metric_tag(k)] = repr(value)
+        name = metric_name(k)
+        if name in out:
+            raise ValueError(f"metrics: two keys become the MLflow metric name {name!r} ('@' is logged as "
+                             f"'_at_'); rename {k!r}")
+        out[name] = value
     return out
 
 
@@ -148,8 +212,10 @@ def log_generator(
 
     decoder: the dataset manifest's `encoder` dict. data_shape: (C, H, W) of the generator's samples.
     run_id: the run to attach the model to (default: the active run, if any). metrics: evaluation
-    results written as `metric.<key>` version tags (jobs/promote.py --best-metric reads them).
-    source: "train" (the training loop) or "import" (jobs/register_checkpoint.py).
+    results, logged as the LoggedModel's metrics (names: `metric_name`) at `step`, linked to the run
+    and to the dataset of the `data.*` tags (`data_dataset`); jobs/promote.py --best-metric reads
+    them. They need a run. tags: version and LoggedModel tags (Registration passes the run's data
+    tags and `method`). source: "train" (the training loop) or "import" (jobs/register_checkpoint.py).
     """
     if source not in SOURCES:
         raise ValueError(f"source: {source!r} unknown; use one of {list(SOURCES)}")
@@ -159,58 +225,214 @@ def log_generator(
                          "pass the plain (EMA) module, not a DeepSpeed/DDP wrapper")
     spec = fmt.GeneratorSpec(generator=dict(config), decoder=dict(decoder), data_shape=tuple(data_shape),
                              num_classes=int(num_classes))
-    run_id, version_tags = _version_tags(tags, metrics, run_id, step, source)
+    run_id, version_tags = _version_tags(tags, run_id, step, source)
+    values = _metrics_for_run(metrics, run_id)
     version_tags[ARCH_TAG] = json.dumps(architecture(spec))  # what architecture_change compares
+    n_params = sum(p.numel() for p in generator.parameters())
 
     with tempfile.TemporaryDirectory(prefix="advflow-model-") as tmp:
         data_dir = fmt.write_model_data(generator, spec, Path(tmp) / "generator")
-        return _log_and_register(
+        model_id = _log_model(
             data_dir, name=name, signature=_signature(spec), input_example=_input_example(spec.num_classes),
             pip_requirements=_pip_requirements(spec.decoder),
             metadata={"advflow_format": fmt.FORMAT, "advflow_format_version": fmt.FORMAT_VERSION},
-            run_id=run_id, step=step, version_tags=version_tags, registered_name=registered_name)
+            run_id=run_id, step=step, tags=version_tags)
+    dataset = data_dataset(version_tags)
+    _log_model_metrics(model_id, values, run_id=run_id, step=step, dataset=dataset)
+    return _register(model_id, registered_name, version_tags, lambda uri: generator_description(
+        spec, n_params=n_params, tags=version_tags, uri=uri, model_id=model_id, dataset=dataset, metrics=values))
 
 
-def _log_and_register(data_dir: Path, *, name: str, signature, input_example, pip_requirements: list[str],
-                      metadata: dict[str, Any], run_id: str | None, step: int | None, version_tags: dict[str, str],
-                      registered_name: str | None, in_run_experiment: bool = False) -> RegisteredGenerator:
-    """Log `data_dir` as a pyfunc model with advflow's loader module (no code paths); register it.
+def _log_model(data_dir: Path, *, name: str, signature, input_example, pip_requirements: list[str],
+               metadata: dict[str, Any], run_id: str | None, step: int | None, tags: dict[str, str]) -> str:
+    """Log `data_dir` as a pyfunc LoggedModel with advflow's loader module (no code paths); its model_id.
 
-    in_run_experiment: file the LoggedModel under `run_id`'s experiment. Without an active run MLflow
-    files it under the process's active experiment, which in a training worker is the Default one,
-    so `runs:/RUN_ID/NAME` (resolved within the run's experiment) would not find it."""
+    MLflow's Model.log, step by step (initialize_logged_model, pyfunc.save_model, log_model_artifacts,
+    log_outputs, finalize_logged_model), for what Model.log would do otherwise:
+    - it files the LoggedModel under the process's active experiment, in a training worker the
+      Default one, where `runs:/RUN_ID/NAME` (resolved within the run's experiment) does not look;
+      here it goes under the run's experiment;
+    - it validates the serving input by loading the model and predicting the input example: on rank 0
+      in the middle of training, a second copy of G (and the VAE) at every registration (the tests
+      check the example instead);
+    - it copies every run metric logged at `step` onto the model, with the run's timestamps and no
+      dataset; `_log_model_metrics` logs the evaluation results with their dataset instead, and MLflow
+      refuses a second LoggedModel metric of the same name, step and timestamp."""
     import mlflow
+    import mlflow.pyfunc
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
     from mlflow.models import Model
 
-    model_id = None
-    if in_run_experiment and run_id is not None and mlflow.active_run() is None:
-        run = mlflow.MlflowClient().get_run(run_id)
-        model_id = mlflow.initialize_logged_model(
-            name=name, source_run_id=run_id, experiment_id=run.info.experiment_id, tags=version_tags,
-            params={k: str(v) for k, v in run.data.params.items()}).model_id
-    info = Model.log(
-        artifact_path=None,
-        name=name,
-        flavor=_PyfuncWithoutServingCheck,
-        flavor_name="pyfunc",
-        loader_module=LOADER_MODULE,
-        data_path=str(data_dir),
-        signature=signature,
-        input_example=input_example,
-        pip_requirements=pip_requirements,
-        metadata=metadata,
-        run_id=run_id,
-        step=int(step or 0),
-        tags=version_tags,
-        **({"model_id": model_id} if model_id else {}),
-    )
+    client = mlflow.MlflowClient()
+    run = client.get_run(run_id) if run_id is not None else None
+    model = mlflow.initialize_logged_model(
+        name=name, source_run_id=run_id, tags=tags, experiment_id=run.info.experiment_id if run else None,
+        params={k: str(v) for k, v in run.data.params.items()} if run else None)  # as Model.log: the run's params
+    try:
+        with tempfile.TemporaryDirectory(prefix="advflow-mlmodel-") as tmp:
+            local = Path(tmp) / "model"
+            mlflow_model = Model(artifact_path=model.artifact_location, model_uuid=model.model_id, run_id=run_id,
+                                 metadata=metadata, model_id=model.model_id)
+            mlflow.pyfunc.save_model(path=str(local), loader_module=LOADER_MODULE, data_path=str(data_dir),
+                                     mlflow_model=mlflow_model, signature=signature, input_example=input_example,
+                                     pip_requirements=pip_requirements)
+            client.log_model_artifacts(model.model_id, str(local))
+        if run_id is not None:
+            client.log_outputs(run_id, models=[LoggedModelOutput(model.model_id, step=int(step or 0))])
+    except BaseException:
+        client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+        raise
+    client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+    return model.model_id
+
+
+def _metrics_for_run(metrics: dict[str, float] | None, run_id: str | None) -> dict[str, float]:
+    """`metrics` checked (finite, MLflow names), before anything is logged."""
+    values = _check_metrics(metrics)
+    if values and run_id is None:
+        raise ValueError(f"metrics: {sorted(values)} need a run (MLflow logs a LoggedModel's metrics within "
+                         "one); pass run_id or call inside mlflow.start_run()")
+    return values
+
+
+def _log_model_metrics(model_id: str, metrics: dict[str, float], *, run_id: str | None, step: int | None,
+                       dataset) -> None:
+    """Log `metrics` as metrics of LoggedModel `model_id` at `step`, linked to `run_id` and `dataset`
+    (mlflow.log_metrics with model_id, run_id and dataset; the dataset also becomes a run input).
+
+    MLflow writes a LoggedModel's metric into its run's history too. The run mostly holds the number
+    at this step already (the Evaluation callback logged it before registration): logging it with
+    that entry's timestamp lets MLflow skip the copy as a duplicate, so the run's history (the
+    curves of reports) shows each evaluation once."""
+    if not metrics:
+        return
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    step = int(step or 0)
+    now = int(time.time() * 1000)
+    by_time: dict[int, dict[str, float]] = {}
+    for key, value in metrics.items():
+        ts = next((m.timestamp for m in client.get_metric_history(run_id, key) if m.step == step and m.value == value),
+                  now)
+        by_time.setdefault(ts, {})[key] = value
+    for ts, group in sorted(by_time.items()):
+        mlflow.log_metrics(group, step=step, run_id=run_id, timestamp=ts, model_id=model_id, dataset=dataset,
+                           synchronous=True)
+
+
+def _register(model_id: str, registered_name: str | None, version_tags: dict[str, str],
+              description: Callable[[str], str]) -> RegisteredGenerator:
+    """Register LoggedModel `model_id` as a version of `registered_name` (None: do not) with the
+    version tags, then describe the LoggedModel, the version and the registered model:
+    `description(uri)`, uri = models:/NAME/VERSION (models:/<model_id> when not registered)."""
+    import mlflow
+    from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
+
+    client = mlflow.MlflowClient()
+    uri = f"models:/{model_id}"
     version = None
     if registered_name:
-        mv = mlflow.register_model(info.model_uri, registered_name, await_registration_for=REGISTRY_WAIT_S,
-                                   tags=version_tags)
+        mv = mlflow.register_model(uri, registered_name, await_registration_for=REGISTRY_WAIT_S, tags=version_tags)
         version = str(mv.version)
-    return RegisteredGenerator(model_uri=info.model_uri, model_id=info.model_id, version=version,
-                               name=registered_name)
+    text = description(f"models:/{registered_name}/{version}" if version else uri)
+    # The LoggedModel's page is the one that shows its metrics; MLflow's UI shows this tag there as its
+    # description.
+    client.set_logged_model_tags(model_id, {MLFLOW_RUN_NOTE: text})
+    if version:
+        _describe(client, registered_name, version, text)
+    return RegisteredGenerator(model_uri=uri, model_id=model_id, version=version, name=registered_name)
+
+
+def _describe(client, name: str, version: str, text: str) -> None:
+    """`text` as the version's description, and as the registered model's unless a person wrote that
+    one (advflow's own ends with AUTO_DESCRIPTION, and follows the latest version)."""
+    client.update_model_version(name, version, description=text)
+    current = client.get_registered_model(name).description or ""
+    if not current.strip() or AUTO_DESCRIPTION in current:
+        client.update_registered_model(name, description=f"{text}\n\n*{AUTO_DESCRIPTION} {version} was registered; "
+                                       "it follows the latest version until someone writes their own here.*")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Descriptions
+# ----------------------------------------------------------------------------------------------------
+
+_KIND_WORDS = {"1nfe": "one-step", "multistep": "{nfe}-step", "anystep": "any-step"}
+
+
+def generator_description(spec: fmt.GeneratorSpec, *, n_params: int, tags: dict[str, str], uri: str,
+                          model_id: str, dataset=None, metrics: dict[str, float] | None = None) -> str:
+    """Markdown for a registered generator version: what it is, its method, size, K, R, data, run and
+    evaluation, and the jobs/generate.py command that samples from `uri` (models:/NAME/VERSION)."""
+    g = spec.generator
+    kind, nfe, repeats = g.get("kind", "1nfe"), g.get("nfe", 1), g.get("repeats", 1)
+    method = tags.get("method")
+    what = (f"{method.upper() + ' ' if method else ''}{_KIND_WORDS.get(kind, kind).format(nfe=nfe)} generator "
+            f"(DiT {g.get('name')}, K={nfe}, R={repeats}) {_origin(tags)}")
+    c, h, w = spec.data_shape
+    lines = [
+        f"{what[0].upper()}{what[1:]}.",  # "One-step generator ..." when no method is recorded (imports)
+        "",
+        f"- **Method**: {method or 'not recorded'} (generator kind {kind})",
+        f"- **Size**: {g.get('name')}, {n_params:,} parameters",
+        f"- **K** (sampling steps, nfe): {nfe}",
+        f"- **R** (depth repetition): {repeats}",
+        f"- **Data**: {_data_line(tags)}; {spec.num_classes} classes; samples {c}x{h}x{w}, "
+        f"decoder {spec.decoder.get('name')}",
+        *_run_lines(tags, model_id, dataset, metrics),
+        "",
+        "Sample from it:",
+        "",
+        "```",
+        f"python jobs/generate.py --model {uri} --labels 0-{min(spec.num_classes, 10) - 1} --per-label 8 "
+        "--out grid.png",
+        "```",
+    ]
+    return "\n".join(lines)
+
+
+def classifier_description(spec: fmt.ClassifierSpec, *, n_params: int, tags: dict[str, str], uri: str,
+                           model_id: str, dataset=None, metrics: dict[str, float] | None = None) -> str:
+    """Markdown for a registered classifier version: what it is, size, data, run, evaluation, and how
+    classifier guidance loads it from `uri`."""
+    size = spec.classifier.get("name")
+    lo, hi = spec.t_range
+    c, h, w = spec.data_shape
+    return "\n".join([
+        f"Time-conditioned classifier for classifier guidance (DiT {size}, {spec.num_classes} classes, "
+        f"t in [{lo:g}, {hi:g}]) {_origin(tags)}.",
+        "",
+        f"- **Size**: {size}, {n_params:,} parameters",
+        f"- **Data**: {_data_line(tags)}; inputs {c}x{h}x{w} latents (encoder {spec.encoder.get('name', 'pixel')})",
+        *_run_lines(tags, model_id, dataset, metrics),
+        "",
+        f"Guide a generator's training with it: `guidance.classifier: {uri}` in the run config.",
+    ])
+
+
+def _origin(tags: dict[str, str]) -> str:
+    if tags.get("data.prefix"):
+        return f"trained on {tags['data.prefix']}"
+    if tags.get("source") == "import":
+        return f"imported from {tags.get('source_path', 'a checkpoint')}"
+    return "(data not recorded)"
+
+
+def _data_line(tags: dict[str, str]) -> str:
+    if tags.get("data.manifest_sha256"):
+        return (f"{tags.get('data.prefix', '-')} (manifest {tags.get('data.manifest_uri', '-')}, "
+                f"sha256 {tags['data.manifest_sha256'][:DATASET_DIGEST_CHARS]}...)")
+    return tags.get("data.prefix") or "not recorded"
+
+
+def _run_lines(tags: dict[str, str], model_id: str, dataset, metrics: dict[str, float] | None) -> list[str]:
+    lines = [f"- **Run**: {tags.get('run_id', 'none')}, step {tags.get('step', 'none')} ({tags.get('source')})"]
+    if metrics:
+        on = f", dataset {dataset.name} (digest {dataset.digest})" if dataset is not None else ""
+        lines.append(f"- **Evaluation**: the metrics of LoggedModel {model_id}{on}: "
+                     + ", ".join(f"{k} = {v:.6g}" for k, v in sorted(metrics.items())))
+    return lines
 
 
 def architecture(spec: fmt.GeneratorSpec) -> dict[str, Any]:
@@ -296,8 +518,8 @@ def log_classifier(
 
     data_shape: (C, H, W) of the latents it classifies. encoder: the dataset manifest's encoder record
     (the latent space of its inputs). t_range: the flow times it was trained on. run_id, step,
-    metrics (`metric.<key>` version tags), tags, source: as for `log_generator`. Returns the same
-    record as `log_generator` (model_uri, model_id, version, name)."""
+    metrics (LoggedModel metrics linked to the run and the data), tags, source: as for `log_generator`.
+    Returns the same record as `log_generator` (model_uri, model_id, version, name)."""
     if source not in SOURCES:
         raise ValueError(f"source: {source!r} unknown; use one of {list(SOURCES)}")
     config = getattr(classifier, "config", None)
@@ -306,21 +528,28 @@ def log_classifier(
                          "pass the plain (EMA) module, not a DeepSpeed/DDP wrapper")
     spec = fmt.ClassifierSpec(classifier=dict(config), data_shape=tuple(data_shape), num_classes=int(num_classes),
                               encoder=dict(encoder or {}), t_range=tuple(t_range))
-    run_id, version_tags = _version_tags(tags, metrics, run_id, step, source)
+    run_id, version_tags = _version_tags(tags, run_id, step, source)
+    values = _metrics_for_run(metrics, run_id)
+    n_params = sum(p.numel() for p in classifier.parameters())
     with tempfile.TemporaryDirectory(prefix="advflow-model-") as tmp:
         data_dir = fmt.write_classifier_data(classifier, spec, Path(tmp) / "classifier")
-        return _log_and_register(
+        model_id = _log_model(
             data_dir, name=name, signature=_classifier_signature(spec), input_example=_classifier_input_example(spec),
             pip_requirements=_pinned(list(_CLASSIFIER_REQUIREMENTS)),
             metadata={"advflow_format": fmt.CLASSIFIER_FORMAT, "advflow_format_version": fmt.CLASSIFIER_FORMAT_VERSION},
-            run_id=run_id, step=step, version_tags=version_tags, registered_name=registered_name,
-            in_run_experiment=True)
+            run_id=run_id, step=step, tags=version_tags)
+    dataset = data_dataset(version_tags)
+    _log_model_metrics(model_id, values, run_id=run_id, step=step, dataset=dataset)
+    return _register(model_id, registered_name, version_tags, lambda uri: classifier_description(
+        spec, n_params=n_params, tags=version_tags, uri=uri, model_id=model_id, dataset=dataset, metrics=values))
 
 
-def _version_tags(tags, metrics, run_id, step, source) -> tuple[str | None, dict[str, str]]:
+def _version_tags(tags, run_id, step, source) -> tuple[str | None, dict[str, str]]:
+    """(run_id, default: the active run's; the tags that identify the model: the caller's plus
+    run_id, step and source)."""
     import mlflow
 
-    extra = _check_tags(tags, metrics)
+    extra = _check_tags(tags)
     if run_id is None and mlflow.active_run() is not None:
         run_id = mlflow.active_run().info.run_id
     return run_id, {**extra, "run_id": run_id or "none", "step": "none" if step is None else str(int(step)),

@@ -208,7 +208,8 @@ class Evaluation:
 
 class Registration:
     """Log and register the EMA model (pickle-free, in the method's format: `register`) with this
-    checkpoint's eval metrics and the run's data tags."""
+    checkpoint's eval metrics (the LoggedModel's metrics, linked to the run and to the dataset the
+    data tags name) and the run's data tags (version tags)."""
 
     def __init__(self, register: Callable[..., Any], logger, name: str, data_prefix: str, cadence: Cadence):
         self.register, self.logger, self.name, self.prefix, self.cadence = register, logger, name, data_prefix, cadence

@@ -45,7 +45,8 @@ class GeneratorMethod:
         from advflow.platform.tracking import registry  # MLflow: only where a model is logged
 
         s = self.samples
-        # log_generator adds run_id, step and one `metric.<key>` tag per evaluation result.
+        # log_generator tags the version (run_id, step, the data tags, method), logs the evaluation results
+        # as the LoggedModel's metrics (linked to the run and the data) and describes the version.
         return registry.log_generator(model, decoder=s.encoder, data_shape=s.data_shape, num_classes=s.num_classes,
                                       registered_name=name, tags={**tags, "method": self.env.spec.model.method},
                                       step=step, run_id=run_id, metrics=metrics)
