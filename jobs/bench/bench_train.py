@@ -21,6 +21,8 @@
    (fm_loss + backward) of the same multistep generator, plus the 1NFE case, fused and unfused D,
    and one no-grad G forward as the unit. Reps are interleaved across the variants so machine load
    hits them alike; medians of CPU time give the ratios. Paper: 14.5 vs 3 units (4.83x); goal <= 4.0x.
+4. live: the digits demo on Ray with the live-metrics export (tracking.live_metrics) on and off,
+   alternated; samples/s of each, and the export's own cost per window. Goal: under 1 % slower.
 3. demo: the digits demo (jobs/configs/digits_tiny.yaml, data prefix replaced, --demo-steps) on
    Ray; the loop's reported per-step breakdown (data wait, D step, G step, checkpoint, total) of
    rank 0 and the wall time the driver saw. Goal: data wait < 2 % of the step.
@@ -547,12 +549,68 @@ def part_demo(args, prefix: str, work: str) -> tuple[str, dict]:
     return text, {"rows": rows, "raw": res}
 
 
+# ----------------------------------------------------------------------------- part 4: live metrics
+
+
+def part_live(args, prefix: str, work: str) -> tuple[str, dict]:
+    """The demo on Ray with the live export on and off (tracking.live_metrics), alternated
+    --live-pairs times so machine load hits both alike: samples/s of the steady windows. Plus the
+    export's own cost: LiveMetrics.window on a real AFM row in this Ray-connected process, against
+    the window's wall time."""
+    from advflow.platform.config import RunSpec
+    from advflow.platform.tracking.live import LiveMetrics
+    from advflow.platform.train.methods.afm import AFMStep
+    from advflow.platform.train.ray_launch import ensure_ray
+
+    ensure_ray(args.ray_address)
+    rate: dict[bool, list[float]] = {True: [], False: []}
+    last_row: dict = {}
+    for pair in range(args.live_pairs):
+        for on in (True, False) if pair % 2 == 0 else (False, True):
+            raw = demo_dict(prefix)
+            raw["run"].update(name=f"live-{int(on)}-{pair}", storage_path=f"{work}/runs")
+            # A report per window (Ray Train's reports are the checkpoints): log_every = checkpoint_every,
+            # so each report's time/total spans the whole window it closes (the save is not in it).
+            raw["train"].update(steps=args.demo_steps, log_every=args.live_window, checkpoint_every=args.live_window)
+            raw["eval"]["every"] = args.demo_steps
+            raw["tracking"].update(live_metrics=on)
+            spec = RunSpec.from_dict(raw)
+            res = ray_fit(spec, f"{work}/live-{int(on)}-{pair}.jsonl")
+            s = steady(res["reports"], drop_ckpt=True)
+            rate[on].append(s["steps"] * spec.train.global_batch / s["total"])
+            last_row = next((r for r in reversed(res["reports"]) if "d_loss" in r), last_row)
+            log(f"live export {'on ' if on else 'off'} (pair {pair}): {rate[on][-1]:.1f} samples/s")
+    row = {k: float(v) for k, v in last_row.items() if isinstance(v, (int, float)) and not k.startswith(("_", "time/"))}
+    row["step"] = 1
+    names = AFMStep.names
+    exporter = LiveMetrics("bench", "afm", 0, losses=names.losses, grads=names.grads, logits=names.logits)
+    n = 2000
+    t0 = time.perf_counter()
+    for _ in range(n):
+        exporter.window([row], {"samples_per_s": 1.0}, 1.0, 0.1)
+    per_window = (time.perf_counter() - t0) / n
+    on, off = statistics.median(rate[True]), statistics.median(rate[False])
+    demo_train = yaml.safe_load(DEMO_CONFIG.read_text())["train"]  # the demo's own window
+    window_s = demo_train["log_every"] * demo_train["global_batch"] / off if off else float("nan")
+    rows = [["export on (median samples/s)", on, " ".join(f"{x:.1f}" for x in rate[True])],
+            ["export off (median samples/s)", off, " ".join(f"{x:.1f}" for x in rate[False])],
+            ["on / off", on / off, ""],
+            [f"export cost per window ({len(row)} series, ms)", per_window * 1e3, ""],
+            ["export cost / window wall time (%)", 100 * per_window / window_s, ""]]
+    text = table(f"4. Live metrics export, digits demo on Ray ({args.demo_steps} steps, {args.live_pairs} pair(s) "
+                 "alternated)", ["figure", "value", "runs"], rows)
+    text += ("\nGoal: under 1% slower. The direct cost (rank 0 sets every series of a window once) is the "
+             "figure to trust on a shared CPU; the on/off ratio of whole runs carries the machine's noise.")
+    return text, {"rows": rows, "rate": {str(k): v for k, v in rate.items()}, "per_window_s": per_window}
+
+
 # ----------------------------------------------------------------------------- main
 
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parts", default="overhead,cost,demo", help="comma list of overhead, cost, demo")
+    p.add_argument("--parts", default="overhead,cost,demo",
+                   help="comma list of overhead, cost, demo, live (the live-metrics export on/off)")
     p.add_argument("--data", help="existing digits dataset prefix (default: make one in a temp dir)")
     p.add_argument("--work", help="scratch directory (default: a new temp dir)")
     p.add_argument("--threads", type=int, default=1, help="torch threads in this process (workers use 1)")
@@ -575,6 +633,9 @@ def parse(argv=None):
     g.add_argument("--cost-channels", type=int, default=4)
     g.add_argument("--cost-classes", type=int, default=10)
     g.add_argument("--cost-reps", type=int, default=3)
+    g = p.add_argument_group("4. live (parts=live)")
+    g.add_argument("--live-pairs", type=int, default=2, help="demo runs with the export on and off, each")
+    g.add_argument("--live-window", type=int, default=50, help="steps per window and report in these runs")
     g = p.add_argument_group("3. demo")
     g.add_argument("--demo-steps", type=int, default=300)
     g.add_argument("--demo-workers", type=int, default=0, help="override the config's workers (0: keep)")
@@ -582,9 +643,9 @@ def parse(argv=None):
     args = p.parse_args(argv)
     args.parts = [x.strip() for x in args.parts.split(",") if x.strip()]
     args.modes = [x.strip() for x in args.modes.split(",") if x.strip()]
-    bad = set(args.parts) - {"overhead", "cost", "demo"}
+    bad = set(args.parts) - {"overhead", "cost", "demo", "live"}
     if bad:
-        p.error(f"--parts: unknown {sorted(bad)}; use overhead, cost, demo")
+        p.error(f"--parts: unknown {sorted(bad)}; use overhead, cost, demo, live")
     if not 0 < args.short_steps < args.steps:
         p.error("--short-steps must be in (0, --steps)")
     if args.short_steps <= args.window:
@@ -606,7 +667,7 @@ def main(argv=None) -> int:
     Path(work).mkdir(parents=True, exist_ok=True)
     log(f"scratch: {work}")
     prefix = args.data
-    if ("overhead" in args.parts or "demo" in args.parts) and not prefix:
+    if {"overhead", "demo", "live"} & set(args.parts) and not prefix:
         prefix = make_digits(f"{work}/digits")
     texts, figures = [], {}
     t0 = time.perf_counter()
@@ -620,6 +681,10 @@ def main(argv=None) -> int:
         print(text + "\n", flush=True)
     if "demo" in args.parts:
         text, figures["demo"] = part_demo(args, prefix, work)
+        texts.append(text)
+        print(text + "\n", flush=True)
+    if "live" in args.parts:
+        text, figures["live"] = part_live(args, prefix, work)
         texts.append(text)
         print(text + "\n", flush=True)
     print("=" * 100 + "\nSUMMARY (one run, " + f"{time.perf_counter() - t0:.0f}s)\n" + "\n\n".join(texts), flush=True)
