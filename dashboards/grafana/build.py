@@ -251,8 +251,8 @@ def train_dashboard() -> dash_b.Dashboard:
                                   [target("ray_node_gram_used * 1024 * 1024",
                                           "{{instance}} GPU {{GpuIndex}}")], "bytes", span=8, min_val=0))
            .with_panel(timeseries(L, "GPU memory used (share)", f"ray_node_gram_used / (used + available): {node}",
-                                  [target(f"(ray_node_gram_used / (ray_node_gram_used + ray_node_gram_available)) "
-                                          f"", "{{instance}} GPU {{GpuIndex}}")],
+                                  [target("ray_node_gram_used / (ray_node_gram_used + ray_node_gram_available)",
+                                          "{{instance}} GPU {{GpuIndex}}")],
                                   "percentunit", span=8, min_val=0, max_val=1)))
     return d.with_row(gpu)
 
