@@ -382,3 +382,22 @@ def test_a_two_worker_job_is_scraped_and_its_last_values_are_its_last_mlflow_row
     again = _advflow(*live_stack["up"])
     assert again.returncode == 0, again.stdout + again.stderr
     assert last_value(prom, "ray_advflow_train_step", **base) == 24
+
+
+def test_the_no_ray_launcher_connects_only_where_a_cluster_is_named(monkeypatch):
+    import ray
+
+    calls = []
+    monkeypatch.setattr(live, "_ray_connected", lambda: False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    assert live.connect_for_metrics() is False and calls == []  # no cluster named: no export, no Ray started
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:26379")
+    assert live.connect_for_metrics() is True
+    assert calls[-1]["address"] == "127.0.0.1:26379"
+
+    def refuse(**kw):
+        raise ConnectionError("nothing listens")
+
+    monkeypatch.setattr(ray, "init", refuse)
+    assert live.connect_for_metrics() is False  # a run without its live metrics still trains
