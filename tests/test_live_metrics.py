@@ -391,10 +391,21 @@ def test_the_no_ray_launcher_connects_only_where_a_cluster_is_named(monkeypatch)
     monkeypatch.setattr(live, "_ray_connected", lambda: False)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    from advflow.platform.train import connect
+
+    probed = []
+    monkeypatch.setattr(connect, "wait_reachable", lambda address, source, timeout_s: probed.append(timeout_s))
     assert live.connect_for_metrics() is False and calls == []  # no cluster named: no export, no Ray started
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:26379")
     assert live.connect_for_metrics() is True
-    assert calls[-1]["address"] == "127.0.0.1:26379"
+    assert calls[-1]["address"] == "127.0.0.1:26379" and probed == [2.0]  # probed briefly first
+
+    def unreachable(address, source, timeout_s):
+        raise connect.RayUnreachable(f"{source}={address}: no Ray cluster answers")
+
+    monkeypatch.setattr(connect, "wait_reachable", unreachable)
+    assert live.connect_for_metrics() is False and len(calls) == 1  # a stopped stack: no ray.init at all
+    monkeypatch.setattr(connect, "wait_reachable", lambda address, source, timeout_s: None)
 
     def refuse(**kw):
         raise ConnectionError("nothing listens")

@@ -146,6 +146,10 @@ def connect_for_metrics() -> bool:
     try:
         import ray
 
+        from advflow.platform.train.connect import wait_reachable
+
+        # A stale RAY_ADDRESS (a stopped stack) must not hold the ranks in ray.init's own retries.
+        wait_reachable(address, "RAY_ADDRESS", timeout_s=2.0)
         ray.init(address=address, log_to_driver=False, namespace="advflow-live-metrics",
                  logging_level="WARNING", configure_logging=False)
         return True
