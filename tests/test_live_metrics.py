@@ -276,7 +276,7 @@ def live_stack(tmp_path_factory):
 
 @pytest.mark.timeout(1200)
 @pytest.mark.integration
-def test_a_two_worker_job_is_scraped_and_its_last_values_are_its_last_mlflow_rows(live_stack):
+def test_a_two_worker_job_is_scraped_and_its_last_values_are_its_last_mlflow_rows(live_stack, monkeypatch):
     env, exports = live_stack["env"], live_stack["exports"]
     prom = exports["ADVFLOW_PROMETHEUS_URL"]
     status = _advflow("stack", "status", "--state-dir", str(live_stack["state"]))
@@ -298,7 +298,9 @@ def test_a_two_worker_job_is_scraped_and_its_last_values_are_its_last_mlflow_row
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(exports["MLFLOW_TRACKING_URI"])
-    os.environ.update({k: v for k, v in exports.items() if k.startswith("MLFLOW_TRACKING_")})
+    for key, value in exports.items():  # the stack's credential, for this test only (later tests have their own)
+        if key.startswith("MLFLOW_TRACKING_"):
+            monkeypatch.setenv(key, value)
     runs = client.search_runs([client.get_experiment_by_name("live").experiment_id],
                               filter_string=f"attributes.run_name = '{RUN}'")
     assert len(runs) == 1

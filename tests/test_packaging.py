@@ -50,8 +50,8 @@ def test_the_stack_extra_without_test_tools_installs_cleanly_and_starts_the_stac
         assert up.returncode == 0, up.stdout + up.stderr
         status = _run([advflow, "stack", "status", "--state-dir", str(state)], tmp_path, 60)
         assert status.returncode == 0, status.stdout + status.stderr
-        rows = [line.split()[:2] for line in status.stdout.splitlines()[1:] if line.strip()]
-        assert rows[:3] == [["s3", "healthy"], ["ray", "healthy"], ["mlflow", "healthy"]], status.stdout
+        rows = dict(line.split()[:2] for line in status.stdout.splitlines()[1:] if line.strip())
+        assert rows == {"s3": "healthy", "prometheus": "healthy", "ray": "healthy", "mlflow": "healthy"}, status.stdout
     finally:
         _run([advflow, "stack", "down", "--state-dir", str(state)], tmp_path, 180)
 

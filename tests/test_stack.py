@@ -278,7 +278,7 @@ def stack_env(stack):
 @pytest.mark.slow
 def test_up_starts_all_services_healthy(stack):
     out = stack["up"].stdout
-    for name in ("s3", "ray", "mlflow"):
+    for name in ("s3", "prometheus", "ray", "mlflow"):
         assert f"{name:<6} healthy after" in out
     status = _advflow(
         "stack", "status", "--state-dir", str(stack["state_dir"]), cwd=stack["root"], timeout=60
@@ -287,10 +287,12 @@ def test_up_starts_all_services_healthy(stack):
     lines = [line.split() for line in status.stdout.splitlines()[1:]]
     assert [(cols[0], cols[1]) for cols in lines] == [
         ("s3", "healthy"),
+        ("prometheus", "healthy"),
         ("ray", "healthy"),
         ("mlflow", "healthy"),
     ]
     ports = stack["ports"]
+    assert f"http://127.0.0.1:{ports['prometheus_port']}" in status.stdout  # its URL, as the issue asks
     assert f"http://127.0.0.1:{ports['ray_dashboard_port']}" in status.stdout
     assert f"http://127.0.0.1:{ports['mlflow_port']}" in status.stdout
 
@@ -702,7 +704,7 @@ def test_down_stops_everything_and_is_idempotent(stack):
 
     status = _advflow("stack", "status", "--state-dir", str(state_dir), cwd=root, timeout=60)
     assert status.returncode == 1
-    assert "healthy" not in status.stdout and status.stdout.count("down") == 3
+    assert "healthy" not in status.stdout and status.stdout.count("down") == 4
 
     again = _advflow("stack", "down", "--state-dir", str(state_dir), cwd=root, timeout=60)
     assert again.returncode == 0 and "not running" in again.stdout
