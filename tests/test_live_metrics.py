@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 
-from advflow.dashboards.grafana import build
 from advflow.platform.tracking import live
 from advflow.platform.tracking.live import CATALOGUE, LiveMetrics, family_of, split_eval_key
 
@@ -238,6 +237,8 @@ def check_dashboard(prom: str, name: str, since: float, may_be_empty, **variable
     """Send every query of dashboards/grafana/<name> to Prometheus as Grafana does, over a time
     range (from `since` to now, 5 s steps; a parse error fails with the query); each must return
     series unless `may_be_empty(title, expr)`. Returns how many did."""
+    from advflow.dashboards.grafana import build  # the Grafana SDK: only where a dashboard is read
+
     dashboard = json.loads((REPO / "dashboards" / "grafana" / name).read_text())
     checked = 0
     for title, expr in build.queries(dashboard):
@@ -346,6 +347,8 @@ def test_a_two_worker_job_is_scraped_and_its_last_values_are_its_last_mlflow_row
     # Every query of the training dashboard parses and returns series for this AFM run, but for
     # annotations (they fire at a phase change or a rollback), GPU panels on a machine without one,
     # and per-step values AFM does not have.
+    from advflow.dashboards.grafana import build
+
     checked = check_dashboard(prom, "train.json", started, run=RUN, sweep="none",
                               may_be_empty=lambda title, expr: title.startswith(("annotation: ", "Other per-step"))
                               or build.needs_gpu(title, expr))
