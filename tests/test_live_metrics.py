@@ -417,3 +417,19 @@ def test_the_no_ray_launcher_connects_only_where_a_cluster_is_named(monkeypatch)
 
     monkeypatch.setattr(ray, "init", refuse)
     assert live.connect_for_metrics() is False  # a run without its live metrics still trains
+
+
+def test_a_finishing_process_lingers_for_ray_s_next_report_plus_the_configured_scrape(monkeypatch):
+    import ray
+
+    slept = []
+    monkeypatch.setattr(live.time, "sleep", slept.append)
+    monkeypatch.setattr(ray, "_config", type("Config", (), {"metrics_report_interval_ms": lambda self: 2000})())
+    monkeypatch.setenv(live.LINGER_ENV, "5")
+    live.linger(0.0)  # nothing was set: no wait
+    assert slept == []
+    live.linger(live.time.monotonic())
+    assert 2.0 * 1.2 + 0.5 + 5 - 0.5 < slept[-1] <= 2.0 * 1.2 + 0.5 + 5
+    sweep = live.SweepMetrics("s", "eval/fd")
+    sweep.flush()  # a sweep that exported nothing does not wait
+    assert len(slept) == 1

@@ -158,6 +158,31 @@ def connect_for_metrics() -> bool:
         return False
 
 
+def linger(last_set: float, timeout_s: float | None = None) -> None:
+    """Keep the process alive until Ray's next metrics report after `last_set` (time.monotonic of
+    the last value; 0: nothing was set), plus ADVFLOW_LIVE_LINGER_S: a process that exits at once
+    takes its final numbers with it."""
+    if not last_set:
+        return
+    try:
+        import ray
+
+        interval = ray._config.metrics_report_interval_ms() / 1000.0
+    except Exception:
+        interval = 10.0
+    # ADVFLOW_LIVE_LINGER_S: also outlive a scrape of Prometheus (the node's endpoint drops a
+    # process's series soon after it exits); the local stack sets it from its scrape interval.
+    try:
+        extra = float(os.environ.get(LINGER_ENV) or 0.0)
+    except ValueError:
+        extra = 0.0
+    wait = interval * 1.2 + 0.5 + extra - (time.monotonic() - last_set)
+    if timeout_s is not None:
+        wait = min(wait, timeout_s)
+    if wait > 0:
+        time.sleep(wait)
+
+
 class _Metrics:
     """The `ray.util.metrics` objects, made once per process (Ray keeps one per name)."""
 
@@ -239,27 +264,8 @@ class LiveMetrics:
             self._set("advflow_watchdog_rollbacks_total", rollbacks)
 
     def flush(self, timeout_s: float | None = None) -> None:
-        """Keep the process alive until Ray's next metrics report after the last value, plus
-        ADVFLOW_LIVE_LINGER_S (a worker that exits at once takes its final numbers with it)."""
-        if not self._last_set:
-            return
-        try:
-            import ray
-
-            interval = ray._config.metrics_report_interval_ms() / 1000.0
-        except Exception:
-            interval = 10.0
-        # ADVFLOW_LIVE_LINGER_S: also outlive one scrape of Prometheus (the node's endpoint drops a
-        # process's series soon after it exits); the local stack sets it to its scrape interval.
-        try:
-            linger = float(os.environ.get(LINGER_ENV) or 0.0)
-        except ValueError:
-            linger = 0.0
-        wait = interval * 1.2 + 0.5 + linger - (time.monotonic() - self._last_set)
-        if timeout_s is not None:
-            wait = min(wait, timeout_s)
-        if wait > 0:
-            time.sleep(wait)
+        """Keep the process alive until its last values are served (`linger`)."""
+        linger(self._last_set, timeout_s)
 
 
 class NoLiveMetrics(LiveMetrics):
@@ -297,7 +303,7 @@ class SweepMetrics:
     def __init__(self, sweep: str, metric: str):
         self.sweep, self.metric = sweep, metric
         self.enabled = _ray_connected()
-        self._exporter = LiveMetrics(sweep, "sweep", 0)  # for its flush() only
+        self._last_set = 0.0
 
     def update(self, states: Iterable[str], best: float | None) -> None:
         if not self.enabled:
@@ -309,9 +315,8 @@ class SweepMetrics:
             _Metrics.get("advflow_sweep_trials").set(float(n), tags={"sweep": self.sweep, "state": state})
         if best is not None:
             _Metrics.get("advflow_sweep_best_value").set(float(best), tags={"sweep": self.sweep, "metric": self.metric})
-        self._exporter._last_set = time.monotonic()
+        self._last_set = time.monotonic()
 
     def flush(self) -> None:
-        """Before the driver exits: its final counts reach the node's endpoint (LiveMetrics.flush)."""
-        if self.enabled:
-            self._exporter.flush()
+        """Before the driver exits: its final counts reach the node's endpoint (`linger`)."""
+        linger(self._last_set)
