@@ -76,6 +76,21 @@ def test_parameter_counts_match_paper(role, name, kind):
     assert abs(count - paper) / paper < 0.01, f"{role} {name}: {count / 1e6:.2f}M vs paper {paper / 1e6:.0f}M"
 
 
+@pytest.mark.parametrize("name", ["XXS/2", "XS/2"])
+def test_the_cpu_ladder_sizes_count_and_order_as_dit_sizes(name):
+    """The ladder between tiny and S/2: DiT-shaped (the closed-form count), 64-channel heads as S..XL,
+    and strictly between its neighbours in parameters."""
+    size = SIZES[name]
+    with torch.device("meta"):
+        g = build_generator(name)
+    assert parameter_count(g) == _hand_count(size.depth, size.width, size.patch, "G", 0)
+    assert size.width // size.heads == 64 and size.patch == 2
+    names = ["tiny", "XXS/2", "XS/2", "S/2"]
+    with torch.device("meta"):
+        counts = [parameter_count(build_generator(n)) for n in names]
+    assert counts == sorted(counts) and len(set(counts)) == len(counts)
+
+
 def test_deep_generator_count_matches_paper_675m():
     with torch.device("meta"):
         deep = build_generator("XL/2", repeats=4)
