@@ -29,6 +29,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import nn
 
@@ -73,7 +74,8 @@ def _size(name: str) -> DiTSize:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Options (typed, validated; `.config` of every model is `dataclasses.asdict(options)`)
+# Options (typed, validated; `.config` of every model is `dataclasses.asdict(options)`, less a
+# generator's null_label when it is False)
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -112,6 +114,10 @@ class GeneratorOptions:
         value is stored, so `.config` always holds an int and `build_generator(**G.config)` rebuilds.
     repeats: R, depth repetition: the same blocks run R times (1NFE only; R > 1 adds a timestep
         embedder for the per-pass times 1 - i/R). The trainer scales G's learning rate by 1/R.
+    null_label: give the class table one extra row, index num_classes, the "no class" label that
+        classifier-free guidance trains by dropping labels (MeanFlow's CFG; DiT's `use_cfg_embedding`).
+        y may then also be num_classes. Off by default: AFM uses no CFG, and the table (and so the state
+        dict) of a generator without it keeps exactly num_classes rows.
     """
 
     name: str
@@ -121,6 +127,7 @@ class GeneratorOptions:
     kind: str = "1nfe"
     nfe: int | None = None
     repeats: int = 1
+    null_label: bool = False
 
     def __post_init__(self):
         _check_common(self)
@@ -135,6 +142,8 @@ class GeneratorOptions:
             object.__setattr__(self, "nfe", 1 if self.kind == "1nfe" else ANYSTEP_DEFAULT_NFE)
         _check_int("nfe", self.nfe, 1)
         _check_int("repeats", self.repeats, 1)
+        if not isinstance(self.null_label, bool):
+            raise ValueError(f"null_label: expected True or False, got {self.null_label!r}")
         if self.kind == "1nfe" and self.nfe != 1:
             raise ValueError(
                 f"nfe: a '1nfe' generator takes exactly one step (got nfe={self.nfe}); "
@@ -197,14 +206,18 @@ def _make_options(cls, role: str, name: str, options: dict):
 
 
 def timestep_features(t: torch.Tensor, dim: int = TIME_FREQ_DIM, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal features of scalar times, (N,) -> (N, dim) float32, laid out [cos | sin].
+    """Sinusoidal features of scalar times, (N,) -> (N, dim) float32 (float64 for float64 t), [cos | sin].
 
     The caller passes the already-scaled time (1000 * flow time). Frequencies decay geometrically from
-    1 to 1/max_period; the [cos | sin] order matches DiT so released embedder weights apply.
+    1 to 1/max_period; the [cos | sin] order matches DiT so released embedder weights apply. float64
+    times give float64 features (float32 would round 1000 * t to ~1e-4 and blur the time derivatives
+    that float64 checks, e.g. MeanFlow's finite-difference tests, measure); every other dtype is
+    computed in float32 as before.
     """
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t.float()[:, None] * freqs[None]  # (N, half)
+    dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=dtype, device=t.device) / half)
+    args = t.to(dtype)[:, None] * freqs[None]  # (N, half)
     feats = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:  # odd widths: pad so the output is exactly `dim` wide
         feats = torch.cat([feats, torch.zeros_like(feats[:, :1])], dim=-1)
@@ -268,18 +281,42 @@ class TimestepEmbedder(nn.Module):
 
 
 class LabelEmbedder(nn.Module):
-    """Class labels (N,) long -> (N, D) from a learned table (no null/CFG row: AFM uses no CFG)."""
+    """Class labels (N,) long -> (N, D) from a learned table of `rows` rows: num_classes, plus one
+    null (CFG) row at index num_classes for a generator built with null_label=True (AFM uses no CFG)."""
 
-    def __init__(self, num_classes: int, width: int):
+    def __init__(self, rows: int, width: int):
         super().__init__()
-        self.embedding_table = nn.Embedding(num_classes, width)
+        self.embedding_table = nn.Embedding(rows, width)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         return self.embedding_table(y)
 
 
+def _has_forward_tangent(x: torch.Tensor) -> bool:
+    """Whether x carries a forward-mode tangent (inside torch.func.jvp or a forward_ad.dual_level)."""
+    return fwAD._current_level >= 0 and fwAD.unpack_dual(x).tangent is not None
+
+
+def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v from differentiable primitives; (N, heads, T, d) each -> (N, heads, T, d).
+
+    Scores and softmax run in at least float32, so a bf16 network keeps a float32 softmax here.
+    """
+    work = torch.promote_types(q.dtype, torch.float32)
+    scores = (q.to(work) @ k.to(work).transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (N, heads, T, T)
+    return (torch.softmax(scores, dim=-1) @ v.to(work)).to(q.dtype)
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention over (N, T, D) tokens using fused scaled-dot-product attention."""
+    """Multi-head self-attention over (N, T, D) tokens using fused scaled-dot-product attention.
+
+    Forward-mode AD (MeanFlow's Jacobian-vector product, torch.func.jvp) is not implemented for the
+    fused kernel SDPA picks (torch 2.13 on CPU raises NotImplementedError for
+    _scaled_dot_product_flash_attention_for_cpu), so when the input carries a tangent the same attention
+    is computed from matmul and softmax instead, whose tangents autograd knows, on every device (so no
+    fused kernel's forward-AD support is relied on). The ordinary forward (no tangent) always takes the
+    fused kernel, so its numerics are unchanged.
+    """
 
     def __init__(self, width: int, heads: int):
         super().__init__()
@@ -293,7 +330,10 @@ class Attention(nn.Module):
         n, tokens, width = x.shape
         qkv = self.qkv(x).reshape(n, tokens, 3, self.heads, width // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (N, heads, T, head_dim)
-        out = F.scaled_dot_product_attention(q, k, v)  # (N, heads, T, head_dim)
+        if _has_forward_tangent(q):
+            out = _math_attention(q, k, v)  # (N, heads, T, head_dim), forward-AD capable
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)  # (N, heads, T, head_dim)
         return self.proj(out.transpose(1, 2).reshape(n, tokens, width))
 
 
@@ -468,7 +508,7 @@ class _DiTTrunk(nn.Module):
 
 
 class Generator(_DiTTrunk):
-    """DiT generator; see GeneratorOptions. Attributes: kind, nfe, repeats, lr_scale, config.
+    """DiT generator; see GeneratorOptions. Attributes: kind, nfe, repeats, lr_scale, null_label, config.
 
     forward(x, y, s=None, t=None) -> (N, C, H, W):
       "1nfe": G(z, y) is the predicted data sample (s/t ignored).
@@ -484,8 +524,14 @@ class Generator(_DiTTrunk):
         self.repeats = opts.repeats
         self.lr_scale = 1.0 / opts.repeats  # the paper divides G's learning rate by R
         self.num_classes = opts.num_classes
+        self.null_label = opts.null_label
         self.config = dataclasses.asdict(opts)
-        self.y_embedder = LabelEmbedder(opts.num_classes, size.width)
+        if not opts.null_label:
+            # Recorded only when set, so the configs (generator.json, registry records) of generators
+            # without it stay exactly as before; build_generator(**config) rebuilds either way.
+            del self.config["null_label"]
+        # With null_label the table has a last row, index num_classes, for the dropped (CFG) label.
+        self.y_embedder = LabelEmbedder(opts.num_classes + int(opts.null_label), size.width)
         # t_embedder embeds s (multistep/anystep) or the per-pass time (depth-repeated 1NFE).
         if opts.kind != "1nfe" or opts.repeats > 1:
             self.t_embedder = TimestepEmbedder(size.width)
@@ -493,6 +539,11 @@ class Generator(_DiTTrunk):
             self.t_tgt_embedder = TimestepEmbedder(size.width)
         self.final_layer = FinalLayer(size.width, size.patch, opts.in_channels)
         self.init_weights()
+
+    @property
+    def label_rows(self) -> int:
+        """Valid labels are [0, label_rows): the classes, plus the null label num_classes with null_label."""
+        return self.num_classes + int(self.null_label)
 
     def _init_head(self) -> None:
         # Zero output layer: the generator starts as the zero map (adaLN-Zero; DiT's init).
@@ -539,7 +590,7 @@ class Generator(_DiTTrunk):
                 "build it with kind='multistep' or 'anystep' to use velocity()"
             )
         n = self._check_x(x)
-        self._check_y(y, n, self.num_classes)
+        self._check_y(y, n, self.label_rows)
         s = self._check_time(s, n, "s", f"for a {self.kind!r} generator")
         if self.kind == "anystep":
             t = s if t is None else self._check_time(t, n, "t", "")
@@ -548,7 +599,7 @@ class Generator(_DiTTrunk):
     def forward(self, x: torch.Tensor, y: torch.Tensor, s: torch.Tensor | None = None, t: torch.Tensor | None = None):
         if self.kind == "1nfe":
             n = self._check_x(x, "z")
-            self._check_y(y, n, self.num_classes)
+            self._check_y(y, n, self.label_rows)
             return self._network(x, y, None, None).to(x.dtype)  # (N, C, H, W) in the input's dtype
         n = self._check_x(x)
         why = f"for a {self.kind!r} generator (G maps x_s at time s to time t)"
