@@ -1,4 +1,4 @@
-"""Train any method of the platform (`model.method`: afm, fm, classifier) on Ray Train + DeepSpeed.
+"""Train any method of the platform (`model.method`: afm, fm, meanflow, classifier) on Ray Train + DeepSpeed.
 
     ray job submit --working-dir . -- python jobs/train.py --config jobs/configs/digits_tiny.yaml
     python jobs/train.py --config jobs/configs/digits_tiny.yaml --set train.steps=50   # local Ray
@@ -99,7 +99,7 @@ def describe(spec) -> str:
     d, t, m = spec.distributed, spec.train, spec.model
     if m.method == "classifier":
         net = f"classifier {m.size}, t ~ U{tuple(spec.classifier.t_range)}, ZeRO {d.zero_stage_g}"
-    elif m.method == "fm":
+    elif m.method in ("fm", "meanflow"):
         net = f"G {m.size} ({m.kind}, K={m.nfe}, R={m.repeats}), ZeRO {d.zero_stage_g}"
     else:
         net = f"G {m.size} ({m.kind}, K={m.nfe}, R={m.repeats}), ZeRO G/D {d.zero_stage_g}/{d.zero_stage_d}"

@@ -7,8 +7,8 @@ refuses numbers), `extra="forbid"` rejects unknown keys, enumerations are `Liter
 section's own value checks live in a validator on that section, next to its fields. Only the rules
 that span sections (batch divisibility, the method's combinations, the phase plan) are on `RunSpec`.
 
-One spec for every method (`model.method`): `afm` (generator + discriminator), `fm` (flow matching)
-and `classifier` (the time-conditioned classifier that classifier guidance loads). What a method
+One spec for every method (`model.method`): `afm` (generator + discriminator), `fm` (flow matching),
+`meanflow` (MeanFlow, the consistency-family one-step baseline) and `classifier` (the time-conditioned classifier that classifier guidance loads). What a method
 changes in the defaults is one table, `METHOD_DEFAULTS`, applied to the user's dict before validation.
 
 This module validates and builds nothing: the phase plan and the automatic schedule are built from
@@ -106,10 +106,11 @@ def time_key(t: float) -> str:
 
 # The enumerations. A value outside one is reported as `<field>: 'x' is unknown; use a, b or c`
 # (`_config_error`, pydantic's literal_error).
-Method = Literal["afm", "fm", "classifier"]
+Method = Literal["afm", "fm", "meanflow", "classifier"]
 METHODS: tuple[str, ...] = typing.get_args(Method)
 GeneratorKind = Literal["1nfe", "multistep", "anystep"]
 FmTimes = Literal["uniform", "logit_normal"]
+MeanFlowVariant = Literal["meanflow", "imf"]
 PairSource = Literal["same", "permute"]
 Precision = Literal["auto", "fp32", "bf16"]
 GuidanceTimeMode = Literal["auto", "uniform", "target"]
@@ -166,7 +167,9 @@ class ModelConfig(_Section):
     method: Method = "afm"
     """`afm` (adversarial flow model: generator + discriminator, two engines), `fm` (the
     flow-matching baseline: the same DiT trained as a velocity field with the flow-matching loss,
-    one engine, sampled with `nfe` Euler steps; its kind is `multistep`) or `classifier` (the
+    one engine, sampled with `nfe` Euler steps; its kind is `multistep`), `meanflow` (MeanFlow: the
+    any-step DiT trained on the average velocity, one engine, sampled with `nfe` steps of
+    `trainers.flow.generate`, 1 by default; settings in the `meanflow` section) or `classifier` (the
     time-conditioned DiT classifier that classifier guidance loads, `guidance.classifier`: one
     engine, trained with cross-entropy on flow-noised data, `classifier.t_range`; evaluated with
     eval.kind `accuracy`). Each method's defaults: `METHOD_DEFAULTS`."""
@@ -207,6 +210,9 @@ class ModelConfig(_Section):
             if self.nfe is None:
                 _fail("nfe", "is not set for method fm", "set model.nfe=K, the Euler steps the registered model "
                       "samples with (evaluate more K with eval.nfe: [1, 2, 4, ...])")
+        if self.method == "meanflow" and self.kind != "anystep":  # anystep is its default (METHOD_DEFAULTS)
+            _fail("kind", f"{self.kind!r} with method meanflow", "MeanFlow's network embeds two times (the "
+                  "average velocity from r to t): set model.kind=anystep (or leave it unset)")
         if self.repeats < 1:
             _fail("repeats", f"R={self.repeats} < 1", "use R >= 1 (1 = no depth repetition)")
         if self.repeats > 1 and self.kind != "1nfe":
@@ -294,6 +300,62 @@ class AdversarialConfig(_Section):
             if getattr(self, name) < 0:
                 _fail(name, "is negative", "use a weight >= 0")
         return self
+
+
+class MeanFlowConfig(_Section):
+    """method `meanflow` (Geng et al., arXiv 2505.13447): the loss's settings, those of
+    `advflow.trainers.meanflow.MeanFlowConfig` (the pure loss's; tests/test_meanflow_platform.py checks
+    the defaults agree), with the official ImageNet defaults (Gsunshine/meanflow `configs/default.py`)
+    except CFG, off by default (AFM uses none). Times are in MeanFlow's own notation:
+    the network predicts the average velocity u(z_t, r, t) from r to t <= 1 (noise at 1)."""
+
+    time_mean: Number = -0.4
+    """Logit-normal mean of the (r, t) draws."""
+    time_std: Number = 1.0
+    """Logit-normal standard deviation of the (r, t) draws."""
+    ratio_r_neq_t: Number = 0.25
+    """Share of samples with r != t (the rest train the instantaneous velocity, r = t: flow matching)."""
+    power: Number = 1.0
+    """Adaptive loss weight 1 / (||delta||^2 + eps)^power; 0 = the plain squared error."""
+    eps: Number = 0.01
+    """The adaptive weight's constant c."""
+    cfg_omega: Number = 1.0
+    """CFG scale omega of the training target (the paper's class-conditional setting); 1 = no guidance."""
+    cfg_kappa: Number = 0.0
+    """kappa of the paper's CFG mixing (its appendix); 0 = the plain CFG target."""
+    class_drop: Number = 0.0
+    """Share of labels replaced by the null label (the generator gets a null-label row); needed by CFG."""
+    variant: MeanFlowVariant = "meanflow"
+    """`meanflow` (the paper) or `imf` (Improved MeanFlow, arXiv 2512.02012; see trainers/meanflow.py)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> MeanFlowConfig:
+        if self.time_std <= 0:
+            _fail("time_std", "must be > 0", "use e.g. 1.0")
+        for name in ("ratio_r_neq_t", "class_drop"):
+            if not (0 <= getattr(self, name) <= 1):
+                _fail(name, f"{getattr(self, name)} is outside [0, 1]", "use a share, e.g. 0.25 (ratio) or 0.1 (drop)")
+        if self.class_drop == 1:
+            _fail("class_drop", "1 drops every label", "use e.g. 0.1")
+        if self.power < 0:
+            _fail("power", "is negative", "use 1.0 (the paper) or 0 (plain squared error)")
+        if self.eps <= 0:
+            _fail("eps", "must be > 0", "use e.g. 1e-3")
+        if self.guided and self.class_drop == 0:
+            _fail("class_drop", f"is 0 with cfg_omega {self.cfg_omega} / cfg_kappa {self.cfg_kappa}: guidance needs "
+                  "an unconditional velocity, which only trains on dropped labels", "set e.g. class_drop=0.1, or "
+                  "cfg_omega=1 and cfg_kappa=0")
+        return self
+
+    @property
+    def guided(self) -> bool:
+        return self.cfg_omega != 1 or self.cfg_kappa != 0
+
+    def loss_config(self):
+        """The pure loss's settings (`advflow.trainers.meanflow.MeanFlowConfig`; imports torch)."""
+        from advflow.trainers.meanflow import MeanFlowConfig as LossConfig
+
+        return LossConfig(**self.model_dump())
 
 
 class ClassifierConfig(_Section):
@@ -703,6 +765,7 @@ class DebugConfig(_Section):
 METHOD_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     "afm": {},
     "fm": {"model": {"kind": "multistep"}},  # FM's network: one time embedding, stepped by Euler
+    "meanflow": {"model": {"kind": "anystep", "nfe": 1}},  # u(z_t, r, t) embeds two times; one step
     "classifier": {  # the official classifier trainer's (the paper's classifier is a DiT-B/2)
         "model": {"size": "B/2"},
         "optim": {"betas": [0.9, 0.95], "grad_clip": 50.0, "ema_decay": 0.9995},
@@ -743,6 +806,7 @@ class RunSpec(BaseModel):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     adversarial: AdversarialConfig = Field(default_factory=AdversarialConfig)
     classifier: ClassifierConfig = Field(default_factory=ClassifierConfig)
+    meanflow: MeanFlowConfig = Field(default_factory=MeanFlowConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     run: RunStorageConfig = Field(default_factory=RunStorageConfig)
@@ -840,18 +904,18 @@ class RunSpec(BaseModel):
         elif ev.kind == "accuracy":
             _fail("eval.kind", f"accuracy with method {m.method}", "accuracy evaluates a classifier "
                   "(model.method: classifier); evaluate a generator with " + _one_of(list(EVALUATORS)))
-        if m.method == "fm" and self.phases == "auto":
+        if m.method in ("fm", "meanflow") and self.phases == "auto":
             _fail("phases", "auto is for method afm (its templates fix lambda_ot and reload D)",
-                  "give FM an explicit phase list, or none")
+                  f"give {m.method} an explicit phase list, or none")
         if ev.nfe is not None and m.method == "afm" and m.kind != "anystep" and set(ev.nfe) != {m.nfe}:
             _fail("eval.nfe", f"{ev.nfe} for a {m.kind} AFM generator, which samples with exactly K={m.nfe}",
                   f"remove eval.nfe or set it to [{m.nfe}]; several K need method fm or kind anystep")
-        if m.method == "fm":
+        if m.method in ("fm", "meanflow"):
             bad = [p.get("name", f"phase{i + 1}") for i, p in enumerate(self.phase_dicts())
                    if p.get("guidance") or p.get("d_reload_from") is not None]
             if bad:
-                _fail("phases", f"phase(s) {bad} use guidance or a D reload, which method fm has no use for "
-                      "(no discriminator)", "drop those keys; FM phases may set lr and ema_reload_every")
+                _fail("phases", f"phase(s) {bad} use guidance or a D reload, which method {m.method} has no use "
+                      "for (no discriminator)", "drop those keys; its phases may set lr and ema_reload_every")
 
     def _check_classifier(self) -> None:
         """What method classifier has no use for: it trains one network in one phase at optim.lr,

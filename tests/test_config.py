@@ -283,7 +283,7 @@ def test_leaf_tables_are_the_ones_the_code_uses():
 
 
 LITERALS = [  # field, a bad value, the options the message lists
-    ("model.method", "gan", "afm, fm or classifier"),
+    ("model.method", "gan", "afm, fm, meanflow or classifier"),
     ("model.kind", "twostep", "1nfe, multistep or anystep"),
     ("model.fm_times", "beta", "uniform or logit_normal"),
     ("adversarial.source", "shuffle", "same or permute"),

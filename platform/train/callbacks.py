@@ -74,7 +74,8 @@ class Samples:
     encoder: dict[str, Any]
     """The manifest's encoder record: latents are decoded the way they were made (VAE for sd-vae)."""
     method: str = "afm"
-    """`afm` or `fm` (model.method): how a K other than the model's own is sampled."""
+    """`model.method` (afm, fm, meanflow): how a K other than the model's own is sampled (fm: Euler on
+    its velocity; the others: their generator's sampler, `generate`)."""
 
     def sample(self, model: torch.nn.Module, z: torch.Tensor, y: torch.Tensor, nfe: int | None = None):
         """The model's samples from noise z with K = nfe steps (None: its own K). FM: Euler steps of

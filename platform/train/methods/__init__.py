@@ -7,6 +7,7 @@ and a row in this table (and its name in config.py's `ModelConfig.method`).
 |--------------|----------|---------|--------------------------------------|--------------------|----------------------|
 | `afm`        | d, g     | g, d    | afm.d_loss, afm.g_loss               | trainers.flow      | generator pyfunc     |
 | `fm`         | g        | g       | fm.fm_loss                           | Euler (flow)       | generator pyfunc     |
+| `meanflow`   | g        | g       | meanflow.meanflow_loss (JVP target)  | any-step (flow)    | generator pyfunc     |
 | `classifier` | c        | c       | losses.classifier_loss_and_logits    | (none)             | classifier pyfunc    |
 """
 
@@ -16,11 +17,13 @@ from advflow.platform.train.methods.afm import AFMStep
 from advflow.platform.train.methods.base import Method, MetricNames, StepEnv, step_seed
 from advflow.platform.train.methods.classifier import ClassifierStep
 from advflow.platform.train.methods.fm import FMStep
+from advflow.platform.train.methods.meanflow import MeanFlowStep
 
 METHODS: dict[str, type] = {
     "afm": AFMStep,
     "fm": FMStep,
+    "meanflow": MeanFlowStep,
     "classifier": ClassifierStep,
 }
 
-__all__ = ["METHODS", "Method", "MetricNames", "StepEnv", "step_seed", "AFMStep", "FMStep", "ClassifierStep"]
+__all__ = ["METHODS", "Method", "MetricNames", "StepEnv", "step_seed", "AFMStep", "FMStep", "MeanFlowStep", "ClassifierStep"]
