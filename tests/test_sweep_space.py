@@ -26,6 +26,19 @@ def test_repo_space_file_parses_and_covers_the_issue_parameters():
         assert need in names
 
 
+def test_the_meanflow_space_makes_valid_meanflow_trials():
+    """Every trial config the MeanFlow space can draw validates as a MeanFlow run (the overrides switch the
+    demo's AFM config to it), and it searches MeanFlow's own weights."""
+    sp = SweepSpace.load("jobs/configs/sweeps/digits_meanflow_space.yaml")
+    assert {"optim.lr", "optim.ema_decay", "meanflow.ratio_r_neq_t", "meanflow.power"} <= {p.name for p in sp.params}
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(5):
+        trial = study.ask()
+        spec = apply_params(BASE, sp.suggest(trial), sp.overrides)
+        assert spec.model.method == "meanflow" and spec.model.kind == "anystep"
+        assert 0.1 <= spec.meanflow.ratio_r_neq_t <= 0.75
+
+
 @pytest.mark.parametrize("params, words", [
     ({"optim.lr": {"type": "float", "low": 1.0, "high": 0.1}}, ["optim.lr", "low < high"]),
     ({"optim.lr": {"type": "float", "low": 0.0, "high": 0.1, "log": True}}, ["optim.lr.low", "log"]),

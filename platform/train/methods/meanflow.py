@@ -28,7 +28,9 @@ DRAWS = 2  # the draw purpose (G's, as FM's and AFM's G step)
 
 class MeanFlowStep(GeneratorMethod):
     streams: ClassVar[tuple[str, ...]] = ("g",)
-    names: ClassVar[MetricNames] = MetricNames(progress=(("MF", "mf_loss"),), losses=("mf_loss", "mf_mse"),
+    # The progress line shows the squared error: the adaptively weighted loss (power 1) is
+    # err / (err + eps), about 1 whatever the model.
+    names: ClassVar[MetricNames] = MetricNames(progress=(("MF mse", "mf_mse"),), losses=("mf_loss", "mf_mse"),
                                                grads=("g_grad_norm",))
 
     def __init__(self, env: StepEnv, G: torch.nn.Module):
