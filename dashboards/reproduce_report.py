@@ -6,7 +6,9 @@
 - the claims of the Adversarial Flow Models paper, each with a verdict (reproduced / not reproduced /
   incomplete) and a sentence with the numbers it rests on (`assess_claims`);
 - a table with one row per run (method, NFE, R, parameters, training time, final eval/fd,
-  eval/fd_floor, eval/cls_acc, status) and, for the flow-matching run, its final eval/fd per K;
+  eval/fd_floor, eval/cls_acc, the mode coverage eval/precision, eval/recall, eval/diversity and
+  eval/diversity_min (higher is better; a diversity_min near 0 is a class drawn as one image), status)
+  and, for the flow-matching run, its final eval/fd per K;
 - eval/fd over training steps (log scale; FM's eval/fd@K curves as extra traces, phase changes
   marked) and final eval/fd against network passes per sample;
 - the phase transitions of the phase-schedule runs (step, from -> to, reason);
@@ -31,6 +33,7 @@ from typing import Any
 from advflow.dashboards.page import BASE_CSS, esc, na
 from advflow.dashboards.sweep_grids import GridUnavailable, image_mime, load_grid
 from advflow.platform.atomic import write_text
+from advflow.platform.eval import COVERAGE_KEYS
 
 # Our operationalisation of "AFM at 1 step approaches flow matching at many steps": AFM 1NFE's eval/fd
 # is at most this multiple of FM's best eval/fd over K >= MANY_STEP_MIN_K. The paper gives no number.
@@ -361,8 +364,8 @@ def _render_claims(claims: list[dict]) -> str:
 
 
 # -- runs table --------------------------------------------------------------------------------------
-_COLUMNS = ("run", "method", "NFE", "R", "parameters", "training time", "eval/fd", "eval/fd_floor",
-            "eval/cls_acc", "status", "MLflow run")
+_METRIC_COLUMNS = ("eval/fd", "eval/fd_floor", "eval/cls_acc", *COVERAGE_KEYS)
+_COLUMNS = ("run", "method", "NFE", "R", "parameters", "training time", *_METRIC_COLUMNS, "status", "MLflow run")
 
 
 def _render_fd_at(run: dict) -> str:
@@ -390,7 +393,7 @@ def _render_table(runs: dict[str, dict]) -> str:
             f'<td class="num">{esc(_fmt_seconds(run.get("train_seconds"))) or na()}</td>',
         ]
         cells += [f'<td class="num" data-metric="{key}">{_cell_num(_metric(run, key))}</td>'
-                  for key in ("eval/fd", "eval/fd_floor", "eval/cls_acc")]
+                  for key in _METRIC_COLUMNS]
         cells.append(f'<td><span class="badge status-{esc(status)}">{esc(status)}</span></td>')
         cells.append(f"<td><code>{esc(run['run_id'])}</code></td>" if run.get("run_id") else f"<td>{na()}</td>")
         rows.append(f'<tr data-run="{esc(name)}" data-status="{esc(status)}">{"".join(cells)}</tr>')
@@ -593,7 +596,8 @@ def build_report(results: dict) -> str:
     results: {"title", "created", "parent_run_id", "wall_seconds", "images_per_run", "runs": [run, ...]};
     each run: {"name" (unique), "label", "group", "method" ("afm"/"fm"), "nfe", "repeats", "params",
     "train_seconds", "status" ("FINISHED"/"FAILED"/"MISSING"), "run_id", "metrics" ({"eval/fd",
-    "eval/fd_floor", "eval/cls_acc"}, keys may be missing), "fd_at" ({"K": fd}, FM only), "curve"
+    "eval/fd_floor", "eval/cls_acc", "eval/precision", "eval/recall", "eval/diversity",
+    "eval/diversity_min"}, keys may be missing: shown as a dash), "fd_at" ({"K": fd}, FM only), "curve"
     ([[step, fd], ...]), "curve_at" ({"K": curve}, FM only), "grid_png" (bytes, a path/URI, or None),
     "phase_transitions" ([{"step", "from", "to", "reason"}, ...])}. ValueError when `runs` is not a
     list of uniquely named dicts; anything else missing shows as a dash or a note.

@@ -5,7 +5,9 @@
 - a header: study name, direction, best value and params, trial counts by state;
 - Optuna's optimisation history, parameter importances and parallel-coordinates plots (a short
   note replaces a plot the study cannot support yet, e.g. importances before 2 completed trials);
-- a table with one row per trial: number, state, value, every param, duration, selected user attrs;
+- a table with one row per trial: number, state, value, the mode coverage beside it when the trials
+  carry it (eval/precision, eval/recall, eval/diversity, eval/diversity_min: `COVERAGE_KEYS`, higher
+  is better; diversity_min ~0 is a class drawn as one image), every param, duration, selected user attrs;
 - a gallery of sample grids (`grids` bytes, else the trial's `sample_grid` URI), best first.
 
 `write_report(storage, study_name, out)` loads a stored study and writes the page atomically.
@@ -33,6 +35,7 @@ from optuna.trial import FrozenTrial, TrialState
 from advflow.dashboards.page import BASE_CSS, esc, na
 from advflow.dashboards.sweep_grids import SAMPLE_GRID_ATTR, GridUnavailable, image_mime, load_grid
 from advflow.platform.atomic import write_text
+from advflow.platform.eval import COVERAGE_KEYS
 from advflow.platform.tracking.secrets import redact_url
 
 # User attributes advflow's sweep job records; shown as table columns when any trial has them.
@@ -183,11 +186,19 @@ def _attr_columns(trials: list[FrozenTrial], extra_columns: list[str] | None) ->
     return list(dict.fromkeys(present + list(extra_columns or [])))
 
 
+def _coverage_columns(trials: list[FrozenTrial]) -> list[str]:
+    """The mode-coverage attributes any trial has (`eval/precision`, or `eval/precision@K` when the sweep
+    optimises a metric at K), in `COVERAGE_KEYS` order."""
+    keys = {k for t in trials for k in t.user_attrs if k.split("@")[0] in COVERAGE_KEYS}
+    return sorted(keys, key=lambda k: (k.partition("@")[2], COVERAGE_KEYS.index(k.split("@")[0])))
+
+
 def _render_table(trials: list[FrozenTrial], best_number: int | None, metric_name: str,
                   extra_columns: list[str] | None) -> str:
     params = sorted({name for t in trials for name in t.params})
-    attrs = _attr_columns(trials, extra_columns)
-    head = ["#", "state", metric_name] + params + ["duration"] + attrs
+    coverage = _coverage_columns(trials)
+    attrs = [a for a in _attr_columns(trials, extra_columns) if a not in coverage]
+    head = ["#", "state", metric_name] + coverage + params + ["duration"] + attrs
     thead = "".join(f"<th>{esc(h)}</th>" for h in head)
     rows = []
     for t in trials:
@@ -195,6 +206,8 @@ def _render_table(trials: list[FrozenTrial], best_number: int | None, metric_nam
         cells = [f'<td class="num">{t.number}</td>',
                  f'<td><span class="badge state-{t.state.name}">{t.state.name.lower()}</span></td>',
                  f'<td class="num">{value}</td>']
+        cells += [f'<td class="num" data-metric="{esc(c)}">{_fmt_num(t.user_attrs[c])}</td>' if c in t.user_attrs
+                  else f'<td data-metric="{esc(c)}">{na()}</td>' for c in coverage]
         cells += [f'<td class="num">{_fmt_num(t.params[p])}</td>' if p in t.params else f"<td>{na()}</td>"
                   for p in params]
         cells.append(f'<td class="num">{_fmt_duration(t.duration) or na()}</td>')
@@ -256,6 +269,8 @@ def build_report(study: optuna.Study, *, title: str | None = None, grids: dict[i
     extra_columns: user-attribute keys to add as table columns besides DEFAULT_ATTR_COLUMNS.
     annotations: extra attributes per trial number, shown like user attrs (Optuna refuses user-attr
       updates on finished trials, so facts known only afterwards, e.g. `stopped_early`, come here).
+      The mode-coverage keys among them (`COVERAGE_KEYS`, e.g. `eval/precision`) are shown as columns
+      beside the objective.
     """
     title = title or f"Sweep report: {study.study_name}"
     notes = annotations or {}

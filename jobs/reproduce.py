@@ -241,7 +241,10 @@ def fill_from_mlflow(client, row: dict, rec: dict, spec, out: Path) -> None:
     def history(key: str) -> list[list[float]]:
         return [[m.step, m.value] for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
 
-    row["metrics"] = {k: data.metrics[k] for k in ("eval/fd", "eval/fd_floor", "eval/cls_acc") if k in data.metrics}
+    from advflow.platform.eval import COVERAGE_KEYS
+
+    row["metrics"] = {k: data.metrics[k] for k in ("eval/fd", "eval/fd_floor", "eval/cls_acc", *COVERAGE_KEYS)
+                      if k in data.metrics}
     row["params"] = int(data.metrics["model/g_params"]) if "model/g_params" in data.metrics else None
     row["curve"] = history("eval/fd")
     for k in spec.eval.nfe or []:

@@ -622,6 +622,9 @@ class EvalConfig(_Section):
     """kind `fid`: path to the FID Inception weights (pt_inception-2015-12-05 state dict)."""
     reference_stats: str | None = None
     """kind `fid`: .npz with `mu` and `sigma` of the reference set."""
+    pr_k: int = 3
+    """kinds `digits` and `fid`: k of improved precision and recall (Kynkaanniemi et al. 2019: each
+    reference or generated feature's ball reaches its k-th nearest neighbour; the paper's k = 3)."""
     nfe: IntList | None = None
     """Sampling steps K to evaluate at, each reported as `<metric>@K` (e.g. `eval/fd@4`); the
     unsuffixed metrics are always those at the model's own K (`model.nfe`). Several K need a model
@@ -647,6 +650,11 @@ class EvalConfig(_Section):
             _fail("nfe", f"{self.nfe!r} is not a list of distinct K >= 1", "use e.g. [1, 2, 4, 8]")
         if self.num_samples < 2 or self.batch_size < 1:
             _fail("num_samples/batch_size", "too small", "use num_samples >= 2 and batch_size >= 1")
+        if self.pr_k < 1:
+            _fail("pr_k", f"{self.pr_k} < 1", "use k >= 1 (the paper's 3)")
+        if self.kind in EVALUATORS and self.pr_k >= self.num_samples:
+            _fail("pr_k", f"{self.pr_k} >= num_samples {self.num_samples}: no sample has k neighbours",
+                  "use a k well below num_samples, e.g. 3")
         if not self.times:
             _fail("times", "is empty", "list at least one time, e.g. [0, 0.25, 0.5, 0.75]")
         bad = [t for t in self.times if not 0.0 <= t <= 1.0]

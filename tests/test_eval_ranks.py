@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from advflow.platform.config import RunSpec
+from advflow.platform.eval import COVERAGE_KEYS
 from advflow.platform.train import callbacks as cb
 from advflow.platform.train.cadence import Cadence
 from advflow.platform.train.gather import block_range
@@ -129,8 +130,12 @@ def test_two_ranks_give_the_one_rank_metric(cache, tmp_path, monkeypatch):
     for name, (n, b) in CASES.items():
         one, two = single[name]["metrics"], ranks[0][name]["metrics"]
         assert one["eval/num_samples"] == two["eval/num_samples"] == n
-        for key in ("eval/fd", "eval/cls_acc", "eval/fd_floor"):
+        assert set(two) == set(one)
+        for key in ("eval/fd", "eval/cls_acc", "eval/fd_floor", *(k for k in COVERAGE_KEYS if k in one)):
             assert two[key] == pytest.approx(one[key], rel=1e-6, abs=1e-12), (name, key)
+        # the mode coverage: precision/recall from more than 3 samples, diversity from 2 of a class
+        assert {"eval/precision", "eval/recall"} <= set(one)
+        assert ("eval/diversity" in one) == (name == "unequal")
         assert one["eval/fd"] > 0 and np.isfinite(one["eval/fd"])
         print(f"{name}: eval/fd 1 rank {one['eval/fd']!r}, 2 ranks {two['eval/fd']!r}")
         # Each rank featurised exactly its own share; only rank 0 has (and logs) metrics.

@@ -262,7 +262,7 @@ def _run_eval_cfg(**eval_section):
 def _eval_cfg(kind: str, **fields):
     """An eval section with exactly the attributes the builders may read."""
     base = {"kind": kind, "every": 0, "num_samples": 1000, "batch_size": 250, "inception_path": None,
-            "reference_stats": None}
+            "reference_stats": None, "pr_k": 3}
     return types.SimpleNamespace(**{**base, **fields})
 
 
@@ -315,9 +315,9 @@ def test_digits_split_comes_from_the_manifest(monkeypatch):
     monkeypatch.setattr(de, "DigitsEvaluator", _Recorder)
     build = EVALUATORS["digits"].build
     enc = {"name": "pixel", "scaling_factor": 1.0, "holdout": {"fraction": 0.3, "seed": 3, "count": 539}}
-    got = build(_eval_cfg("digits", batch_size=77), encoder=enc, data_shape=(1, 8, 8), num_classes=10)
+    got = build(_eval_cfg("digits", batch_size=77, pr_k=5), encoder=enc, data_shape=(1, 8, 8), num_classes=10)
     assert got.config == DigitsEvalConfig(split_seed=3, holdout_fraction=0.3)
-    assert (got.data_side, got.device, got.batch_size, got.rest) == (8, "cpu", 77, {})
+    assert (got.data_side, got.device, got.batch_size, got.rest) == (8, "cpu", 77, {"pr_k": 5})
     with warnings.catch_warnings(record=True) as caught:  # no record: the default split, with a warning
         warnings.simplefilter("always")
         got = build(_eval_cfg("digits"), encoder={"name": "pixel"}, data_shape=(1, 16, 16), num_classes=10)
@@ -337,9 +337,9 @@ def test_fid_builder_passes_the_eval_fields(monkeypatch):
 
     seen = {}
     monkeypatch.setattr(fid, "FIDEvaluator", lambda *a, **k: seen.update(args=a, kwargs=k) or "built")
-    ev = _eval_cfg("fid", inception_path="w.pth", reference_stats="r.npz", batch_size=32)
+    ev = _eval_cfg("fid", inception_path="w.pth", reference_stats="r.npz", batch_size=32, pr_k=4)
     assert EVALUATORS["fid"].build(ev, encoder=HOLDOUT_ENC, data_shape=(4, 32, 32), num_classes=1000) == "built"
-    assert seen == {"args": ("w.pth", "r.npz", 32), "kwargs": {"device": None}}
+    assert seen == {"args": ("w.pth", "r.npz", 32), "kwargs": {"device": None, "pr_k": 4}}
 
 
 # -- prepare writes the train split only ------------------------------------------------------------------

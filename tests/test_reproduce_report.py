@@ -66,6 +66,17 @@ TRANSITIONS = {
 }
 
 
+COVERAGE = ("eval/precision", "eval/recall", "eval/diversity", "eval/diversity_min")
+
+
+def coverage(i: int) -> dict[str, float]:
+    """Run i's mode coverage; the phase ablations (i >= 6) predate it and have none."""
+    if i >= 6:
+        return {}
+    return {"eval/precision": round(0.8 - i / 40, 4), "eval/recall": round(0.55 + i / 50, 4),
+            "eval/diversity": round(0.9 - i / 30, 4), "eval/diversity_min": round(0.7 - i / 9, 4)}
+
+
 def curve(final: float) -> list[list[float]]:
     """A falling eval/fd curve over STEPS that ends at `final`."""
     return [[s, round(final * (1 + 6 / (i + 1) - 6 / len(STEPS)), 4)] for i, s in enumerate(STEPS)]
@@ -80,7 +91,8 @@ def base_results() -> dict:
         runs.append({
             "name": name, "label": label, "group": group, "method": method, "nfe": nfe, "repeats": reps,
             "params": params, "train_seconds": 100.0 + 37.5 * i, "status": "FINISHED", "run_id": f"run{i:02d}beef",
-            "metrics": {"eval/fd": fd, "eval/fd_floor": 3.25, "eval/cls_acc": round(0.9 + i / 200, 3)},
+            "metrics": {"eval/fd": fd, "eval/fd_floor": 3.25, "eval/cls_acc": round(0.9 + i / 200, 3),
+                        **coverage(i)},
             "fd_at": {str(k): v for k, v in FM_FD_AT.items()} if fm else {},
             "curve": curve(fd),
             "curve_at": {str(k): curve(v) for k, v in FM_FD_AT.items()} if fm else {},
@@ -422,7 +434,7 @@ def test_report_renders_in_chromium(tmp_path, chromium_binary):
     table = dom.by_id("runs-table")
     header_cells = [th.text() for th in table.all("th")]
     for column in ("method", "NFE", "R", "parameters", "training time", "eval/fd", "eval/fd_floor", "eval/cls_acc",
-                   "status"):
+                   *COVERAGE, "status"):
         assert column in header_cells
     rows = table.all("tbody")[0].all("tr")
     assert [r.attrs["data-run"] for r in rows] == [r["name"] for r in results["runs"]]
@@ -431,7 +443,7 @@ def test_report_renders_in_chromium(tmp_path, chromium_binary):
         assert run["label"] in text and run["status"] in text and f"{run['params']:,}" in text
         assert run["method"] in text and run["run_id"] in text
         cells = {td.attrs["data-metric"]: td.text() for td in row.all("td") if "data-metric" in td.attrs}
-        for key in ("eval/fd", "eval/fd_floor", "eval/cls_acc"):
+        for key in ("eval/fd", "eval/fd_floor", "eval/cls_acc", *COVERAGE):
             value = run["metrics"].get(key)
             assert cells[key] == (f"{value:.4g}" if value is not None else "\u2014"), (run["name"], key)
     fm_table = [t for t in dom.all("table", "fd-at") if t.attrs.get("data-run") == "fm"]
@@ -515,6 +527,31 @@ def test_empty_results_render_without_plotly():
     assert [i.attrs["data-verdict"] for i in dom.by_id("claims").all("li", "claim")] == ["incomplete"] * 5
     assert "No run recorded an eval/fd curve." in dom.by_id("plot-fd-curves").text()
     assert all(n in dom.by_id("absent-runs").text() for n in reproduce_report.EXPECTED_RUNS)
+
+
+def test_runs_table_shows_the_mode_coverage_and_a_dash_where_a_run_has_none():
+    """eval/precision, eval/recall, eval/diversity and eval/diversity_min beside eval/fd, one column each;
+    a within-class collapse is a number in the table (diversity_min ~0), a run without them a dash."""
+    results = base_results()
+    run_of(results, "afm_k4")["metrics"].update({"eval/diversity": 0.4, "eval/diversity_min": 0.0123})
+    table = tree(build_report(results)).by_id("runs-table")
+    header = [th.text() for th in table.all("th")]
+    assert header[header.index("eval/cls_acc") + 1:header.index("status")] == list(COVERAGE)
+    rows = {r.attrs["data-run"]: r for r in table.all("tbody")[0].all("tr")}
+    cells = {name: {td.attrs["data-metric"]: td for td in row.all("td") if "data-metric" in td.attrs}
+             for name, row in rows.items()}
+    assert cells["afm_1nfe"]["eval/precision"].text() == "0.8" and cells["afm_1nfe"]["eval/recall"].text() == "0.55"
+    assert cells["afm_k4"]["eval/diversity_min"].text() == "0.0123"
+    assert cells["afm_k4"]["eval/diversity"].text() == "0.4"
+    for key in COVERAGE:
+        absent = cells["phases_auto"][key]
+        assert absent.text() == "\u2014" and absent.all("span", "na"), key
+    # Every cell of a row sits under its column.
+    for name, row in rows.items():
+        tds = row.all("td")
+        assert len(tds) == len(header)
+        for key in COVERAGE:
+            assert tds[header.index(key)].attrs.get("data-metric") == key
 
 
 def test_text_is_escaped():

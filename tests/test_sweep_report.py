@@ -259,6 +259,46 @@ def test_the_sweep_job_renders_the_report_the_library_describes(tmp_path, capsys
     assert not (tmp_path / "broken.html").exists() and not (tmp_path / "missing.db").exists()
 
 
+COVERAGE = ("eval/precision", "eval/recall", "eval/diversity", "eval/diversity_min")
+
+
+def test_trials_table_shows_the_mode_coverage_beside_the_objective(monkeypatch):
+    """eval/precision, eval/recall, eval/diversity, eval/diversity_min (the sweep's annotations, from each
+    trial's run) are columns right after the objective; a within-class collapse is a number
+    (diversity_min ~0), a trial without them shows the dash."""
+    monkeypatch.setattr(sweep_report, "_render_plots", lambda *a: "")  # plotly is not what this checks
+    study = optuna.create_study(study_name="cov")
+    x = optuna.distributions.FloatDistribution(0, 9)
+    for n in range(3):
+        study.add_trial(optuna.trial.create_trial(params={"x": float(n)}, distributions={"x": x}, value=1.0 + n,
+                                                  user_attrs={"mlflow_run_id": f"r{n}"}))
+    notes = {0: {"steps": 10, "eval/precision": 0.71, "eval/recall": 0.52, "eval/diversity": 0.93,
+                 "eval/diversity_min": 0.61},
+             1: {"steps": 10, "eval/precision": 0.98, "eval/recall": 0.04, "eval/diversity": 0.21,
+                 "eval/diversity_min": 0.0012}}  # 2: an older run, without them
+    p = parse(build_report(study, metric_name="eval/fd", annotations=notes, extra_columns=["eval/recall"]))
+    head = p.header_cells
+    assert head[head.index("eval/fd"):head.index("eval/fd") + 5] == ["eval/fd", *COVERAGE]
+    assert head.count("eval/recall") == 1  # not repeated as an attribute column
+    row = {n: p.row_text[str(n)].split() for n in range(3)}
+    assert row[0][3:7] == ["0.71", "0.52", "0.93", "0.61"]
+    assert row[1][3:7] == ["0.98", "0.04", "0.21", "0.0012"]
+    assert row[2][3:7] == ["\u2014"] * 4
+    # Without any trial carrying them, no such columns.
+    assert not set(COVERAGE) & set(parse(build_report(study, metric_name="eval/fd")).header_cells)
+
+
+def test_the_sweep_annotates_each_trial_with_its_runs_coverage_at_the_swept_k():
+    from advflow.platform.sweep.tune import coverage_notes
+
+    logged = {"eval/fd": 3.0, "eval/precision": 0.7, "eval/recall": 0.6, "eval/diversity": 0.9,
+              "eval/diversity_min": 0.5, "eval/precision_at_4": 0.4, "eval/recall_at_4": 0.3}
+    assert coverage_notes(logged, "eval/fd") == {"eval/precision": 0.7, "eval/recall": 0.6, "eval/diversity": 0.9,
+                                                 "eval/diversity_min": 0.5}
+    assert coverage_notes(logged, "eval/fd@4") == {"eval/precision@4": 0.4, "eval/recall@4": 0.3}
+    assert coverage_notes({"eval/fid": 9.0}, "eval/fid") == {}
+
+
 @pytest.mark.integration  # end-to-end: renders whole sweep reports from Optuna studies (seconds)
 def test_missing_and_bad_grids_show_placeholders(tmp_path):
     study = optuna.create_study(study_name="grids", storage=f"sqlite:///{tmp_path / 'g.db'}")

@@ -17,6 +17,13 @@ Two kinds:
   the TF graph's resize) against reference statistics from an .npz, ADM's batches included
   (`eval/fid.py`; `jobs/fid_reference.py` makes them).
 
+Both also report mode coverage in their feature space (`eval/coverage.py`, higher is better):
+eval/precision and eval/recall (Kynkäänniemi et al. 2019, k = 3 nearest neighbours) against their
+reference's features, and eval/diversity / eval/diversity_min, the generated images' within-class
+spread over the reference's (mean over classes / worst class; ~0 = one image per class), from the
+labels the samples were generated with. Like every sample-dependent key they are also logged per K
+(`eval/precision@K`, ...).
+
 The shared Fréchet maths and .npz stats I/O are `eval/frechet.py`. The builders import their
 evaluator module when called, so reading the table (config validation) loads no model code: this
 module imports nothing but the standard library (tests/test_config.py checks that importing the
@@ -32,6 +39,11 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
 if TYPE_CHECKING:
     import numpy as np
     import torch
+
+
+COVERAGE_KEYS = ("eval/precision", "eval/recall", "eval/diversity", "eval/diversity_min")
+"""The mode-coverage keys both evaluators report when they can (`eval/coverage.py`): what the sweep
+and reproduction reports show beside eval/fd / eval/fid."""
 
 
 @runtime_checkable
@@ -54,7 +66,8 @@ class Evaluator(Protocol):
         ...
 
     def metrics_from_features(self, features: np.ndarray, labels: torch.Tensor) -> dict[str, float]:
-        """Every image's rows (N, F), in the order of `labels` (N,) -> metrics keyed `eval/...`."""
+        """Every image's rows (N, F), in the order of `labels` (N,) (the class each image was generated
+        with: eval/cls_acc and eval/diversity read them) -> metrics keyed `eval/...`."""
         ...
 
 
@@ -96,7 +109,7 @@ def _build_digits(ev, *, encoder: dict, data_shape: tuple[int, ...], num_classes
         raise ValueError(f"digits data must be square, data_shape is {tuple(data_shape)}")
     # data_shape is the latent shape; SD-VAE latents are 8x smaller than the decoded images.
     side = int(data_shape[-1]) * (8 if (encoder or {}).get("name") == "sd-vae" else 1)
-    return DigitsEvaluator(cfg, data_side=side, device="cpu", batch_size=int(ev.batch_size))
+    return DigitsEvaluator(cfg, data_side=side, device="cpu", batch_size=int(ev.batch_size), pr_k=int(ev.pr_k))
 
 
 _FID_REQUIRED = {"inception_path": "pt_inception-2015-12-05-*.pth", "reference_stats": ".npz with mu/sigma"}
@@ -110,7 +123,7 @@ def _build_fid(ev, *, encoder: dict, data_shape: tuple[int, ...], num_classes: i
     for key, what in _FID_REQUIRED.items():  # config validation checks this first; a direct caller may not
         if not getattr(ev, key):
             raise ValueError(f"eval.{key} is required for eval.kind 'fid' (a local {what} path)")
-    return FIDEvaluator(ev.inception_path, ev.reference_stats, int(ev.batch_size), device=None)
+    return FIDEvaluator(ev.inception_path, ev.reference_stats, int(ev.batch_size), device=None, pr_k=int(ev.pr_k))
 
 
 EVALUATORS: dict[str, EvaluatorKind] = {

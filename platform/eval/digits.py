@@ -31,6 +31,7 @@ from torch import nn
 
 from advflow.platform.atomic import write_bytes
 from advflow.platform.data.digits import digits_pixels, digits_split, resize_digits
+from advflow.platform.eval.coverage import K_NEIGHBOURS, knn_radii, precision_recall, within_class_diversity
 from advflow.platform.eval.frechet import FrechetReference, feature_stats
 
 NUM_CLASSES = 10
@@ -170,16 +171,20 @@ def to_digit_pixels(images: torch.Tensor) -> torch.Tensor:
 class DigitsEvaluator:
     """Fréchet distance and conditional accuracy of generated digits (see module doc).
 
-    evaluate() returns eval/fd (primary), eval/fd_floor, eval/cls_acc, eval/classifier_heldout_acc and
-    eval/num_samples. required_samples: the train split size, the N at which eval/fd is comparable
-    to eval/fd_floor. Split for evaluation on many ranks: `features` per rank, `metrics_from_features`
-    on one rank over every rank's rows (`evaluate` is both).
+    evaluate() returns eval/fd (primary), eval/fd_floor, eval/cls_acc, eval/classifier_heldout_acc,
+    eval/num_samples, and the mode coverage (`eval/coverage.py`) in the same feature space against the
+    same held-out digits: eval/precision and eval/recall (k = `pr_k` nearest neighbours; when there are
+    more than k images) and eval/diversity / eval/diversity_min (within-class spread of the generated
+    features over the held-out digits' spread, per class the images are labelled with; when a class
+    has at least 2 images). required_samples: the train split size, the N at which eval/fd is
+    comparable to eval/fd_floor. Split for evaluation on many ranks: `features` per rank,
+    `metrics_from_features` on one rank over every rank's rows (`evaluate` is both).
     """
 
     primary = "eval/fd"
 
     def __init__(self, config: DigitsEvalConfig | None = None, *, data_side: int = SIDE, device: str = "cpu",
-                 cache_dir: str | None = None, batch_size: int = 2048) -> None:
+                 cache_dir: str | None = None, batch_size: int = 2048, pr_k: int = K_NEIGHBOURS) -> None:
         self.config = config or DigitsEvalConfig()
         # Data prepared at another resolution: the reference digits make the same round trip
         # (prepare's upsampling, then to_digit_pixels) as a perfect generator's samples would.
@@ -196,6 +201,10 @@ class DigitsEvaluator:
         self.reference = FrechetReference(self.ref_mu, self.ref_sigma, "held-out digits")
         self.fd_floor = self.reference.distance(*feature_stats(train_f), "train-split digits")
         self.heldout_acc = float((held_logits.argmax(1) == held_y.numpy()).mean())
+        # The reference of precision/recall and diversity: the held-out digits' features and classes.
+        self.pr_k = int(pr_k)
+        self.held_features, self.held_labels = held_f, held_y.numpy()
+        self.held_radii = knn_radii(held_f, self.pr_k, dtype=torch.float64)
 
     def _reference(self, x: torch.Tensor) -> torch.Tensor:
         return to_digit_pixels(resize_digits(x, self.data_side))
@@ -222,7 +231,9 @@ class DigitsEvaluator:
 
     def metrics_from_features(self, features: np.ndarray, labels: torch.Tensor) -> dict[str, float]:
         """Every generated image's `features` rows (N, feature_dim + 10), with the (N,) labels they were
-        conditioned on -> eval/fd, eval/fd_floor, eval/cls_acc, eval/classifier_heldout_acc, eval/num_samples."""
+        conditioned on -> eval/fd, eval/fd_floor, eval/cls_acc, eval/classifier_heldout_acc, eval/num_samples,
+        eval/precision, eval/recall (more than `pr_k` images), eval/diversity, eval/diversity_min (a
+        class with at least 2 images)."""
         rows = np.asarray(features, dtype=np.float64)
         width = self.config.feature_dim + NUM_CLASSES
         assert rows.ndim == 2 and rows.shape[1] == width, f"features rows must be (N, {width}), got {rows.shape}"
@@ -236,13 +247,20 @@ class DigitsEvaluator:
             raise ValueError(f"labels must be digit classes in [0, {NUM_CLASSES}), got range "
                              f"[{int(y.min())}, {int(y.max())}]")
         feats, logits = rows[:, :self.config.feature_dim], rows[:, self.config.feature_dim:]
-        return {
+        out = {
             "eval/fd": self.reference.distance_to_features(feats, "generated images"),
             "eval/fd_floor": self.fd_floor,
             "eval/cls_acc": float((logits.argmax(1) == y.numpy()).mean()),
             "eval/classifier_heldout_acc": self.heldout_acc,
             "eval/num_samples": float(len(rows)),
         }
+        if len(feats) > self.pr_k:
+            out["eval/precision"], out["eval/recall"] = precision_recall(
+                self.held_features, feats, self.pr_k, real_radii=self.held_radii, dtype=torch.float64)
+        div = within_class_diversity(self.held_features, self.held_labels, feats, y.numpy())
+        if div["classes"]:
+            out["eval/diversity"], out["eval/diversity_min"] = div["diversity"], div["diversity_min"]
+        return out
 
     def evaluate(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         """`metrics_from_features(features(images), labels)`: the whole evaluation in one process."""

@@ -23,11 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from advflow.platform.config import ConfigError, RunSpec
+from advflow.platform.eval import COVERAGE_KEYS
 from advflow.platform.log import get_logger
 from advflow.platform.sweep.space import SweepSpace, apply_params
 from advflow.platform.sweep.study import (TRIAL_KEY, RecordTrialNumber, absolute_storage, open_study, recover_study,
                                           set_trial_attrs, sweep_dir)
 from advflow.platform.tracking import runs as tracking
+from advflow.platform.tracking.logger import mlflow_metric_key
 from advflow.platform.tracking.secrets import redact_url
 
 log = get_logger(__name__)
@@ -41,7 +43,8 @@ class SweepReport:
     """What the sweep's HTML report is rendered from (`run_sweep` returns it; jobs/sweep.py renders).
 
     annotations: per trial number, facts settled only after the trial finished (`steps`,
-    `stopped_early`; Optuna refuses user attrs on finished trials). out: where the report goes by
+    `stopped_early`, and the mode coverage its run logged last: `coverage_notes`; Optuna refuses user
+    attrs on finished trials). out: where the report goes by
     default (the space's `report`, else beside the study). parent_run_id: the sweep's MLflow parent
     run, which `attach_report` logs the page to."""
 
@@ -273,7 +276,8 @@ def finalize(spec: RunSpec, space: SweepSpace, parent: str | None) -> tuple[dict
             if run.info.status != status:
                 client.set_terminated(run_id, status=status)
             client.set_tag(run_id, "sweep.stopped_early", str(early).lower())
-            notes[t.number] = {"steps": steps, "stopped_early": early}
+            notes[t.number] = {"steps": steps, "stopped_early": early,
+                               **coverage_notes(run.data.metrics, space.metric)}
             stopped += int(early)
     summary: dict[str, Any] = {"study": space.study_name, "trials": len(study.trials), "stopped_early": stopped}
     complete = [t for t in study.get_trials(deepcopy=False, states=(TS.COMPLETE,))]
@@ -291,6 +295,15 @@ def finalize(spec: RunSpec, space: SweepSpace, parent: str | None) -> tuple[dict
                            ("trials", summary["trials"]), ("stopped_early", stopped)):
             client.log_metric(parent, key, float(value))
     return summary, report
+
+
+def coverage_notes(logged: dict[str, float], metric: str) -> dict[str, float]:
+    """The mode-coverage metrics (`eval.COVERAGE_KEYS`) among a run's last logged values `logged` (MLflow
+    names), at the K of the sweep's `metric` (`eval/fd@4` -> `eval/precision@4`, ...), keyed by their
+    advflow names; absent ones are left out (an evaluator that could not compute them, an older run)."""
+    suffix = "@" + metric.split("@", 1)[1] if "@" in metric else ""
+    keys = [base + suffix for base in COVERAGE_KEYS]
+    return {key: float(logged[mlflow_metric_key(key)]) for key in keys if mlflow_metric_key(key) in logged}
 
 
 def attach_report(spec: RunSpec, report: SweepReport, path: str | Path) -> None:
