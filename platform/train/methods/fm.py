@@ -8,10 +8,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from advflow.platform.train.checkpoint import EMAState
-from advflow.platform.train.engines import EngineState, build_engine, set_lr, write_weights
+from advflow.platform.train.engines import build_engine
 from advflow.platform.train.methods.base import MetricNames, StepEnv, grad_norm
-from advflow.platform.train.methods.generator import GeneratorMethod
+from advflow.platform.train.methods.generator import OneEngineGenerator
 from advflow.trainers import draws, fm
 from advflow.trainers.ema import EMA
 from advflow.trainers.models import build_generator
@@ -19,7 +18,7 @@ from advflow.trainers.models import build_generator
 DRAWS = 2  # the draw purpose (G's, as in AFM's G step)
 
 
-class FMStep(GeneratorMethod):
+class FMStep(OneEngineGenerator):
     streams: ClassVar[tuple[str, ...]] = ("g",)
     names: ClassVar[MetricNames] = MetricNames(progress=(("FM", "fm_loss"),), losses=("fm_loss",),
                                                grads=("g_grad_norm",))
@@ -36,9 +35,6 @@ class FMStep(GeneratorMethod):
         G = build_generator(m.size, in_channels=env.data_shape[0], input_size=env.data_shape[1],
                             num_classes=env.num_classes, kind=m.kind, nfe=m.nfe, repeats=m.repeats)
         return cls(env, G.to(env.device))
-
-    def parts(self) -> dict[str, Any]:
-        return {"g": EngineState(self.engines["g"], "g"), "ema": EMAState(self.ema)}
 
     def step(self, k: int, phase) -> dict[str, torch.Tensor]:
         """The velocity is the module's own method, called through the engine's attribute access
@@ -60,15 +56,3 @@ class FMStep(GeneratorMethod):
             grad_norm(metrics, "g_grad_norm", engine, env.device)
             self.ema.update(self.G)
         return metrics
-
-    def set_lr(self, phase, factor: float) -> dict[str, float]:
-        set_lr(self.engines["g"], phase.lr * self.G.lr_scale * factor)
-        return {"lr": phase.lr * factor, "lr_g": phase.lr * self.G.lr_scale * factor, "phase": float(phase.phase_index)}
-
-    def on_event(self, event) -> None:
-        if event.kind == "ema_reload":
-            write_weights(self.engines["g"], self.ema.shadow)
-        # FM has no D: no snapshots, no D reloads (the config refuses d_reload_from for fm).
-
-    def on_new_best(self) -> None:
-        pass

@@ -10,6 +10,8 @@ import functools
 import torch
 
 from advflow.platform.train import callbacks as cb
+from advflow.platform.train.checkpoint import EMAState
+from advflow.platform.train.engines import EngineState, set_lr, write_weights
 
 
 class GeneratorMethod:
@@ -50,3 +52,23 @@ class GeneratorMethod:
         return registry.log_generator(model, decoder=s.encoder, data_shape=s.data_shape, num_classes=s.num_classes,
                                       registered_name=name, tags={**tags, "method": self.env.spec.model.method},
                                       step=step, run_id=run_id, metrics=metrics)
+
+
+class OneEngineGenerator(GeneratorMethod):
+    """Mixin for the methods that train one generator engine "g" and no D (fm, meanflow): their
+    checkpoint parts, learning rate and phase events. Needs `self.engines["g"]` besides the above."""
+
+    def parts(self) -> dict:
+        return {"g": EngineState(self.engines["g"], "g"), "ema": EMAState(self.ema)}
+
+    def set_lr(self, phase, factor: float) -> dict[str, float]:
+        set_lr(self.engines["g"], phase.lr * self.G.lr_scale * factor)
+        return {"lr": phase.lr * factor, "lr_g": phase.lr * self.G.lr_scale * factor, "phase": float(phase.phase_index)}
+
+    def on_event(self, event) -> None:
+        if event.kind == "ema_reload":
+            write_weights(self.engines["g"], self.ema.shadow)
+        # No D: no snapshots, no D reloads (the config refuses d_reload_from for these methods).
+
+    def on_new_best(self) -> None:
+        pass

@@ -15,10 +15,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from advflow.platform.train.checkpoint import EMAState
-from advflow.platform.train.engines import EngineState, build_engine, set_lr, write_weights
+from advflow.platform.train.engines import build_engine
 from advflow.platform.train.methods.base import MetricNames, StepEnv, grad_norm
-from advflow.platform.train.methods.generator import GeneratorMethod
+from advflow.platform.train.methods.generator import OneEngineGenerator
 from advflow.trainers import draws, meanflow
 from advflow.trainers.ema import EMA
 from advflow.trainers.models import build_generator
@@ -26,7 +25,7 @@ from advflow.trainers.models import build_generator
 DRAWS = 2  # the draw purpose (G's, as FM's and AFM's G step)
 
 
-class MeanFlowStep(GeneratorMethod):
+class MeanFlowStep(OneEngineGenerator):
     streams: ClassVar[tuple[str, ...]] = ("g",)
     # The progress line shows the squared error: the adaptively weighted loss (power 1) is
     # err / (err + eps), about 1 whatever the model.
@@ -48,9 +47,6 @@ class MeanFlowStep(GeneratorMethod):
                             null_label=mf.class_drop > 0)  # the dropped labels' row (CFG's unconditional u)
         return cls(env, G.to(env.device))
 
-    def parts(self) -> dict[str, Any]:
-        return {"g": EngineState(self.engines["g"], "g"), "ema": EMAState(self.ema)}
-
     def step(self, k: int, phase) -> dict[str, torch.Tensor]:
         """Draws per micro-batch, in this order from one generator keyed by the sample's global row:
         the noise z, the times (s, t) = (MeanFlow's t, r), then the dropped labels (inside the loss)."""
@@ -71,15 +67,3 @@ class MeanFlowStep(GeneratorMethod):
             grad_norm(metrics, "g_grad_norm", engine, env.device)
             self.ema.update(self.G)
         return metrics
-
-    def set_lr(self, phase, factor: float) -> dict[str, float]:
-        set_lr(self.engines["g"], phase.lr * self.G.lr_scale * factor)
-        return {"lr": phase.lr * factor, "lr_g": phase.lr * self.G.lr_scale * factor, "phase": float(phase.phase_index)}
-
-    def on_event(self, event) -> None:
-        if event.kind == "ema_reload":
-            write_weights(self.engines["g"], self.ema.shadow)
-        # No D: no snapshots, no D reloads (the config refuses d_reload_from for meanflow).
-
-    def on_new_best(self) -> None:
-        pass
