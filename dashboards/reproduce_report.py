@@ -1,21 +1,41 @@
-"""A self-contained HTML report of `jobs/reproduce.py`: the paper's claims checked on digits.
+"""A self-contained HTML report of `jobs/reproduce.py`: the paper's claims measured on digits, side by
+side over several seeds.
 
 `build_report(results)` renders one page that needs no network to view: plotly.js is inlined once
 (the first figure), sample grids are base64 data URIs. The page holds
-- a header: title, creation time, the job's wall time, images seen per run, the parent MLflow run;
-- the claims of the Adversarial Flow Models paper, each with a verdict (reproduced / not reproduced /
-  incomplete) and a sentence with the numbers it rests on (`assess_claims`);
-- a table with one row per run (method, NFE, R, parameters, training time, final eval/fd,
-  eval/fd_floor, eval/cls_acc, the mode coverage eval/precision, eval/recall, eval/diversity and
-  eval/diversity_min (higher is better; a diversity_min near 0 is a class drawn as one image), status)
-  and, for the flow-matching run, its final eval/fd per K;
-- eval/fd over training steps (log scale; FM's eval/fd@K curves as extra traces, phase changes
-  marked) and final eval/fd against network passes per sample;
-- the phase transitions of the phase-schedule runs (step, from -> to, reason);
-- a sample grid per run, or a note saying why there is none.
+- a header: title, creation time, the job's wall time, the sizes, AFM steps, images seen per run, the
+  seeds, the tuning budget and the parent MLflow run;
+- the claims table (`assess_claims`): each claim of the Adversarial Flow Models paper with a verdict
+  badge, one measured sentence, and for each compared group mean ± sample std (min-max, n seeds) of
+  eval/fd, eval/precision, eval/recall and eval/diversity; the ImageNet-scale claims are listed as
+  "needs ImageNet scale";
+- a runs table, one row per run with mean ± std over its finished seeds of eval/fd, eval/fd@K (where
+  the run was evaluated at several K), the mode coverage eval/precision, eval/recall, eval/diversity,
+  eval/diversity_min (higher is better; a diversity_min near 0 is a class drawn as one image),
+  parameters and training time, and a per-seed detail table in a collapsible <details>;
+- eval/fd over training steps, the mean over seeds per run (log scale; FM's and MeanFlow's eval/fd@K
+  as dotted traces; phase changes of seed 0 marked), and final eval/fd against network passes;
+- the phase transitions of the phase-schedule runs, per seed;
+- the sample grids of seed 0 of AFM 1NFE, MeanFlow 1NFE and FM (at its own K) side by side.
 
-The input is the plain dict described in `build_report`; runs may be missing or FAILED, and the page
-says so instead of failing. `write_report(results, out)` writes the page atomically.
+Verdicts (VERDICTS; our operationalisation, not the paper's): per compared metric, the groups are the
+values of the finished seeds of two runs ("A" the claim's subject, "B" what it is compared with);
+lower is better for eval/fd*, higher for precision, recall and diversity.
+- "holds": A's mean is better AND the ranges do not overlap (every seed of A better than every seed
+  of B);
+- "does not hold": B's mean is better and B is better on every seed;
+- "inconclusive": the means point one way but the ranges overlap ("within the seed spread"), or the
+  means are equal;
+- "incomplete": a compared run has fewer than MIN_SEEDS finished seeds with a finite value;
+- "needs ImageNet scale": a claim digits cannot test (the FID numbers).
+Two claims are weaker than "beats" and say so: "no worse" (phases: auto vs hand-placed) holds when
+A's mean is no worse, and "approaches" (AFM vs MeanFlow one size up) holds unless B is better on
+every seed; both do not hold when B is better on every seed, and "no worse" is inconclusive when A's
+mean is worse within the spread. A claim resting on several metrics (the OT claim: diversity and
+recall) holds when each holds, does not hold when any does not hold, else is inconclusive.
+
+The input is the plain dict described in `build_report`; runs and seeds may be missing or FAILED,
+and the page says so instead of failing. `write_report(results, out)` writes the page atomically.
 CLI: python -m advflow.dashboards.reproduce_report --results results.json --out report.html
 """
 
@@ -26,6 +46,7 @@ import base64
 import datetime as dt
 import json
 import math
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -35,55 +56,55 @@ from advflow.dashboards.sweep_grids import GridUnavailable, image_mime, load_gri
 from advflow.platform.atomic import write_text
 from advflow.platform.eval import COVERAGE_KEYS
 
-# Our operationalisation of "AFM at 1 step approaches flow matching at many steps": AFM 1NFE's eval/fd
-# is at most this multiple of FM's best eval/fd over K >= MANY_STEP_MIN_K. The paper gives no number.
-APPROACH_RATIO = 1.5
-# Our operationalisation of "multi-step AFM works": each multi-step run's eval/fd is at most this
-# multiple of AFM 1NFE's (or better). Also ours, not the paper's.
-MULTISTEP_RATIO = 1.5
-FEW_STEP_KS = (1, 2, 4)  # FM sampling steps that count as "few"
-MANY_STEP_MIN_K = 8  # FM sampling steps from which on they count as "many"
-# The numbers the paper reports for this comparison (ImageNet 256, FID), quoted in the depth sentence.
-PAPER_DEPTH_NUMBERS = "56-layer 1NFE FID 2.08 vs XL/2 2NFE 2.11; 112-layer 1NFE FID 1.94 vs 4NFE 2.02"
+MIN_SEEDS = 2  # finished seeds per compared run below which a claim is "incomplete"
+FEW_KS = (1, 2, 4)  # the K at which AFM 1NFE is compared with flow matching
 # The runs jobs/reproduce.py trains; the page lists the ones the results lack.
-EXPECTED_RUNS = ("afm_1nfe", "fm", "afm_k2", "afm_k4", "afm_r2", "afm_r4", "phases_none", "phases_manual",
+EXPECTED_RUNS = ("afm_1nfe", "meanflow", "meanflow_up", "fm", "afm_k2", "afm_r2", "afm_ot0", "phases_manual",
                  "phases_auto")
-
-CLAIMS = (
-    "AFM at 1 step beats flow matching at few steps",
-    "AFM at 1 step approaches flow matching at many steps",
-    "Multi-step AFM works",
-    "A depth-repeated 1NFE generator beats the multi-step generator of equal compute",
-    "The automatic phase schedule is no worse than hand-placed phases",
+# The grids shown side by side: seed 0 of these runs (FM's grid is drawn at its own K).
+GRID_RUNS = ("afm_1nfe", "meanflow", "fm")
+VERDICTS = ("holds", "does not hold", "inconclusive", "incomplete", "needs ImageNet scale")
+# The claims digits cannot test: the paper's ImageNet 256 FID numbers.
+IMAGENET_CLAIMS = (
+    ("AFM XL/2 at 1NFE reaches FID 2.38 on ImageNet 256",
+     "An FID on ImageNet 256 at XL/2 scale; digits measure eval/fd in a digit classifier's features instead."),
+    ("AFM B/2 at 1NFE approaches consistency-based XL/2 models on ImageNet 256",
+     "ImageNet FIDs at B/2 and XL/2; the digits analogue is claim a2 (MeanFlow one size up)."),
+    ("Depth-repeated 1NFE generators beat multi-step ones of equal compute on ImageNet 256 "
+     "(56-layer 1NFE FID 2.08 vs XL/2 2NFE 2.11; 112-layer 1NFE FID 1.94 vs 4NFE 2.02)",
+     "ImageNet FIDs of 56- and 112-layer generators; the digits analogue is claim c."),
 )
-VERDICTS = ("reproduced", "not reproduced", "incomplete")
+# The metrics the claims table shows per group (at the compared K), and their short names.
+GROUP_METRICS = ("eval/fd", "eval/precision", "eval/recall", "eval/diversity")
+SHORT = {"eval/fd": "eval/fd", "eval/precision": "precision", "eval/recall": "recall",
+         "eval/diversity": "diversity", "eval/diversity_min": "diversity_min"}
 
 # One colour per run trace (and its phase-change markers), cycled when there are more runs.
 _PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",
             "#bcbd22", "#7f7f7f", "#393b79", "#637939")
-_FM_K_PALETTE = ("#08306b", "#08519c", "#2171b5", "#4292c6", "#6baed6", "#9ecae1")
+_K_PALETTE = ("#08306b", "#2171b5", "#6baed6", "#9ecae1")
 
 _CSS = BASE_CSS + """
 h3 { font-size: 15px; margin: 12px 0 4px; }
 .note { color: #6b7385; font-style: italic; padding: 8px 12px; background: #f5f6f8; border-radius: 4px; }
-ol.claims { padding-left: 22px; margin: 0; }
-li.claim { margin: 0 0 10px; }
-li.claim .claim-text { font-weight: 600; }
-li.claim .sentence { margin: 2px 0 0; }
-.verdict { display: inline-block; padding: 1px 9px; border-radius: 10px; font-size: 12px; margin-right: 8px;
-           font-weight: 600; text-transform: uppercase; letter-spacing: .03em; }
-.verdict.reproduced { background: #cdebd6; color: #17622f; }
-.verdict.not-reproduced { background: #f6c9c9; color: #8a1c1c; }
+.verdict { display: inline-block; padding: 1px 9px; border-radius: 10px; font-size: 12px;
+           font-weight: 600; text-transform: uppercase; letter-spacing: .03em; white-space: nowrap; }
+.verdict.holds { background: #cdebd6; color: #17622f; }
+.verdict.does-not-hold { background: #f6c9c9; color: #8a1c1c; }
+.verdict.inconclusive { background: #fbe7c0; color: #7a5200; }
 .verdict.incomplete { background: #e3e6eb; color: #4a5162; }
+.verdict.needs-ImageNet-scale { background: #dde6f7; color: #23407a; }
 .badge { display: inline-block; padding: 1px 8px; border-radius: 10px; font-size: 12px; background: #dfe3ea; }
 .status-FINISHED { background: #cdebd6; } .status-FAILED { background: #f6c9c9; }
 .status-MISSING { background: #fbe7c0; }
 table.data { border-collapse: collapse; font-size: 13px; }
 table.data th, table.data td { border-bottom: 1px solid #e3e6eb; padding: 4px 8px; text-align: left;
-                               white-space: nowrap; }
+                               white-space: nowrap; vertical-align: top; }
 table.data td.num { font-variant-numeric: tabular-nums; text-align: right; }
-table.data td.reason { white-space: normal; max-width: 640px; }
-#runs-table { width: 100%; }
+table.data td.reason { white-space: normal; max-width: 520px; }
+table.data td.group { white-space: normal; font-size: 12px; }
+#runs-table, #claims-table { width: 100%; }
+details { margin-top: 10px; }
 """
 
 
@@ -97,8 +118,8 @@ def _finite(value: Any) -> float | None:
 
 
 def _num(value: float) -> str:
-    """A metric as the sentences and the table show it: 4 significant digits."""
-    return f"{value:.4g}"
+    """A metric as the sentences and the tables show it: 3 significant digits."""
+    return f"{value:.3g}"
 
 
 def _cell_num(value: Any) -> str:
@@ -129,6 +150,11 @@ def _verdict_class(verdict: str) -> str:
     return verdict.replace(" ", "-")
 
 
+def lower_is_better(key: str) -> bool:
+    """eval/fd, eval/fd@K, eval/fid...: lower is better; the coverage metrics: higher is better."""
+    return key.split("@")[0].startswith(("eval/fd", "eval/fid"))
+
+
 def _index(results: dict) -> dict[str, dict]:
     """Runs by name; ValueError when `runs` is malformed (not a list, a run without a name, duplicates)."""
     runs = results.get("runs")
@@ -146,190 +172,185 @@ def _index(results: dict) -> dict[str, dict]:
     return out
 
 
+def _seeds(run: dict | None) -> list[dict]:
+    seeds = (run or {}).get("seeds")
+    return [s for s in seeds if isinstance(s, dict)] if isinstance(seeds, list) else []
+
+
+def _finished(run: dict | None) -> list[dict]:
+    return [s for s in _seeds(run) if s.get("status") == "FINISHED"]
+
+
 def _label(runs: dict[str, dict], name: str) -> str:
-    run = runs.get(name) or {}
-    return str(run.get("label") or name)
+    return str((runs.get(name) or {}).get("label") or name)
 
 
-def _metric(run: dict, key: str) -> Any:
-    metrics = run.get("metrics")
-    return metrics.get(key) if isinstance(metrics, dict) else None
+# -- aggregation over seeds --------------------------------------------------------------------------
+def aggregate(values: list[Any]) -> dict | None:
+    """{"n", "mean", "std" (sample std, None for one value), "min", "max", "values"} of the finite
+    values, or None when there is none."""
+    vals = [v for v in (_finite(x) for x in values) if v is not None]
+    if not vals:
+        return None
+    return {"n": len(vals), "mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else None,
+            "min": min(vals), "max": max(vals), "values": vals}
 
 
-def _usable(runs: dict[str, dict], name: str) -> str | None:
-    """Why run `name` cannot back a claim (absent or not FINISHED), or None when it can."""
-    run = runs.get(name)
-    if run is None:
-        return f"{name} is not in the results"
-    status = run.get("status") or "MISSING"
-    if status != "FINISHED":
-        return f"{name} is {status}"
-    return None
+def run_values(run: dict | None, key: str) -> list[float]:
+    """The finite final values of metric `key` (e.g. "eval/fd", "eval/recall@2") over the finished seeds."""
+    vals = [_finite((s.get("metrics") or {}).get(key)) if isinstance(s.get("metrics"), dict) else None
+            for s in _finished(run)]
+    return [v for v in vals if v is not None]
 
 
-def _fd(runs: dict[str, dict], name: str) -> tuple[float | None, str | None]:
-    """(final eval/fd of run `name`, None) or (None, why it has none usable)."""
-    why = _usable(runs, name)
-    if why is not None:
-        return None, why
-    fd = _finite(_metric(runs[name], "eval/fd"))
-    if fd is None:
-        return None, f"{name} has no finite eval/fd"
-    return fd, None
+def run_stat(run: dict | None, key: str) -> dict | None:
+    """aggregate(run_values(run, key))."""
+    return aggregate(run_values(run, key))
 
 
-def _k_map(mapping: Any) -> dict[int, Any]:
-    """A {"K": value} dict (JSON string keys) as {K: value}, K ascending; keys that are no int dropped."""
-    out: dict[int, Any] = {}
-    for key, value in (mapping or {}).items() if isinstance(mapping, dict) else ():
-        try:
-            out[int(key)] = value
-        except (TypeError, ValueError):
-            continue
-    return dict(sorted(out.items()))
+def fmt_stat(stat: dict | None, seeds: bool = True) -> str:
+    """"52.1 ± 7.3 (46.1-60.7, 3 seeds)"; one seed: "52.1 (1 seed)"; none: "n/a"."""
+    if stat is None:
+        return "n/a"
+    if stat["n"] == 1:
+        return f"{_num(stat['mean'])} (1 seed)" if seeds else _num(stat["mean"])
+    n = f", {stat['n']} seeds" if seeds else ""
+    return f"{_num(stat['mean'])} ± {_num(stat['std'])} ({_num(stat['min'])}-{_num(stat['max'])}{n})"
 
 
-def _fm_fd_at(runs: dict[str, dict]) -> tuple[dict[int, float], str | None]:
-    """FM's finite final eval/fd@K per K, or ({}, why none is usable)."""
-    why = _usable(runs, "fm")
-    if why is not None:
-        return {}, why
-    values = {k: _finite(v) for k, v in _k_map(runs["fm"].get("fd_at")).items()}
-    return {k: v for k, v in values.items() if v is not None}, None
+def compare(a: list[float], b: list[float], key: str, relation: str = "beats") -> str:
+    """The verdict of "A `relation` B" on metric `key` from the seeds' values (see the module doc).
+    relation: "beats", "no worse" or "approaches"."""
+    if len(a) < MIN_SEEDS or len(b) < MIN_SEEDS:
+        return "incomplete"
+    low = lower_is_better(key)
+    ma, mb = statistics.fmean(a), statistics.fmean(b)
+    a_all_better = max(a) < min(b) if low else min(a) > max(b)
+    b_all_better = max(b) < min(a) if low else min(b) > max(a)
+    a_mean_better = ma < mb if low else ma > mb
+    b_mean_better = mb < ma if low else mb > ma
+    if b_all_better:  # implies B's mean is better too
+        return "does not hold"
+    if relation == "approaches":
+        return "holds"
+    if relation == "no worse":
+        return "inconclusive" if b_mean_better else "holds"
+    if a_all_better and a_mean_better:
+        return "holds"
+    return "inconclusive"
 
 
-def _cannot(claim: str, reasons: list[str], extra: str = "") -> dict:
-    sentence = "Cannot assess: " + "; ".join(reasons) + "."
-    return {"claim": claim, "verdict": "incomplete", "sentence": sentence + (" " + extra if extra else "")}
-
-
-def _ratio(a: float, b: float) -> float:
-    """a / b for eval/fd values (>= 0): 1 when both are 0, inf when only b is."""
-    if b > 0:
-        return a / b
-    return 1.0 if a == b else math.inf
+def combine(verdicts: list[str]) -> str:
+    """Several metrics' verdicts as one: incomplete if any is; holds if all hold; does not hold if any
+    does not; else inconclusive."""
+    if "incomplete" in verdicts:
+        return "incomplete"
+    if all(v == "holds" for v in verdicts):
+        return "holds"
+    if "does not hold" in verdicts:
+        return "does not hold"
+    return "inconclusive"
 
 
 # -- the claims --------------------------------------------------------------------------------------
-def _claim_few_steps(runs: dict[str, dict]) -> dict:
-    claim = CLAIMS[0]
-    fd1, why1 = _fd(runs, "afm_1nfe")
-    fd_at, why_fm = _fm_fd_at(runs)
-    few = {k: v for k, v in fd_at.items() if k <= max(FEW_STEP_KS)}
-    reasons = [r for r in (why1, why_fm) if r]
-    if why_fm is None and not few:
-        reasons.append(f"fm has no finite eval/fd@K for K <= {max(FEW_STEP_KS)}")
-    if reasons:
-        return _cannot(claim, reasons)
-    label = _label(runs, "afm_1nfe")
-    fm_label = _label(runs, "fm")
-    listed = ", ".join(f"{_num(v)} at K={k}" for k, v in few.items())
-    absent = [k for k in FEW_STEP_KS if k not in few]
-    gap = f" ({fm_label} has no finite eval/fd at K={', '.join(map(str, absent))})" if absent else ""
-    worse = [k for k, v in few.items() if not fd1 < v]
-    head = f"{label} reaches eval/fd {_num(fd1)} (lower is better) against {fm_label}'s {listed}{gap}"
-    if not worse:
-        return {"claim": claim, "verdict": "reproduced",
-                "sentence": f"{head}: lower than flow matching at every few-step K."}
-    where = ", ".join(f"K={k} ({_num(few[k])})" for k in worse)
-    return {"claim": claim, "verdict": "not reproduced",
-            "sentence": f"{head}: flow matching is as good or better at {where}."}
+def _key(metric: str, k: int | None) -> str:
+    return metric if k is None else f"{metric}@{k}"
 
 
-def _claim_many_steps(runs: dict[str, dict]) -> dict:
-    claim = CLAIMS[1]
-    fd1, why1 = _fd(runs, "afm_1nfe")
-    fd_at, why_fm = _fm_fd_at(runs)
-    many = {k: v for k, v in fd_at.items() if k >= MANY_STEP_MIN_K}
-    reasons = [r for r in (why1, why_fm) if r]
-    if why_fm is None and not many:
-        reasons.append(f"fm has no finite eval/fd@K for K >= {MANY_STEP_MIN_K}")
-    if reasons:
-        return _cannot(claim, reasons)
-    best_k = min(many, key=lambda k: (many[k], k))
-    best = many[best_k]
-    ratio = _ratio(fd1, best)
-    ok = ratio <= APPROACH_RATIO
-    sentence = (f"{_label(runs, 'afm_1nfe')} eval/fd {_num(fd1)} is {ratio:.2f}x {_label(runs, 'fm')}'s best "
-                f"many-step eval/fd {_num(best)} (K={best_k}, best of K={', '.join(map(str, many))}); "
-                f"{'within' if ok else 'outside'} the {APPROACH_RATIO:g}x we count as \"approaches\" "
-                "(our threshold, not the paper's).")
-    return {"claim": claim, "verdict": "reproduced" if ok else "not reproduced", "sentence": sentence}
+# Each measured claim: id, text, A (run, K or None = the run's own), B, the deciding metrics, the
+# relation ("beats" / "no worse" / "approaches"), and the extra metrics the sentence quotes (means).
+MEASURED = (
+    ("a1", "AFM 1NFE beats MeanFlow 1NFE at equal size", ("afm_1nfe", None), ("meanflow", None),
+     ("eval/fd",), "beats", ("eval/precision", "eval/recall", "eval/diversity")),
+    ("a2", "AFM 1NFE approaches MeanFlow 1NFE one size up", ("afm_1nfe", None), ("meanflow_up", None),
+     ("eval/fd",), "approaches", ("eval/precision", "eval/recall", "eval/diversity")),
+    *((f"b{k}", f"AFM 1NFE beats flow matching at K = {k}", ("afm_1nfe", None), ("fm", k), ("eval/fd",), "beats",
+       ("eval/precision", "eval/recall", "eval/diversity")) for k in FEW_KS),
+    ("c", "Depth repetition R = 2 beats multi-step K = 2 at equal compute", ("afm_r2", None), ("afm_k2", None),
+     ("eval/fd",), "beats", ("eval/recall", "eval/diversity")),
+    ("d", "The OT term prevents mode collapse (AFM vs the same run with lambda_ot = 0)", ("afm_1nfe", None),
+     ("afm_ot0", None), ("eval/diversity", "eval/recall"), "beats", ("eval/fd",)),
+    ("e", "phases: auto is no worse than hand-placed phases", ("phases_auto", None), ("phases_manual", None),
+     ("eval/fd",), "no worse", ("eval/recall", "eval/diversity")),
+)
+CLAIMS = tuple(m[1] for m in MEASURED) + tuple(c for c, _ in IMAGENET_CLAIMS)
 
 
-def _claim_multistep(runs: dict[str, dict]) -> dict:
-    claim = CLAIMS[2]
-    names = ("afm_1nfe", "afm_k2", "afm_k4")
-    fds = {n: _fd(runs, n) for n in names}
-    reasons = [why for _, why in fds.values() if why]
-    if reasons:
-        return _cannot(claim, reasons)
-    fd1 = fds["afm_1nfe"][0]
-    parts = [f"{_label(runs, 'afm_1nfe')} {_num(fd1)}"]
-    too_far = []
-    for name in names[1:]:
-        fd = fds[name][0]
-        ratio = _ratio(fd, fd1)
-        parts.append(f"{_label(runs, name)} {_num(fd)} ({ratio:.2f}x of 1NFE)")
-        if ratio > MULTISTEP_RATIO:
-            too_far.append(_label(runs, name))
-    head = f"eval/fd: {', '.join(parts)}; each multi-step run must be within {MULTISTEP_RATIO:g}x of 1NFE's"
-    if not too_far:
-        return {"claim": claim, "verdict": "reproduced", "sentence": f"{head} or better, and is."}
-    return {"claim": claim, "verdict": "not reproduced",
-            "sentence": f"{head} or better; {' and '.join(too_far)} {'is' if len(too_far) == 1 else 'are'} not."}
+def _group_label(runs: dict[str, dict], name: str, k: int | None) -> str:
+    return _label(runs, name) + ("" if k is None else f" at K={k}")
 
 
-def _claim_depth(runs: dict[str, dict]) -> dict:
-    claim = CLAIMS[3]
-    paper = f"The paper (ImageNet 256): {PAPER_DEPTH_NUMBERS}."
-    pairs = (("afm_r2", "afm_k2"), ("afm_r4", "afm_k4"))
-    fds = {n: _fd(runs, n) for pair in pairs for n in pair}
-    reasons = [why for _, why in fds.values() if why]
-    if reasons:
-        return _cannot(claim, reasons, paper)
-    parts, losers = [], []
-    for deep, multi in pairs:
-        a, b = fds[deep][0], fds[multi][0]
-        outcome = "lower" if a < b else ("tie" if a == b else "worse")
-        parts.append(f"{_label(runs, deep)} {_num(a)} vs {_label(runs, multi)} {_num(b)} ({outcome})")
-        if outcome != "lower":
-            losers.append(f"{_label(runs, deep)} is {'no better than' if a == b else 'worse than'} "
-                          f"{_label(runs, multi)}")
-    head = f"eval/fd (lower is better): {'; '.join(parts)}."
-    if not losers:
-        return {"claim": claim, "verdict": "reproduced",
-                "sentence": f"{head} Both depth-repeated runs beat their equal-compute multi-step pair. {paper}"}
-    return {"claim": claim, "verdict": "not reproduced", "sentence": f"{head} {'; '.join(losers)}. {paper}"}
+def _why_short(runs: dict[str, dict], name: str, key: str) -> str:
+    run = runs.get(name)
+    if run is None:
+        return f"{name} is not in the results"
+    statuses = [str(s.get("status") or "MISSING") for s in _seeds(run)]
+    n = len(run_values(run, key))
+    detail = ", ".join(f"{statuses.count(s)} {s}" for s in dict.fromkeys(statuses)) or "no seeds"
+    return f"{name} has {n} finished seed{'' if n == 1 else 's'} with a finite {key} (needs {MIN_SEEDS}; {detail})"
 
 
-def _claim_phases(runs: dict[str, dict]) -> dict:
-    claim = CLAIMS[4]
-    auto, why_auto = _fd(runs, "phases_auto")
-    manual, why_manual = _fd(runs, "phases_manual")
-    reasons = [r for r in (why_auto, why_manual) if r]
-    if reasons:
-        return _cannot(claim, reasons)
-    none, why_none = _fd(runs, "phases_none")
-    baseline = (f"{_label(runs, 'phases_none')} {_num(none)}" if none is not None
-                else f"no-phase baseline n/a ({why_none})")
-    ok = auto <= manual
-    sentence = (f"eval/fd: {_label(runs, 'phases_auto')} {_num(auto)} vs {_label(runs, 'phases_manual')} "
-                f"{_num(manual)}, {baseline}; the automatic schedule is "
-                f"{'no worse than' if ok else 'worse than'} the hand-placed one.")
-    return {"claim": claim, "verdict": "reproduced" if ok else "not reproduced", "sentence": sentence}
+def _outcome(verdict: str, relation: str, a_label: str, b_label: str, a: list[float], b: list[float],
+             key: str) -> str:
+    low = lower_is_better(key)
+    ma, mb = statistics.fmean(a), statistics.fmean(b)
+    a_all = max(a) < min(b) if low else min(a) > max(b)
+    if verdict == "does not hold":
+        return f"{b_label} better on every seed"
+    if a_all:
+        return f"{a_label} better on every seed"
+    if ma == mb:
+        return "equal means, within the seed spread"
+    leader = a_label if (ma < mb) == low else b_label
+    return f"the means favour {leader}, within the seed spread"
+
+
+def _assess(runs: dict[str, dict], spec: tuple) -> dict:
+    cid, text, (a_run, a_k), (b_run, b_k), deciding, relation, extras = spec
+    a_label, b_label = _group_label(runs, a_run, a_k), _group_label(runs, b_run, b_k)
+    groups = [{"run": name, "k": k, "label": _group_label(runs, name, k), "role": role,
+               "stats": {m: run_stat(runs.get(name), _key(m, k)) for m in GROUP_METRICS}}
+              for role, (name, k) in (("A", (a_run, a_k)), ("B", (b_run, b_k)))]
+    claim = {"id": cid, "claim": text, "relation": relation, "deciding": list(deciding), "groups": groups}
+    per_metric, parts, missing = [], [], []
+    for metric in deciding:
+        a = run_values(runs.get(a_run), _key(metric, a_k))
+        b = run_values(runs.get(b_run), _key(metric, b_k))
+        verdict = compare(a, b, metric, relation)
+        per_metric.append(verdict)
+        if verdict == "incomplete":
+            missing += [_why_short(runs, n, _key(metric, k)) for n, k, v in ((a_run, a_k, a), (b_run, b_k, b))
+                        if len(v) < MIN_SEEDS]
+            continue
+        parts.append(f"{a_label} {SHORT.get(metric, metric)} {fmt_stat(aggregate(a))} vs {b_label} "
+                     f"{fmt_stat(aggregate(b))}: {_outcome(verdict, relation, a_label, b_label, a, b, metric)}")
+    claim["verdict"] = combine(per_metric)
+    if claim["verdict"] == "incomplete":
+        claim["sentence"] = "Cannot assess: " + "; ".join(dict.fromkeys(missing)) + "."
+        return claim
+    quoted = []
+    for metric in extras:
+        sa = run_stat(runs.get(a_run), _key(metric, a_k))
+        sb = run_stat(runs.get(b_run), _key(metric, b_k))
+        if sa is not None and sb is not None:
+            quoted.append(f"{SHORT.get(metric, metric)} {_num(sa['mean'])} vs {_num(sb['mean'])}")
+    tail = f"; {a_label}'s mean " + ", ".join(quoted) if quoted else ""
+    claim["sentence"] = "; ".join(parts) + tail + "."
+    return claim
 
 
 def assess_claims(results: dict) -> list[dict]:
-    """The paper's claims in a fixed order, each {"claim", "verdict", "sentence"}.
-
-    verdict is "reproduced", "not reproduced" or "incomplete" (a run it needs is absent, not FINISHED,
-    or has no finite eval/fd; the sentence names which). Lower eval/fd is better. The sentence quotes
-    the numbers from `results` it rests on and nothing else.
-    """
+    """The paper's claims in a fixed order (CLAIMS), each {"id", "claim", "verdict", "sentence",
+    "relation", "deciding" (metric keys), "groups" ([{"run", "k", "label", "role" ("A"/"B"), "stats":
+    {metric: aggregate(...) or None}}])}; the ImageNet-scale ones last, verdict "needs ImageNet scale"
+    and no groups. The verdict rules are the module doc's; the sentence quotes the numbers of `results`
+    it rests on (mean ± std (min-max, n seeds) of the deciding metrics; the means of the others)."""
     runs = _index(results)
-    return [check(runs) for check in (_claim_few_steps, _claim_many_steps, _claim_multistep, _claim_depth,
-                                      _claim_phases)]
+    claims = [_assess(runs, spec) for spec in MEASURED]
+    for i, (text, why) in enumerate(IMAGENET_CLAIMS, 1):
+        claims.append({"id": f"imagenet{i}", "claim": text, "verdict": "needs ImageNet scale",
+                       "sentence": f"Not tested here: {why}", "relation": None, "deciding": [], "groups": []})
+    return claims
 
 
 # -- header and claims -------------------------------------------------------------------------------
@@ -338,72 +359,137 @@ def _render_header(results: dict, title: str) -> str:
     wall = _fmt_seconds(results.get("wall_seconds"))
     images = results.get("images_per_run")
     parent = results.get("parent_run_id")
+    seeds = results.get("seeds")
+    sizes = results.get("sizes")
+    steps = results.get("steps")
     spans = [
         f"<span>created {esc(created) if created else 'unknown'}</span>",
         f'<span id="wall-time">wall time {esc(wall) if wall else "unknown"}</span>',
+        f'<span id="sizes">sizes {esc(", ".join(map(str, sizes))) if sizes else "unknown"}</span>',
+        f'<span id="steps">{_fmt_int(steps) if steps is not None else "unknown"} AFM steps</span>',
         f'<span id="images-per-run">{_fmt_int(images) if images is not None else "unknown"} images per run</span>',
+        f'<span id="seeds">seeds {esc(" ".join(map(str, seeds))) if seeds else "unknown"}</span>',
         ('<span id="parent-run">parent run '
          + (f"<code>{esc(parent)}</code>" if parent else "none") + "</span>"),
     ]
-    return f'<header><h1>{esc(title)}</h1><div class="meta">{"".join(spans)}</div></header>'
+    extra = "".join(f'<div class="meta" id="header-{k}">{esc(results[k])}</div>' for k in ("tuning", "note")
+                    if results.get(k))
+    return f'<header><h1>{esc(title)}</h1><div class="meta">{"".join(spans)}</div>{extra}</header>'
+
+
+def _stat_cell(stat: dict | None, metric: str) -> str:
+    return f'<div data-metric="{esc(metric)}">{esc(SHORT.get(metric, metric))} {esc(fmt_stat(stat))}</div>'
 
 
 def _render_claims(claims: list[dict]) -> str:
-    items = []
-    for i, c in enumerate(claims):
+    rows = []
+    for c in claims:
         verdict = c["verdict"]
-        items.append(
-            f'<li class="claim" data-claim="{i}" data-verdict="{esc(verdict)}">'
-            f'<span class="verdict {_verdict_class(verdict)}">{esc(verdict)}</span>'
-            f'<span class="claim-text">{esc(c["claim"])}</span>'
-            f'<p class="sentence">{esc(c["sentence"])}</p></li>')
-    return ('<section id="claims"><h2>Claims of the paper</h2>'
-            f'<ol class="claims">{"".join(items)}</ol>'
-            '<p class="note">Lower eval/fd is better. Thresholds for "approaches" and "works" '
-            f"({APPROACH_RATIO:g}x, {MULTISTEP_RATIO:g}x) are ours, not the paper's.</p></section>")
+        groups = {g["role"]: g for g in c.get("groups") or []}
+        cells = []
+        for role in ("A", "B"):
+            g = groups.get(role)
+            if g is None:
+                cells.append(f'<td class="group" data-group="{role}">{na()}</td>')
+                continue
+            stats = "".join(_stat_cell(g["stats"].get(m), m) for m in GROUP_METRICS)
+            cells.append(f'<td class="group" data-group="{role}" data-run="{esc(g["run"])}">'
+                         f"<strong>{esc(g['label'])}</strong>{stats}</td>")
+        rows.append(f'<tr class="claim" data-claim="{esc(c["id"])}" data-verdict="{esc(verdict)}">'
+                    f'<td class="reason claim-text">{esc(c["claim"])}</td>'
+                    f'<td><span class="verdict {_verdict_class(verdict)}">{esc(verdict)}</span></td>'
+                    f'<td class="reason sentence">{esc(c["sentence"])}</td>{"".join(cells)}</tr>')
+    note = ("Lower eval/fd is better; higher precision, recall and diversity. Each value is the mean "
+            "± sample std (min-max, n seeds) over the finished seeds. holds: the claimed direction holds "
+            "for the means and on every seed (the ranges do not overlap); does not hold: the opposite on "
+            "every seed; inconclusive: the means point one way within the seed spread; incomplete: a run "
+            f"has fewer than {MIN_SEEDS} finished seeds. 'No worse' holds unless the mean is worse; "
+            "'approaches' holds unless the other is better on every seed. Our operationalisation, not the "
+            "paper's.")
+    return ('<section id="claims"><h2>Claims of the paper</h2><div class="table-wrap">'
+            '<table class="data" id="claims-table"><thead><tr><th>claim</th><th>verdict</th><th>measured</th>'
+            f'<th>A</th><th>B</th></tr></thead><tbody>{"".join(rows)}</tbody></table></div>'
+            f'<p class="note">{esc(note)}</p></section>')
 
 
 # -- runs table --------------------------------------------------------------------------------------
-_METRIC_COLUMNS = ("eval/fd", "eval/fd_floor", "eval/cls_acc", *COVERAGE_KEYS)
-_COLUMNS = ("run", "method", "NFE", "R", "parameters", "training time", *_METRIC_COLUMNS, "status", "MLflow run")
+_COVERAGE_COLUMNS = tuple(COVERAGE_KEYS)
 
 
-def _render_fd_at(run: dict) -> str:
-    fd_at = _k_map(run.get("fd_at"))
-    if not fd_at:
-        return ""
-    head = "".join(f"<th>K={k}</th>" for k in fd_at)
-    cells = "".join(f'<td class="num" data-k="{k}">{_cell_num(v)}</td>' for k, v in fd_at.items())
-    return (f'<h3>{esc(run.get("label") or run["name"])}: final eval/fd per sampling steps K</h3>'
-            f'<div class="table-wrap"><table class="data fd-at" data-run="{esc(run["name"])}">'
-            f"<thead><tr><th></th>{head}</tr></thead><tbody><tr><th>eval/fd</th>{cells}</tr></tbody></table></div>")
+def _all_ks(runs: dict[str, dict]) -> list[int]:
+    """Every K some run has an eval/fd@K for (any seed), ascending."""
+    ks = set()
+    for run in runs.values():
+        for s in _seeds(run):
+            for key in (s.get("metrics") or {}) if isinstance(s.get("metrics"), dict) else ():
+                base, _, k = key.partition("@")
+                if base == "eval/fd" and k.isdigit():
+                    ks.add(int(k))
+    return sorted(ks)
+
+
+def _mean_std(stat: dict | None) -> str:
+    if stat is None:
+        return na()
+    return esc(_num(stat["mean"]) if stat["std"] is None else f"{_num(stat['mean'])} ± {_num(stat['std'])}")
+
+
+def _status_summary(run: dict) -> str:
+    statuses = [str(s.get("status") or "MISSING") for s in _seeds(run)]
+    if not statuses:
+        return '<span class="badge status-MISSING">MISSING</span>'
+    return " ".join(f'<span class="badge status-{esc(st)}">{statuses.count(st)} {esc(st)}</span>'
+                    for st in dict.fromkeys(statuses))
 
 
 def _render_table(runs: dict[str, dict]) -> str:
-    thead = "".join(f"<th>{esc(c)}</th>" for c in _COLUMNS)
-    rows = []
+    ks = _all_ks(runs)
+    metrics = ["eval/fd", *(f"eval/fd@{k}" for k in ks), *_COVERAGE_COLUMNS]
+    columns = ["run", "method", "size", "NFE", "R", "steps", "seeds", *metrics, "parameters", "training time",
+               "status"]
+    thead = "".join(f"<th>{esc(c)}</th>" for c in columns)
+    rows, detail = [], []
     for name, run in runs.items():
-        status = str(run.get("status") or "MISSING")
+        finished = _finished(run)
+        params = aggregate([s.get("params") for s in finished])
+        seconds = aggregate([s.get("train_seconds") for s in finished])
         cells = [
             f'<td title="{esc(name)}">{esc(run.get("label") or name)}</td>',
             f"<td>{esc(run['method']) if run.get('method') else na()}</td>",
+            f"<td>{esc(run['size']) if run.get('size') else na()}</td>",
             f'<td class="num">{_fmt_int(run.get("nfe"))}</td>',
             f'<td class="num">{_fmt_int(run.get("repeats"))}</td>',
-            f'<td class="num">{_fmt_int(run.get("params"))}</td>',
-            f'<td class="num">{esc(_fmt_seconds(run.get("train_seconds"))) or na()}</td>',
+            f'<td class="num">{_fmt_int(run.get("steps"))}</td>',
+            f'<td class="num" data-seeds="{len(finished)}">{len(finished)}/{len(_seeds(run))}</td>',
         ]
-        cells += [f'<td class="num" data-metric="{key}">{_cell_num(_metric(run, key))}</td>'
-                  for key in _METRIC_COLUMNS]
-        cells.append(f'<td><span class="badge status-{esc(status)}">{esc(status)}</span></td>')
-        cells.append(f"<td><code>{esc(run['run_id'])}</code></td>" if run.get("run_id") else f"<td>{na()}</td>")
-        rows.append(f'<tr data-run="{esc(name)}" data-status="{esc(status)}">{"".join(cells)}</tr>')
-    body = "".join(rows) or f'<tr><td colspan="{len(_COLUMNS)}" class="na">no runs</td></tr>'
+        cells += [f'<td class="num" data-metric="{esc(key)}">{_mean_std(run_stat(run, key))}</td>' for key in metrics]
+        cells += [f'<td class="num">{_fmt_int(params["mean"]) if params else na()}</td>',
+                  f'<td class="num">{esc(_fmt_seconds(seconds["mean"])) if seconds else na()}</td>',
+                  f"<td>{_status_summary(run)}</td>"]
+        rows.append(f'<tr data-run="{esc(name)}">{"".join(cells)}</tr>')
+        for s in _seeds(run):
+            m = s.get("metrics") if isinstance(s.get("metrics"), dict) else {}
+            status = str(s.get("status") or "MISSING")
+            dcells = [f"<td>{esc(run.get('label') or name)}</td>", f'<td class="num">{esc(s.get("seed"))}</td>',
+                      f'<td><span class="badge status-{esc(status)}">{esc(status)}</span></td>']
+            dcells += [f'<td class="num" data-metric="{esc(key)}">{_cell_num(m.get(key))}</td>' for key in metrics]
+            dcells += [f'<td class="num">{_fmt_int(s.get("params"))}</td>',
+                       f'<td class="num">{esc(_fmt_seconds(s.get("train_seconds"))) or na()}</td>',
+                       f"<td><code>{esc(s['run_id'])}</code></td>" if s.get("run_id") else f"<td>{na()}</td>"]
+            detail.append(f'<tr data-run="{esc(name)}" data-seed="{esc(s.get("seed"))}" '
+                          f'data-status="{esc(status)}">{"".join(dcells)}</tr>')
+    body = "".join(rows) or f'<tr><td colspan="{len(columns)}" class="na">no runs</td></tr>'
+    dhead = "".join(f"<th>{esc(c)}</th>" for c in ["run", "seed", "status", *metrics, "parameters",
+                                                   "training time", "MLflow run"])
     absent = [n for n in EXPECTED_RUNS if n not in runs]
     note = (f'<p class="note" id="absent-runs">Not in the results: {esc(", ".join(absent))}.</p>'
             if absent else "")
-    fd_at = "".join(_render_fd_at(r) for r in runs.values() if r.get("method") == "fm")
-    return ('<section id="runs"><h2>Runs</h2><div class="table-wrap"><table class="data" id="runs-table">'
-            f"<thead><tr>{thead}</tr></thead><tbody>{body}</tbody></table></div>{note}{fd_at}</section>")
+    return ('<section id="runs"><h2>Runs (mean ± sample std over the finished seeds)</h2>'
+            '<div class="table-wrap"><table class="data" id="runs-table">'
+            f"<thead><tr>{thead}</tr></thead><tbody>{body}</tbody></table></div>{note}"
+            '<details id="seed-details"><summary>Per seed</summary><div class="table-wrap">'
+            f'<table class="data" id="seeds-table"><thead><tr>{dhead}</tr></thead><tbody>{"".join(detail)}'
+            "</tbody></table></div></details></section>")
 
 
 # -- plots -------------------------------------------------------------------------------------------
@@ -421,6 +507,20 @@ def _points(curve: Any) -> tuple[list[float], list[float]]:
     return [xs[i] for i in order], [ys[i] for i in order]
 
 
+def mean_curve(curves: list[Any]) -> tuple[list[float], list[float], int]:
+    """The mean over seeds of [[step, value], ...] curves: at each step some curve has, the mean of
+    the curves that have it; also how many curves had points."""
+    by_step: dict[float, list[float]] = {}
+    n = 0
+    for curve in curves:
+        xs, ys = _points(curve)
+        n += bool(xs)
+        for x, y in zip(xs, ys, strict=True):
+            by_step.setdefault(x, []).append(y)
+    steps = sorted(by_step)
+    return steps, [statistics.fmean(by_step[x]) for x in steps], n
+
+
 def _at(xs: list[float], ys: list[float], x: float) -> float:
     """The curve's value at step x, interpolated linearly (clamped at its ends); xs is not empty."""
     if x <= xs[0]:
@@ -432,8 +532,8 @@ def _at(xs: list[float], ys: list[float], x: float) -> float:
     return ys[-1]
 
 
-def _transitions(run: dict) -> list[dict]:
-    items = run.get("phase_transitions")
+def _transitions(seed: dict) -> list[dict]:
+    items = seed.get("phase_transitions")
     return [t for t in items if isinstance(t, dict)] if isinstance(items, list) else []
 
 
@@ -444,61 +544,63 @@ def _curves_figure(runs: dict[str, dict]):
     for i, (name, run) in enumerate(runs.items()):
         label = str(run.get("label") or name)
         colour = _PALETTE[i % len(_PALETTE)]
-        status = run.get("status") or "MISSING"
-        suffix = "" if status == "FINISHED" else f" ({status})"
-        xs, ys = _points(run.get("curve"))
+        seeds = _seeds(run)
+        xs, ys, n = mean_curve([s.get("curve") for s in seeds])
         if xs:
-            fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers", name=label + suffix, legendgroup=name,
-                                     line={"color": colour, "width": 2}, marker={"size": 4}))
-        for j, (k, curve) in enumerate(_k_map(run.get("curve_at")).items()):
-            kx, ky = _points(curve)
+            fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers", name=f"{label} (mean of {n})",
+                                     legendgroup=name, line={"color": colour, "width": 2}, marker={"size": 4}))
+        ks = sorted({int(k) for s in seeds for k in (s.get("curve_at") or {}) if str(k).isdigit()})
+        for j, k in enumerate(ks):
+            kx, ky, kn = mean_curve([(s.get("curve_at") or {}).get(str(k)) for s in seeds])
             if kx:
                 fig.add_trace(go.Scatter(x=kx, y=ky, mode="lines", name=f"{label} K={k}", legendgroup=f"{name}@K",
-                                         line={"color": _FM_K_PALETTE[j % len(_FM_K_PALETTE)], "dash": "dot"}))
-        marks = [t for t in _transitions(run) if _finite(t.get("step")) is not None]
+                                         line={"color": _K_PALETTE[j % len(_K_PALETTE)], "dash": "dot"}))
+        marks = [t for t in (_transitions(seeds[0]) if seeds else []) if _finite(t.get("step")) is not None]
         for t in marks:
             fig.add_vline(x=_finite(t["step"]), line={"color": colour, "width": 1, "dash": "dash"}, opacity=0.6)
         if marks and xs:
             steps = [_finite(t["step"]) for t in marks]
-            text = [f"{label} step {s:g}: {t.get('from')} → {t.get('to')}<br>{t.get('reason') or ''}"
-                    for s, t in zip(steps, marks, strict=True)]
+            text = [f"{label} seed {seeds[0].get('seed')} step {s:g}: {t.get('from')} → {t.get('to')}<br>"
+                    f"{t.get('reason') or ''}" for s, t in zip(steps, marks, strict=True)]
             fig.add_trace(go.Scatter(x=steps, y=[_at(xs, ys, s) for s in steps], mode="markers",
                                      name=f"{label}: phase changes", legendgroup=name, hovertext=text,
                                      hoverinfo="text", marker={"color": colour, "size": 11, "symbol": "diamond",
                                                                "line": {"color": "#fff", "width": 1}}))
     if not fig.data:
         return None
-    fig.update_layout(title="eval/fd over training (lower is better)", height=560,
+    fig.update_layout(title="eval/fd over training, mean over seeds (lower is better)", height=560,
                       xaxis_title="training step", yaxis={"type": "log", "title": "eval/fd (log scale)"},
                       margin={"l": 70, "r": 30, "t": 60, "b": 50}, legend={"font": {"size": 11}})
     return fig
 
 
 def _compute_figure(runs: dict[str, dict]):
-    """Final eval/fd against network passes per sample (NFE x R): FM's fd_at line and one marker per
-    AFM run outside the phase ablations."""
+    """Final eval/fd (mean ± std over seeds) against network passes per sample: the runs evaluated at
+    several K as lines over K, the other runs outside the phase and OT ablations as markers at NFE x R."""
     import plotly.graph_objects as go
 
     fig = go.Figure()
     for name, run in runs.items():
         label = str(run.get("label") or name)
-        if run.get("method") == "fm":
-            fd_at = {k: _finite(v) for k, v in _k_map(run.get("fd_at")).items()}
-            pts = [(k, v) for k, v in fd_at.items() if v is not None and v > 0 and k > 0]
+        ks = [int(k) for k in run.get("eval_nfe") or [] if isinstance(k, int) and k > 0]
+        if ks:
+            pts = [(k, run_stat(run, f"eval/fd@{k}")) for k in ks]
+            pts = [(k, s) for k, s in pts if s is not None and s["mean"] > 0]
             if pts:
-                fig.add_trace(go.Scatter(x=[k for k, _ in pts], y=[v for _, v in pts], mode="lines+markers",
-                                         name=f"{label} (K steps)", line={"color": "#08519c"}))
-        elif run.get("method") == "afm" and run.get("group") != "phases":
-            fd = _finite(_metric(run, "eval/fd"))
+                fig.add_trace(go.Scatter(x=[k for k, _ in pts], y=[s["mean"] for _, s in pts], mode="lines+markers",
+                                         name=f"{label} (K steps)",
+                                         error_y={"type": "data", "array": [s["std"] or 0 for _, s in pts]}))
+        elif run.get("group") not in ("phases", "ot"):
+            stat = run_stat(run, "eval/fd")
             nfe, reps = _finite(run.get("nfe")) or 1, _finite(run.get("repeats")) or 1
-            if fd is not None and fd > 0:
-                # Depth-repeated runs share x with the multi-step run of equal compute: label them below.
+            if stat is not None and stat["mean"] > 0:
                 where = "bottom center" if reps > 1 else "top center"
-                fig.add_trace(go.Scatter(x=[nfe * reps], y=[fd], mode="markers+text", name=label, text=[label],
-                                         textposition=where, marker={"size": 11}))
+                fig.add_trace(go.Scatter(x=[nfe * reps], y=[stat["mean"]], mode="markers+text", name=label,
+                                         text=[label], textposition=where, marker={"size": 11},
+                                         error_y={"type": "data", "array": [stat["std"] or 0]}))
     if not fig.data:
         return None
-    fig.update_layout(title="final eval/fd against network passes per sample", height=440,
+    fig.update_layout(title="final eval/fd (mean ± std over seeds) against network passes per sample", height=440,
                       xaxis={"type": "log", "title": "network passes per sample (NFE x R)", "dtick": math.log10(2)},
                       yaxis={"type": "log", "title": "eval/fd (log scale)"},
                       margin={"l": 70, "r": 30, "t": 60, "b": 50})
@@ -508,7 +610,8 @@ def _compute_figure(runs: dict[str, dict]):
 def _render_plots(runs: dict[str, dict]) -> str:
     parts = []
     plotly_inlined = False
-    specs = (("fd-curves", "eval/fd over training steps", _curves_figure, "No run recorded an eval/fd curve."),
+    specs = (("fd-curves", "eval/fd over training steps (mean over seeds)", _curves_figure,
+              "No run recorded an eval/fd curve."),
              ("fd-vs-compute", "Final eval/fd against compute", _compute_figure,
               "No finished run has a finite final eval/fd to draw."))
     for key, heading, factory, note in specs:
@@ -527,25 +630,28 @@ def _render_plots(runs: dict[str, dict]) -> str:
 
 # -- phase transitions -------------------------------------------------------------------------------
 def _render_phases(runs: dict[str, dict]) -> str:
-    shown = [(n, r) for n, r in runs.items() if r.get("group") == "phases" or _transitions(r)]
+    shown = [(n, r) for n, r in runs.items() if r.get("group") == "phases" or any(_transitions(s) for s in _seeds(r))]
     if not shown:
         return ('<section id="phases"><h2>Phase transitions</h2>'
                 '<p class="note">No phase-schedule runs in the results.</p></section>')
     rows, quiet = [], []
     for name, run in shown:
         label = esc(run.get("label") or name)
-        items = _transitions(run)
-        if not items:
+        any_rows = False
+        for s in _seeds(run):
+            for t in _transitions(s):
+                any_rows = True
+                step = _finite(t.get("step"))
+                rows.append(f'<tr data-run="{esc(name)}" data-seed="{esc(s.get("seed"))}"><td>{label}</td>'
+                            f'<td class="num">{esc(s.get("seed"))}</td>'
+                            f'<td class="num">{_fmt_int(step) if step is not None else na()}</td>'
+                            f"<td>{esc(t.get('from'))} &rarr; {esc(t.get('to'))}</td>"
+                            f'<td class="reason">{esc(t.get("reason") or "")}</td></tr>')
+        if not any_rows:
             quiet.append(label)
-        for t in items:
-            step = _finite(t.get("step"))
-            rows.append(f'<tr data-run="{esc(name)}"><td>{label}</td>'
-                        f'<td class="num">{_fmt_int(step) if step is not None else na()}</td>'
-                        f"<td>{esc(t.get('from'))} &rarr; {esc(t.get('to'))}</td>"
-                        f'<td class="reason">{esc(t.get("reason") or "")}</td></tr>')
     table = ('<div class="table-wrap"><table class="data" id="phase-transitions"><thead><tr><th>run</th>'
-             f"<th>step</th><th>phase</th><th>reason</th></tr></thead><tbody>{''.join(rows)}</tbody></table></div>"
-             if rows else "")
+             "<th>seed</th><th>step</th><th>phase</th><th>reason</th></tr></thead>"
+             f"<tbody>{''.join(rows)}</tbody></table></div>" if rows else "")
     note = f'<p class="note">No transitions recorded by: {", ".join(quiet)}.</p>' if quiet else ""
     return f'<section id="phases"><h2>Phase transitions</h2>{table}{note}</section>'
 
@@ -563,18 +669,30 @@ def _grid_bytes(grid: Any) -> bytes:
     return data
 
 
+def _grid_seed(run: dict | None) -> dict | None:
+    """Seed 0's row of `run` (else its first seed's), or None."""
+    seeds = _seeds(run)
+    return next((s for s in seeds if s.get("seed") == 0), seeds[0] if seeds else None)
+
+
 def _render_grids(runs: dict[str, dict]) -> str:
-    if not runs:
-        return '<section id="grids"><h2>Sample grids</h2><p class="note">No runs in the results.</p></section>'
     figures = []
-    for name, run in runs.items():
-        label = str(run.get("label") or name)
-        fd = _finite(_metric(run, "eval/fd"))
-        caption = f"{esc(label)} &middot; eval/fd {_num(fd) if fd is not None else 'n/a'}"
-        status = run.get("status") or "MISSING"
+    for name in GRID_RUNS:
+        run = runs.get(name)
+        s = _grid_seed(run)
+        label = _label(runs, name)
+        if name == "fm" and run and run.get("nfe"):
+            label += f" at its own K={run['nfe']}"
+        if s is None:
+            figures.append(f'<figure class="grid" data-run="{esc(name)}"><div class="placeholder">not in the '
+                           f"results</div><figcaption>{esc(label)}</figcaption></figure>")
+            continue
+        fd = _finite((s.get("metrics") or {}).get("eval/fd") if isinstance(s.get("metrics"), dict) else None)
+        caption = f"{esc(label)} &middot; seed {esc(s.get('seed'))} &middot; eval/fd {_num(fd) if fd is not None else 'n/a'}"
+        status = s.get("status") or "MISSING"
         if status != "FINISHED":
             caption += f" &middot; {esc(status)}"
-        grid = run.get("grid_png")
+        grid = s.get("grid_png")
         if grid is None:
             body = '<div class="placeholder">no grid</div>'
         else:
@@ -584,23 +702,26 @@ def _render_grids(runs: dict[str, dict]) -> str:
                 body = f'<img class="grid-img" alt="samples of {esc(label)}" src="{src}">'
             except GridUnavailable as e:
                 body = f'<div class="placeholder">no grid: {esc(e)}</div>'
-        figures.append(f'<figure class="grid" data-run="{esc(name)}">{body}'
+        figures.append(f'<figure class="grid" data-run="{esc(name)}" data-seed="{esc(s.get("seed"))}">{body}'
                        f"<figcaption>{caption}</figcaption></figure>")
-    return f'<section id="grids"><h2>Sample grids</h2><div class="gallery">{"".join(figures)}</div></section>'
+    return ('<section id="grids"><h2>Sample grids (seed 0, side by side)</h2>'
+            f'<div class="gallery">{"".join(figures)}</div></section>')
 
 
 # -- public API --------------------------------------------------------------------------------------
 def build_report(results: dict) -> str:
     """One self-contained HTML page describing the results of `jobs/reproduce.py`.
 
-    results: {"title", "created", "parent_run_id", "wall_seconds", "images_per_run", "runs": [run, ...]};
-    each run: {"name" (unique), "label", "group", "method" ("afm"/"fm"), "nfe", "repeats", "params",
-    "train_seconds", "status" ("FINISHED"/"FAILED"/"MISSING"), "run_id", "metrics" ({"eval/fd",
-    "eval/fd_floor", "eval/cls_acc", "eval/precision", "eval/recall", "eval/diversity",
-    "eval/diversity_min"}, keys may be missing: shown as a dash), "fd_at" ({"K": fd}, FM only), "curve"
-    ([[step, fd], ...]), "curve_at" ({"K": curve}, FM only), "grid_png" (bytes, a path/URI, or None),
-    "phase_transitions" ([{"step", "from", "to", "reason"}, ...])}. ValueError when `runs` is not a
-    list of uniquely named dicts; anything else missing shows as a dash or a note.
+    results: {"title", "created", "parent_run_id", "wall_seconds", "images_per_run", "steps", "seeds",
+    "sizes", "tuning", "note", "runs": [run, ...]}; each run: {"name" (unique), "label", "group",
+    "method", "size", "nfe", "repeats", "steps", "eval_nfe" ([K, ...] or []), "seeds": [seed, ...]};
+    each seed: {"seed", "status" ("FINISHED"/"FAILED"/"MISSING"), "run_id", "params", "train_seconds",
+    "metrics" ({"eval/fd", "eval/fd_floor", "eval/cls_acc", "eval/precision", "eval/recall",
+    "eval/diversity", "eval/diversity_min", and per K "eval/fd@K", "eval/precision@K", ...}; keys may be
+    missing: shown as a dash), "curve" ([[step, fd], ...]), "curve_at" ({"K": curve}), "grid_png"
+    (bytes, a path/URI, or None), "phase_transitions" ([{"step", "from", "to", "reason"}, ...])}.
+    ValueError when `runs` is not a list of uniquely named dicts; anything else missing shows as a
+    dash or a note.
     """
     if not isinstance(results, dict):
         raise ValueError(f"results must be a dict, got {type(results).__name__}")
@@ -617,9 +738,9 @@ def build_report(results: dict) -> str:
         "<main>",
         _render_claims(claims),
         _render_table(runs),
+        _render_grids(runs),
         _render_plots(runs),
         _render_phases(runs),
-        _render_grids(runs),
         f"<footer>Generated by advflow.dashboards.reproduce_report at {now}.</footer>",
         "</main></body></html>",
     ])
@@ -643,10 +764,11 @@ def load_results(path: str | Path) -> dict:
     if not isinstance(results, dict):
         raise ValueError(f"{path} holds a {type(results).__name__}, not a results object")
     for run in results.get("runs") or []:
-        grid = run.get("grid_png") if isinstance(run, dict) else None
-        if isinstance(grid, str) and grid.strip() and "://" not in grid and ":/" not in grid:
-            grid_path = Path(grid).expanduser()
-            run["grid_png"] = str(grid_path if grid_path.is_absolute() else path.parent.resolve() / grid_path)
+        for s in _seeds(run) if isinstance(run, dict) else ():
+            grid = s.get("grid_png")
+            if isinstance(grid, str) and grid.strip() and "://" not in grid and ":/" not in grid:
+                grid_path = Path(grid).expanduser()
+                s["grid_png"] = str(grid_path if grid_path.is_absolute() else path.parent.resolve() / grid_path)
     return results
 
 
@@ -654,7 +776,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m advflow.dashboards.reproduce_report",
                                 description="Write the self-contained HTML report of jobs/reproduce.py.")
     p.add_argument("--results", required=True,
-                   help="results JSON written by the job (relative grid_png paths are relative to its folder)")
+                   help="results JSON (the report's input; relative grid_png paths are relative to its folder)")
     p.add_argument("--out", required=True, help="HTML file to write")
     args = p.parse_args(argv)
     try:
