@@ -101,6 +101,10 @@ def describe(spec) -> str:
         net = f"classifier {m.size}, t ~ U{tuple(spec.classifier.t_range)}, ZeRO {d.zero_stage_g}"
     elif m.method in ("fm", "meanflow"):
         net = f"G {m.size} ({m.kind}, K={m.nfe}, R={m.repeats}), ZeRO {d.zero_stage_g}"
+    elif m.method == "cafm":
+        c = spec.cafm
+        net = (f"G {m.size} ({m.kind}, K={m.nfe}) from {m.init}, ZeRO G/D {d.zero_stage_g}/{d.zero_stage_d}; "
+               f"steps are optimizer updates of D or G ({c.warmup} D-only, then {c.d_steps} D per G)")
     else:
         net = f"G {m.size} ({m.kind}, K={m.nfe}, R={m.repeats}), ZeRO G/D {d.zero_stage_g}/{d.zero_stage_d}"
     return (f"{m.method.upper()} {net}, {t.steps} steps x global batch {t.global_batch} on {d.workers} worker(s), "

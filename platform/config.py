@@ -8,7 +8,9 @@ section's own value checks live in a validator on that section, next to its fiel
 that span sections (batch divisibility, the method's combinations, the phase plan) are on `RunSpec`.
 
 One spec for every method (`model.method`): `afm` (generator + discriminator), `fm` (flow matching),
-`meanflow` (MeanFlow, the consistency-family one-step baseline) and `classifier` (the time-conditioned classifier that classifier guidance loads). What a method
+`meanflow` (MeanFlow, the consistency-family one-step baseline), `cafm` (continuous adversarial flow
+models: a registered flow-matching model, `model.init`, post-trained against a discriminator) and
+`classifier` (the time-conditioned classifier that classifier guidance loads). What a method
 changes in the defaults is one table, `METHOD_DEFAULTS`, applied to the user's dict before validation.
 
 This module validates and builds nothing: the phase plan and the automatic schedule are built from
@@ -106,11 +108,12 @@ def time_key(t: float) -> str:
 
 # The enumerations. A value outside one is reported as `<field>: 'x' is unknown; use a, b or c`
 # (`_config_error`, pydantic's literal_error).
-Method = Literal["afm", "fm", "meanflow", "classifier"]
+Method = Literal["afm", "fm", "meanflow", "cafm", "classifier"]
 METHODS: tuple[str, ...] = typing.get_args(Method)
 GeneratorKind = Literal["1nfe", "multistep", "anystep"]
 FmTimes = Literal["uniform", "logit_normal"]
 MeanFlowVariant = Literal["meanflow", "imf"]
+CAFMTimeDist = Literal["uniform", "logit_normal_jit"]
 PairSource = Literal["same", "permute"]
 Precision = Literal["auto", "fp32", "bf16"]
 GuidanceTimeMode = Literal["auto", "uniform", "target"]
@@ -169,7 +172,11 @@ class ModelConfig(_Section):
     flow-matching baseline: the same DiT trained as a velocity field with the flow-matching loss,
     one engine, sampled with `nfe` Euler steps; its kind is `multistep`), `meanflow` (MeanFlow: the
     any-step DiT trained on the average velocity, one engine, sampled with `nfe` steps of
-    `trainers.flow.generate`, 1 by default; settings in the `meanflow` section) or `classifier` (the
+    `trainers.flow.generate`, 1 by default; settings in the `meanflow` section), `cafm` (continuous
+    adversarial flow models, arXiv 2604.11521: the flow-matching velocity model of `model.init`
+    post-trained against a discriminator built from its own trunk, two engines, one optimizer update
+    of D or G per iteration; sampled with `nfe` Euler steps, kind `multistep`; settings in the `cafm`
+    section) or `classifier` (the
     time-conditioned DiT classifier that classifier guidance loads, `guidance.classifier`: one
     engine, trained with cross-entropy on flow-noised data, `classifier.t_range`; evaluated with
     eval.kind `accuracy`). Each method's defaults: `METHOD_DEFAULTS`."""
@@ -187,6 +194,12 @@ class ModelConfig(_Section):
     (the official any-step sampler); `multistep` must set it (its training grid has K steps)."""
     repeats: int = 1
     """R, weight-tied depth repetition of the generator's blocks (1, 2 or 4 in the paper)."""
+    init: str | None = None
+    """Where the method's generator starts: a registered generator, `models:/NAME@ALIAS`,
+    `models:/NAME/VERSION`, `runs:/RUN_ID/generator` or a local model folder (anything
+    `tracking.registry.load_generator` takes). Method cafm only, and required there: a flow-matching
+    (method fm, kind multistep) model of this run's size, data shape and classes, checked before launch
+    (`train/preflight.py`) and again when the workers load it."""
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
@@ -210,6 +223,21 @@ class ModelConfig(_Section):
             if self.nfe is None:
                 _fail("nfe", "is not set for method fm", "set model.nfe=K, the Euler steps the registered model "
                       "samples with (evaluate more K with eval.nfe: [1, 2, 4, ...])")
+        if self.method == "cafm":
+            if self.kind != "multistep":  # multistep is its default (METHOD_DEFAULTS)
+                _fail("kind", f"{self.kind!r} with method cafm", "CAFM post-trains a flow-matching velocity model, "
+                      "sampled with K Euler steps: set model.kind=multistep (or leave it unset)")
+            if self.nfe is None:
+                _fail("nfe", "is not set for method cafm", "set model.nfe=K, the Euler steps the registered model "
+                      "samples with")
+            if not self.init:
+                _fail("init", "is not set for method cafm, which post-trains a flow-matching model", CAFM_INIT_FIX)
+            if self.d_size is not None and self.d_size != self.size:
+                _fail("d_size", f"{self.d_size!r} with method cafm, whose D is built from G's own trunk",
+                      "remove model.d_size")
+        elif self.init is not None:
+            _fail("init", f"is set with method {self.method}; only method cafm starts from a registered model",
+                  "remove model.init (or set model.method=cafm)")
         if self.method == "meanflow" and self.kind != "anystep":  # anystep is its default (METHOD_DEFAULTS)
             _fail("kind", f"{self.kind!r} with method meanflow", "MeanFlow's network embeds two times (the "
                   "average velocity from r to t): set model.kind=anystep (or leave it unset)")
@@ -358,6 +386,53 @@ class MeanFlowConfig(_Section):
         return LossConfig(**self.model_dump())
 
 
+CAFM_INIT_FIX = ("register a flow-matching model first: python jobs/train.py --config ... --set model.method=fm "
+                 "... with tracking.register_name, then set model.init=models:/NAME@ALIAS (or models:/NAME/VERSION, "
+                 "runs:/RUN_ID/generator, a local model folder)")
+
+
+class CAFMSection(_Section):
+    """method `cafm` (continuous adversarial flow models, arXiv 2604.11521): the schedule and loss
+    settings of `advflow.trainers.cafm.CAFMConfig` (tests/test_cafm_platform.py checks the defaults
+    agree), with the official SiT-XL/2 defaults. The optimizer settings are `optim`'s (the method's
+    defaults, `METHOD_DEFAULTS`, are the official lr 1e-5 for G and D, betas [0, 0.95], weight decay
+    0, EMA 0.99 after each G step, grad clip 10000). Steps count optimizer updates: each iteration
+    is ONE update, of D or of G (`trainers.cafm.step_kind`)."""
+
+    warmup: int = 10000
+    """D-only warm-up: iterations 0..warmup update D only (official 10000; JiT 5000)."""
+    d_steps: int = 16
+    """D updates per G update after the warm-up (a cycle of d_steps + 1 iterations, counted from 0)."""
+    cp_scale: Number = 0.001
+    """Weight of D's centering term mean(D(x_t, t)^2)."""
+    ot_scale: Number = 0.0
+    """Weight of G's mean(velocity^2) term."""
+    class_drop: Number = 0.1
+    """Probability of replacing a label by the null label, for G and D alike (G gets a null row)."""
+    time_dist: CAFMTimeDist = "uniform"
+    """Law of t: `uniform` (official SiT) or `logit_normal_jit` (official JiT: sigmoid(0.8 N(0, 1) + 0.8))."""
+
+    @model_validator(mode="after")
+    def _check(self) -> CAFMSection:
+        if self.warmup < 0:
+            _fail("warmup", f"{self.warmup} is negative", "use 0 (no D-only warm-up) or more, e.g. 10000")
+        if self.d_steps < 1:
+            _fail("d_steps", f"{self.d_steps} < 1", "use at least 1 D update per G update, e.g. 16")
+        for name in ("cp_scale", "ot_scale"):
+            if getattr(self, name) < 0:
+                _fail(name, "is negative", "use a weight >= 0")
+        if not (0 <= self.class_drop <= 1):
+            _fail("class_drop", f"{self.class_drop} is outside [0, 1]", "use a probability, e.g. 0.1")
+        return self
+
+    def loss_config(self):
+        """The pure algorithm's settings (`advflow.trainers.cafm.CAFMConfig`; imports torch). Its
+        optimizer fields keep their defaults there: the engines take `optim`'s."""
+        from advflow.trainers.cafm import CAFMConfig
+
+        return CAFMConfig(**self.model_dump())
+
+
 class ClassifierConfig(_Section):
     """method `classifier`: how the classifier is trained (its network is `model.size`)."""
 
@@ -386,17 +461,21 @@ UNITS = ("train.steps, every *_every cadence, phase `start`s, `ema_reload_every`
          "(2 x global_batch samples per iteration). The official AFM trainer counts one step per optimizer "
          "update (D or G), so official step S = iteration S/2: its lambda_ot cosine over 1M steps is 500k "
          "iterations here, and an ImageNet epoch (5005 official steps at batch 256) is 2502.5 iterations. "
-         "Methods fm and classifier train one network: their iteration (and train.steps) is ONE optimizer "
-         "update on train.global_batch samples, as the official FM and classifier trainers count a step.")
+         "Methods fm, meanflow and classifier train one network: their iteration (and train.steps) is ONE "
+         "optimizer update on train.global_batch samples, as the official FM and classifier trainers count a "
+         "step. Method cafm trains two, but its iteration is also ONE optimizer update, of D or of G "
+         "(cafm.warmup D-only iterations, then cafm.d_steps D updates per G update), as the official CAFM "
+         "trainer counts a step.")
 
 
 class TrainConfig(_Section):
     """Loop lengths and cadences, counted in iterations: one D update then one G update, each on its
-    own batch (see `UNITS`; an official "step" is half an iteration). Methods fm and classifier: one
-    optimizer update per iteration."""
+    own batch (see `UNITS`; an official "step" is half an iteration). Methods fm, meanflow, cafm (D or
+    G) and classifier: one optimizer update per iteration."""
 
     steps: int = 1000
-    """Iterations to train (AFM: one D update + one G update each; fm, classifier: one update each)."""
+    """Iterations to train (AFM: one D update + one G update each; fm, meanflow, classifier: one update
+    each; cafm: one update each, of D or of G)."""
     global_batch: int = 256
     """Samples per optimizer step summed over workers and accumulation micro-steps."""
     grad_accum: int = 1
@@ -774,6 +853,10 @@ METHOD_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     "afm": {},
     "fm": {"model": {"kind": "multistep"}},  # FM's network: one time embedding, stepped by Euler
     "meanflow": {"model": {"kind": "anystep", "nfe": 1}},  # u(z_t, r, t) embeds two times; one step
+    "cafm": {  # the FM velocity model it post-trains; the official SiT config's optimizers (trainers/cafm.py)
+        "model": {"kind": "multistep"},
+        "optim": {"lr": 1e-5, "betas": [0.0, 0.95], "weight_decay": 0.0, "ema_decay": 0.99, "grad_clip": 10000.0},
+    },
     "classifier": {  # the official classifier trainer's (the paper's classifier is a DiT-B/2)
         "model": {"size": "B/2"},
         "optim": {"betas": [0.9, 0.95], "grad_clip": 50.0, "ema_decay": 0.9995},
@@ -815,6 +898,7 @@ class RunSpec(BaseModel):
     adversarial: AdversarialConfig = Field(default_factory=AdversarialConfig)
     classifier: ClassifierConfig = Field(default_factory=ClassifierConfig)
     meanflow: MeanFlowConfig = Field(default_factory=MeanFlowConfig)
+    cafm: CAFMSection = Field(default_factory=CAFMSection)
     train: TrainConfig = Field(default_factory=TrainConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     run: RunStorageConfig = Field(default_factory=RunStorageConfig)
@@ -912,18 +996,19 @@ class RunSpec(BaseModel):
         elif ev.kind == "accuracy":
             _fail("eval.kind", f"accuracy with method {m.method}", "accuracy evaluates a classifier "
                   "(model.method: classifier); evaluate a generator with " + _one_of(list(EVALUATORS)))
-        if m.method in ("fm", "meanflow") and self.phases == "auto":
+        if m.method in ("fm", "meanflow", "cafm") and self.phases == "auto":
             _fail("phases", "auto is for method afm (its templates fix lambda_ot and reload D)",
                   f"give {m.method} an explicit phase list, or none")
         if ev.nfe is not None and m.method == "afm" and m.kind != "anystep" and set(ev.nfe) != {m.nfe}:
             _fail("eval.nfe", f"{ev.nfe} for a {m.kind} AFM generator, which samples with exactly K={m.nfe}",
                   f"remove eval.nfe or set it to [{m.nfe}]; several K need method fm or kind anystep")
-        if m.method in ("fm", "meanflow"):
+        if m.method in ("fm", "meanflow", "cafm"):
             bad = [p.get("name", f"phase{i + 1}") for i, p in enumerate(self.phase_dicts())
                    if p.get("guidance") or p.get("d_reload_from") is not None]
             if bad:
+                why = "its D takes no snapshots and no guidance" if m.method == "cafm" else "no discriminator"
                 _fail("phases", f"phase(s) {bad} use guidance or a D reload, which method {m.method} has no use "
-                      "for (no discriminator)", "drop those keys; its phases may set lr and ema_reload_every")
+                      f"for ({why})", "drop those keys; its phases may set lr and ema_reload_every")
 
     def _check_classifier(self) -> None:
         """What method classifier has no use for: it trains one network in one phase at optim.lr,

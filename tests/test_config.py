@@ -283,7 +283,7 @@ def test_leaf_tables_are_the_ones_the_code_uses():
 
 
 LITERALS = [  # field, a bad value, the options the message lists
-    ("model.method", "gan", "afm, fm, meanflow or classifier"),
+    ("model.method", "gan", "afm, fm, meanflow, cafm or classifier"),
     ("model.kind", "twostep", "1nfe, multistep or anystep"),
     ("model.fm_times", "beta", "uniform or logit_normal"),
     ("adversarial.source", "shuffle", "same or permute"),
@@ -350,7 +350,8 @@ def test_method_defaults_fill_only_what_the_user_left_out():
     assert (clf.run.name, clf.eval.kind, clf.optim.ema_warmup) == ("classifier", "accuracy", False)
     # Every entry of the table reaches the spec, and each user value wins over it.
     for method, sections in METHOD_DEFAULTS.items():
-        model = {"method": method, **({"nfe": 4} if method == "fm" else {})}
+        model = {"method": method, **({"nfe": 4} if method in ("fm", "cafm") else {}),
+                 **({"init": "models:/fm@champion"} if method == "cafm" else {})}
         got = spec(model=model).to_dict()
         for section, values in sections.items():
             for key, value in values.items():

@@ -381,6 +381,7 @@ def generator_description(spec: fmt.GeneratorSpec, *, n_params: int, tags: dict[
         f"- **Data**: {_data_line(tags)}; {spec.num_classes} classes; samples {c}x{h}x{w}, "
         f"decoder {spec.decoder.get('name')}",
         *_run_lines(tags, model_id, dataset, metrics),
+        *_source_lines(tags),
         "",
         "Sample from it:",
         "",
@@ -409,6 +410,14 @@ def classifier_description(spec: fmt.ClassifierSpec, *, n_params: int, tags: dic
         "",
         f"Guide a generator's training with it: `guidance.classifier: {uri}` in the run config.",
     ])
+
+
+def _source_lines(tags: dict[str, str]) -> list[str]:
+    """The model a post-trained version started from (`model.init`; tags source_model, source_run_id)."""
+    if not tags.get("source_model"):
+        return []
+    run = f" (run {tags['source_run_id']})" if tags.get("source_run_id") else ""
+    return [f"- **Post-trained from**: {tags['source_model']}{run}"]
 
 
 def _origin(tags: dict[str, str]) -> str:
@@ -613,11 +622,21 @@ def load_generator(model_uri: str, *, vae_path: str | None = None, device: str |
     """Download a logged generator, refuse it if any file holds pickle data, and load it.
 
     model_uri: models:/NAME@alias, models:/NAME/VERSION, models:/<model_id>, runs:/..., or a local
-    model folder. vae_path/device: overrides (see tracking.model_format). dst_path: keep the download
-    there (default: a temporary folder, removed after loading).
+    model folder (a downloaded model holding MLmodel, or the bare data folder of
+    `model_format.write_model_data`: scanned whole, then loaded in place). vae_path/device: overrides
+    (see tracking.model_format). dst_path: keep the download there (default: a temporary folder,
+    removed after loading).
     """
     import mlflow
 
+    local = Path(os.fspath(model_uri))
+    if "://" not in str(model_uri) and not str(model_uri).startswith(("models:/", "runs:/")) \
+            and (local / fmt.SPEC_FILE).is_file() and not (local / "MLmodel").is_file():
+        scan_model_dir(local)  # before anything in it is parsed beyond raw bytes
+        model = fmt.load_model_data(local, vae_path=vae_path, device=device)
+        model.source = {"requested": str(model_uri), "uri": str(local.resolve()), "name": None, "version": None,
+                        "run_id": None}
+        return model
     info = resolve_model_uri(model_uri)
     with tempfile.TemporaryDirectory(prefix="advflow-load-") as tmp:
         target = Path(dst_path) if dst_path is not None else Path(tmp)

@@ -74,7 +74,7 @@ class Samples:
     encoder: dict[str, Any]
     """The manifest's encoder record: latents are decoded the way they were made (VAE for sd-vae)."""
     method: str = "afm"
-    """`model.method` (afm, fm, meanflow): how a K other than the model's own is sampled (fm: Euler on
+    """`model.method` (afm, fm, meanflow, cafm): how a K other than the model's own is sampled (fm, cafm: Euler on
     its velocity; the others: their generator's sampler, `generate`)."""
 
     def sample(self, model: torch.nn.Module, z: torch.Tensor, y: torch.Tensor, nfe: int | None = None):
@@ -82,7 +82,7 @@ class Samples:
         its velocity (at its own K this is exactly `generate`, which a registered model uses)."""
         if nfe is None or nfe == model.nfe:
             return generate(model, z, y)
-        if self.method == "fm":
+        if self.method in ("fm", "cafm"):  # a flow-matching velocity field (cafm post-trains one)
             return euler_sample(model, z, y, nfe)
         return generate(model, z, y, nfe=nfe)  # anystep; the config refuses other K for 1nfe/multistep
 
@@ -286,5 +286,9 @@ class Progress:
 
     def __call__(self, m: Moment) -> None:
         if m.rows and m.checkpoint_dir is None:
-            metrics = {**m.rows[-1], "time/data_wait_frac": m.window.get("data_wait_frac", 0.0)}
+            # Each key's latest value in the window (a key may be recorded on some steps only: CAFM's g_loss).
+            latest: dict = {}
+            for row in m.rows:
+                latest.update(row)
+            metrics = {**latest, "time/data_wait_frac": m.window.get("data_wait_frac", 0.0)}
             log.info(self.meter.line(m.step, metrics))

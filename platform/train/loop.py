@@ -213,7 +213,7 @@ class TrainLoop:
 
     def setup(self) -> None:
         self.logger = run_logger(self.spec, self.run_id if self.ctx.rank == 0 else None,
-                                 step_key=self.method_cls.names.losses[0])
+                                 step_key=self.method_cls.names.step_key)
         self.live = live_metrics(self.spec, self.ctx.rank, self.method_cls.names)
         self.build()
         restore = self.ctx.restore_dir()

@@ -55,17 +55,23 @@ class MetricWindow:
                               for k, v in metrics.items()})
 
     def flush(self) -> tuple[list[dict], dict[str, float]]:
-        """Collective: all-reduce the pending rows in ONE call -> (rows, window throughput)."""
+        """Collective: all-reduce the pending rows in ONE call -> (rows, window throughput).
+
+        A row holds the keys its step recorded, no others: a method may record a key on some steps
+        only (CAFM: d_loss on D steps, g_loss on G steps), and a key a step did not record is absent
+        from its row, not NaN (which the watchdog's non-finite check would take for a divergence).
+        Every rank records the same keys at a step (the methods decide by the step number), so the
+        zeros standing in for the absent ones in the reduced table are never read."""
         rows: list[dict] = []
         if self._pending:
             keys = sorted(set().union(*self._pending))
-            nan = torch.tensor(float("nan"), device=self.device)
-            table = torch.stack([torch.stack([m.get(k, nan) for k in keys]) for m in self._pending])  # (S, K)
+            zero = torch.zeros((), device=self.device)
+            table = torch.stack([torch.stack([m.get(k, zero) for k in keys]) for m in self._pending])  # (S, K)
             if dist.is_available() and dist.is_initialized() and self.world_size > 1:
                 dist.all_reduce(table)
                 table /= self.world_size
-            rows = [{"step": self._first + i + 1, **dict(zip(keys, map(float, row)))}
-                    for i, row in enumerate(table.cpu())]
+            rows = [{"step": self._first + i + 1, **{k: v for k, v in zip(keys, map(float, row)) if k in m}}
+                    for i, (m, row) in enumerate(zip(self._pending, table.cpu()))]
             self._pending.clear()
         # The window's wall time includes the metric all-reduce (a checkpoint is added after).
         self.times.total = time.perf_counter() - self._opened

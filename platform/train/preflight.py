@@ -17,6 +17,10 @@ run's status untouched) and exits 2.
   the settings a resume cannot change (`LOCKED`: the network, the global batch, the dataset by its
   manifest's sha256) against its trainer.json "config" or, before any checkpoint, the job's
   existing MLflow run;
+- the start of a post-training method (`check_init`, model.init of method cafm): the registered model
+  exists and is a flow-matching model (method tag fm, kind multistep) of the run's size, data shape
+  and classes (`tracking.init_source`); when the registry cannot be reached the workers' same check
+  decides at build;
 - the cluster (Ray only, `check_cluster`): a worker group the cluster can never place and no
   autoscaler could make room for (`cluster_can_grow`).
 
@@ -94,6 +98,10 @@ def run_preflight(spec: RunSpec, *, ray: bool, previous_run=None, cluster: dict 
     t0 = time.perf_counter()
     check_storage(spec)
     seconds["storage"] = time.perf_counter() - t0
+    if spec.model.init:
+        t0 = time.perf_counter()
+        check_init(spec)
+        seconds["init"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     point = find_resume(spec, ray=ray)
     check_resume(spec, point, data_tags, previous_run)
@@ -173,6 +181,48 @@ def check_dataset(prefix: str) -> dict[str, str]:
             raise Refused(f"data.prefix={prefix}: {storage.url(s.name)} is {kind}: {size} bytes, {MANIFEST_NAME} "
                           f"says {s.bytes}: {fix}")
     return {"data.manifest_uri": where, "data.manifest_sha256": hashlib.sha256(raw).hexdigest()}
+
+
+# ----------------------------------------------------------------------------------------- model.init
+
+
+def check_init(spec: RunSpec) -> None:
+    """model.init names a flow-matching model of this run's size, data shape and classes (the workers'
+    check, `tracking.init_source.init_problem`, made before launch). A registry that does not answer is
+    no refusal: logged, and the workers check when they load the model."""
+    import logging
+
+    from advflow.platform.tracking.init_source import init_problem, inspect_init
+
+    ref = spec.model.init
+    try:
+        manifest = Manifest.from_json(Storage(spec.data.prefix).read(MANIFEST_NAME), spec.data.prefix)
+    except (OSError, ValueError, ManifestError, StorageError) as err:  # check_dataset has refused already
+        raise Refused(f"data.prefix={spec.data.prefix}: {_line(err)}") from None
+    try:
+        source = inspect_init(ref, client=_mlflow_client(spec) if ref.startswith("models:/") else None)
+    except ValueError as err:  # a local folder that is no generator model
+        raise Refused(_line(err)) from None
+    except Exception as err:  # noqa: BLE001 - MLflow's errors: a missing model, or no server
+        if getattr(err, "error_code", None) == "RESOURCE_DOES_NOT_EXIST":
+            raise Refused(f"model.init={ref}: not in the model registry ({_line(err)[:200]}); register a flow-matching "
+                          "model first (python jobs/train.py --set model.method=fm ... with tracking.register_name), or "
+                          "fix the name, version or alias") from None
+        logging.getLogger(__name__).warning("preflight: model.init=%s not checked here (%s); the workers check it "
+                                            "when they load it", ref, _line(err)[:200])
+        return
+    problem = init_problem(source, size=spec.model.size, data_shape=tuple(manifest.shape),
+                           num_classes=int(manifest.num_classes))
+    if problem:
+        raise Refused(problem)
+
+
+def _mlflow_client(spec: RunSpec):
+    from mlflow import MlflowClient
+
+    from advflow.platform.tracking.runs import tracking_uri
+
+    return MlflowClient(tracking_uri(spec) or os.environ.get("MLFLOW_TRACKING_URI") or None)
 
 
 # ----------------------------------------------------------------------------------------- storage

@@ -45,6 +45,14 @@ class MetricNames:
     """Mean logits bounded by watchdog.logit_bound."""
     terms: tuple[str, ...] = ()
     """Loss terms (exported live as losses: tracking/live.py)."""
+    every_step: str = ""
+    """A metric the method records at EVERY step (the run logger finds the steps an earlier attempt
+    logged by it); empty: the first loss. A method whose losses appear on some steps only (CAFM)
+    names another."""
+
+    @property
+    def step_key(self) -> str:
+        return self.every_step or self.losses[0]
 
     def line(self, metrics: dict[str, float]) -> str:
         """The progress line's loss part: 'D 0.6931 G 0.6931'."""
