@@ -996,6 +996,10 @@ class RunSpec(BaseModel):
         elif ev.kind == "accuracy":
             _fail("eval.kind", f"accuracy with method {m.method}", "accuracy evaluates a classifier "
                   "(model.method: classifier); evaluate a generator with " + _one_of(list(EVALUATORS)))
+        if m.method == "cafm" and self.train.steps <= self.cafm.warmup + self.cafm.d_steps:
+            _fail("cafm.warmup", f"{self.cafm.warmup} D-only iterations (then {self.cafm.d_steps} D updates per G "
+                  f"update) leave no G update in train.steps {self.train.steps}, so the generator is never "
+                  "post-trained", "lower cafm.warmup (the official 10000 is for ImageNet) or raise train.steps")
         if m.method in ("fm", "meanflow", "cafm") and self.phases == "auto":
             _fail("phases", "auto is for method afm (its templates fix lambda_ot and reload D)",
                   f"give {m.method} an explicit phase list, or none")

@@ -28,7 +28,9 @@ CAFM = {"warmup": 4, "d_steps": 2, "class_drop": 0.1, "cp_scale": 0.01}  # G ste
 
 
 def base(**model) -> dict:
-    return {"data": {"prefix": "/x"}, "model": {"method": "cafm", "nfe": 2, "init": "models:/fm@champion", **model}}
+    # train.steps beyond the official D-only warm-up (10000), which the config requires (a G update must happen)
+    return {"data": {"prefix": "/x"}, "model": {"method": "cafm", "nfe": 2, "init": "models:/fm@champion", **model},
+            "train": {"steps": 20000}}
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -63,6 +65,7 @@ def test_the_config_section_and_the_pure_algorithm_agree_on_fields_and_defaults(
     ({**base(), "phases": "auto"}, "phases: auto is for method afm"),
     ({**base(), "phases": [{"name": "a", "start": 0, "d_reload_from": "x_end"}]}, "phases: phase"),
     ({**base(), "cafm": {"d_steps": 0}}, "cafm.d_steps"),
+    ({**base(), "train": {"steps": 10016}}, "cafm.warmup: 10000 D-only iterations"),  # no G update would happen
     ({**base(), "cafm": {"class_drop": 1.5}}, "cafm.class_drop"),
     ({**base(), "cafm": {"time_dist": "logit_normal"}}, "cafm.time_dist"),
     ({"model": {"method": "fm", "nfe": 2, "init": "models:/fm@champion"}}, "model.init: is set with method fm"),
@@ -174,7 +177,7 @@ def test_preflight_refuses_a_wrong_local_source_before_launch(tmp_path):
 
     def spec(init):
         return RunSpec.from_dict({"data": {"prefix": str(tmp_path / "data")},
-                                  "model": {"method": "cafm", "nfe": 2, "init": init},
+                                  "model": {"method": "cafm", "nfe": 2, "init": init}, "cafm": {"warmup": 10},
                                   "run": {"storage_path": str(tmp_path / "runs")}, "tracking": {"enabled": False}})
 
     preflight.check_init(spec(good))
