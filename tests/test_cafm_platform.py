@@ -313,3 +313,61 @@ def test_cafm_on_two_workers_matches_a_reference_and_resumes_exactly_and_elastic
             # Exact on 2 workers; on 1 only the order of the gradients' reduction differs.
             assert math.isclose(row[key], want[key], rel_tol=1e-9 if workers == 2 else 1e-4), (
                 f"resumed on {workers} worker(s), step {row['step']}: {key} {row[key]:.8f} vs {want[key]:.8f}")
+
+
+@pytest.mark.integration  # MLflow server, worker processes
+@pytest.mark.timeout(900)
+def test_cafm_from_a_champion_fm_model_registers_a_version_that_names_its_source(digits, tmp_path, mlflow_env):
+    """The registry round trip of issue 27: an FM model registered by the platform and promoted to
+    @champion is post-trained by CAFM (`model.init: models:/NAME@champion`), which registers a new model
+    whose version names the source version (tag and description) and whose samples load and generate."""
+    import secrets
+
+    from mlflow.tracking import MlflowClient
+
+    from advflow.platform.tracking.registry import load_generator
+    from advflow.platform.tracking.runs import tracked_run
+    from advflow.platform.train.local_launch import run_local
+
+    fm_name, cafm_name = "fm-" + secrets.token_hex(3), "cafm-" + secrets.token_hex(3)
+    fm_spec = RunSpec.from_dict({
+        "data": {"prefix": digits, "shuffle_buffer": 128, "prefetch": 2},
+        "model": {"method": "fm", "size": "tiny", "nfe": 2},
+        "optim": {"lr": 1e-3, "grad_clip": 1.0, "ema_decay": 0.9},
+        "train": {"steps": 6, "global_batch": 16, "log_every": 3, "checkpoint_every": 6},
+        "distributed": {"workers": 1},
+        "tracking": {"register_name": fm_name, "system_metrics": False}})
+    with tracked_run(fm_spec) as run:
+        run_local(fm_spec, tmp_path / "fm", run_id=run.run_id)
+        run.ok = True
+    client = MlflowClient()
+    fm_version = client.get_model_version(fm_name, "1")
+    client.set_registered_model_alias(fm_name, "champion", "1")
+
+    spec = RunSpec.from_dict({
+        "data": {"prefix": digits, "shuffle_buffer": 128, "prefetch": 2},
+        "model": {"method": "cafm", "size": "tiny", "nfe": 2, "init": f"models:/{fm_name}@champion"},
+        "cafm": {"warmup": 2, "d_steps": 2},
+        "train": {"steps": 8, "global_batch": 16, "log_every": 4, "checkpoint_every": 8},
+        "distributed": {"workers": 1},
+        "tracking": {"register_name": cafm_name, "system_metrics": False}})
+    with tracked_run(spec) as run:
+        rows = run_local(spec, tmp_path / "cafm", run_id=run.run_id)
+        run.ok = True
+    assert any("g_loss" in r for r in rows) and any("d_loss" in r for r in rows)  # G was post-trained
+    version = client.get_model_version(cafm_name, "1")
+    assert version.tags["method"] == "cafm"
+    assert version.tags["source_model"] == f"models:/{fm_name}/1"  # the alias, pinned to the version it named
+    assert version.tags["source_run_id"] == fm_version.run_id
+    assert f"Post-trained from**: models:/{fm_name}/1" in version.description
+    model = load_generator(f"models:/{cafm_name}/1")
+    assert (model.generator.kind, model.generator.nfe) == ("multistep", 2)
+    images = model.generate([0, 7], [0, 1])
+    assert images.shape == (2, 8, 8, 1) and images.dtype.name == "uint8"
+    # The post-trained weights, not the source's (at lr 1e-5 and a few G updates the uint8 images may
+    # not move yet; the velocity does), and the source's class table plus CAFM's null-label row.
+    source = load_generator(f"models:/{fm_name}/1").generator
+    assert model.generator.null_label and model.generator.y_embedder.embedding_table.num_embeddings == 11
+    x, y, t = torch.randn(2, 1, 8, 8), torch.tensor([0, 7]), torch.full((2,), 0.5)
+    with torch.no_grad():
+        assert not torch.allclose(model.generator.velocity(x, y, t), source.velocity(x, y, t))
