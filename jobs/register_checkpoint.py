@@ -16,6 +16,18 @@ generator.json sidecar; see advflow.trainers.dit_checkpoint). A multistep genera
 unless K is recorded. A run in --experiment (default "imports") records the source path and sha256 (tags
 source_path, source_sha256, also set on the version); the generator is logged with
 registry.log_generator(source="import"). Only the safetensors export is uploaded, never the file.
+
+--layout cafm-sit imports an official SiT / CAFM-SiT generator (ByteDance-Seed/Adversarial-Flow-Models:
+a CAFM run's states/<step>/models/ema.pth or gen.pth, or the released / pretrained SiT-XL-2-256.pt; plain
+state dicts) through advflow.trainers.dit_checkpoint.build_from_cafm_sit: a multistep velocity model
+whose velocity(x_t, y, t) is CAFM's Generator(x_t, y, t) = -SiT(x_t, 1 - t, y) (learn_sigma's extra
+channels dropped, the 1001-row class table kept as 1000 classes plus the null row). It needs --nfe K
+(the Euler steps it samples with; not in the weights). It is tagged method=fm, so it can be
+model.init of a method cafm run (which takes only flow-matching velocity models) and is the output of
+one as well; the version description says which layout it came from.
+
+  python jobs/register_checkpoint.py --layout cafm-sit --checkpoint SiT-XL-2-256.pt --name sit-xl2 \
+      --nfe 8 --decoder sd-vae --vae-path /models/sd-vae-ft-ema
 """
 
 from __future__ import annotations
@@ -59,6 +71,26 @@ def check_decoder(decoder: dict, channels: int) -> None:
                          f"{channels}-channel samples; pass --decoder pixel")
 
 
+# --layout cafm-sit: the version's tags and the first paragraph of its description. method=fm: a
+# flow-matching velocity model, what a method cafm run takes as model.init (init_source.init_problem
+# refuses any other method tag); a CAFM-post-trained SiT is still that kind of model.
+LAYOUT_TAGS = {"method": "fm", "source_layout": "cafm-sit"}
+CAFM_SIT_NOTE = (
+    "Imported from the official CAFM-SiT checkpoint layout (ByteDance-Seed/Adversarial-Flow-Models, "
+    "SiT's state dict): velocity(x_t, y, t) = CAFM's Generator(x_t, y, t) = -SiT(x_t, 1 - t, y); SiT's "
+    "time flip and output sign are folded into t_embedder.mlp.0 and final_layer.linear, learn_sigma's "
+    "extra output channels are dropped, time_scale=1 (SiT embeds t, not 1000 t)."
+)
+
+
+def build_cafm_sit(a: argparse.Namespace, sd, build, error):
+    """The advflow generator of an official CAFM-SiT file (sd already read with --key)."""
+    if a.kind not in (None, "multistep") or a.repeats not in (None, 1):
+        raise error(f"--layout cafm-sit: a SiT / CAFM-SiT velocity model is a multistep generator (repeats 1); "
+                    f"drop --kind {a.kind} / --repeats {a.repeats}")
+    return build(sd, nfe=a.nfe)
+
+
 def _fail(err) -> None:
     """The one line a user sees for a refused import (the cause and the flag that fixes it)."""
     from advflow.platform.log import get_logger
@@ -70,6 +102,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help=".safetensors or .pt/.pth/.ckpt/.bin state dict")
     p.add_argument("--name", required=True, help="registered model name (created if new)")
+    p.add_argument("--layout", choices=["dit", "cafm-sit"], default="dit",
+                   help="dit (default): AFM / DiT releases and advflow exports; cafm-sit: an official SiT or "
+                        "CAFM-SiT generator (needs --nfe K; tagged method=fm)")
     p.add_argument("--key", default=None, help="wrapper entry holding the weights (default: ema, model, state_dict)")
     p.add_argument("--kind", choices=["1nfe", "multistep", "anystep"], default=None,
                    help="generator kind; required (or --repeats) when the weights fit both a multistep and a "
@@ -98,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     from advflow.platform.tracking.runs import require_tracking_uri
     from advflow.trainers.dit_checkpoint import (
         CheckpointError,
+        build_from_cafm_sit,
         build_from_checkpoint,
         infer_role,
         read_recorded,
@@ -111,9 +147,12 @@ def main(argv: list[str] | None = None) -> int:
         role = infer_role(sd)
         if role != "generator":
             raise CheckpointError(f"--checkpoint {path}: holds a {role}, not a generator; pass the generator file")
-        extra = {"nfe": a.nfe} if a.nfe is not None else {}
-        # sd is a plain dict: pass what is recorded beside the file (metadata / sidecars) explicitly.
-        G = build_from_checkpoint(sd, kind=a.kind, repeats=a.repeats, recorded=read_recorded(path), **extra).eval()
+        if a.layout == "cafm-sit":
+            G = build_cafm_sit(a, sd, build_from_cafm_sit, CheckpointError).eval()
+        else:
+            extra = {"nfe": a.nfe} if a.nfe is not None else {}
+            # sd is a plain dict: pass what is recorded beside the file (metadata / sidecars) explicitly.
+            G = build_from_checkpoint(sd, kind=a.kind, repeats=a.repeats, recorded=read_recorded(path), **extra).eval()
         cfg = G.config
         check_decoder(decoder, cfg["in_channels"])
         spec = GeneratorSpec(generator=dict(cfg), decoder=decoder,
@@ -136,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     digest = sha256_file(path)
     source_tags = {"source_path": path, "source_sha256": digest}
+    if a.layout == "cafm-sit":
+        source_tags.update(LAYOUT_TAGS)
     mlflow.set_experiment(a.experiment)
     with mlflow.start_run(run_name=f"import-{os.path.basename(path)}") as run:
         mlflow.set_tags(source_tags)
@@ -146,6 +187,11 @@ def main(argv: list[str] | None = None) -> int:
             G, decoder=decoder, data_shape=spec.data_shape,
             num_classes=cfg["num_classes"], registered_name=a.name, tags=source_tags, source="import",
         )
+    if a.layout == "cafm-sit" and done.version is not None:
+        client = mlflow.MlflowClient()
+        mv = client.get_model_version(a.name, done.version)
+        client.update_model_version(a.name, done.version,
+                                    description=f"{CAFM_SIT_NOTE}\n\n{mv.description or ''}".rstrip())
     if a.alias:
         mlflow.MlflowClient().set_registered_model_alias(a.name, a.alias, done.version)
     print(f"registered {path} (sha256 {digest[:12]}...) as {done.registry_uri} "

@@ -254,6 +254,7 @@ def build_cafm_discriminator(G: Generator, norm: str = "rms") -> Discriminator:
         for k, v in d_state.items():
             if k not in _NEW_KEYS:
                 v.copy_(g_state[k])
+    D.t_embedder.scale = G.t_embedder.scale  # an imported SiT embeds t itself (time_scale 1): D reads time as G
     return D
 
 

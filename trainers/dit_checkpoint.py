@@ -32,6 +32,9 @@ or under "generator" (the GeneratorSpec layout: {"format": "advflow-generator", 
 and is ignored, an unreadable one is an error. Sources that disagree, a record that does not fit the
 tensors, and an explicit argument that contradicts the record are errors naming both sides. A
 recorded nfe also supplies K (a multistep generator needs it, see GeneratorOptions).
+
+Official SiT / CAFM-SiT layout (`convert_cafm_sit`, `build_from_cafm_sit`; register_checkpoint.py
+--layout cafm-sit): see the section "CAFM-SiT" below for the facts and the conversion.
 """
 
 from __future__ import annotations
@@ -47,7 +50,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from advflow.trainers.models import KINDS, SIZES, build_classifier, build_discriminator, build_generator
+from advflow.trainers.models import (
+    KINDS,
+    SIZES,
+    TIME_FREQ_DIM,
+    build_classifier,
+    build_discriminator,
+    build_generator,
+)
 
 __all__ = [
     "CheckpointError",
@@ -64,6 +74,10 @@ __all__ = [
     "infer_role",
     "infer_options",
     "build_from_checkpoint",
+    "LAYOUTS",
+    "SIT_TIME_SCALE",
+    "convert_cafm_sit",
+    "build_from_cafm_sit",
 ]
 
 WRAPPER_KEYS = ("ema", "model", "state_dict")  # preference order when `key` is not given
@@ -589,3 +603,122 @@ def build_from_checkpoint(source, *, key: str | None = None, kind: str | None = 
         )
     opts.update(options)
     return load_dit_state_dict(builder(**opts), sd)
+
+
+# ----------------------------------------------------------------------------------------------------
+# CAFM-SiT: the official SiT / CAFM-SiT generator layout
+# ----------------------------------------------------------------------------------------------------
+#
+# Facts (official code ByteDance-Seed/Adversarial-Flow-Models at 519601d; SiT = willisma/SiT models.py):
+# - Files. CAFM's trainer saves every model with torch.save(state_dict) as
+#   states/<step:010>/models/{gen,ema,dis}.pth (common/persistence/manager.py:93-96 and
+#   dataclass.py:42-45); gen/dis from `.module._orig_mod.state_dict()` (train_continuous_adversarial_
+#   flow_imagenet.py:757-787), so no `module.` / `_orig_mod.` prefix; ema.pth is the EMA generator (decay
+#   0.99, trainer:517-526), the one to import. Released CAFM-SiT weights are "the same format as the
+#   official SiT checkpoint" (configs/generate/cafm/README.md:4): a plain state dict, which the trainer
+#   itself loads with load_state_dict(strict=True) (trainer:83-88). dis.pth (dis_embed, final_layer.1)
+#   is the discriminator, not an importable generator.
+# - Names and shapes: SiT's own (models/cafm/sit/sit_mod.py:27-58 subclasses SiT; its LayerNorms have no
+#   parameters): x_embedder.proj (D, C, p, p), pos_embed (1, T, D), t_embedder.mlp.{0,2}, y_embedder.
+#   embedding_table, blocks.N.{attn.qkv, attn.proj, mlp.fc1, mlp.fc2, adaLN_modulation.1},
+#   final_layer.{linear, adaLN_modulation.1}: the names advflow's Generator uses (SiT-XL/2 = XL/2).
+# - Class table: 1001 rows (configs/models/cafm/sit/xl2.yaml:12 num_classes 1001 with
+#   class_dropout_prob 0; the pretrained SiT-XL-2-256.pt has 1000 classes + SiT's CFG row), row 1000
+#   the dropped label: imported as num_classes = rows - 1 with null_label=True.
+# - learn_sigma=True (xl2.yaml:10): final_layer.linear outputs p*p*2C values per token, laid out
+#   (p_row, p_col, channel) with channel fastest (SiT unpatchify); SiT.forward keeps channels [0, C)
+#   (x.chunk(2, dim=1)[0]), so the rows with channel >= C never reach the output and are dropped.
+# - Time and sign: SiT was trained with t_sit = 0 noise, 1 data and predicts v_sit = data - noise; its
+#   TimestepEmbedder embeds sinusoids of t_sit ITSELF (no 1000x). CAFM's Generator
+#   (models/cafm/sit/generator.py:6-10) returns -SiT(x, 1 - t, y): our convention (t = 1 noise,
+#   velocity z - x). advflow's embedder embeds sinusoids of 1000 t.
+#
+# Conversion (exact): the sign goes into final_layer.linear (weight and bias negated); the flip t -> 1 - t
+# goes into t_embedder.mlp.0: for frequency f, [cos f(1-t), sin f(1-t)] = [cos f cos ft + sin f sin ft,
+# sin f cos ft - cos f sin ft], a fixed linear map of [cos ft, sin ft], folded into the columns of
+# mlp.0.weight (computed in float64). What cannot be folded is the frequency scale: SiT's frequencies
+# 10000^(-k/128) versus advflow's 1000 x those (advflow lacks the 96 lowest); so the imported generator
+# is built with time_scale=SIT_TIME_SCALE (GeneratorOptions.time_scale: the embedder sees sinusoids of
+# time_scale * t; default 1000, recorded in .config only when it differs). The result is a plain
+# advflow "multistep" generator whose velocity(x_t, y, t) equals CAFM's Generator(x_t, y, t) and whose
+# t_embedder takes our t directly, so a D built from its trunk (trainers/cafm.py) needs no flip either.
+
+LAYOUTS = ("dit", "cafm-sit")
+SIT_TIME_SCALE = 1.0  # SiT embeds sinusoids of t itself; DiT / advflow of 1000 t
+_SIT_MAX_PERIOD = 10000.0
+
+
+def _fold_time_flip(w: torch.Tensor) -> torch.Tensor:
+    """mlp.0 weight (D, 256) acting on SiT's [cos f s | sin f s] at s = 1 - t -> the same map acting on
+    [cos f t | sin f t]; frequencies f_k = 10000^(-k/128) as SiT's timestep_embedding."""
+    half = TIME_FREQ_DIM // 2
+    if w.dim() != 2 or w.shape[1] != TIME_FREQ_DIM:
+        raise CheckpointError(f"state dict: t_embedder.mlp.0.weight must be (D, {TIME_FREQ_DIM}), got {tuple(w.shape)}")
+    f = torch.exp(-math.log(_SIT_MAX_PERIOD) * torch.arange(half, dtype=torch.float64) / half)
+    cf, sf = torch.cos(f), torch.sin(f)
+    wc, ws = w[:, :half].double(), w[:, half:].double()
+    return torch.cat([wc * cf + ws * sf, wc * sf - ws * cf], dim=1).to(w.dtype)
+
+
+def convert_cafm_sit(source, *, key: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """An official SiT / CAFM-SiT generator (path or dict; see read_state_dict for files and wrappers)
+    -> (advflow state dict, generator options without nfe). See the CAFM-SiT section above.
+
+    Options: name, in_channels, input_size, num_classes (table rows - 1), null_label=True,
+    kind="multistep", repeats=1, time_scale=SIT_TIME_SCALE. Raises CheckpointError for a discriminator
+    (dis.pth), an any-step/1NFE layout or an output width that is neither C nor 2C.
+    """
+    where = f"checkpoint {os.fspath(source)!r}" if isinstance(source, (str, os.PathLike)) else "state dict"
+    sd = dict(read_state_dict(source, key=key))
+    if "dis_embed" in sd:
+        raise CheckpointError(f"{where}: holds the CAFM discriminator (dis_embed; dis.pth), not the generator; "
+                              "pass the generator file (ema.pth, or gen.pth)")
+    for name in ("x_embedder.proj.weight", "t_embedder.mlp.0.weight", "y_embedder.embedding_table.weight",
+                 "final_layer.linear.weight", "final_layer.linear.bias"):
+        if name not in sd:
+            raise CheckpointError(f"{where}: missing {name!r}: not an official SiT / CAFM-SiT generator "
+                                  "(layout cafm-sit); for an AFM/DiT release use the default layout (dit)")
+    if _has(sd, "t_tgt_embedder."):
+        raise CheckpointError(f"{where}: has t_tgt_embedder (an AFM any-step generator); use the default layout (dit)")
+    proj = sd["x_embedder.proj.weight"]
+    if proj.dim() != 4:
+        raise CheckpointError(f"{where}: x_embedder.proj.weight must be 4D (D, C, p, p), got {tuple(proj.shape)}")
+    channels, patch = proj.shape[1], proj.shape[2]
+    lin_w, lin_b = sd["final_layer.linear.weight"], sd["final_layer.linear.bias"]
+    out = lin_w.shape[0] // (patch * patch)
+    if out == 2 * channels:  # learn_sigma: keep channels [0, C) of each (p_row, p_col) group
+        keep = (torch.arange(lin_w.shape[0]) % out) < channels
+        lin_w, lin_b = lin_w[keep], lin_b[keep]
+    elif out != channels:
+        raise CheckpointError(f"{where}: final_layer.linear outputs {out} channels per pixel for {channels} input "
+                              f"channels; SiT outputs {channels} or, with learn_sigma, {2 * channels}")
+    sd["final_layer.linear.weight"] = -lin_w  # CAFM's Generator negates SiT's output
+    sd["final_layer.linear.bias"] = -lin_b
+    sd["t_embedder.mlp.0.weight"] = _fold_time_flip(sd["t_embedder.mlp.0.weight"])
+    opts = infer_options(sd, kind="multistep")
+    opts.pop("nfe", None)
+    rows = opts["num_classes"]
+    if rows < 2:
+        raise CheckpointError(f"{where}: y_embedder.embedding_table has {rows} row(s); SiT's has the classes plus "
+                              "the null (CFG) row")
+    opts.update(num_classes=rows - 1, null_label=True, time_scale=SIT_TIME_SCALE)
+    return sd, opts
+
+
+def build_from_cafm_sit(source, *, key: str | None = None, nfe: int | None = None, **options) -> nn.Module:
+    """Build the advflow multistep generator equal to an official CAFM-SiT (or SiT) generator: its
+    velocity(x_t, y, t) is CAFM's Generator(x_t, y, t) = -SiT(x_t, 1 - t, y) (see convert_cafm_sit).
+
+    nfe: K, the Euler steps it samples with (not in the weights; required). Other keyword options go to
+    build_generator.
+    """
+    sd, opts = convert_cafm_sit(source, key=key)
+    if nfe is None:
+        raise CheckpointError(
+            "state dict: a SiT / CAFM-SiT velocity model is imported as a 'multistep' generator, which needs K, "
+            f"the number of Euler steps it samples with (not in the weights); pass nfe=K ({_CLI}: --nfe K)",
+            cli="a SiT / CAFM-SiT velocity model is imported as a 'multistep' generator: pass --nfe K, the "
+                "Euler steps it samples with",
+        )
+    opts.update(nfe=nfe, **options)
+    return load_dit_state_dict(build_generator(**opts), sd)

@@ -75,7 +75,7 @@ def _size(name: str) -> DiTSize:
 
 # ----------------------------------------------------------------------------------------------------
 # Options (typed, validated; `.config` of every model is `dataclasses.asdict(options)`, less a
-# generator's null_label when it is False)
+# generator's null_label when it is False and its time_scale when it is DiT's 1000)
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -114,6 +114,9 @@ class GeneratorOptions:
         value is stored, so `.config` always holds an int and `build_generator(**G.config)` rebuilds.
     repeats: R, depth repetition: the same blocks run R times (1NFE only; R > 1 adds a timestep
         embedder for the per-pass times 1 - i/R). The trainer scales G's learning rate by 1/R.
+    time_scale: the time embedder's sinusoids are of time_scale * t; 1000 (DiT's) for every network trained
+        here, 1 for a generator imported from SiT/CAFM (which embed t itself). Recorded in `.config` only
+        when it is not 1000.
     null_label: give the class table one extra row, index num_classes, the "no class" label that
         classifier-free guidance trains by dropping labels (MeanFlow's CFG; DiT's `use_cfg_embedding`).
         y may then also be num_classes. Off by default: AFM uses no CFG, and the table (and so the state
@@ -128,9 +131,13 @@ class GeneratorOptions:
     nfe: int | None = None
     repeats: int = 1
     null_label: bool = False
+    time_scale: float = 1000.0
 
     def __post_init__(self):
         _check_common(self)
+        if isinstance(self.time_scale, bool) or not isinstance(self.time_scale, (int, float)) or not self.time_scale > 0:
+            raise ValueError(f"time_scale: expected a positive number, got {self.time_scale!r}")
+        object.__setattr__(self, "time_scale", float(self.time_scale))
         if self.kind not in KINDS:
             raise ValueError(f"kind: unknown generator kind {self.kind!r}; choose one of {list(KINDS)}")
         if self.nfe is None:
@@ -268,15 +275,18 @@ class PatchEmbed(nn.Module):
 
 
 class TimestepEmbedder(nn.Module):
-    """Flow time t (N,) in [0, 1] -> (N, D): sinusoids of 1000 * t, then Linear-SiLU-Linear."""
+    """Flow time t (N,) in [0, 1] -> (N, D): sinusoids of scale * t, then Linear-SiLU-Linear. The scale is
+    1000 (DiT's) for every network trained here; SiT embeds t itself (scale 1), which an imported SiT/CAFM
+    generator keeps (`GeneratorOptions.time_scale`, trainers/dit_checkpoint.py)."""
 
-    def __init__(self, width: int):
+    def __init__(self, width: int, scale: float = 1000.0):
         super().__init__()
+        self.scale = scale
         self.mlp = nn.Sequential(nn.Linear(TIME_FREQ_DIM, width), nn.SiLU(), nn.Linear(width, width))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         # 1000 * t keeps the frequency range DiT was designed for (its timesteps run 0..999).
-        feats = timestep_features(1000.0 * t)
+        feats = timestep_features(self.scale * t)
         return self.mlp(feats.to(self.mlp[0].weight.dtype))
 
 
@@ -530,13 +540,15 @@ class Generator(_DiTTrunk):
             # Recorded only when set, so the configs (generator.json, registry records) of generators
             # without it stay exactly as before; build_generator(**config) rebuilds either way.
             del self.config["null_label"]
+        if opts.time_scale == 1000.0:  # likewise recorded only when it is not DiT's
+            del self.config["time_scale"]
         # With null_label the table has a last row, index num_classes, for the dropped (CFG) label.
         self.y_embedder = LabelEmbedder(opts.num_classes + int(opts.null_label), size.width)
         # t_embedder embeds s (multistep/anystep) or the per-pass time (depth-repeated 1NFE).
         if opts.kind != "1nfe" or opts.repeats > 1:
-            self.t_embedder = TimestepEmbedder(size.width)
+            self.t_embedder = TimestepEmbedder(size.width, opts.time_scale)
         if opts.kind == "anystep":
-            self.t_tgt_embedder = TimestepEmbedder(size.width)
+            self.t_tgt_embedder = TimestepEmbedder(size.width, opts.time_scale)
         self.final_layer = FinalLayer(size.width, size.patch, opts.in_channels)
         self.init_weights()
 
