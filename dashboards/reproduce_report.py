@@ -4,8 +4,10 @@ side over several seeds.
 `build_report(results)` renders one page that needs no network to view: plotly.js is inlined once
 (the first figure), sample grids are base64 data URIs. The page holds
 - a header: title, creation time, the job's wall time, the sizes, AFM steps, images seen per run, the
-  seeds, the tuning budget and the parent MLflow run;
-- the claims table (`assess_claims`): each claim of the Adversarial Flow Models paper with a verdict
+  seeds, the tuning budget, the CAFM post-training budget (steps, D-only warm-up, D updates per G
+  update, lr, and the G and D updates they give) and the parent MLflow run;
+- the claims table (`assess_claims`; the CAFM claim, CAFM post-training of the fm run's registered
+  model vs that fm run, one row per K of CAFM_KS, its sentence naming the post-training budget): each claim of the Adversarial Flow Models paper with a verdict
   badge, one measured sentence, and for each compared group mean ± sample std (min-max, n seeds) of
   eval/fd, eval/precision, eval/recall and eval/diversity; the ImageNet-scale claims are listed as
   "needs ImageNet scale";
@@ -58,9 +60,10 @@ from advflow.platform.eval import COVERAGE_KEYS
 
 MIN_SEEDS = 2  # finished seeds per compared run below which a claim is "incomplete"
 FEW_KS = (1, 2, 4)  # the K at which AFM 1NFE is compared with flow matching
+CAFM_KS = (1, 2, 4, 8)  # the K at which CAFM post-training is compared with the flow model it started from
 # The runs jobs/reproduce.py trains; the page lists the ones the results lack.
-EXPECTED_RUNS = ("afm_1nfe", "meanflow", "meanflow_up", "fm", "afm_k2", "afm_r2", "afm_ot0", "phases_manual",
-                 "phases_auto")
+EXPECTED_RUNS = ("afm_1nfe", "meanflow", "meanflow_up", "fm", "cafm", "afm_k2", "afm_r2", "afm_ot0",
+                 "phases_manual", "phases_auto")
 # The grids shown side by side: seed 0 of these runs (FM's grid is drawn at its own K).
 GRID_RUNS = ("afm_1nfe", "meanflow", "fm")
 VERDICTS = ("holds", "does not hold", "inconclusive", "incomplete", "needs ImageNet scale")
@@ -96,7 +99,7 @@ h3 { font-size: 15px; margin: 12px 0 4px; }
 .verdict.needs-ImageNet-scale { background: #dde6f7; color: #23407a; }
 .badge { display: inline-block; padding: 1px 8px; border-radius: 10px; font-size: 12px; background: #dfe3ea; }
 .status-FINISHED { background: #cdebd6; } .status-FAILED { background: #f6c9c9; }
-.status-MISSING { background: #fbe7c0; }
+.status-MISSING { background: #fbe7c0; } .status-SKIPPED { background: #e3e6eb; }
 table.data { border-collapse: collapse; font-size: 13px; }
 table.data th, table.data td { border-bottom: 1px solid #e3e6eb; padding: 4px 8px; text-align: left;
                                white-space: nowrap; vertical-align: top; }
@@ -272,6 +275,8 @@ MEASURED = (
      ("afm_ot0", None), ("eval/diversity", "eval/recall"), "beats", ("eval/fd",)),
     ("e", "phases: auto is no worse than hand-placed phases", ("phases_auto", None), ("phases_manual", None),
      ("eval/fd",), "no worse", ("eval/recall", "eval/diversity")),
+    *((f"f{k}", f"CAFM post-training improves a flow model's few-step samples (K = {k})", ("cafm", k), ("fm", k),
+       ("eval/fd",), "beats", ("eval/precision", "eval/recall", "eval/diversity")) for k in CAFM_KS),
 )
 CLAIMS = tuple(m[1] for m in MEASURED) + tuple(c for c, _ in IMAGENET_CLAIMS)
 
@@ -347,10 +352,25 @@ def assess_claims(results: dict) -> list[dict]:
     it rests on (mean ± std (min-max, n seeds) of the deciding metrics; the means of the others)."""
     runs = _index(results)
     claims = [_assess(runs, spec) for spec in MEASURED]
+    budget = cafm_budget_text(results.get("cafm_budget"))
+    for c in claims:
+        if c["id"].startswith("f") and c["verdict"] != "incomplete":
+            c["sentence"] = f"Post-training budget: {budget}. " + c["sentence"]
     for i, (text, why) in enumerate(IMAGENET_CLAIMS, 1):
         claims.append({"id": f"imagenet{i}", "claim": text, "verdict": "needs ImageNet scale",
                        "sentence": f"Not tested here: {why}", "relation": None, "deciding": [], "groups": []})
     return claims
+
+
+def cafm_budget_text(budget: Any) -> str:
+    """"200 G updates, 1000 D updates (1,200 steps: 200 D-only warm-up, then 4 D per G; lr 0.0001)"
+    from results["cafm_budget"] ({"steps", "warmup", "d_steps", "lr", "g_updates", "d_updates"});
+    "unknown" when it is missing."""
+    if not isinstance(budget, dict) or _finite(budget.get("g_updates")) is None:
+        return "unknown"
+    return (f"{_fmt_int(budget.get('g_updates'))} G updates, {_fmt_int(budget.get('d_updates'))} D updates "
+            f"({_fmt_int(budget.get('steps'))} steps: {_fmt_int(budget.get('warmup'))} D-only warm-up, then "
+            f"{_fmt_int(budget.get('d_steps'))} D per G; lr {budget.get('lr')})")
 
 
 # -- header and claims -------------------------------------------------------------------------------
@@ -374,6 +394,9 @@ def _render_header(results: dict, title: str) -> str:
     ]
     extra = "".join(f'<div class="meta" id="header-{k}">{esc(results[k])}</div>' for k in ("tuning", "note")
                     if results.get(k))
+    if results.get("cafm_budget"):
+        extra += (f'<div class="meta" id="cafm-budget">CAFM post-training of each seed\'s registered FM model: '
+                  f'{esc(cafm_budget_text(results["cafm_budget"]))}</div>')
     return f'<header><h1>{esc(title)}</h1><div class="meta">{"".join(spans)}</div>{extra}</header>'
 
 

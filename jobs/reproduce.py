@@ -13,7 +13,16 @@ fixed; the report's claims refer to them):
     afm_1nfe        AFM, 1 step (the base config; also the "no phases" run of the phase comparison)
     meanflow        MeanFlow 1NFE (model.method=meanflow, kind anystep), the same size, evaluated at K = 1, 2, 4
     meanflow_up     the same, one size up the ladder (tiny -> XXS/2 -> XS/2 -> S/2 -> B/2 -> ...)
-    fm              flow matching, the same DiT, K = 4, evaluated at K = 1, 2, 4 Euler steps
+    fm              flow matching, the same DiT, K = 4, evaluated at K = 1, 2, 4, 8 Euler steps; its EMA model
+                    is registered as `<--name>-fm` (one version per seed; the only run that registers)
+    cafm            CAFM post-training (model.method=cafm, multistep, K = 4) of the model the fm run of the same
+                    seed registered (model.init=models:/<--name>-fm/<that run's version>, found by its MLflow
+                    run id in results.json), trained after it; evaluated at K = 1, 2, 4, 8. The budget,
+                    measured on digits: 1200 iterations (one update each, of D or G), cafm.warmup 200
+                    D-only iterations, cafm.d_steps 4 D updates per G update, optim.lr 1e-4 (the other
+                    optimizer values are the base config's), scaled with --steps (x steps / 1000). Its spec
+                    is built when it runs; a seed whose fm run is missing or failed is recorded SKIPPED
+                    (and retried on the next run of the job)
     afm_k2          multi-step AFM, K = 2
     afm_r2          depth-repeated 1NFE AFM, R = 2 (the compute of K = 2)
     afm_ot0         AFM 1NFE with adversarial.ot_scale = 0 (no OT term: a relativistic GAN)
@@ -24,7 +33,9 @@ The claims (advflow.dashboards.reproduce_report.assess_claims: mean, sample std 
 seeds per run; a verdict from the seed spread): AFM 1NFE beats MeanFlow 1NFE at equal size and
 approaches MeanFlow one size up; AFM 1NFE beats FM at K = 1, 2, 4; R = 2 beats K = 2 at equal compute;
 the OT term prevents mode collapse (afm_1nfe vs afm_ot0: diversity, recall); phases: auto is no worse
-than hand-placed phases; the ImageNet-scale claims are listed as "needs ImageNet scale". Every method
+than hand-placed phases; CAFM post-training improves a flow model's few-step samples (cafm vs fm at
+K = 1, 2, 4, 8: eval/fd@K decides, precision / recall / diversity @K quoted, with the budget in G and D
+updates); the ImageNet-scale claims are listed as "needs ImageNet scale". Every method
 uses the base config's values (no per-method tuning in this job).
 
 Each (run, seed) is an MLflow run nested under one parent run (found again by `--out`/`--name`),
@@ -49,7 +60,10 @@ EVALS = 10  # evaluations per run (the curves' points; phases: auto decides at t
 SEEDS = (0, 1, 2)
 # The size ladder meanflow_up climbs one rung of (trainers/sizes.py's SIZES, small to large).
 LADDER = ("tiny", "XXS/2", "XS/2", "S/2", "B/2", "M/2", "L/2", "XL/2")
-FEW_KS = [1, 2, 4]  # the K the FM and MeanFlow runs are evaluated at
+FEW_KS = [1, 2, 4]  # the K the MeanFlow runs are evaluated at
+CAFM_KS = [1, 2, 4, 8]  # the K the FM and CAFM runs are evaluated at
+# CAFM post-training budget at --steps 1000 (measured on digits), scaled linearly with --steps.
+CAFM_STEPS, CAFM_WARMUP, CAFM_D_STEPS, CAFM_LR = 1200, 200, 4, 1e-4
 IMAGES_NOTE = "AFM: 2 batches per iteration (D and G); FM and MeanFlow: 1 (they run 2 x steps iterations)"
 TUNING_NOTE = "tuning budget: the base config's values for every method (no per-method sweep in this run)"
 
@@ -64,10 +78,20 @@ def size_up(size: str) -> str:
     return LADDER[i + 1]
 
 
+def cafm_budget(steps: int) -> dict:
+    """The cafm run's budget for `steps` AFM iterations: {"steps", "warmup", "d_steps", "lr",
+    "g_updates", "d_updates"} (the G and D updates as trainers.cafm.step_kind counts them)."""
+    n, warmup = round(CAFM_STEPS * steps / 1000), max(1, round(CAFM_WARMUP * steps / 1000))
+    g = sum(1 for k in range(warmup + 1, n) if k % (CAFM_D_STEPS + 1) == CAFM_D_STEPS)
+    return {"steps": n, "warmup": warmup, "d_steps": CAFM_D_STEPS, "lr": CAFM_LR, "g_updates": g,
+            "d_updates": n - g}
+
+
 def runs_for(steps: int, size: str = "tiny") -> list[dict]:
     """The fixed run set: name, label, report group and the config overrides of each run. `steps` is
     the AFM iterations; `size` the base config's model.size (meanflow_up is one rung up from it)."""
     one_batch_steps = 2 * steps  # the same images as an AFM run of `steps` iterations
+    budget = cafm_budget(steps)
     manual = [{"name": "decay", "start": 0},
               {"name": "ema", "start": steps // 2, "lr_factor": 0.8, "lambda_ot": "end", "ema_reload_every":
                max(1, steps // 20)},
@@ -80,8 +104,13 @@ def runs_for(steps: int, size: str = "tiny") -> list[dict]:
         {"name": "meanflow_up", "label": f"MeanFlow 1NFE, {size_up(size)}", "group": "meanflow",
          "set": {**meanflow, "model.size": size_up(size)}},
         {"name": "fm", "label": "FM (Euler)", "group": "fm",
+         "register": True,  # cafm post-trains the model it registers
          "set": {"model.method": "fm", "model.kind": "multistep", "model.nfe": 4, "train.steps": one_batch_steps,
-                 "eval.nfe": FEW_KS}},
+                 "eval.nfe": CAFM_KS}},
+        {"name": "cafm", "label": "CAFM (FM post-trained)", "group": "cafm", "after": "fm",  # model.init: lazy
+         "set": {"model.method": "cafm", "model.kind": "multistep", "model.nfe": 4,
+                 "train.steps": budget["steps"], "cafm.warmup": budget["warmup"], "cafm.d_steps": budget["d_steps"],
+                 "optim.lr": budget["lr"], "eval.nfe": CAFM_KS}},
         {"name": "afm_k2", "label": "AFM K=2", "group": "multistep",
          "set": {"model.kind": "multistep", "model.nfe": 2}},
         {"name": "afm_r2", "label": "AFM 1NFE, R=2", "group": "depth", "set": {"model.repeats": 2}},
@@ -116,9 +145,11 @@ def parse(argv=None):
     return args
 
 
-def spec_for(run: dict, args, base, seed: int = 0):
+def spec_for(run: dict, args, base, seed: int = 0, init: str | None = None):
     """The run's validated spec for one seed: the base config, its overrides, its phase list and
-    train.seed = `seed`."""
+    train.seed = `seed`. A run with "register" registers its model as `<--name>-<run>`; a run with
+    "after" (cafm) starts from `init` (model.init; without it a placeholder version 1 of the model
+    its "after" run registers, to validate the config before anything trains)."""
     from advflow.platform.config import RunSpec, apply_override
     from advflow.trainers.schedules import Schedule
 
@@ -131,7 +162,12 @@ def spec_for(run: dict, args, base, seed: int = 0):
               # phases: auto gets the hand-placed phases' contents (runs_for); only the placement differs.
               "auto_phases.patience": 2, "auto_phases.min_phase_steps": max(1, steps // 5),
               "auto_phases.ema_reload_every": max(1, steps // 20)}
-    for key, value in {**common, **run["set"], "run.name": f"{args.name}_{run['name']}_s{seed}"}.items():
+    extra = {"run.name": f"{args.name}_{run['name']}_s{seed}"}
+    if run.get("register"):
+        extra["tracking.register_name"] = register_name(args, run["name"])
+    if run.get("after"):
+        extra["model.init"] = init or f"models:/{register_name(args, run['after'])}/1"
+    for key, value in {**common, **run["set"], **extra}.items():
         apply_override(raw, f"{key}={json.dumps(value)}")
     if "phases" in run:
         ot = Schedule.coerce(base.adversarial.ot_scale)
@@ -145,6 +181,39 @@ def spec_for(run: dict, args, base, seed: int = 0):
             phases.append(p)
         raw["phases"] = phases
     return RunSpec.from_dict(raw)
+
+
+def register_name(args, run_name: str) -> str:
+    """The registered model a run registers its EMA generator as: "<--name>-<run>"."""
+    return f"{args.name}-{run_name}"
+
+
+def registered_version(client, run_id: str, name: str) -> str | None:
+    """The (latest) version of registered model `name` that MLflow run `run_id` registered, or None."""
+    versions = [mv for mv in client.search_model_versions(f"run_id='{run_id}'") if mv.name == name]
+    return str(max(int(mv.version) for mv in versions)) if versions else None
+
+
+def init_for(run: dict, seed: int, done: dict, args, client) -> tuple[str | None, str]:
+    """(model.init of a lazy run, e.g. "models:/reproduce_digits-fm/3", or None, why not): the version
+    its "after" run of the same seed registered, found by that run's MLflow run id in results.json."""
+    after = run["after"]
+    rec = done["runs"].get(seed_key(after, seed), {})
+    status = rec.get("status", "MISSING")
+    if status != "FINISHED":
+        return None, f"{seed_key(after, seed)} is {status}"
+    if not rec.get("run_id"):
+        return None, f"{seed_key(after, seed)} has no MLflow run id"
+    if client is None:
+        return None, "no MLflow tracking URI to find the registered model in"
+    name = register_name(args, after)
+    try:
+        version = registered_version(client, rec["run_id"], name)
+    except Exception as err:  # noqa: BLE001 - an unreachable registry skips this seed, not the job
+        return None, f"looking up {name} of run {rec['run_id']} failed: {err}"
+    if version is None:
+        return None, f"{seed_key(after, seed)} (run {rec['run_id']}) registered no version of {name}"
+    return f"models:/{name}/{version}", ""
 
 
 def plan(runs: list[dict], seeds: list[int], done: dict, only: set[str] | None) -> tuple[list, list[str]]:
@@ -208,7 +277,26 @@ def main(argv=None) -> int:
     todo, skipped = plan(runs, args.seeds, done, only)
     if skipped:
         log.info("already finished (skipped): %s", ", ".join(skipped))
+    registry = None
+    if tracking_uri(base):
+        from mlflow.tracking import MlflowClient
+
+        registry = MlflowClient(tracking_uri(base))
     for i, (run, seed) in enumerate(todo, 1):
+        if run.get("after"):  # built now: it starts from the model its "after" run of this seed registered
+            init, why = init_for(run, seed, done, args, registry)
+            if init is None:
+                log.warning("[%d/%d] %s seed %d skipped: %s", i, len(todo), run["name"], seed, why)
+                done["runs"][seed_key(run["name"], seed)] = {"status": "SKIPPED", "run_id": None, "seed": seed,
+                                                            "reason": why}
+                ok = False
+                write_text(results_path, json.dumps(done, indent=1))
+                continue
+            try:
+                specs[(run["name"], seed)] = spec_for(run, args, base, seed, init=init)
+            except (ConfigError, ValueError) as err:
+                print(f"config error: {err}", file=sys.stderr)
+                return 2
         spec = specs[(run["name"], seed)]
         log.info("[%d/%d] %s seed %d: %s, %s, %d iterations", i, len(todo), run["name"], seed, run["label"],
                  spec.model.size, spec.train.steps)
@@ -284,6 +372,7 @@ def report_input(done: dict, runs: list[dict], specs: dict, base, args, parent: 
         for seed in args.seeds:
             rec = done["runs"].get(seed_key(run["name"], seed), {})
             srow = {"seed": seed, "status": rec.get("status", "MISSING"), "run_id": rec.get("run_id"),
+                    "reason": rec.get("reason"),
                     "params": None, "train_seconds": None, "metrics": {}, "curve": [], "curve_at": {},
                     "grid_png": None, "phase_transitions": []}
             if client and rec.get("run_id"):
@@ -295,7 +384,7 @@ def report_input(done: dict, runs: list[dict], specs: dict, base, args, parent: 
                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "parent_run_id": parent,
                "wall_seconds": done.get("seconds", 0.0), "images_per_run": 2 * steps * base.train.global_batch,
                "steps": steps, "seeds": list(args.seeds), "sizes": sizes, "base_size": base.model.size,
-               "note": IMAGES_NOTE, "tuning": TUNING_NOTE, "runs": rows}
+               "note": IMAGES_NOTE, "tuning": TUNING_NOTE, "cafm_budget": cafm_budget(steps), "runs": rows}
     results["claims"] = assess_claims(results)
     return results
 

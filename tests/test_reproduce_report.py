@@ -40,7 +40,9 @@ DECODE_PROBE = ("<script>window.addEventListener('load', () => { for (const img 
 COVERAGE = ("eval/precision", "eval/recall", "eval/diversity", "eval/diversity_min")
 SEEDS = (0, 1, 2)
 # Per run and metric, the three seeds' final values; with these every measured claim holds.
-FM_AT = {1: [200.0, 210.0, 220.0], 2: [80.0, 90.0, 100.0], 4: [30.0, 32.0, 34.0]}
+FM_AT = {1: [200.0, 210.0, 220.0], 2: [80.0, 90.0, 100.0], 4: [30.0, 32.0, 34.0], 8: [20.0, 21.0, 23.0]}
+CAFM_AT = {1: [50.0, 55.0, 60.0], 2: [25.0, 26.0, 27.0], 4: [15.0, 16.0, 18.0], 8: [12.0, 13.0, 14.0]}
+CAFM_BUDGET = {"steps": 1200, "warmup": 200, "d_steps": 4, "lr": 0.0001, "g_updates": 200, "d_updates": 1000}
 VALUES = {
     "afm_1nfe": {"eval/fd": [10.0, 11.0, 12.0], "eval/precision": [0.8, 0.82, 0.81], "eval/recall": [0.6, 0.62, 0.61],
                  "eval/diversity": [0.9, 0.88, 0.92], "eval/diversity_min": [0.7, 0.6, 0.65]},
@@ -54,6 +56,9 @@ VALUES = {
            **{f"eval/recall@{k}": [0.1 * k, 0.1 * k + 0.01, 0.1 * k + 0.02] for k in FM_AT},
            **{f"eval/precision@{k}": [0.15 * k, 0.15 * k + 0.01, 0.15 * k + 0.02] for k in FM_AT},
            **{f"eval/diversity@{k}": [0.2 * k, 0.2 * k + 0.01, 0.2 * k + 0.02] for k in FM_AT}},
+    "cafm": {"eval/fd": CAFM_AT[4], "eval/precision": [0.9, 0.91, 0.92], "eval/recall": [0.9, 0.91, 0.92],
+             "eval/diversity": [0.9, 0.91, 0.92], **{f"eval/fd@{k}": v for k, v in CAFM_AT.items()},
+             **{f"eval/{m}@{k}": [0.9, 0.91, 0.93] for m in ("precision", "recall", "diversity") for k in CAFM_AT}},
     "afm_k2": {"eval/fd": [15.0, 16.0, 17.0], "eval/recall": [0.55, 0.56, 0.57], "eval/diversity": [0.85, 0.86, 0.87]},
     "afm_r2": {"eval/fd": [12.0, 13.0, 14.0], "eval/recall": [0.58, 0.59, 0.6], "eval/diversity": [0.87, 0.88, 0.89]},
     "afm_ot0": {"eval/fd": [30.0, 35.0, 40.0], "eval/recall": [0.2, 0.25, 0.3], "eval/diversity": [0.3, 0.35, 0.4],
@@ -65,7 +70,8 @@ SPECS = [  # name, label, group, method, size, nfe, repeats, eval_nfe, params
     ("afm_1nfe", "AFM 1NFE", "afm", "afm", "tiny", 1, 1, [], 123456),
     ("meanflow", "MeanFlow 1NFE", "meanflow", "meanflow", "tiny", 1, 1, [1, 2, 4], 120000),
     ("meanflow_up", "MeanFlow 1NFE, XXS/2", "meanflow", "meanflow", "XXS/2", 1, 1, [1, 2, 4], 800000),
-    ("fm", "FM (Euler)", "fm", "fm", "tiny", 4, 1, [1, 2, 4], 118000),
+    ("fm", "FM (Euler)", "fm", "fm", "tiny", 4, 1, [1, 2, 4, 8], 118000),
+    ("cafm", "CAFM (FM post-trained)", "cafm", "cafm", "tiny", 4, 1, [1, 2, 4, 8], 118000),
     ("afm_k2", "AFM K=2", "multistep", "afm", "tiny", 2, 1, [], 123456),
     ("afm_r2", "AFM 1NFE, R=2", "depth", "afm", "tiny", 1, 2, [], 246912),
     ("afm_ot0", "AFM 1NFE, lambda_ot=0", "ot", "afm", "tiny", 1, 1, [], 123456),
@@ -103,7 +109,7 @@ def base_results() -> dict:
     return {"title": "advflow reproduction on digits", "created": "2026-12-04T15:00:00Z",
             "parent_run_id": "parent42cafe", "wall_seconds": 3723.4, "images_per_run": 128000, "steps": 1000,
             "seeds": list(SEEDS), "sizes": ["tiny", "XXS/2"], "tuning": "tuning budget: base config",
-            "note": "AFM: 2 batches per iteration", "runs": runs}
+            "note": "AFM: 2 batches per iteration", "cafm_budget": dict(CAFM_BUDGET), "runs": runs}
 
 
 def run_of(results: dict, name: str) -> dict:
@@ -245,7 +251,7 @@ def verdicts(results: dict) -> dict[str, str]:
     return {c["id"]: c["verdict"] for c in assess_claims(results)}
 
 
-MEASURED_IDS = ["a1", "a2", "b1", "b2", "b4", "c", "d", "e"]
+MEASURED_IDS = ["a1", "a2", "b1", "b2", "b4", "c", "d", "e", "f1", "f2", "f4", "f8"]
 NUMBER = re.compile(r"\d+(?:\.\d+)?")
 
 
@@ -253,6 +259,8 @@ def allowed_numbers(results: dict) -> set[str]:
     """The numbers a sentence may quote: per run and metric the mean, std, min and max over its finished
     seeds (3 significant digits), K, seed counts, MIN_SEEDS, digits in run names and labels."""
     allowed = {str(rr.MIN_SEEDS), "0"} | {str(n) for n in range(len(SEEDS) + 1)}
+    budget = results.get("cafm_budget") or {}  # the CAFM claim's sentence names its budget
+    allowed |= set(NUMBER.findall(" ".join(f"{v:,}" if isinstance(v, int) else str(v) for v in budget.values())))
     for run in results["runs"]:
         allowed |= set(NUMBER.findall(run["name"] + " " + run["label"]))
         allowed |= {str(k) for k in run["eval_nfe"]}
@@ -281,8 +289,8 @@ def test_every_measured_claim_holds_on_the_base_and_quotes_the_input():
     results = base_results()
     claims = assess_claims(results)
     assert [c["claim"] for c in claims] == list(rr.CLAIMS)
-    assert [c["id"] for c in claims[:8]] == MEASURED_IDS
-    assert [c["verdict"] for c in claims[:8]] == ["holds"] * 8
+    assert [c["id"] for c in claims[:len(MEASURED_IDS)]] == MEASURED_IDS
+    assert [c["verdict"] for c in claims[:len(MEASURED_IDS)]] == ["holds"] * len(MEASURED_IDS)
     by = {c["id"]: c for c in claims}
     afm = aggregate(VALUES["afm_1nfe"]["eval/fd"])
     mf = aggregate(VALUES["meanflow"]["eval/fd"])
@@ -342,7 +350,7 @@ def test_verdicts_follow_the_numbers(change, expected, must_say):
     results = base_results()
     change(results)
     got = verdicts(results)
-    assert {k: got[k] for k in MEASURED_IDS} == {k: expected.get(k, "holds") for k in MEASURED_IDS}
+    assert {k: got[k] for k in MEASURED_IDS[:8]} == {k: expected.get(k, "holds") for k in MEASURED_IDS[:8]}
     changed = [c["sentence"] for c in assess_claims(results) if c["id"] in expected]
     for text in must_say:
         assert any(text in s for s in changed), (text, changed)
@@ -421,8 +429,9 @@ def test_page_holds_each_claim_groups_and_coverage_columns():
                 assert cells[key] == f"{s['mean']:.3g} ± {s['std']:.3g}", (name, key)
             else:
                 assert cells[key] == "\u2014", (name, key)
-        assert cells["eval/fd@2"] == ("\u2014" if name != "fm" else
-                                      f"{statistics.fmean(FM_AT[2]):.3g} ± {statistics.stdev(FM_AT[2]):.3g}")
+        at2 = {"fm": FM_AT[2], "cafm": CAFM_AT[2]}.get(name)
+        assert cells["eval/fd@2"] == ("\u2014" if at2 is None else
+                                      f"{statistics.fmean(at2):.3g} ± {statistics.stdev(at2):.3g}")
         assert "3/3" in row.text()
     # Per-seed details: one row per (run, seed) with its raw values.
     details = dom.by_id("seeds-table").all("tbody")[0].all("tr")
@@ -617,3 +626,53 @@ def test_write_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         write_report(base_results(), out)
     assert out.read_text() == "previous" and sorted(p.name for p in out.parent.iterdir()) == ["report.html"]
+
+
+# -- the CAFM claim ----------------------------------------------------------------------------------
+def cafm_claims(results: dict) -> dict[str, dict]:
+    return {c["id"]: c for c in assess_claims(results) if c["id"].startswith("f")}
+
+
+def test_cafm_claim_one_row_per_k_names_the_budget_and_the_numbers():
+    claims = cafm_claims(base_results())
+    assert list(claims) == ["f1", "f2", "f4", "f8"]
+    for k, c in zip((1, 2, 4, 8), claims.values(), strict=True):
+        assert c["verdict"] == "holds" and f"K = {k}" in c["claim"]
+        assert [(g["run"], g["k"]) for g in c["groups"]] == [("cafm", k), ("fm", k)]
+        assert "200 G updates, 1,000 D updates" in c["sentence"]
+        a, b = CAFM_AT[k], FM_AT[k]
+        assert f"{statistics.fmean(a):.3g} ± {statistics.stdev(a):.3g}" in c["sentence"]
+        assert f"{statistics.fmean(b):.3g} ± {statistics.stdev(b):.3g}" in c["sentence"]
+        assert c["groups"][0]["stats"]["eval/recall"]["mean"] == pytest.approx(statistics.fmean([0.9, 0.91, 0.93]))
+    check_sentences(base_results())
+
+
+def test_cafm_claim_verdicts_follow_the_numbers():
+    results = base_results()
+    set_values(results, "cafm", "eval/fd@1", [300.0, 310.0, 320.0])  # worse than FM on every seed
+    set_values(results, "cafm", "eval/fd@2", [85.0, 95.0, 99.0])  # mean 93 worse than 90, ranges overlap
+    set_values(results, "cafm", "eval/fd@4", [29.0, 31.0, 35.0])  # mean 31.7 better than 32, ranges overlap
+    claims = cafm_claims(results)
+    assert claims["f1"]["verdict"] == "does not hold"
+    assert claims["f2"]["verdict"] == "inconclusive" and "within the seed spread" in claims["f2"]["sentence"]
+    assert claims["f4"]["verdict"] == "inconclusive"
+    assert claims["f8"]["verdict"] == "holds"
+    for s in run_of(results, "cafm")["seeds"][1:]:
+        s["status"] = "SKIPPED"
+    claims = cafm_claims(results)
+    assert {c["verdict"] for c in claims.values()} == {"incomplete"}
+    assert "cafm has 1 finished seed" in claims["f8"]["sentence"] and "2 SKIPPED" in claims["f8"]["sentence"]
+
+
+def test_page_holds_the_cafm_claim_and_budget():
+    html = build_report(base_results())
+    dom = tree(html)
+    rows = {r.attrs["data-claim"]: r for r in dom.by_id("claims-table").all("tr", "claim")}
+    for k in (1, 2, 4, 8):
+        assert rows[f"f{k}"].attrs["data-verdict"] == "holds"
+    assert "200 G updates, 1,000 D updates" in dom.by_id("cafm-budget").text()
+    assert "eval/fd@8" in html and 'data-run="cafm"' in html
+    no_budget = base_results()
+    del no_budget["cafm_budget"]
+    assert 'id="cafm-budget"' not in build_report(no_budget)
+    assert "budget: unknown" in cafm_claims(no_budget)["f1"]["sentence"]
