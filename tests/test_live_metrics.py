@@ -233,6 +233,17 @@ def last_value(url: str, series: str, **labels: str) -> float:
     return float(result[0]["value"][1])
 
 
+def ray_node_only(expr: str) -> bool:
+    """A query of Ray's own node metrics only (ray_node_*: its reporter agent's, not advflow's). Under a
+    loaded 2-core test machine the agent sometimes exports none within the test's window (seen in CI:
+    'Node CPU utilisation' empty while every advflow series was there), so the test cannot require
+    them; they must still parse (a bad query fails the range query above)."""
+    import re
+
+    names = set(re.findall(r"\b(ray_[a-z_]+)\b", expr))
+    return bool(names) and all(n.startswith("ray_node_") for n in names)
+
+
 def check_dashboard(prom: str, name: str, since: float, may_be_empty, **variables) -> int:
     """Send every query of dashboards/grafana/<name> to Prometheus as Grafana does, over a time
     range (from `since` to now, 5 s steps; a parse error fails with the query); each must return
@@ -244,6 +255,10 @@ def check_dashboard(prom: str, name: str, since: float, may_be_empty, **variable
     for title, expr in build.queries(dashboard):
         concrete = build.instantiate(expr, **variables, interval="15s", rate_interval="30s", range="1h")
         result = prom_query(prom, concrete, since)
+        deadline = time.monotonic() + 30  # a series may lag by a report and a scrape (Ray's node agent)
+        while not result and not may_be_empty(title, expr) and time.monotonic() < deadline:
+            time.sleep(3)
+            result = prom_query(prom, concrete, since)
         if not result and not may_be_empty(title, expr):
             raise AssertionError(f"{name} '{title}': no series for {concrete}")
         checked += bool(result)
@@ -351,7 +366,7 @@ def test_a_two_worker_job_is_scraped_and_its_last_values_are_its_last_mlflow_row
 
     checked = check_dashboard(prom, "train.json", started, run=RUN, sweep="none",
                               may_be_empty=lambda title, expr: title.startswith(("annotation: ", "Other per-step"))
-                              or build.needs_gpu(title, expr))
+                              or build.needs_gpu(title, expr) or ray_node_only(expr))
     assert checked >= 20
 
     # A sweep of two trials on the same cluster: its series, and every query of the sweep dashboard.
