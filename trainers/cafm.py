@@ -85,6 +85,7 @@ import torch
 from torch import nn
 
 from advflow.trainers import draws
+from advflow.trainers.flow import interp
 from advflow.trainers.models import Discriminator, DiscriminatorOptions, Generator
 
 __all__ = [
@@ -332,11 +333,6 @@ def jvp_logits(
     return torch.func.jvp(f, (x_t, t), (velocity, torch.ones_like(t)))
 
 
-def _interp(x: torch.Tensor, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    tb = t.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
-    return (1 - tb) * x + tb * z  # (N, C, H, W)
-
-
 def d_loss(G: Generator, D: nn.Module, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor, t: torch.Tensor,
            cfg: CAFMConfig, generator=None) -> tuple[torch.Tensor, dict]:
     """D's loss (trainer:432-451): mean((o_real' - 1)^2) + mean((o_fake' + 1)^2) + cp_scale * mean(o^2).
@@ -347,7 +343,7 @@ def d_loss(G: Generator, D: nn.Module, x: torch.Tensor, y: torch.Tensor, z: torc
     """
     _check_batch(x, z, t)
     y = _labels(G, y, cfg, generator)
-    x_t = _interp(x, z, t)  # (N, C, H, W)
+    x_t = interp(x, z, t)  # (N, C, H, W)
     with torch.no_grad():
         v_fake = G.velocity(x_t, y, t)  # (N, C, H, W)
     v_real = z - x  # (N, C, H, W)
@@ -383,7 +379,7 @@ def g_loss(G: Generator, D: nn.Module, x: torch.Tensor, y: torch.Tensor, z: torc
     """
     _check_batch(x, z, t)
     y = _labels(G, y, cfg, generator)
-    x_t = _interp(x, z, t)  # (N, C, H, W)
+    x_t = interp(x, z, t)  # (N, C, H, W)
     v_fake = G.velocity(x_t, y, t)  # (N, C, H, W)
     frozen = {k: v.detach() for k, v in D.named_parameters()}
     frozen.update({k: v for k, v in D.named_buffers()})
